@@ -1,0 +1,142 @@
+//! `distoptim bench`: figures users compare, each next to a reference from the same run.
+//!
+//! `bench optim` times one optimizer step on flat f32 buffers and, on the same thread
+//! pool, a plain parallel memory copy moving the same number of bytes. An optimizer step
+//! is memory-bound, so the copy is its roofline: "% of copy" is the figure that matters.
+//! Bytes moved per parameter: AdamW reads p, g, m, v and writes p, m, v (28 B); SGD with
+//! momentum reads p, g, buf and writes p, buf (20 B).
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, SgdConfig};
+use rayon::prelude::*;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// SGD-momentum and AdamW steps on flat buffers, next to a memory copy of the same bytes.
+    Optim {
+        /// Flat buffer sizes, in parameters.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000_000usize, 10_000_000, 100_000_000])]
+        sizes: Vec<usize>,
+        /// Also run a layout of this many tensors of 10K parameters (0: skip).
+        #[arg(long, default_value_t = 1000)]
+        tensors: usize,
+        /// Thread counts to run with.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
+        threads: Vec<usize>,
+        /// Timed iterations per measurement (the median is reported), after one warm-up.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Optim { sizes, tensors, threads, iters } => bench_optim(&sizes, tensors, &threads, iters.max(1)),
+    }
+}
+
+struct Workload {
+    label: String,
+    layout: Layout,
+}
+
+fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize) -> Result<()> {
+    let mut workloads: Vec<Workload> =
+        sizes.iter().map(|&n| Ok(Workload { label: human(n), layout: Layout::new([("flat", vec![n])])? })).collect::<Result<_>>()?;
+    if tensors > 0 {
+        let layout = Layout::new((0..tensors).map(|i| (format!("t{i}"), vec![10_000])))?;
+        workloads.push(Workload { label: format!("{tensors}x10K"), layout });
+    }
+    let optimizers: [(&str, OptimizerConfig, usize); 2] = [
+        ("sgd_momentum", OptimizerConfig::Sgd(SgdConfig { lr: 1e-3, momentum: 0.9, ..Default::default() }), 20),
+        ("adamw", OptimizerConfig::Adam(AdamConfig::adamw()), 28),
+    ];
+    println!(
+        "# distoptim bench optim: median of {iters} steps after one warm-up; copy = parallel memcpy of the same bytes on the same pool"
+    );
+    println!(
+        "{:<13} {:>9} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10}",
+        "optimizer", "params", "threads", "ms/step", "Mparam/s", "GB/s", "copy GB/s", "% of copy"
+    );
+    for w in &workloads {
+        let n = w.layout.numel();
+        for (name, config, bytes_per_param) in &optimizers {
+            for &t in threads {
+                if t == 0 {
+                    bail!("--threads must be at least 1");
+                }
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().context("building the thread pool")?;
+                let bytes = (n * bytes_per_param) as f64;
+                let (step_s, copy_s) = pool.install(|| -> Result<(f64, f64)> {
+                    let copy_s = time_copy(n * bytes_per_param / 2, iters);
+                    let step_s = time_step(&w.layout, config.clone(), iters)?;
+                    Ok((step_s, copy_s))
+                })?;
+                let gbs = bytes / step_s / 1e9;
+                let copy_gbs = bytes / copy_s / 1e9;
+                println!(
+                    "{:<13} {:>9} {:>7} {:>10.3} {:>10.1} {:>9.2} {:>10.2} {:>9.0}%",
+                    name,
+                    w.label,
+                    t,
+                    step_s * 1e3,
+                    n as f64 / step_s / 1e6,
+                    gbs,
+                    copy_gbs,
+                    100.0 * gbs / copy_gbs
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Seconds per optimizer step over the whole layout.
+fn time_step(layout: &Layout, config: OptimizerConfig, iters: usize) -> Result<f64> {
+    let n = layout.numel();
+    let mut opt = Optimizer::new(layout.clone(), config)?;
+    let mut params: Vec<f32> = (0..n).into_par_iter().map(|i| 0.5 + (i % 97) as f32 * 1e-3).collect();
+    let grads: Vec<f32> = (0..n).into_par_iter().map(|i| ((i % 89) as f32 - 44.0) * 1e-4).collect();
+    opt.step(&mut params, &grads)?; // warm-up: also touches the state pages
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        opt.step(&mut params, &grads)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&params);
+    Ok(median(times))
+}
+
+/// Seconds per parallel copy of `bytes` bytes (read once, written once).
+fn time_copy(bytes: usize, iters: usize) -> f64 {
+    let n = bytes / 4;
+    let src: Vec<f32> = (0..n).into_par_iter().map(|i| i as f32).collect();
+    let mut dst = vec![0.0f32; n];
+    let copy = |dst: &mut [f32]| dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+    copy(&mut dst);
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        copy(&mut dst);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    median(times)
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}K", n / 1_000),
+        n => n.to_string(),
+    }
+}

@@ -1,0 +1,36 @@
+//! The optimizer core of distoptim: no communication, only arithmetic on flat buffers.
+//!
+//! Every model is described by a [`Layout`]: named parameters laid end to end in one
+//! contiguous `f32` buffer. Gradients and every optimizer state buffer (`exp_avg`,
+//! `exp_avg_sq`, `max_exp_avg_sq`, `momentum_buffer`) share that layout, so a ZeRO shard
+//! is nothing but an element range of these buffers (Megatron/DeepSpeed's design). For
+//! that reason every kernel here works on an arbitrary element range, never on whole
+//! tensors.
+//!
+//! The numbers are PyTorch's: each update follows torch's single-tensor code operation by
+//! operation in `f32`, with hyperparameters and schedules in `f64` as Python floats are.
+//!
+//! - [`layout`]: parameters, shapes and offsets over one flat buffer.
+//! - [`config`]: optimizer hyperparameters, param groups and their validation.
+//! - [`optimizer`]: SGD, Adam and AdamW over a range of the flat buffers, with state dicts.
+//! - [`kernels`]: the fused, multi-threaded update passes behind them.
+//! - [`lbfgs`]: LBFGS with a closure and the strong-Wolfe line search.
+//! - [`schedule`]: the HF `transformers` learning-rate schedules.
+//! - [`clip`]: `clip_grad_norm_`, split into partial norms, total norm and scaling.
+
+pub mod clip;
+pub mod config;
+pub mod error;
+pub mod kernels;
+pub mod layout;
+pub mod lbfgs;
+pub mod optimizer;
+pub mod schedule;
+
+pub use clip::{clip_grad_norm, NormType};
+pub use config::{AdamConfig, LbfgsConfig, LineSearch, OptimizerConfig, SgdConfig};
+pub use error::OptimError;
+pub use layout::{Layout, ParamSpec};
+pub use lbfgs::Lbfgs;
+pub use optimizer::{Optimizer, OptimizerStateDict, ParamGroup};
+pub use schedule::{LrScheduler, Schedule};

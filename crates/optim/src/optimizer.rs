@@ -1,0 +1,456 @@
+//! First-order optimizers (SGD, Adam, AdamW) over a range of the flat buffers.
+//!
+//! An [`Optimizer`] owns the state of the elements `shard` of a [`Layout`]: the whole
+//! buffer for plain data parallelism, one rank's slice for ZeRO. It never sees the rest.
+//! Parameters that straddle the shard boundary are updated piecewise on each side, which
+//! is exact because every update is elementwise; the per-parameter step count (Adam's bias
+//! correction, SGD's first momentum step) is kept per parameter as torch keeps it.
+//!
+//! A step walks the parameters overlapping the shard, merges neighbours that share a group
+//! and a step count into one segment, and runs one fused, parallel pass per segment.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::OptimizerConfig;
+use crate::error::{OptimError, Result};
+use crate::kernels::{self, adam::AdamStep, sgd::SgdStep, Buffers};
+use crate::layout::Layout;
+
+/// A set of parameters (indices into the layout) sharing one set of hyperparameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParamGroup {
+    pub params: Vec<usize>,
+    pub config: OptimizerConfig,
+}
+
+/// Everything needed to continue a run exactly: hyperparameters (with the current lr),
+/// per-parameter step counts and the state buffers over the shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerStateDict {
+    pub layout: Layout,
+    pub shard: Range<usize>,
+    pub groups: Vec<ParamGroup>,
+    /// Per parameter of the layout: how many steps it has taken (0: no state yet).
+    pub steps: Vec<u64>,
+    /// State buffer name (torch's: `exp_avg`, `momentum_buffer`...) → its values over the shard.
+    pub buffers: BTreeMap<String, Vec<f32>>,
+}
+
+/// SGD, Adam or AdamW over the elements `shard` of a layout.
+#[derive(Debug)]
+pub struct Optimizer {
+    layout: Layout,
+    shard: Range<usize>,
+    groups: Vec<ParamGroup>,
+    group_of: Vec<usize>,
+    steps: Vec<u64>,
+    /// `[exp_avg, exp_avg_sq, max_exp_avg_sq]` for Adam, `[momentum_buffer, -, -]` for SGD;
+    /// unused ones are empty.
+    state: [Vec<f32>; 3],
+}
+
+/// A run of neighbouring parameters with the same group and step count.
+struct Segment {
+    range: Range<usize>,
+    group: usize,
+    step: u64,
+}
+
+impl Optimizer {
+    /// One group of all parameters, over the whole buffer.
+    pub fn new(layout: Layout, config: OptimizerConfig) -> Result<Self> {
+        let params = (0..layout.len()).collect();
+        let shard = 0..layout.numel();
+        Self::with_groups(layout, vec![ParamGroup { params, config }], shard)
+    }
+
+    /// Param groups over the elements `shard` of the layout.
+    pub fn with_groups(layout: Layout, groups: Vec<ParamGroup>, shard: Range<usize>) -> Result<Self> {
+        let group_of = assign_groups(&layout, &groups)?;
+        if shard.start > shard.end || shard.end > layout.numel() {
+            return Err(OptimError::ShapeMismatch(format!(
+                "shard {}..{} is not inside the layout's {} elements",
+                shard.start,
+                shard.end,
+                layout.numel()
+            )));
+        }
+        let names = buffer_names(&groups);
+        let state = std::array::from_fn(|i| if names[i].is_some() { vec![0.0; shard.len()] } else { Vec::new() });
+        let steps = vec![0; layout.len()];
+        Ok(Optimizer { layout, shard, groups, group_of, steps, state })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The element range of the layout this optimizer updates and holds state for.
+    pub fn shard(&self) -> Range<usize> {
+        self.shard.clone()
+    }
+
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    /// The learning rate of every group, in group order.
+    pub fn lrs(&self) -> Vec<f64> {
+        self.groups.iter().map(|g| g.config.lr()).collect()
+    }
+
+    /// Sets the learning rate of every group (what an LR scheduler does after each step).
+    pub fn set_lrs(&mut self, lrs: &[f64]) -> Result<()> {
+        if lrs.len() != self.groups.len() {
+            return Err(OptimError::ShapeMismatch(format!("{} learning rates for {} param groups", lrs.len(), self.groups.len())));
+        }
+        for (g, &lr) in self.groups.iter_mut().zip(lrs) {
+            g.config.set_lr(lr);
+        }
+        Ok(())
+    }
+
+    /// How many parameter elements this optimizer holds state for (whatever the number of
+    /// state buffers).
+    pub fn state_elems(&self) -> usize {
+        if self.state.iter().any(|s| !s.is_empty()) {
+            self.shard.len()
+        } else {
+            0
+        }
+    }
+
+    /// Steps taken by parameter `index` of the layout.
+    pub fn param_step(&self, index: usize) -> u64 {
+        self.steps[index]
+    }
+
+    /// The state buffers over the shard, by torch's names.
+    pub fn buffers(&self) -> impl Iterator<Item = (&'static str, &[f32])> {
+        buffer_names(&self.groups).into_iter().zip(&self.state).filter_map(|(n, b)| n.map(|n| (n, b.as_slice())))
+    }
+
+    /// One optimizer step over the shard: `params` and `grads` hold exactly the shard's
+    /// elements.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<()> {
+        self.layout.check_len("the parameter buffer", params.len(), &self.shard)?;
+        self.layout.check_len("the gradient buffer", grads.len(), &self.shard)?;
+        for seg in segments(&self.layout, &self.group_of, &self.steps, self.shard.clone()) {
+            let local = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
+            let [a, b, c] = &mut self.state;
+            let bufs = Buffers {
+                params: &mut params[local.clone()],
+                grads: &grads[local.clone()],
+                state: [state_slice(a, &local), state_slice(b, &local), state_slice(c, &local)],
+            };
+            match &self.groups[seg.group].config {
+                OptimizerConfig::Sgd(c) => {
+                    let s = SgdStep::new(c, seg.step == 1);
+                    kernels::par_for_each(bufs, &|b: Buffers<'_>| {
+                        let [buf, _, _] = b.state;
+                        kernels::sgd::update(&s, b.params, b.grads, buf)
+                    });
+                }
+                OptimizerConfig::Adam(c) => {
+                    let s = AdamStep::new(c, seg.step);
+                    kernels::par_for_each(bufs, &|b: Buffers<'_>| {
+                        let [m, v, vmax] = b.state;
+                        kernels::adam::update(&s, b.params, b.grads, m, v, vmax)
+                    });
+                }
+                OptimizerConfig::Lbfgs(_) => unreachable!("rejected by assign_groups"),
+            }
+        }
+        for (i, _) in self.layout.overlapping(self.shard.clone()) {
+            self.steps[i] += 1;
+        }
+        Ok(())
+    }
+
+    pub fn state_dict(&self) -> OptimizerStateDict {
+        OptimizerStateDict {
+            layout: self.layout.clone(),
+            shard: self.shard.clone(),
+            groups: self.groups.clone(),
+            steps: self.steps.clone(),
+            buffers: self.buffers().map(|(n, b)| (n.to_string(), b.to_vec())).collect(),
+        }
+    }
+
+    /// Restores a state dict taken from an optimizer over the same layout, groups and
+    /// shard. Group hyperparameters (the lr among them) come from the state dict, as in
+    /// torch. Nothing changes if the state dict does not fit.
+    pub fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<()> {
+        let mismatch = |msg: String| Err(OptimError::StateDict(msg));
+        if sd.layout != self.layout {
+            return mismatch("the state dict was saved for another parameter layout".into());
+        }
+        if sd.shard != self.shard {
+            return mismatch(format!("saved for elements {:?}, this optimizer owns {:?}", sd.shard, self.shard));
+        }
+        if sd.groups.len() != self.groups.len()
+            || sd.groups.iter().zip(&self.groups).any(|(a, b)| a.params != b.params || !a.config.same_algorithm(&b.config))
+        {
+            return mismatch("param groups differ (parameters or algorithm)".into());
+        }
+        if sd.steps.len() != self.layout.len() {
+            return mismatch(format!("{} step counts for {} parameters", sd.steps.len(), self.layout.len()));
+        }
+        for g in &sd.groups {
+            g.config.validate()?;
+        }
+        let names = buffer_names(&sd.groups);
+        for name in names.iter() {
+            let got = name.and_then(|n| sd.buffers.get(n));
+            match (name, got) {
+                (Some(n), Some(b)) if b.len() != self.shard.len() => {
+                    return mismatch(format!("buffer '{n}' has {} elements, expected {}", b.len(), self.shard.len()))
+                }
+                (Some(n), None) => return mismatch(format!("buffer '{n}' is missing")),
+                _ => {}
+            }
+        }
+        if let Some(extra) = sd.buffers.keys().find(|k| !names.contains(&Some(k.as_str()))) {
+            return mismatch(format!("unexpected buffer '{extra}'"));
+        }
+        self.groups = sd.groups.clone();
+        self.steps = sd.steps.clone();
+        for (slot, name) in self.state.iter_mut().zip(names) {
+            *slot = name.map(|n| sd.buffers[n].clone()).unwrap_or_default();
+        }
+        Ok(())
+    }
+}
+
+/// Neighbouring parameters of `shard` with the same group and step count, with the step
+/// count they are about to take.
+fn segments<'a>(layout: &'a Layout, group_of: &'a [usize], steps: &'a [u64], shard: Range<usize>) -> impl Iterator<Item = Segment> + 'a {
+    let mut pending: Option<Segment> = None;
+    let mut it = layout.overlapping(shard);
+    std::iter::from_fn(move || loop {
+        match it.next() {
+            Some((i, r)) => {
+                let (group, step) = (group_of[i], steps[i] + 1);
+                match &mut pending {
+                    Some(s) if s.group == group && s.step == step && s.range.end == r.start => s.range.end = r.end,
+                    _ => {
+                        let done = pending.replace(Segment { range: r, group, step });
+                        if done.is_some() {
+                            return done;
+                        }
+                    }
+                }
+            }
+            None => return pending.take(),
+        }
+    })
+}
+
+fn state_slice<'a>(buf: &'a mut [f32], local: &Range<usize>) -> &'a mut [f32] {
+    if buf.is_empty() {
+        buf
+    } else {
+        &mut buf[local.clone()]
+    }
+}
+
+/// torch's state buffer names in slot order, `None` for slots these groups do not use.
+fn buffer_names(groups: &[ParamGroup]) -> [Option<&'static str>; 3] {
+    let any = |f: &dyn Fn(&OptimizerConfig) -> bool| groups.iter().any(|g| f(&g.config));
+    match groups.first().map(|g| &g.config) {
+        Some(OptimizerConfig::Adam(_)) => {
+            [Some("exp_avg"), Some("exp_avg_sq"), any(&|c| matches!(c, OptimizerConfig::Adam(a) if a.amsgrad)).then_some("max_exp_avg_sq")]
+        }
+        Some(OptimizerConfig::Sgd(_)) => {
+            [any(&|c| matches!(c, OptimizerConfig::Sgd(s) if s.momentum != 0.0)).then_some("momentum_buffer"), None, None]
+        }
+        _ => [None, None, None],
+    }
+}
+
+/// Checks the groups (valid configs, one algorithm, every parameter in exactly one group)
+/// and returns the group of each parameter.
+fn assign_groups(layout: &Layout, groups: &[ParamGroup]) -> Result<Vec<usize>> {
+    let first = groups.first().ok_or_else(|| OptimError::InvalidConfig("an optimizer needs at least one param group".into()))?;
+    let mut group_of = vec![usize::MAX; layout.len()];
+    for (gi, g) in groups.iter().enumerate() {
+        g.config.validate()?;
+        if matches!(g.config, OptimizerConfig::Lbfgs(_)) {
+            return Err(OptimError::InvalidConfig("LBFGS needs a closure: use distoptim_optim::Lbfgs".into()));
+        }
+        if !g.config.same_algorithm(&first.config) {
+            return Err(OptimError::InvalidConfig(format!(
+                "param group {gi} is {} but group 0 is {}: one optimizer, one algorithm",
+                g.config.name(),
+                first.config.name()
+            )));
+        }
+        for &p in &g.params {
+            let Some(slot) = group_of.get_mut(p) else {
+                return Err(OptimError::InvalidConfig(format!("param group {gi} names parameter #{p}, the layout has {}", layout.len())));
+            };
+            if *slot != usize::MAX {
+                return Err(OptimError::InvalidConfig(format!(
+                    "parameter '{}' is in param groups {} and {gi}",
+                    layout.param(p).name,
+                    *slot
+                )));
+            }
+            *slot = gi;
+        }
+    }
+    if let Some(p) = group_of.iter().position(|&g| g == usize::MAX) {
+        return Err(OptimError::InvalidConfig(format!("parameter '{}' is in no param group", layout.param(p).name)));
+    }
+    Ok(group_of)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AdamConfig, SgdConfig};
+    use crate::kernels::CHUNK;
+
+    /// Three params over three groups with different hyperparameters, sized so buffers span
+    /// several kernel chunks and the groups interleave.
+    fn setup(adam: bool) -> (Layout, Vec<ParamGroup>) {
+        let layout = Layout::new([("a", vec![CHUNK + 123]), ("b", vec![7, 3]), ("c", vec![2 * CHUNK + 5]), ("d", vec![])]).unwrap();
+        let cfg = |lr: f64, flag: bool| {
+            if adam {
+                OptimizerConfig::Adam(AdamConfig { lr, amsgrad: flag, weight_decay: 0.1, ..AdamConfig::adamw() })
+            } else {
+                OptimizerConfig::Sgd(SgdConfig { lr, momentum: 0.9, nesterov: flag, weight_decay: 0.01, ..Default::default() })
+            }
+        };
+        let groups = vec![
+            ParamGroup { params: vec![0, 2], config: cfg(0.01, true) },
+            ParamGroup { params: vec![1], config: cfg(0.1, false) },
+            ParamGroup { params: vec![3], config: cfg(0.05, false) },
+        ];
+        (layout, groups)
+    }
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn run(opt: &mut Optimizer, params: &mut [f32], steps: std::ops::Range<u32>) {
+        let shard = opt.shard();
+        for t in steps {
+            let g = data(opt.layout().numel(), 100 + t);
+            opt.step(params, &g[shard.clone()]).unwrap();
+        }
+    }
+
+    #[test]
+    fn shards_equal_the_whole_buffer_restricted_to_them() {
+        for adam in [false, true] {
+            let (layout, groups) = setup(adam);
+            let n = layout.numel();
+            let mut whole = data(n, 1);
+            let mut opt = Optimizer::with_groups(layout.clone(), groups.clone(), 0..n).unwrap();
+            run(&mut opt, &mut whole, 0..4);
+            // Cut points inside params, on param boundaries, and empty shards.
+            for cuts in [vec![0, 5000, CHUNK + 123 + 10, n], vec![0, 0, CHUNK + 123, n, n]] {
+                let mut pieced = data(n, 1);
+                for w in cuts.windows(2) {
+                    let mut o = Optimizer::with_groups(layout.clone(), groups.clone(), w[0]..w[1]).unwrap();
+                    run(&mut o, &mut pieced[w[0]..w[1]], 0..4);
+                    assert_eq!(o.state_elems(), w[1] - w[0]);
+                }
+                assert!(whole == pieced, "adam={adam} cuts={cuts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_and_two_threads_give_the_same_bits() {
+        for adam in [false, true] {
+            let (layout, groups) = setup(adam);
+            let n = layout.numel();
+            let result = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let mut p = data(n, 2);
+                    let mut o = Optimizer::with_groups(layout.clone(), groups.clone(), 0..n).unwrap();
+                    run(&mut o, &mut p, 0..3);
+                    (p, o.state_dict())
+                })
+            };
+            assert!(result(1) == result(2), "adam={adam}");
+        }
+    }
+
+    #[test]
+    fn state_dict_round_trip_mid_run_continues_identically() {
+        for adam in [false, true] {
+            let (layout, groups) = setup(adam);
+            let n = layout.numel();
+            let mut p = data(n, 3);
+            let mut a = Optimizer::with_groups(layout.clone(), groups.clone(), 0..n).unwrap();
+            run(&mut a, &mut p, 0..2);
+            let json = serde_json::to_string(&a.state_dict()).unwrap();
+            let mut b = Optimizer::with_groups(layout.clone(), groups.clone(), 0..n).unwrap();
+            b.load_state_dict(&serde_json::from_str(&json).unwrap()).unwrap();
+            let mut q = p.clone();
+            run(&mut a, &mut p, 2..5);
+            run(&mut b, &mut q, 2..5);
+            assert!(p == q, "adam={adam}");
+            assert_eq!(a.state_dict(), b.state_dict());
+        }
+    }
+
+    #[test]
+    fn mismatched_state_dicts_are_refused_without_change() {
+        let (layout, groups) = setup(true);
+        let n = layout.numel();
+        let mut a = Optimizer::with_groups(layout.clone(), groups.clone(), 0..n).unwrap();
+        let before = a.state_dict();
+        let other = Optimizer::with_groups(layout.clone(), groups.clone(), 0..n - 1).unwrap().state_dict();
+        assert!(matches!(a.load_state_dict(&other), Err(OptimError::StateDict(_))));
+        let mut short = before.clone();
+        short.buffers.get_mut("exp_avg").unwrap().pop();
+        assert!(a.load_state_dict(&short).is_err());
+        assert_eq!(a.state_dict(), before);
+    }
+
+    #[test]
+    fn bad_groups_and_buffers_are_named() {
+        let layout = Layout::new([("w", vec![2]), ("b", vec![1])]).unwrap();
+        let sgd = OptimizerConfig::Sgd(SgdConfig::default());
+        let one = |params: Vec<usize>| vec![ParamGroup { params, config: sgd.clone() }];
+        let e = Optimizer::with_groups(layout.clone(), one(vec![0]), 0..3).unwrap_err();
+        assert!(e.to_string().contains("'b' is in no param group"), "{e}");
+        let e = Optimizer::with_groups(layout.clone(), one(vec![0, 1, 1]), 0..3).unwrap_err();
+        assert!(e.to_string().contains("'b' is in param groups"), "{e}");
+        let mut o = Optimizer::new(layout, sgd).unwrap();
+        let e = o.step(&mut [0.0; 3], &[0.0; 2]).unwrap_err();
+        assert!(e.to_string().contains("gradient buffer has 2 elements, expected 3"), "{e}");
+    }
+
+    #[test]
+    fn adam_matches_a_hand_computed_second_step() {
+        // Two steps with g = 1 then g = -1, lr 0.1, default betas, no decay.
+        let layout = Layout::new([("x", vec![1])]).unwrap();
+        let mut o = Optimizer::new(layout, OptimizerConfig::Adam(AdamConfig { lr: 0.1, ..AdamConfig::adam() })).unwrap();
+        let mut p = [0.0f32];
+        o.step(&mut p, &[1.0]).unwrap();
+        o.step(&mut p, &[-1.0]).unwrap();
+        let (m, v) = (0.9 * 0.1 - 0.1, 0.999 * 0.001 + 0.001);
+        let (bc1, bc2) = (1.0 - 0.9f64.powi(2), 1.0 - 0.999f64.powi(2));
+        let want = -0.1 + -(0.1 / bc1) * m / ((v as f64).sqrt() / bc2.sqrt() + 1e-8);
+        assert!((p[0] as f64 - want).abs() < 1e-6, "{} vs {want}", p[0]);
+        assert_eq!(o.param_step(0), 2);
+    }
+}

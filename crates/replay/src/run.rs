@@ -1,0 +1,168 @@
+//! Running a case and reporting what FORMAT.md's output asks for.
+
+use std::collections::BTreeMap;
+
+use distoptim_optim::clip;
+use distoptim_optim::{Lbfgs, LrScheduler, Optimizer, OptimizerConfig};
+use serde::Serialize;
+
+use crate::case::{Case, GradReduce, Objective, Step, Strategy};
+use crate::error::{ErrorClass, ReplayError};
+use crate::objective;
+
+/// One entry of `per_step`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StepReport {
+    /// The lr of every group used by this step.
+    pub lr: Vec<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm_per_rank: Option<Vec<f32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+}
+
+/// The replay's answer, printed as one JSON object.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Output {
+    pub params: BTreeMap<String, Vec<f32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub params_per_rank: Option<Vec<BTreeMap<String, Vec<f32>>>>,
+    pub per_step: Vec<StepReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer_state_elems_per_rank: Option<Vec<usize>>,
+}
+
+type Result<T> = std::result::Result<T, ReplayError>;
+
+/// Runs a validated case.
+pub fn run(case: &Case) -> Result<Output> {
+    match (case.strategy, &case.optimizer) {
+        (Strategy::Single, OptimizerConfig::Lbfgs(_)) => run_lbfgs(case),
+        (Strategy::Single, _) => run_reference(case),
+        (other, _) => {
+            // Report what is wrong with the data before saying what is missing in the code.
+            precheck_nonfinite(case)?;
+            Err(ReplayError::new(
+                ErrorClass::Unsupported,
+                format!(
+                    "strategy '{}' (world size {}) is not yet supported: it needs the distributed optimizer",
+                    other.name(),
+                    case.world_size
+                ),
+            ))
+        }
+    }
+}
+
+/// The gradient the optimizer steps with: the ranks' gradients reduced as FORMAT.md says
+/// (sequentially, in rank order: the one-process reference).
+pub fn reduced_grad(case: &Case, step: &Step) -> Vec<f32> {
+    let n = case.layout.numel();
+    let w = step.world_size();
+    let mut total = vec![0.0f32; n];
+    let mut weight_sum = 0.0f32;
+    for r in 0..w {
+        let g = step.rank_grad(r, n);
+        let b = match (case.grad_reduce, &step.batch_sizes) {
+            (GradReduce::BatchWeighted, Some(b)) => b[r] as f32,
+            _ => 1.0,
+        };
+        weight_sum += b;
+        if case.grad_reduce == GradReduce::BatchWeighted {
+            total.iter_mut().zip(&g).for_each(|(t, g)| *t += b * g);
+        } else {
+            total.iter_mut().zip(&g).for_each(|(t, g)| *t += g);
+        }
+    }
+    let divisor = match case.grad_reduce {
+        GradReduce::Sum => 1.0,
+        GradReduce::Mean => w as f32,
+        GradReduce::BatchWeighted => weight_sum,
+    };
+    if divisor != 1.0 {
+        total.iter_mut().for_each(|t| *t /= divisor);
+    }
+    total
+}
+
+/// The clip of a case on one buffer: returns the pre-clip norm.
+fn clip_grads(case: &Case, grads: &mut [f32], t: usize) -> Result<Option<f32>> {
+    let Some(c) = &case.clip else { return Ok(None) };
+    clip::clip_grad_norm(grads, c.max_norm, c.norm, c.error_if_nonfinite)
+        .map(Some)
+        .map_err(|e| ReplayError::new(ErrorClass::NonFinite, format!("{} at step {t}", e.to_string().trim_start_matches("nonfinite: "))))
+}
+
+/// With `error_if_nonfinite`, finds a NaN/inf norm in any gradient a strategy would clip:
+/// the reduced one, and each rank's own for the strategies that step locally.
+fn precheck_nonfinite(case: &Case) -> Result<()> {
+    let Some(c) = case.clip.as_ref().filter(|c| c.error_if_nonfinite) else { return Ok(()) };
+    let norm_of = |g: &[f32]| c.norm.total(clip::partial_norm(g, c.norm));
+    for (t, step) in case.steps.iter().enumerate() {
+        let mut norms = vec![norm_of(&reduced_grad(case, step))];
+        if !case.strategy.reduces() {
+            norms.extend((0..step.world_size()).map(|r| norm_of(&step.rank_grad(r, case.layout.numel()))));
+        }
+        if let Some(n) = norms.into_iter().find(|n| !n.is_finite()) {
+            return Err(ReplayError::new(ErrorClass::NonFinite, format!("the total gradient norm is {n} at step {t}")));
+        }
+    }
+    Ok(())
+}
+
+fn named(case: &Case, flat: &[f32]) -> BTreeMap<String, Vec<f32>> {
+    case.layout.params().iter().map(|p| (p.name.clone(), flat[p.range()].to_vec())).collect()
+}
+
+fn scheduler(case: &Case, base_lrs: Vec<f64>) -> Option<LrScheduler> {
+    case.schedule.clone().map(|s| LrScheduler::new(s, base_lrs))
+}
+
+/// The one-process reference: at every step, reduce all ranks' gradients sequentially,
+/// clip, step, schedule. This is `single`, and what every reducing strategy (ddp, zero*)
+/// must equal whatever its world size; tests use it as their oracle.
+pub fn run_reference(case: &Case) -> Result<Output> {
+    let mut params = case.init.clone();
+    let mut opt = Optimizer::with_groups(case.layout.clone(), case.groups.clone(), 0..case.layout.numel())?;
+    let mut sched = scheduler(case, opt.lrs());
+    if let Some(s) = &sched {
+        opt.set_lrs(&s.lrs())?;
+    }
+    let mut per_step = Vec::with_capacity(case.steps.len());
+    for (t, step) in case.steps.iter().enumerate() {
+        let mut g = reduced_grad(case, step);
+        let grad_norm = clip_grads(case, &mut g, t)?;
+        per_step.push(StepReport { lr: opt.lrs(), grad_norm, ..Default::default() });
+        opt.step(&mut params, &g)?;
+        if let Some(s) = &mut sched {
+            opt.set_lrs(&s.advance())?;
+        }
+    }
+    Ok(Output { params: named(case, &params), per_step, ..Default::default() })
+}
+
+/// LBFGS: `num_steps` calls of `step(closure)` on the case's objective.
+fn run_lbfgs(case: &Case) -> Result<Output> {
+    let OptimizerConfig::Lbfgs(cfg) = &case.groups[0].config else { unreachable!("run() dispatches LBFGS cases only here") };
+    let mut params = case.init.clone();
+    let mut opt = Lbfgs::new(params.len(), cfg.clone())?;
+    let mut sched = scheduler(case, vec![opt.lr()]);
+    if let Some(s) = &sched {
+        opt.set_lr(s.lrs()[0]);
+    }
+    let closure = match case.objective {
+        Some(Objective::Rosenbrock) | None => objective::rosenbrock,
+    };
+    let mut per_step = Vec::with_capacity(case.num_steps);
+    for _ in 0..case.num_steps {
+        let lr = opt.lr();
+        let loss = opt.step(&mut params, closure)?;
+        per_step.push(StepReport { lr: vec![lr], loss: Some(loss as f64), ..Default::default() });
+        if let Some(s) = &mut sched {
+            opt.set_lr(s.advance()[0]);
+        }
+    }
+    Ok(Output { params: named(case, &params), per_step, ..Default::default() })
+}

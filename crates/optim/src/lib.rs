@@ -17,6 +17,21 @@
 //! - [`lbfgs`]: LBFGS with a closure and the strong-Wolfe line search.
 //! - [`schedule`]: the HF `transformers` learning-rate schedules.
 //! - [`clip`]: `clip_grad_norm_`, split into partial norms, total norm and scaling.
+//!
+//! ```
+//! use distoptim_optim::{clip, AdamConfig, Layout, NormType, Optimizer, OptimizerConfig};
+//!
+//! let layout = Layout::new([("fc.weight", vec![10, 64]), ("fc.bias", vec![10])])?;
+//! let mut params = vec![0.5f32; layout.numel()];
+//! let mut grads = vec![0.01f32; layout.numel()]; // from a backward pass, same layout
+//! let adamw = AdamConfig { lr: 1e-3, ..AdamConfig::adamw() };
+//! let mut opt = Optimizer::new(layout, OptimizerConfig::Adam(adamw))?;
+//! let norm = clip::clip_grad_norm(&mut grads, 1.0, NormType::P(2.0), true)?;
+//! opt.step(&mut params, &grads)?;
+//! assert!((norm - (650.0f32).sqrt() * 0.01).abs() < 1e-5);
+//! assert!(params.iter().all(|&p| p < 0.5)); // every weight moved against its gradient
+//! # Ok::<(), distoptim_optim::OptimError>(())
+//! ```
 
 pub mod clip;
 pub mod config;

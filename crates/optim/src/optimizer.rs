@@ -447,9 +447,9 @@ mod tests {
         let mut p = [0.0f32];
         o.step(&mut p, &[1.0]).unwrap();
         o.step(&mut p, &[-1.0]).unwrap();
-        let (m, v) = (0.9 * 0.1 - 0.1, 0.999 * 0.001 + 0.001);
+        let (m, v): (f64, f64) = (0.9 * 0.1 - 0.1, 0.999 * 0.001 + 0.001);
         let (bc1, bc2) = (1.0 - 0.9f64.powi(2), 1.0 - 0.999f64.powi(2));
-        let want = -0.1 + -(0.1 / bc1) * m / ((v as f64).sqrt() / bc2.sqrt() + 1e-8);
+        let want = -0.1 + -(0.1 / bc1) * m / (v.sqrt() / bc2.sqrt() + 1e-8);
         assert!((p[0] as f64 - want).abs() < 1e-6, "{} vs {want}", p[0]);
         assert_eq!(o.param_step(0), 2);
     }

@@ -666,8 +666,10 @@ fn parse_steps(v: Option<&Value>, layout: &Layout, ws: usize, reshard: Option<&R
                     .iter()
                     .map(|x| uint(x, &format!("{what}.batch_sizes"), ErrorClass::ShapeMismatch))
                     .collect::<Result<_>>()?;
-                if sizes.iter().sum::<u64>() == 0 {
-                    return invalid(format!("{what}.batch_sizes are all zero: nothing to average"));
+                match sizes.iter().try_fold(0u64, |a, &b| a.checked_add(b)) {
+                    Some(0) => return invalid(format!("{what}.batch_sizes are all zero: nothing to average")),
+                    None => return shape(format!("{what}.batch_sizes overflow when summed")),
+                    Some(_) => {}
                 }
                 Some(sizes)
             }

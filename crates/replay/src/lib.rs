@@ -10,6 +10,21 @@
 //!   supported and say so);
 //! - [`objective`]: closures for LBFGS cases;
 //! - [`check`]: the checker's comparison rules, so tests can compare in-process.
+//!
+//! ```
+//! let case = r#"{"world_size": 1, "strategy": "single",
+//!   "params": [{"name": "w", "shape": [2], "data": [1.0, 2.0]}],
+//!   "optimizer": {"name": "sgd", "lr": 0.5},
+//!   "steps": [{"grads": [{"w": [1.0, -1.0]}]}]}"#;
+//! let out = distoptim_replay::replay_json(case)?;
+//! assert_eq!(out.params["w"], vec![0.5, 2.5]);
+//! assert_eq!(out.per_step[0].lr, vec![0.5]);
+//!
+//! let bad = case.replace("sgd", "adagrad");
+//! let err = distoptim_replay::replay_json(&bad).unwrap_err();
+//! assert!(err.to_string().starts_with("unknown_optimizer"));
+//! # Ok::<(), distoptim_replay::ReplayError>(())
+//! ```
 
 pub mod case;
 pub mod check;

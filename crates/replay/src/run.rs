@@ -155,7 +155,7 @@ fn run_lbfgs(case: &Case) -> Result<Output> {
     let closure = match case.objective {
         Some(Objective::Rosenbrock) | None => objective::rosenbrock,
     };
-    let mut per_step = Vec::with_capacity(case.num_steps);
+    let mut per_step = Vec::new(); // num_steps is user input: no capacity from it
     for _ in 0..case.num_steps {
         let lr = opt.lr();
         let loss = opt.step(&mut params, closure)?;

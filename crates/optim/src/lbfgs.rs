@@ -135,8 +135,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `x.abs().max()`, NaN-propagating like torch's reduction.
-fn abs_max(x: &[f32]) -> f32 {
-    x.iter().fold(0.0f32, |m, v| if v.is_nan() || m.is_nan() { f32::NAN } else { m.max(v.abs()) })
+fn abs_max<'a>(x: impl IntoIterator<Item = &'a f32>) -> f32 {
+    abs_max_of(x.into_iter().copied())
+}
+
+fn abs_max_of(x: impl Iterator<Item = f32>) -> f32 {
+    x.fold(0.0f32, |m, v| if v.is_nan() || m.is_nan() { f32::NAN } else { m.max(v.abs()) })
 }
 
 fn abs_sum(x: &[f32]) -> f32 {
@@ -361,15 +365,7 @@ impl Lbfgs {
                 break;
             }
             let ta = t.as_f32();
-            let step_max = st.d.iter().fold(0.0f32, |m, d| {
-                let v = (d * ta).abs();
-                if v.is_nan() || m.is_nan() {
-                    f32::NAN
-                } else {
-                    m.max(v)
-                }
-            });
-            if T(step_max).le(tol_change) {
+            if T(abs_max_of(st.d.iter().map(|d| d * ta))).le(tol_change) {
                 break;
             }
             if (loss - st.prev_loss.unwrap_or(loss)).abs() < c.tolerance_change {

@@ -70,11 +70,7 @@ pub fn reduced_grad(case: &Case, step: &Step) -> Vec<f32> {
             _ => 1.0,
         };
         weight_sum += b;
-        if case.grad_reduce == GradReduce::BatchWeighted {
-            total.iter_mut().zip(&g).for_each(|(t, g)| *t += b * g);
-        } else {
-            total.iter_mut().zip(&g).for_each(|(t, g)| *t += g);
-        }
+        total.iter_mut().zip(&g).for_each(|(t, g)| *t += b * g); // 1·g is exact for unweighted modes
     }
     let divisor = match case.grad_reduce {
         GradReduce::Sum => 1.0,
@@ -90,9 +86,11 @@ pub fn reduced_grad(case: &Case, step: &Step) -> Vec<f32> {
 /// The clip of a case on one buffer: returns the pre-clip norm.
 fn clip_grads(case: &Case, grads: &mut [f32], t: usize) -> Result<Option<f32>> {
     let Some(c) = &case.clip else { return Ok(None) };
-    clip::clip_grad_norm(grads, c.max_norm, c.norm, c.error_if_nonfinite)
-        .map(Some)
-        .map_err(|e| ReplayError::new(ErrorClass::NonFinite, format!("{} at step {t}", e.to_string().trim_start_matches("nonfinite: "))))
+    clip::clip_grad_norm(grads, c.max_norm, c.norm, c.error_if_nonfinite).map(Some).map_err(|e| {
+        let mut e = ReplayError::from(e);
+        e.message = format!("{} at step {t}", e.message);
+        e
+    })
 }
 
 /// With `error_if_nonfinite`, finds a NaN/inf norm in any gradient a strategy would clip:

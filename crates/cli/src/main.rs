@@ -2,9 +2,12 @@
 //!
 //! - `replay CASE.json`: the conformance interface (one JSON object on stdout; on failure
 //!   nothing on stdout, `replay: CLASS: message` on stderr and exit status 1);
-//! - `bench optim`: optimizer kernels against the memory-copy roofline.
+//! - `launch --nproc N -- PROGRAM ARGS…`: torchrun for one host (shm backend);
+//! - `bench optim`: optimizer kernels against the memory-copy roofline;
+//! - `bench collectives`: collectives in the style of nccl-tests, next to memcpy.
 
 mod bench;
+mod launch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +28,25 @@ enum Command {
         /// The case file (see tests/conformance/FORMAT.md).
         case: PathBuf,
     },
+    /// Starts N processes of PROGRAM with the torchrun environment (shm backend) and
+    /// stops them all when one fails.
+    Launch {
+        /// Number of processes (ranks).
+        #[arg(long)]
+        nproc: usize,
+        /// Communication backend the ranks use (launch serves shm; use mpirun for mpi).
+        #[arg(long, default_value = "shm")]
+        backend: String,
+        /// Seconds between SIGTERM and SIGKILL when stopping the ranks.
+        #[arg(long, default_value_t = 5.0)]
+        grace: f64,
+        /// Do not prefix output lines with `[rank N]`.
+        #[arg(long)]
+        no_prefix: bool,
+        /// The program and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Benchmarks, each next to its reference measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -35,13 +57,28 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Replay { case } => replay(&case),
-        Command::Bench { what } => match bench::run(what) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("bench: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Launch { nproc, backend, grace, no_prefix, command } => {
+            let spec = launch::LaunchSpec {
+                nproc,
+                backend,
+                grace: std::time::Duration::from_secs_f64(grace.max(0.0)),
+                program: command[0].clone(),
+                args: command[1..].to_vec(),
+                prefix: !no_prefix,
+            };
+            report("launch", launch::launch(&spec))
+        }
+        Command::Bench { what } => report("bench", bench::run(what)),
+    }
+}
+
+fn report(command: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{command}: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -22,31 +22,71 @@ pub(crate) unsafe fn reduce_raw<T: Element>(dst: *mut T, srcs: &[*const T], len:
         let acc = &mut acc[..n];
         {
             let first = std::slice::from_raw_parts(srcs[0].add(start), n);
-            for (a, x) in acc.iter_mut().zip(first) {
-                *a = x.to_acc();
-            }
-            for src in &srcs[1..] {
-                let s = std::slice::from_raw_parts(src.add(start), n);
-                match op {
-                    // The common case gets its own loop so it vectorises.
-                    ReduceOp::Sum | ReduceOp::Avg => {
-                        for (a, x) in acc.iter_mut().zip(s) {
-                            *a = combine(*a, x.to_acc(), ReduceOp::Sum);
-                        }
-                    }
-                    _ => {
-                        for (a, x) in acc.iter_mut().zip(s) {
-                            *a = combine(*a, x.to_acc(), op);
-                        }
+            match srcs.get(1) {
+                // The first two sources in one pass: the common two-rank case is then a
+                // single read of each input and one write.
+                Some(second) => {
+                    let second = std::slice::from_raw_parts(second.add(start), n);
+                    combine_into(acc, first, second, op);
+                }
+                None => {
+                    for (a, x) in acc.iter_mut().zip(first) {
+                        *a = x.to_acc();
                     }
                 }
             }
+            for src in srcs.iter().skip(2) {
+                let s = std::slice::from_raw_parts(src.add(start), n);
+                accumulate(acc, s, op);
+            }
         }
         let out = std::slice::from_raw_parts_mut(dst.add(start), n);
-        for (o, a) in out.iter_mut().zip(acc.iter()) {
-            *o = T::from_acc(finish(*a, op, divisor));
+        if op == ReduceOp::Avg {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                *o = T::from_acc(finish(*a, op, divisor));
+            }
+        } else {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                *o = T::from_acc(*a);
+            }
         }
         start += n;
+    }
+}
+
+/// `acc = op(a, b)`, with the operator hoisted out of the loop so each loop vectorises.
+#[inline(always)]
+fn combine_into<T: Element>(acc: &mut [T::Acc], a: &[T], b: &[T], op: ReduceOp) {
+    macro_rules! pass {
+        ($op:expr) => {
+            for ((o, x), y) in acc.iter_mut().zip(a).zip(b) {
+                *o = combine(x.to_acc(), y.to_acc(), $op);
+            }
+        };
+    }
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => pass!(ReduceOp::Sum),
+        ReduceOp::Prod => pass!(ReduceOp::Prod),
+        ReduceOp::Max => pass!(ReduceOp::Max),
+        ReduceOp::Min => pass!(ReduceOp::Min),
+    }
+}
+
+/// `acc = op(acc, s)`.
+#[inline(always)]
+fn accumulate<T: Element>(acc: &mut [T::Acc], s: &[T], op: ReduceOp) {
+    macro_rules! pass {
+        ($op:expr) => {
+            for (o, x) in acc.iter_mut().zip(s) {
+                *o = combine(*o, x.to_acc(), $op);
+            }
+        };
+    }
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => pass!(ReduceOp::Sum),
+        ReduceOp::Prod => pass!(ReduceOp::Prod),
+        ReduceOp::Max => pass!(ReduceOp::Max),
+        ReduceOp::Min => pass!(ReduceOp::Min),
     }
 }
 

@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 pub const MAX_RANKS: usize = 512;
 /// Messages up to this size take the one-barrier path.
 const SMALL_BYTES: usize = 32 * 1024;
+/// Busy-waiting time before a waiting rank yields its core (when every rank has one).
+const SPIN_FOR: Duration = Duration::from_millis(5);
 /// How often a waiting rank checks whether peers' processes are alive.
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 
@@ -62,6 +64,9 @@ pub(crate) struct SharedEngine {
     /// Peers' announcements of the current call (reused: no allocation per call).
     announced: Vec<Option<Announcement>>,
     poisoned: Option<String>,
+    /// How long to busy-wait before yielding: none when ranks outnumber cores, since a
+    /// spinning rank would take the core a peer needs.
+    spin_for: Duration,
 }
 
 impl SharedEngine {
@@ -118,6 +123,7 @@ impl SharedEngine {
             buffers: Vec::new(),
             announced: vec![None; size],
             poisoned: None,
+            spin_for: if size <= std::thread::available_parallelism().map_or(1, |c| c.get()) { SPIN_FOR } else { Duration::ZERO },
             spec,
         })
     }
@@ -172,7 +178,8 @@ impl SharedEngine {
                 return Ok(());
             }
             spins += 1;
-            if spins < 4096 {
+            // Reading the clock costs more than a spin: do it every 256 spins while spinning.
+            if spins % 256 != 0 && !self.spin_for.is_zero() {
                 std::hint::spin_loop();
                 continue;
             }
@@ -197,7 +204,9 @@ impl SharedEngine {
                 let missing = (0..n).filter(|&r| r != me && self.seg.arrived(r).load(Ordering::Acquire) < target).collect();
                 return Err(CommError::Timeout { op: *fp, missing, waited });
             }
-            if waited < Duration::from_millis(2) {
+            if waited < self.spin_for {
+                std::hint::spin_loop();
+            } else if waited < self.spin_for + Duration::from_millis(2) {
                 std::thread::yield_now();
             } else {
                 std::thread::sleep(Duration::from_micros(50));

@@ -1,5 +1,3 @@
-//! `distoptim bench`: figures users compare, each next to a reference from the same run.
-//!
 //! `bench optim` times one optimizer step on flat f32 buffers and, on the same thread
 //! pool, a plain parallel memory copy moving the same number of bytes. An optimizer step
 //! is memory-bound, so the copy is its roofline: "% of copy" is the figure that matters.
@@ -9,33 +7,30 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::Args;
 use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, SgdConfig};
 use rayon::prelude::*;
 
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// SGD-momentum and AdamW steps on flat buffers, next to a memory copy of the same bytes.
-    Optim {
-        /// Flat buffer sizes, in parameters.
-        #[arg(long, value_delimiter = ',', default_values_t = [1_000_000usize, 10_000_000, 100_000_000])]
-        sizes: Vec<usize>,
-        /// Also run a layout of this many tensors of 10K parameters (0: skip).
-        #[arg(long, default_value_t = 1000)]
-        tensors: usize,
-        /// Thread counts to run with.
-        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
-        threads: Vec<usize>,
-        /// Timed iterations per measurement (the median is reported), after one warm-up.
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
-    },
+use super::median;
+
+#[derive(Args)]
+pub struct OptimArgs {
+    /// Flat buffer sizes, in parameters.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000_000usize, 10_000_000, 100_000_000])]
+    sizes: Vec<usize>,
+    /// Also run a layout of this many tensors of 10K parameters (0: skip).
+    #[arg(long, default_value_t = 1000)]
+    tensors: usize,
+    /// Thread counts to run with.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
+    threads: Vec<usize>,
+    /// Timed iterations per measurement (the median is reported), after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
 }
 
-pub fn run(cmd: BenchCommand) -> Result<()> {
-    match cmd {
-        BenchCommand::Optim { sizes, tensors, threads, iters } => bench_optim(&sizes, tensors, &threads, iters.max(1)),
-    }
+pub fn run(args: OptimArgs) -> Result<()> {
+    bench_optim(&args.sizes, args.tensors, &args.threads, args.iters.max(1))
 }
 
 struct Workload {
@@ -92,11 +87,6 @@ fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize)
         }
     }
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Seconds per optimizer step over the whole layout.

@@ -1,0 +1,28 @@
+//! `distoptim bench`: figures users compare, each next to a reference from the same run.
+
+mod collectives;
+mod optim;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// SGD-momentum and AdamW steps on flat buffers, next to a memory copy of the same bytes.
+    Optim(optim::OptimArgs),
+    /// Collectives in the style of nccl-tests (time, algbw, busbw), next to memcpy.
+    Collectives(collectives::CollectivesArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Optim(args) => optim::run(args),
+        BenchCommand::Collectives(args) => collectives::run(args),
+    }
+}
+
+/// The median of measurements (the upper one for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}

@@ -1,0 +1,194 @@
+//! `distoptim launch`: torchrun for one host.
+//!
+//! Starts N copies of a program with the torchrun environment (`RANK`, `WORLD_SIZE`,
+//! `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`) plus a fresh
+//! `DISTOPTIM_JOB_ID` and secret `DISTOPTIM_TOKEN` that make the job's shared memory
+//! private. Each output line is prefixed with its rank. When a rank fails, the others get
+//! SIGTERM, then SIGKILL after a grace period, and the launcher exits non-zero naming the
+//! rank; Ctrl-C (SIGINT/SIGTERM to the launcher) stops them all the same way.
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The job to start.
+pub struct LaunchSpec {
+    pub nproc: usize,
+    pub backend: String,
+    pub grace: Duration,
+    pub program: String,
+    pub args: Vec<String>,
+    /// Prefix output lines with `[rank N]`.
+    pub prefix: bool,
+}
+
+/// A signal the launcher received (0: none), set by the handler.
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNALLED.store(sig, Ordering::SeqCst);
+}
+
+/// Runs the job; `Ok` only when every rank exits with status 0.
+pub fn launch(spec: &LaunchSpec) -> Result<()> {
+    if spec.nproc == 0 {
+        bail!("--nproc must be at least 1");
+    }
+    if spec.backend != "shm" {
+        bail!("launch starts processes on this host for the shm backend; for --backend {} use mpirun or srun", spec.backend);
+    }
+    let job = format!("{}-{:x}", std::process::id(), random_u64()?);
+    let token = format!("{:016x}{:016x}", random_u64()?, random_u64()?);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(29500);
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut ranks = Vec::with_capacity(spec.nproc);
+    let mut printers = Vec::new();
+    for rank in 0..spec.nproc {
+        let child = Command::new(&spec.program)
+            .args(&spec.args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", spec.nproc.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_WORLD_SIZE", spec.nproc.to_string())
+            .env("GROUP_RANK", "0")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("DISTOPTIM_JOB_ID", &job)
+            .env("DISTOPTIM_TOKEN", &token)
+            .env("DISTOPTIM_BACKEND", &spec.backend)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                stop_all(&mut ranks, spec.grace);
+                return Err(e).with_context(|| format!("starting rank {rank}: {}", spec.program));
+            }
+        };
+        let prefix = if spec.prefix { format!("[rank {rank}] ") } else { String::new() };
+        printers.push(forward(child.stdout.take(), prefix.clone(), false));
+        printers.push(forward(child.stderr.take(), prefix, true));
+        ranks.push(Some(child));
+    }
+    let outcome = supervise(&mut ranks, spec.grace);
+    for p in printers {
+        let _ = p.join();
+    }
+    cleanup_segments(&job);
+    outcome
+}
+
+/// Waits for every rank; on the first failure or a signal, stops the rest.
+fn supervise(ranks: &mut [Option<Child>], grace: Duration) -> Result<()> {
+    loop {
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        if sig != 0 {
+            stop_all(ranks, grace);
+            bail!("interrupted by signal {sig}: stopped all {} ranks", ranks.len());
+        }
+        let mut running = 0;
+        for (rank, slot) in ranks.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            match child.try_wait() {
+                Ok(None) => running += 1,
+                Ok(Some(status)) => {
+                    let pid = child.id();
+                    *slot = None;
+                    if !status.success() {
+                        stop_all(ranks, grace);
+                        bail!("rank {rank} (pid {pid}) {}; stopped the other ranks", describe(status));
+                    }
+                }
+                Err(e) => bail!("waiting for rank {rank}: {e}"),
+            }
+        }
+        if running == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGTERM to every running rank, then SIGKILL to those still running after `grace`.
+fn stop_all(ranks: &mut [Option<Child>], grace: Duration) {
+    for child in ranks.iter().flatten() {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && ranks.iter_mut().flatten().any(|c| matches!(c.try_wait(), Ok(None))) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for child in ranks.iter_mut().flatten() {
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+}
+
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!("was killed by signal {sig} ({})", signal_name(sig)),
+        _ => "ended abnormally".into(),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        _ => "signal",
+    }
+}
+
+/// Copies a child's stream to ours line by line, with the rank prefix.
+fn forward(stream: Option<impl Read + Send + 'static>, prefix: String, to_stderr: bool) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Some(stream) = stream else { return };
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
+            if !line.ends_with(b"\n") {
+                line.push(b'\n');
+            }
+            let mut out: Box<dyn Write> = if to_stderr { Box::new(std::io::stderr().lock()) } else { Box::new(std::io::stdout().lock()) };
+            let _ = out.write_all(prefix.as_bytes()).and_then(|_| out.write_all(&line)).and_then(|_| out.flush());
+            line.clear();
+        }
+    })
+}
+
+/// Removes segments a crashed rank may have left before they were unlinked.
+fn cleanup_segments(job: &str) {
+    let dir = std::env::var_os("DISTOPTIM_SHM_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| "/dev/shm".into());
+    let prefix = format!("distoptim-{job}");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&prefix) || name.starts_with(&format!(".{prefix}")) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+fn random_u64() -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom for the job token")?;
+    Ok(u64::from_le_bytes(bytes))
+}

@@ -192,3 +192,17 @@ fn random_u64() -> Result<u64> {
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom for the job token")?;
     Ok(u64::from_le_bytes(bytes))
 }
+
+/// Runs this same command line on `nproc` processes (for subcommands that start their
+/// own shm job when run outside one); only their output is shown, unprefixed.
+pub fn launch_self(nproc: usize) -> Result<()> {
+    let exe = std::env::current_exe().context("locating this executable to launch it")?;
+    launch(&LaunchSpec {
+        nproc,
+        backend: "shm".into(),
+        grace: Duration::from_secs(5),
+        program: exe.display().to_string(),
+        args: std::env::args().skip(1).collect(),
+        prefix: false,
+    })
+}

@@ -4,10 +4,12 @@
 //!   nothing on stdout, `replay: CLASS: message` on stderr and exit status 1);
 //! - `launch --nproc N -- PROGRAM ARGS…`: torchrun for one host (shm backend);
 //! - `bench optim`: optimizer kernels against the memory-copy roofline;
-//! - `bench collectives`: collectives in the style of nccl-tests, next to memcpy.
+//! - `bench collectives`: collectives in the style of nccl-tests, next to memcpy;
+//! - `selftest`: the collective conformance suite on a backend (CI runs it under mpirun).
 
 mod bench;
 mod launch;
+mod selftest;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +49,8 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Runs the collective layer's conformance suite on a backend.
+    Selftest(selftest::SelftestArgs),
     /// Benchmarks, each next to its reference measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
             };
             report("launch", launch::launch(&spec))
         }
+        Command::Selftest(args) => report("selftest", selftest::run(args)),
         Command::Bench { what } => report("bench", bench::run(what)),
     }
 }

@@ -24,6 +24,7 @@
 //! ```
 
 mod comm;
+pub mod conformance;
 mod config;
 mod element;
 mod env;

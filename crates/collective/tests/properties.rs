@@ -1,133 +1,13 @@
-//! Every op × dtype × world size 1–8 × awkward lengths, on the threads and shm backends,
-//! through the slot path (small and multi-round) and the registered zero-copy path,
-//! compared with the sequential reference.
+//! The conformance suite (every op × dtype × awkward lengths, slot path small and
+//! multi-round, registered zero-copy path) on the threads and shm backends for world
+//! sizes 1–8, on sub-groups and meshes, and the non-blocking calls.
 
-use distoptim_collective::{bf16, f16, reference_reduce, shard_range, CommConfig, Communicator, Element, ReduceOp};
+use distoptim_collective::{conformance, CommConfig, Communicator, ReduceOp};
 use std::time::Duration;
 
-/// Deterministic test values per (rank, index), in a range where every type is exact.
-trait Sample: Element {
-    fn sample(rank: usize, i: usize) -> Self;
-}
-
-macro_rules! float_sample {
-    ($($t:ty => $conv:expr),*) => {$(
-        impl Sample for $t {
-            fn sample(rank: usize, i: usize) -> Self {
-                let x = ((rank * 7919 + i * 104729) % 2001) as f32 / 64.0 - 15.0;
-                $conv(x)
-            }
-        }
-    )*};
-}
-float_sample!(f32 => |x| x, f64 => |x: f32| f64::from(x) * 1.000001, bf16 => bf16::from_f32, f16 => f16::from_f32);
-
-macro_rules! int_sample {
-    ($($t:ty),*) => {$(
-        impl Sample for $t {
-            fn sample(rank: usize, i: usize) -> Self {
-                ((rank * 31 + i * 17) % 9 + 1) as $t
-            }
-        }
-    )*};
-}
-int_sample!(i32, i64, u8);
-
-fn input<T: Sample>(rank: usize, len: usize) -> Vec<T> {
-    (0..len).map(|i| T::sample(rank, i)).collect()
-}
-
-/// Compares exactly: the backends reduce in rank order like the reference, so even
-/// float sums agree to the bit (NaN-free inputs).
-fn check<T: Element>(what: &str, got: &[T], want: &[T]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
-        panic!("{what}: element {i}: got {:?}, want {:?}", got[i], want[i]);
-    }
-}
-
-/// A buffer owned by the caller or allocated from the communicator.
-enum Buf<T: Element> {
-    Owned(Vec<T>),
-    Shared(distoptim_collective::SharedBuf<T>),
-}
-
-impl<T: Element> Buf<T> {
-    fn fill(&mut self, data: &[T]) -> &mut [T] {
-        match self {
-            Buf::Owned(v) => {
-                v.clear();
-                v.extend_from_slice(data);
-                v
-            }
-            Buf::Shared(s) => {
-                s.copy_from_slice(data);
-                s
-            }
-        }
-    }
-}
-
-/// Runs every collective on `comm` for lengths that stress the partition and the slots,
-/// with caller-owned buffers and (when `registered`) buffers from `comm.alloc`.
-fn exercise<T: Sample>(comm: &Communicator, registered: bool) {
-    let (me, n) = (comm.rank(), comm.size());
-    let float = T::DTYPE.is_float();
-    for len in [0, 1, n.saturating_sub(1), n + 1, 1001, 5003] {
-        let inputs: Vec<Vec<T>> = (0..n).map(|r| input::<T>(r, len)).collect();
-        let refs: Vec<&[T]> = inputs.iter().map(|v| v.as_slice()).collect();
-        let mut storage = if registered { Buf::Shared(comm.alloc::<T>(len).unwrap()) } else { Buf::Owned(Vec::new()) };
-
-        let tag = |op: &str| format!("{op} {} n={n} len={len} rank={me} registered={registered}", T::DTYPE);
-        for op in ReduceOp::ALL {
-            if op == ReduceOp::Avg && !float {
-                let err = comm.all_reduce(storage.fill(&inputs[me]), op).unwrap_err();
-                assert!(err.to_string().contains("AVG is only defined for floating-point"), "{err}");
-                continue;
-            }
-            let want = reference_reduce(&refs, op);
-            let b = storage.fill(&inputs[me]);
-            comm.all_reduce(b, op).unwrap();
-            check(&tag(&format!("all_reduce {op}")), b, &want);
-
-            let b = storage.fill(&inputs[me]);
-            comm.reduce_scatter(b, op).unwrap();
-            let mine = shard_range(len, n, me);
-            check(&tag(&format!("reduce_scatter {op}")), &b[mine.clone()], &want[mine]);
-
-            let root = n / 2;
-            let b = storage.fill(&inputs[me]);
-            comm.reduce(b, op, root).unwrap();
-            if me == root {
-                check(&tag(&format!("reduce {op}")), b, &want);
-            } else {
-                check(&tag(&format!("reduce {op} (non-root unchanged)")), b, &inputs[me]);
-            }
-        }
-        // all_gather: rank r's shard comes from rank r's input.
-        let want: Vec<T> = (0..len).map(|i| inputs[(0..n).find(|&r| shard_range(len, n, r).contains(&i)).unwrap()][i]).collect();
-        let b = storage.fill(&inputs[me]);
-        comm.all_gather(b).unwrap();
-        check(&tag("all_gather"), b, &want);
-
-        let root = n - 1;
-        let b = storage.fill(&inputs[me]);
-        comm.broadcast(b, root).unwrap();
-        check(&tag("broadcast"), b, &inputs[root]);
-        comm.barrier().unwrap();
-    }
-}
-
 fn exercise_all_types(comm: &Communicator) {
-    for registered in [false, true] {
-        exercise::<f32>(comm, registered);
-        exercise::<f64>(comm, registered);
-        exercise::<bf16>(comm, registered);
-        exercise::<f16>(comm, registered);
-        exercise::<i32>(comm, registered);
-        exercise::<i64>(comm, registered);
-        exercise::<u8>(comm, registered);
-    }
+    let checks = conformance::run_suite(comm, true).unwrap_or_else(|e| panic!("{e}"));
+    assert!(checks > 500, "only {checks} checks");
 }
 
 /// Small slots so that 5003 elements take several rounds.
@@ -179,8 +59,7 @@ fn subgroups_from_split_and_mesh_match_reference() {
         let half = world.split(Some((me % 2) as u32), -(me as i64)).unwrap().unwrap();
         assert_eq!(half.size(), 4);
         assert_eq!(half.rank(), (7 - me) / 2);
-        exercise::<f32>(&half, false);
-        exercise::<i64>(&half, true);
+        exercise_all_types(&half);
         // A rank that joins no group gets none, and the others still form theirs.
         let some = world.split((me != 3).then_some(0), 0).unwrap();
         assert_eq!(some.as_ref().map(|c| c.size()), (me != 3).then_some(7));
@@ -201,7 +80,7 @@ fn subgroups_from_split_and_mesh_match_reference() {
         ranks[dpcp.rank()] = me as i64;
         dpcp.all_reduce(&mut ranks, ReduceOp::Sum).unwrap();
         assert_eq!(ranks, vec![tp as i64 * 2, tp as i64 * 2 + 1, tp as i64 * 2 + 4, tp as i64 * 2 + 5]);
-        exercise::<f32>(&dpcp, false);
+        exercise_all_types(&dpcp);
         assert!(mesh.group("pp").unwrap_err().to_string().contains("no dimension \"pp\""));
     })
     .unwrap();

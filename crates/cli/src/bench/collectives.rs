@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use distoptim_collective::{shard_range, CommConfig, Communicator, ReduceOp};
 
@@ -67,18 +67,7 @@ pub fn run(args: CollectivesArgs) -> Result<()> {
             let results = Communicator::run_threads(args.nproc, &CommConfig::default(), |comm| body(&comm, &args))?;
             results.into_iter().collect()
         }
-        "shm" if std::env::var_os("RANK").is_none() => {
-            let exe = std::env::current_exe().context("locating this executable to launch it")?;
-            let spec = crate::launch::LaunchSpec {
-                nproc: args.nproc,
-                backend: "shm".into(),
-                grace: std::time::Duration::from_secs(5),
-                program: exe.display().to_string(),
-                args: std::env::args().skip(1).collect(),
-                prefix: false,
-            };
-            crate::launch::launch(&spec)
-        }
+        "shm" if std::env::var_os("RANK").is_none() => crate::launch::launch_self(args.nproc),
         "shm" | "mpi" => body(&Communicator::from_env()?, &args),
         other => bail!("--backend must be shm, threads or mpi, not {other:?}"),
     }

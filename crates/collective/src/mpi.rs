@@ -1,0 +1,385 @@
+//! The MPI backend (feature `mpi`): Open MPI or MPICH through the `mpi` crate's raw
+//! bindings, for jobs that outgrow one host (`mpirun -np N` / `srun`).
+//!
+//! MPI is initialised with `MPI_THREAD_SERIALIZED` (the communicator's lock serialises
+//! the calls, also those of the non-blocking worker) and finalised when the last
+//! communicator is dropped. `MPI_IN_PLACE` is not portable through the bindings, so
+//! reductions send from a scratch copy kept between calls. 16-bit floats travel as `f32`
+//! (accumulated in f32, as the other backends do). Each call first all-gathers its
+//! fingerprint, so mismatched calls fail with the same error as on shm. Dead peers and
+//! timeouts are MPI's business: `mpirun` aborts the job when a rank dies.
+
+use crate::comm::{Backend, Communicator, Engine};
+use crate::config::CommConfig;
+use crate::element::{Dtype, Element, ReduceOp};
+use crate::error::{CommError, Result};
+use crate::fingerprint::{Fingerprint, OpKind, WORDS};
+use crate::partition::shard_range;
+use crate::shared::buffer::{SharedAlloc, SharedBuf};
+use crate::shared::memory::{HeapMemory, Memory};
+use mpi::ffi;
+use std::os::raw::{c_int, c_void};
+use std::sync::{Arc, Mutex};
+
+/// Keeps MPI initialised while any communicator lives.
+struct Universe(#[allow(dead_code)] mpi::environment::Universe);
+// SAFETY: MPI runs in SERIALIZED mode and every call goes through a communicator's lock.
+unsafe impl Send for Universe {}
+unsafe impl Sync for Universe {}
+
+static INITIALISED: Mutex<bool> = Mutex::new(false);
+
+pub(crate) struct MpiEngine {
+    comm: ffi::MPI_Comm,
+    owned: bool,
+    rank: usize,
+    size: usize,
+    seq: u64,
+    scratch: Vec<u64>,
+    wide: Vec<f32>,
+    poisoned: Option<String>,
+    _universe: Arc<Universe>,
+}
+
+// SAFETY: see Universe.
+unsafe impl Send for MpiEngine {}
+
+/// The world communicator of an `mpirun`/`srun` job.
+pub(crate) fn world(_config: &CommConfig) -> Result<Communicator> {
+    let mut done = INITIALISED.lock().unwrap_or_else(|e| e.into_inner());
+    if *done {
+        return Err(CommError::Backend { backend: "mpi", message: "MPI was already initialised in this process".into() });
+    }
+    let (universe, level) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+        .ok_or_else(|| CommError::Backend { backend: "mpi", message: "MPI_Init_thread failed or MPI was initialised elsewhere".into() })?;
+    if level < mpi::Threading::Serialized {
+        return Err(CommError::Backend { backend: "mpi", message: format!("the MPI library only offers {level:?} threading") });
+    }
+    *done = true;
+    // SAFETY: MPI is initialised; the world communicator is a constant.
+    let comm = unsafe { ffi::RSMPI_COMM_WORLD };
+    let engine = MpiEngine::new(comm, false, Arc::new(Universe(universe)))?;
+    Ok(Communicator::from_engine(Engine::Mpi(engine), Backend::Mpi))
+}
+
+fn check(rc: c_int, what: &str) -> Result<()> {
+    // SAFETY: reading a constant.
+    if rc == ffi::MPI_SUCCESS as c_int {
+        Ok(())
+    } else {
+        Err(CommError::Backend { backend: "mpi", message: format!("{what} failed with MPI error code {rc}") })
+    }
+}
+
+fn count(n: usize, what: &'static str) -> Result<c_int> {
+    c_int::try_from(n).map_err(|_| CommError::invalid(what, format!("{n} elements exceed MPI's int counts")))
+}
+
+/// The MPI type and element count a buffer of `T` travels as when nothing is reduced.
+fn raw_bytes<T>(len: usize) -> (ffi::MPI_Datatype, usize) {
+    // SAFETY: reading a constant.
+    (unsafe { ffi::RSMPI_UINT8_T }, len * std::mem::size_of::<T>())
+}
+
+fn datatype(d: Dtype) -> ffi::MPI_Datatype {
+    // SAFETY: reading constants.
+    unsafe {
+        match d {
+            Dtype::F32 | Dtype::Bf16 | Dtype::F16 => ffi::RSMPI_FLOAT,
+            Dtype::F64 => ffi::RSMPI_DOUBLE,
+            Dtype::I32 => ffi::RSMPI_INT32_T,
+            Dtype::I64 => ffi::RSMPI_INT64_T,
+            Dtype::U8 => ffi::RSMPI_UINT8_T,
+        }
+    }
+}
+
+fn mpi_op(op: ReduceOp) -> ffi::MPI_Op {
+    // SAFETY: reading constants.
+    unsafe {
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => ffi::RSMPI_SUM,
+            ReduceOp::Max => ffi::RSMPI_MAX,
+            ReduceOp::Min => ffi::RSMPI_MIN,
+            ReduceOp::Prod => ffi::RSMPI_PROD,
+        }
+    }
+}
+
+impl MpiEngine {
+    fn new(comm: ffi::MPI_Comm, owned: bool, universe: Arc<Universe>) -> Result<MpiEngine> {
+        let (mut rank, mut size) = (0, 0);
+        // SAFETY: valid communicator, out-pointers to locals.
+        unsafe {
+            check(ffi::MPI_Comm_rank(comm, &mut rank), "MPI_Comm_rank")?;
+            check(ffi::MPI_Comm_size(comm, &mut size), "MPI_Comm_size")?;
+        }
+        Ok(MpiEngine {
+            comm,
+            owned,
+            rank: rank as usize,
+            size: size as usize,
+            seq: 0,
+            scratch: Vec::new(),
+            wide: Vec::new(),
+            poisoned: None,
+            _universe: universe,
+        })
+    }
+
+    pub(crate) fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    pub(crate) fn set_timeout(&mut self, _timeout: std::time::Duration) {}
+
+    /// Numbers the call and checks that every rank makes the same one.
+    fn begin(&mut self, kind: OpKind, dtype: Option<Dtype>, count: usize, root: usize) -> Result<()> {
+        if let Some(reason) = &self.poisoned {
+            return Err(CommError::Poisoned(reason.clone()));
+        }
+        self.seq += 1;
+        let fp = Fingerprint { seq: self.seq, kind, dtype, count: count as u64, root: root as u64 };
+        let mine = fp.to_words();
+        let mut all = vec![0u64; WORDS * self.size];
+        // SAFETY: buffers of the stated sizes; u64 as 8 bytes each.
+        let rc = unsafe {
+            ffi::MPI_Allgather(
+                mine.as_ptr() as *const c_void,
+                (WORDS * 8) as c_int,
+                ffi::RSMPI_UINT8_T,
+                all.as_mut_ptr() as *mut c_void,
+                (WORDS * 8) as c_int,
+                ffi::RSMPI_UINT8_T,
+                self.comm,
+            )
+        };
+        check(rc, "MPI_Allgather (fingerprint)")?;
+        for r in 0..self.size {
+            let mut w = [0u64; WORDS];
+            w.copy_from_slice(&all[r * WORDS..(r + 1) * WORDS]);
+            let theirs = Fingerprint::from_words(w);
+            if theirs.is_none_or(|t| !t.agrees(&fp)) {
+                let theirs = theirs.unwrap_or(Fingerprint { seq: 0, kind: OpKind::Barrier, dtype: None, count: 0, root: 0 });
+                let err = CommError::Mismatch { rank: self.rank, mine: fp, peer: r, theirs };
+                self.poisoned = Some(err.to_string());
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` into the scratch area (as f32 for 16-bit floats) and returns the
+    /// send pointer, the MPI type and whether the result comes back through `wide`.
+    fn stage<T: Element>(&mut self, buf: &[T]) -> (*const c_void, ffi::MPI_Datatype, bool) {
+        let dtype = T::DTYPE;
+        if matches!(dtype, Dtype::Bf16 | Dtype::F16) {
+            self.wide.clear();
+            self.wide.extend(buf.iter().map(|x| to_f32(*x)));
+            self.wide.extend(std::iter::repeat_n(0.0, buf.len()));
+            (self.wide.as_ptr() as *const c_void, datatype(dtype), true)
+        } else {
+            (self.stage_bytes(buf), datatype(dtype), false)
+        }
+    }
+
+    /// Copies `buf` as it is into the scratch area.
+    fn stage_bytes<T: Element>(&mut self, buf: &[T]) -> *const c_void {
+        let bytes = std::mem::size_of_val(buf);
+        // Never empty: an empty Vec's dangling pointer could read as MPI_IN_PLACE.
+        self.scratch.resize(bytes.div_ceil(8).max(1), 0);
+        // SAFETY: scratch holds at least `bytes` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr() as *const u8, self.scratch.as_mut_ptr() as *mut u8, bytes) };
+        self.scratch.as_ptr() as *const c_void
+    }
+
+    /// Where a reduction writes `len` results that belong at `buf[at..]`.
+    fn result_ptr<T>(&mut self, buf: &mut [T], at: usize, wide: bool) -> *mut c_void {
+        if wide {
+            let half = self.wide.len() / 2;
+            self.wide[half + at..].as_mut_ptr() as *mut c_void
+        } else {
+            buf[at..].as_mut_ptr() as *mut c_void
+        }
+    }
+
+    /// Finishes a reduction's `range` of `buf`: back from f32 and AVG's division.
+    fn finish<T: Element>(&self, buf: &mut [T], range: std::ops::Range<usize>, wide: bool, op: ReduceOp) {
+        let n = self.size as f64;
+        if wide {
+            let half = self.wide.len() / 2;
+            for i in range {
+                let v = self.wide[half + i];
+                buf[i] = from_f32(if op == ReduceOp::Avg { (f64::from(v) / n) as f32 } else { v });
+            }
+        } else if op == ReduceOp::Avg {
+            for x in &mut buf[range] {
+                *x = T::from_acc(crate::element::finish(x.to_acc(), op, self.size));
+            }
+        }
+    }
+
+    pub(crate) fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        self.begin(OpKind::AllReduce(op), Some(T::DTYPE), buf.len(), 0)?;
+        if buf.is_empty() {
+            // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
+            return Ok(());
+        }
+        let len = buf.len();
+        let n = count(len, "all_reduce")?;
+        let (send, dt, wide) = self.stage(buf);
+        let recv = self.result_ptr(buf, 0, wide);
+        // SAFETY: send and recv hold len elements of dt and do not overlap.
+        check(unsafe { ffi::MPI_Allreduce(send, recv, n, dt, mpi_op(op), self.comm) }, "MPI_Allreduce")?;
+        self.finish(buf, 0..len, wide, op);
+        Ok(())
+    }
+
+    pub(crate) fn reduce_scatter<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        self.begin(OpKind::ReduceScatter(op), Some(T::DTYPE), buf.len(), 0)?;
+        if buf.is_empty() {
+            // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
+            return Ok(());
+        }
+        let len = buf.len();
+        count(len, "reduce_scatter")?;
+        let counts: Vec<c_int> = (0..self.size).map(|r| shard_range(len, self.size, r).len() as c_int).collect();
+        let mine = shard_range(len, self.size, self.rank);
+        let (send, dt, wide) = self.stage(buf);
+        let recv = self.result_ptr(buf, mine.start, wide);
+        // SAFETY: send holds len elements; recv has room for this rank's count.
+        check(unsafe { ffi::MPI_Reduce_scatter(send, recv, counts.as_ptr(), dt, mpi_op(op), self.comm) }, "MPI_Reduce_scatter")?;
+        self.finish(buf, mine, wide, op);
+        Ok(())
+    }
+
+    pub(crate) fn reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
+        self.check_root("reduce", root)?;
+        self.begin(OpKind::Reduce(op), Some(T::DTYPE), buf.len(), root)?;
+        if buf.is_empty() {
+            // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
+            return Ok(());
+        }
+        let len = buf.len();
+        let n = count(len, "reduce")?;
+        let (send, dt, wide) = self.stage(buf);
+        let recv = self.result_ptr(buf, 0, wide);
+        // SAFETY: as in all_reduce; recv is only written on the root.
+        check(unsafe { ffi::MPI_Reduce(send, recv, n, dt, mpi_op(op), root as c_int, self.comm) }, "MPI_Reduce")?;
+        if self.rank == root {
+            self.finish(buf, 0..len, wide, op);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn all_gather<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
+        self.begin(OpKind::AllGather, Some(T::DTYPE), buf.len(), 0)?;
+        if buf.is_empty() {
+            // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
+            return Ok(());
+        }
+        let len = buf.len();
+        let (dt, _) = raw_bytes::<T>(0);
+        let size = std::mem::size_of::<T>();
+        let mut counts = Vec::with_capacity(self.size);
+        let mut displs = Vec::with_capacity(self.size);
+        for r in 0..self.size {
+            let s = shard_range(len, self.size, r);
+            counts.push(count(s.len() * size, "all_gather")?);
+            displs.push(count(s.start * size, "all_gather")?);
+        }
+        let mine = shard_range(len, self.size, self.rank);
+        let send = self.stage_bytes(&buf[mine.clone()]);
+        // SAFETY: send holds this rank's shard; recv holds len elements laid out by displs.
+        let rc = unsafe {
+            ffi::MPI_Allgatherv(
+                send,
+                counts[self.rank],
+                dt,
+                buf.as_mut_ptr() as *mut c_void,
+                counts.as_ptr(),
+                displs.as_ptr(),
+                dt,
+                self.comm,
+            )
+        };
+        check(rc, "MPI_Allgatherv")
+    }
+
+    pub(crate) fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
+        self.check_root("broadcast", root)?;
+        self.begin(OpKind::Broadcast, Some(T::DTYPE), buf.len(), root)?;
+        if buf.is_empty() {
+            // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
+            return Ok(());
+        }
+        let (dt, bytes) = raw_bytes::<T>(buf.len());
+        let n = count(bytes, "broadcast")?;
+        // SAFETY: buf holds `bytes` bytes.
+        check(unsafe { ffi::MPI_Bcast(buf.as_mut_ptr() as *mut c_void, n, dt, root as c_int, self.comm) }, "MPI_Bcast")
+    }
+
+    pub(crate) fn barrier(&mut self) -> Result<()> {
+        self.begin(OpKind::Barrier, None, 0, 0)?;
+        // SAFETY: valid communicator.
+        check(unsafe { ffi::MPI_Barrier(self.comm) }, "MPI_Barrier")
+    }
+
+    fn check_root(&self, op: &'static str, root: usize) -> Result<()> {
+        if root >= self.size {
+            return Err(CommError::invalid(op, format!("root {root} is outside a group of {}", self.size)));
+        }
+        Ok(())
+    }
+
+    /// Buffers are ordinary memory under MPI (nothing to share in place).
+    pub(crate) fn alloc<T: Element>(&mut self, len: usize) -> Result<SharedBuf<T>> {
+        self.begin(OpKind::Alloc, Some(T::DTYPE), len, 0)?;
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| CommError::invalid("alloc", "size overflows"))?;
+        let region = HeapMemory::default().create("mpi", bytes, &|_| {})?;
+        Ok(SharedBuf::new(Arc::new(SharedAlloc { id: 0, rank: 0, regions: vec![region] }), len))
+    }
+
+    pub(crate) fn split(&mut self, color: Option<u32>, key: i64) -> Result<Option<MpiEngine>> {
+        self.begin(OpKind::Split, None, 0, 0)?;
+        let key = c_int::try_from(key).map_err(|_| CommError::invalid("split", format!("key {key} does not fit MPI's int")))?;
+        let color = match color {
+            // SAFETY: reading a constant.
+            None => unsafe { ffi::RSMPI_UNDEFINED },
+            Some(c) => c_int::try_from(c).map_err(|_| CommError::invalid("split", format!("color {c} does not fit MPI's int")))?,
+        };
+        // SAFETY: reading a constant, then an out-pointer to a local.
+        let mut new = unsafe { ffi::RSMPI_COMM_NULL };
+        check(unsafe { ffi::MPI_Comm_split(self.comm, color, key, &mut new) }, "MPI_Comm_split")?;
+        if color == unsafe { ffi::RSMPI_UNDEFINED } {
+            return Ok(None);
+        }
+        MpiEngine::new(new, true, self._universe.clone()).map(Some)
+    }
+}
+
+impl Drop for MpiEngine {
+    fn drop(&mut self) {
+        if self.owned {
+            // SAFETY: a communicator this engine created; MPI is still initialised (the
+            // universe field drops after this body).
+            unsafe { ffi::MPI_Comm_free(&mut self.comm) };
+        }
+    }
+}
+
+fn to_f32<T: Element>(x: T) -> f32 {
+    // Only called for the 16-bit floats, whose accumulator is f32.
+    let acc = x.to_acc();
+    // SAFETY: T::Acc is f32 for bf16 and f16 (checked by the dtype at the call sites).
+    unsafe { std::mem::transmute_copy::<T::Acc, f32>(&acc) }
+}
+
+fn from_f32<T: Element>(x: f32) -> T {
+    // SAFETY: as in to_f32.
+    T::from_acc(unsafe { std::mem::transmute_copy::<f32, T::Acc>(&x) })
+}

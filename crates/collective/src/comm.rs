@@ -315,6 +315,19 @@ impl Communicator {
     }
 }
 
+impl Communicator {
+    /// The shared-memory engine of a communicator nobody else holds (NCCL keeps its
+    /// rendezvous group this way).
+    #[cfg(feature = "nccl")]
+    pub(crate) fn into_shared_engine(self) -> Option<SharedEngine> {
+        let inner = Arc::into_inner(self.inner)?;
+        match inner.engine.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            Engine::Shared(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Debug for Communicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Communicator({} rank {} of {})", self.inner.backend.name(), self.inner.rank, self.inner.size)

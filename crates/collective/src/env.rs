@@ -59,7 +59,7 @@ fn number(name: &str) -> Result<usize> {
     v.trim().parse().map_err(|_| CommError::Env(format!("{name}={v:?} is not a non-negative integer")))
 }
 
-fn shm_from_env(config: &CommConfig) -> Result<Communicator> {
+pub(crate) fn shm_from_env(config: &CommConfig) -> Result<Communicator> {
     let (rank, size) = (number("RANK")?, number("WORLD_SIZE")?);
     if size == 0 || rank >= size {
         return Err(CommError::Env(format!("RANK={rank} must be below WORLD_SIZE={size}")));

@@ -282,6 +282,19 @@ impl SharedEngine {
         true
     }
 
+    /// Checks that every rank is making the same call, moving no data (for engines that
+    /// use this group only to rendezvous, like NCCL's).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn agree(&mut self, kind: OpKind, dtype: Option<crate::Dtype>, count: usize, root: usize) -> Result<()> {
+        self.guard(|e| {
+            let fp = e.begin(kind, dtype, count, root)?;
+            if e.spec.size == 1 {
+                return Ok(());
+            }
+            e.announce_and_check(fp, None)
+        })
+    }
+
     pub(crate) fn barrier(&mut self) -> Result<()> {
         self.guard(|e| {
             let fp = e.begin(OpKind::Barrier, None, 0, 0)?;

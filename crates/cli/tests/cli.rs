@@ -53,3 +53,83 @@ fn bench_optim_prints_steps_next_to_copy() {
         assert!(copy > 0.0, "{r}");
     }
 }
+
+#[test]
+fn launch_sets_the_torchrun_environment_and_prefixes_output() {
+    let out = distoptim(&[
+        "launch",
+        "--nproc",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo rank $RANK of $WORLD_SIZE local $LOCAL_RANK/$LOCAL_WORLD_SIZE job ${DISTOPTIM_JOB_ID:+set}",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for r in 0..2 {
+        assert!(stdout.contains(&format!("[rank {r}] rank {r} of 2 local {r}/2 job set")), "{stdout}");
+    }
+}
+
+#[test]
+fn launch_stops_everyone_and_names_the_rank_that_failed() {
+    for (script, expect) in [
+        ("if [ $RANK = 1 ]; then exit 7; fi; exec sleep 30", "rank 1 (pid"),
+        ("if [ $RANK = 2 ]; then kill -9 $$; fi; exec sleep 30", "was killed by signal 9 (SIGKILL)"),
+    ] {
+        let start = std::time::Instant::now();
+        let out = distoptim(&["launch", "--nproc", "3", "--grace", "1", "--", "sh", "-c", script]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(expect) && err.contains("stopped the other ranks"), "{err}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "took {:?}", start.elapsed());
+    }
+    let out = distoptim(&["launch", "--nproc", "2", "--", "sh", "-c", "exit 7"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exited with code 7"));
+}
+
+#[test]
+fn ctrl_c_on_the_launcher_stops_every_rank() {
+    let child = Command::new(env!("CARGO_BIN_EXE_distoptim"))
+        .args(["launch", "--nproc", "2", "--", "sh", "-c", "echo pid $$; exec sleep 30"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted by signal 2"), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<&str> = stdout.lines().filter_map(|l| l.split("pid ").nth(1)).collect();
+    assert_eq!(pids.len(), 2, "{stdout}");
+    for pid in pids {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "rank process {pid} survived");
+    }
+}
+
+#[test]
+fn selftest_passes_on_shm_processes_and_threads() {
+    let out = distoptim(&["selftest", "--nproc", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("collective results match the sequential reference").count(), 3, "{stdout}");
+    let out = distoptim(&["selftest", "--backend", "threads", "--nproc", "4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn bench_collectives_prints_checked_rows_with_the_memcpy_reference() {
+    let out =
+        distoptim(&["bench", "collectives", "--nproc", "2", "--min-bytes", "4K", "--max-bytes", "1M", "--iters", "3", "--warmup", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = stdout.lines().filter(|l| !l.starts_with('#') && !l.contains("algbw")).collect();
+    assert_eq!(rows.len(), 5 * 5, "{stdout}");
+    assert!(rows.iter().all(|r| r.ends_with(" ok")), "{stdout}");
+    let out = distoptim(&["bench", "collectives", "--ops", "all_to_all"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown op \"all_to_all\""));
+}

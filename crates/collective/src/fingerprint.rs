@@ -108,7 +108,11 @@ impl Fingerprint {
     /// Whether two ranks are making the same call (the sequence number only labels it:
     /// equal calls with different numbers cannot happen without a kind mismatch first).
     pub(crate) fn agrees(&self, other: &Fingerprint) -> bool {
-        self.seq == other.seq && self.kind == other.kind && self.dtype == other.dtype && self.count == other.count && self.root == other.root
+        self.seq == other.seq
+            && self.kind == other.kind
+            && self.dtype == other.dtype
+            && self.count == other.count
+            && self.root == other.root
     }
 }
 

@@ -24,8 +24,8 @@
 //! ```
 
 mod comm;
-pub mod conformance;
 mod config;
+pub mod conformance;
 mod element;
 mod env;
 mod error;

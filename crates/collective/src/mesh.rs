@@ -48,7 +48,10 @@ impl DeviceMesh {
         let product: usize = dims.iter().map(|d| d.1).product();
         if dims.is_empty() || product != world.size() || dims.iter().any(|d| d.1 == 0) {
             let shape: Vec<String> = dims.iter().map(|(n, s)| format!("{n}={s}")).collect();
-            return Err(CommError::invalid("DeviceMesh::new", format!("mesh [{}] does not cover {} ranks", shape.join(", "), world.size())));
+            return Err(CommError::invalid(
+                "DeviceMesh::new",
+                format!("mesh [{}] does not cover {} ranks", shape.join(", "), world.size()),
+            ));
         }
         for (i, (name, _)) in dims.iter().enumerate() {
             if name.is_empty() || dims[..i].iter().any(|d| d.0 == *name) {
@@ -107,7 +110,8 @@ impl DeviceMesh {
             }
         }
         let color = u32::try_from(color).map_err(|_| CommError::invalid("DeviceMesh::group", "mesh too large"))?;
-        let group = self.world.split(Some(color), key as i64)?.ok_or_else(|| CommError::invalid("DeviceMesh::group", "split gave no group"))?;
+        let group =
+            self.world.split(Some(color), key as i64)?.ok_or_else(|| CommError::invalid("DeviceMesh::group", "split gave no group"))?;
         groups.insert(span, group.clone());
         Ok(group)
     }

@@ -21,8 +21,14 @@ fn mismatched_calls_fail_on_every_rank_naming_both_sides() {
         }
     })
     .unwrap();
-    assert_eq!(errors[3].to_string(), "collective mismatch: rank 3 called all_gather(f32, 1024) as call #2 while rank 0 called all_reduce(f32, 4096, sum) as call #2");
-    assert_eq!(errors[0].to_string(), "collective mismatch: rank 0 called all_reduce(f32, 4096, sum) as call #2 while rank 3 called all_gather(f32, 1024) as call #2");
+    assert_eq!(
+        errors[3].to_string(),
+        "collective mismatch: rank 3 called all_gather(f32, 1024) as call #2 while rank 0 called all_reduce(f32, 4096, sum) as call #2"
+    );
+    assert_eq!(
+        errors[0].to_string(),
+        "collective mismatch: rank 0 called all_reduce(f32, 4096, sum) as call #2 while rank 3 called all_gather(f32, 1024) as call #2"
+    );
     assert!(matches!(errors[1], CommError::Mismatch { peer: 3, .. }));
 }
 

@@ -68,8 +68,6 @@ fn subgroups_from_split_and_mesh_match_reference() {
         let (dp, tp, cp) = (mesh.coordinate("dp").unwrap(), mesh.coordinate("tp").unwrap(), mesh.coordinate("cp").unwrap());
         assert_eq!(me, dp * 4 + tp * 2 + cp);
         let tp_group = mesh.group("tp").unwrap();
-        let mut x = vec![me as i64];
-        tp_group.all_gather(&mut x[..]).unwrap_or(());
         let mut members = vec![0i64; 2];
         members[tp] = me as i64;
         tp_group.all_gather(&mut members).unwrap();

@@ -86,15 +86,16 @@ fn body(comm: &Communicator, args: &CollectivesArgs) -> Result<()> {
         );
         println!("# memcpy: every rank copies the same number of bytes at the same time (GB/s = bytes / time)");
         println!(
-            "{:>12} {:>11} {:<15} {:>11} {:>9} {:>9} {:>12} {:>9}  {}",
-            "bytes", "elements", "op", "time(us)", "algbw", "busbw", "memcpy GB/s", "bus/copy", "check"
+            "{:>12} {:>11} {:<15} {:>11} {:>9} {:>9} {:>12} {:>9}  check",
+            "bytes", "elements", "op", "time(us)", "algbw", "busbw", "memcpy GB/s", "bus/copy"
         );
     }
     let mut bytes = args.min_bytes;
     while bytes <= args.max_bytes {
         let len = bytes / 4;
         let copy = time_memcpy(comm, bytes, args.iters)?;
-        let mut storage: Box<dyn AsMutSlice> = if args.buffers == "shared" { Box::new(comm.alloc::<f32>(len)?) } else { Box::new(vec![0f32; len]) };
+        let mut storage: Box<dyn AsMutSlice> =
+            if args.buffers == "shared" { Box::new(comm.alloc::<f32>(len)?) } else { Box::new(vec![0f32; len]) };
         for op in &args.ops {
             let buf = storage.slice();
             fill(buf, me);

@@ -415,7 +415,11 @@ impl SharedEngine {
                 let p = e.next_parity();
                 let part = intersect(&mine, &window);
                 unsafe {
-                    std::ptr::copy_nonoverlapping(buf.as_ptr().add(part.start), e.slot::<T>(me, p).add(part.start - window.start), part.len())
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr().add(part.start),
+                        e.slot::<T>(me, p).add(part.start - window.start),
+                        part.len(),
+                    )
                 };
                 e.arrive_and_wait(&fp)?;
                 let slots = e.slot_ptrs_mut::<T>(p);
@@ -554,7 +558,8 @@ impl SharedEngine {
 
     /// Collectively allocates a buffer of `len` elements in shared memory.
     pub(crate) fn alloc<T: Element>(&mut self, len: usize) -> Result<SharedBuf<T>> {
-        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| CommError::invalid("alloc", format!("{len} elements overflow")))?;
+        let bytes =
+            len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| CommError::invalid("alloc", format!("{len} elements overflow")))?;
         self.guard(|e| {
             let fp = e.begin(OpKind::Alloc, Some(T::DTYPE), len, 0)?;
             e.allocs += 1;
@@ -565,7 +570,8 @@ impl SharedEngine {
             let mine = e.spec.memory.create(&name(me), bytes, &|_| {})?;
             e.announce_and_check(fp, None)?;
             let deadline = Instant::now() + e.spec.timeout;
-            let regions = (0..n).map(|r| if r == me { Ok(mine.clone()) } else { e.spec.memory.open(&name(r), deadline) }).collect::<Result<Vec<_>>>();
+            let regions =
+                (0..n).map(|r| if r == me { Ok(mine.clone()) } else { e.spec.memory.open(&name(r), deadline) }).collect::<Result<Vec<_>>>();
             let opened = e.arrive_and_wait(&fp);
             e.spec.memory.unlink(&name(me));
             let regions = regions?;
@@ -589,7 +595,8 @@ impl SharedEngine {
         let mut members: Vec<usize> = (0..n).filter(|&r| table[2 * r] == i64::from(color)).collect();
         members.sort_by_key(|&r| (table[2 * r + 1], r));
         let rank = members.iter().position(|&r| r == self.spec.rank).unwrap_or(0);
-        let spec = GroupSpec { name: format!("{}.s{}c{color}", self.spec.name, self.splits), rank, size: members.len(), ..self.spec.clone() };
+        let spec =
+            GroupSpec { name: format!("{}.s{}c{color}", self.spec.name, self.splits), rank, size: members.len(), ..self.spec.clone() };
         self.guard(|_| SharedEngine::join(spec, rank == 0)).map(Some)
     }
 }

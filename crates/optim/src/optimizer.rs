@@ -39,6 +39,49 @@ pub struct OptimizerStateDict {
     pub buffers: BTreeMap<String, Vec<f32>>,
 }
 
+impl OptimizerStateDict {
+    /// Joins the state dicts of consecutive shards (ZeRO ranks in rank order) into the
+    /// state dict of their union: torch's `consolidate_state_dict`.
+    pub fn consolidate(parts: &[OptimizerStateDict]) -> Result<OptimizerStateDict> {
+        let Some(first) = parts.first() else { return Err(OptimError::StateDict("no shards to consolidate".into())) };
+        let mut full = OptimizerStateDict { shard: first.shard.start..first.shard.start, buffers: BTreeMap::new(), ..first.clone() };
+        for part in parts {
+            if part.layout != first.layout || part.groups.len() != first.groups.len() || part.steps.len() != first.steps.len() {
+                return Err(OptimError::StateDict("shards of different optimizers cannot be consolidated".into()));
+            }
+            if part.shard.start != full.shard.end {
+                return Err(OptimError::StateDict(format!("shard {:?} does not follow {:?}", part.shard, full.shard)));
+            }
+            full.shard.end = part.shard.end;
+            // A parameter split between shards has taken the same steps on each part.
+            for (s, p) in full.steps.iter_mut().zip(&part.steps) {
+                *s = (*s).max(*p);
+            }
+            for (name, values) in &part.buffers {
+                full.buffers.entry(name.clone()).or_default().extend_from_slice(values);
+            }
+        }
+        Ok(full)
+    }
+
+    /// The part of this state dict over `range` (which must lie inside its shard), for an
+    /// optimizer that owns `range`, e.g. a ZeRO rank of a group of another size.
+    pub fn restrict(&self, range: Range<usize>) -> Result<OptimizerStateDict> {
+        if range.start < self.shard.start || range.end > self.shard.end || range.start > range.end {
+            return Err(OptimError::StateDict(format!("elements {range:?} are not inside the saved shard {:?}", self.shard)));
+        }
+        let local = range.start - self.shard.start..range.end - self.shard.start;
+        let owned: Vec<usize> = self.layout.overlapping(range.clone()).map(|(i, _)| i).collect();
+        Ok(OptimizerStateDict {
+            layout: self.layout.clone(),
+            shard: range,
+            groups: self.groups.clone(),
+            steps: self.steps.iter().enumerate().map(|(i, s)| if owned.contains(&i) { *s } else { 0 }).collect(),
+            buffers: self.buffers.iter().map(|(n, b)| (n.clone(), b[local.clone()].to_vec())).collect(),
+        })
+    }
+}
+
 /// SGD, Adam or AdamW over the elements `shard` of a layout.
 #[derive(Debug)]
 pub struct Optimizer {

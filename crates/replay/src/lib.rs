@@ -28,6 +28,7 @@
 
 pub mod case;
 pub mod check;
+mod distributed;
 pub mod error;
 pub mod objective;
 pub mod run;

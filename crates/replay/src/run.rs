@@ -7,7 +7,7 @@ use distoptim_optim::{Lbfgs, LrScheduler, Optimizer, OptimizerConfig};
 use serde::Serialize;
 
 use crate::case::{Case, GradReduce, Objective, Step, Strategy};
-use crate::error::{ErrorClass, ReplayError};
+use crate::error::ReplayError;
 use crate::objective;
 
 /// One entry of `per_step`.
@@ -41,18 +41,7 @@ pub fn run(case: &Case) -> Result<Output> {
     match (case.strategy, &case.optimizer) {
         (Strategy::Single, OptimizerConfig::Lbfgs(_)) => run_lbfgs(case),
         (Strategy::Single, _) => run_reference(case),
-        (other, _) => {
-            // Report what is wrong with the data before saying what is missing in the code.
-            precheck_nonfinite(case)?;
-            Err(ReplayError::new(
-                ErrorClass::Unsupported,
-                format!(
-                    "strategy '{}' (world size {}) is not yet supported: it needs the distributed optimizer",
-                    other.name(),
-                    case.world_size
-                ),
-            ))
-        }
+        _ => crate::distributed::run_distributed(case),
     }
 }
 
@@ -93,24 +82,7 @@ fn clip_grads(case: &Case, grads: &mut [f32], t: usize) -> Result<Option<f32>> {
     })
 }
 
-/// With `error_if_nonfinite`, finds a NaN/inf norm in any gradient a strategy would clip:
-/// the reduced one, and each rank's own for the strategies that step locally.
-fn precheck_nonfinite(case: &Case) -> Result<()> {
-    let Some(c) = case.clip.as_ref().filter(|c| c.error_if_nonfinite) else { return Ok(()) };
-    let norm_of = |g: &[f32]| c.norm.total(clip::partial_norm(g, c.norm));
-    for (t, step) in case.steps.iter().enumerate() {
-        let mut norms = vec![norm_of(&reduced_grad(case, step))];
-        if !case.strategy.reduces() {
-            norms.extend((0..step.world_size()).map(|r| norm_of(&step.rank_grad(r, case.layout.numel()))));
-        }
-        if let Some(n) = norms.into_iter().find(|n| !n.is_finite()) {
-            return Err(ReplayError::new(ErrorClass::NonFinite, format!("the total gradient norm is {n} at step {t}")));
-        }
-    }
-    Ok(())
-}
-
-fn named(case: &Case, flat: &[f32]) -> BTreeMap<String, Vec<f32>> {
+pub(crate) fn named(case: &Case, flat: &[f32]) -> BTreeMap<String, Vec<f32>> {
     case.layout.params().iter().map(|p| (p.name.clone(), flat[p.range()].to_vec())).collect()
 }
 

@@ -1,0 +1,98 @@
+//! DiLoCo: local inner steps, an outer Nesterov SGD on the averaged parameter delta.
+//!
+//! Global parameters Γ are owned by an outer SGD (lr `outer_lr`, momentum
+//! `outer_momentum`, optionally nesterov, no dampening). Each rank runs its own inner
+//! optimizer and schedule on its own parameters P_r with its own gradients (no gradient
+//! reduction, only its own clip). Every `inner_steps` steps: the outer gradient is
+//! Γ − (Σ_r P_r)/W, the outer optimizer steps Γ, and every P_r becomes Γ. One
+//! all-reduce of the parameters per round is all the communication.
+
+use crate::config::{ClipConfig, StepReport};
+use crate::dist_clip;
+use crate::error::{DistError, Result};
+use distoptim_collective::{Communicator, ReduceOp};
+use distoptim_optim::{Layout, LrScheduler, Optimizer, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DilocoConfig {
+    pub inner_steps: u64,
+    pub outer_lr: f64,
+    pub outer_momentum: f64,
+    pub nesterov: bool,
+}
+
+pub struct Diloco {
+    comm: Communicator,
+    inner: Optimizer,
+    sched: Option<LrScheduler>,
+    clip: Option<ClipConfig>,
+    outer: Optimizer,
+    global: Vec<f32>,
+    inner_steps: u64,
+    /// Inner steps taken (kept in checkpoints with the outer state).
+    pub steps: u64,
+    scratch: Vec<f32>,
+}
+
+impl Diloco {
+    /// `init` is Γ at the start (every rank's P_r starts equal to it).
+    pub fn new(
+        comm: Communicator,
+        layout: Layout,
+        groups: Vec<ParamGroup>,
+        schedule: Option<Schedule>,
+        clip: Option<ClipConfig>,
+        config: DilocoConfig,
+        init: &[f32],
+    ) -> Result<Self> {
+        if config.inner_steps == 0 {
+            return Err(DistError::Invalid("diloco inner_steps must be at least 1".into()));
+        }
+        let numel = layout.numel();
+        if init.len() != numel {
+            return Err(DistError::Invalid(format!("initial params have {} elements, the layout has {numel}", init.len())));
+        }
+        let outer_config = OptimizerConfig::Sgd(SgdConfig {
+            lr: config.outer_lr,
+            momentum: config.outer_momentum,
+            nesterov: config.nesterov,
+            ..SgdConfig::default()
+        });
+        let outer = Optimizer::new(layout.clone(), outer_config)?;
+        let mut inner = Optimizer::with_groups(layout, groups, 0..numel)?;
+        let sched = schedule.map(|s| LrScheduler::new(s, inner.lrs()));
+        if let Some(s) = &sched {
+            inner.set_lrs(&s.lrs())?;
+        }
+        Ok(Diloco { comm, inner, sched, clip, outer, global: init.to_vec(), inner_steps: config.inner_steps, steps: 0, scratch: vec![0.0; numel] })
+    }
+
+    /// Γ, the global parameters.
+    pub fn global_params(&self) -> &[f32] {
+        &self.global
+    }
+
+    /// One inner step on this rank's `params` with its own gradient; every
+    /// `inner_steps` steps also the outer step (collective).
+    pub fn step(&mut self, params: &mut [f32], grads: &mut [f32]) -> Result<StepReport> {
+        let grad_norm = self.clip.as_ref().map(|c| dist_clip::clip_owned(grads, c, None)).transpose()?;
+        let report = StepReport { lrs: self.inner.lrs(), grad_norm };
+        self.inner.step(params, grads)?;
+        if let Some(s) = &mut self.sched {
+            let lrs = s.advance();
+            self.inner.set_lrs(&lrs)?;
+        }
+        self.steps += 1;
+        if self.steps % self.inner_steps == 0 {
+            self.scratch.copy_from_slice(params);
+            self.comm.all_reduce(&mut self.scratch, ReduceOp::Sum)?;
+            let w = self.comm.size() as f32;
+            for (s, g) in self.scratch.iter_mut().zip(&self.global) {
+                *s = g - *s / w;
+            }
+            self.outer.step(&mut self.global, &self.scratch)?;
+            params.copy_from_slice(&self.global);
+        }
+        Ok(report)
+    }
+}

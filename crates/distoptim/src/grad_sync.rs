@@ -1,0 +1,53 @@
+//! Gradient synchronisation: weighting, the reduction over the group, the division.
+//!
+//! All modes use one SUM reduction of the (weighted) gradients, plus for
+//! `batch_weighted` one of the batch sizes, so the result equals the sequential
+//! Σ_r w_r·g_r / d to the bit on the embedded backends (they sum in rank order).
+
+use crate::config::ReduceMode;
+use crate::error::{DistError, Result};
+use distoptim_collective::{shard_range, Communicator, ReduceOp};
+
+/// Multiplies the local gradient by its weight; returns the divisor once the group's
+/// weights are known.
+pub(crate) fn weigh(comm: &Communicator, grads: &mut [f32], mode: ReduceMode, batch_size: usize) -> Result<f32> {
+    match mode {
+        ReduceMode::Sum => Ok(1.0),
+        ReduceMode::Mean => Ok(comm.size() as f32),
+        ReduceMode::BatchWeighted => {
+            let b = batch_size as f32;
+            grads.iter_mut().for_each(|g| *g *= b);
+            let mut total = [batch_size as f64];
+            comm.all_reduce(&mut total, ReduceOp::Sum)?;
+            if total[0] <= 0.0 {
+                return Err(DistError::Invalid("batch_weighted reduction: every rank reported batch size 0".into()));
+            }
+            Ok(total[0] as f32)
+        }
+    }
+}
+
+/// All-reduces `grads` in buckets of `bucket` elements (same order on every rank) and
+/// divides by `divisor`.
+pub(crate) fn all_reduce(comm: &Communicator, grads: &mut [f32], bucket: usize, divisor: f32) -> Result<()> {
+    for chunk in grads.chunks_mut(bucket) {
+        comm.all_reduce(chunk, ReduceOp::Sum)?;
+    }
+    divide(grads, divisor);
+    Ok(())
+}
+
+/// Reduce-scatters `grads`: afterwards this rank's range holds its part of the reduced
+/// gradient, divided by `divisor`.
+pub(crate) fn reduce_scatter(comm: &Communicator, grads: &mut [f32], divisor: f32) -> Result<()> {
+    comm.reduce_scatter(grads, ReduceOp::Sum)?;
+    let mine = shard_range(grads.len(), comm.size(), comm.rank());
+    divide(&mut grads[mine], divisor);
+    Ok(())
+}
+
+fn divide(grads: &mut [f32], divisor: f32) {
+    if divisor != 1.0 {
+        grads.iter_mut().for_each(|g| *g /= divisor);
+    }
+}

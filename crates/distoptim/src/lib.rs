@@ -1,0 +1,23 @@
+//! Distributed optimizer steps on top of the optimizer core (`distoptim-optim`) and the
+//! collectives (`distoptim-collective`).
+//!
+//! - [`DistributedOptimizer`]: DDP and ZeRO-1/2/3 over balanced contiguous ranges of
+//!   one flat buffer, with mean / sum / batch-weighted reduction, gradient accumulation
+//!   and clipping by the global norm across shards.
+//! - [`PostLocalSgd`]: torch's post-local SGD with periodic model averaging.
+//! - [`Diloco`]: inner steps per rank, an outer Nesterov SGD on the averaged delta.
+//! - [`dist_clip`]: the global-norm clip when ranks own parts of the gradient.
+
+mod config;
+pub mod dist_clip;
+mod diloco;
+mod error;
+mod grad_sync;
+mod local_sgd;
+mod optimizer;
+
+pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
+pub use diloco::{Diloco, DilocoConfig};
+pub use error::{DistError, Result};
+pub use local_sgd::{LocalSgdConfig, PostLocalSgd};
+pub use optimizer::DistributedOptimizer;

@@ -1,0 +1,87 @@
+//! Periodic model averaging: torch's `PostLocalSGDOptimizer` with a
+//! `PeriodicModelAverager(period, warmup_steps)`.
+//!
+//! For the first `warmup_steps` steps the ranks step with the reduced gradient (plain
+//! data parallelism); afterwards each rank steps with its own gradient and, every
+//! `period` steps starting with the first local one, every parameter is replaced by its
+//! mean over the ranks (torch's order: divide by W, then all-reduce the sum). Optimizer
+//! state and schedules stay per rank and are never averaged.
+
+use crate::config::{ClipConfig, ReduceMode, StepReport};
+use crate::dist_clip;
+use crate::error::Result;
+use crate::grad_sync;
+use distoptim_collective::{Communicator, ReduceOp};
+use distoptim_optim::{Layout, LrScheduler, Optimizer, ParamGroup, Schedule};
+
+/// Warm-up length and averaging period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalSgdConfig {
+    pub warmup_steps: u64,
+    pub period: u64,
+}
+
+pub struct PostLocalSgd {
+    comm: Communicator,
+    opt: Optimizer,
+    sched: Option<LrScheduler>,
+    clip: Option<ClipConfig>,
+    reduce: ReduceMode,
+    averaging: LocalSgdConfig,
+    /// Steps taken: the averager's counter, kept in checkpoints so a resume does not
+    /// replay the warm-up.
+    pub steps: u64,
+}
+
+impl PostLocalSgd {
+    pub fn new(
+        comm: Communicator,
+        layout: Layout,
+        groups: Vec<ParamGroup>,
+        schedule: Option<Schedule>,
+        clip: Option<ClipConfig>,
+        reduce: ReduceMode,
+        averaging: LocalSgdConfig,
+    ) -> Result<Self> {
+        if averaging.period == 0 {
+            return Err(crate::DistError::Invalid("local SGD period must be at least 1".into()));
+        }
+        let numel = layout.numel();
+        let mut opt = Optimizer::with_groups(layout, groups, 0..numel)?;
+        let sched = schedule.map(|s| LrScheduler::new(s, opt.lrs()));
+        if let Some(s) = &sched {
+            opt.set_lrs(&s.lrs())?;
+        }
+        Ok(PostLocalSgd { comm, opt, sched, clip, reduce, averaging, steps: 0 })
+    }
+
+    /// One step with this rank's gradient (overwritten); the report's norm is this rank's.
+    pub fn step(&mut self, params: &mut [f32], grads: &mut [f32], batch_size: usize) -> Result<StepReport> {
+        let t = self.steps;
+        let local = t >= self.averaging.warmup_steps;
+        if !local {
+            let divisor = grad_sync::weigh(&self.comm, grads, self.reduce, batch_size)?;
+            grad_sync::all_reduce(&self.comm, grads, grads.len().max(1), divisor)?;
+        }
+        let grad_norm = self.clip.as_ref().map(|c| dist_clip::clip_owned(grads, c, None)).transpose()?;
+        let report = StepReport { lrs: self.opt.lrs(), grad_norm };
+        self.opt.step(params, grads)?;
+        if let Some(s) = &mut self.sched {
+            let lrs = s.advance();
+            self.opt.set_lrs(&lrs)?;
+        }
+        self.steps += 1;
+        if local && (t - self.averaging.warmup_steps) % self.averaging.period == 0 {
+            average(&self.comm, params)?;
+        }
+        Ok(report)
+    }
+}
+
+/// Replaces `params` by their mean over the group, in torch's order (÷W, then Σ).
+pub(crate) fn average(comm: &Communicator, params: &mut [f32]) -> Result<()> {
+    let w = comm.size() as f32;
+    params.iter_mut().for_each(|p| *p /= w);
+    comm.all_reduce(params, ReduceOp::Sum)?;
+    Ok(())
+}

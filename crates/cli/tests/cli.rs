@@ -26,7 +26,6 @@ fn replay_errors_go_to_stderr_with_their_class() {
         ("err_nonfinite_nan.json", "nonfinite"),
         ("err_shape_mismatch.json", "shape_mismatch"),
         ("err_world_size_zero.json", "invalid_world_size"),
-        ("zero2_adamw_clip_ws3.json", "unsupported"),
     ] {
         let out = distoptim(&["replay", &case(file)]);
         assert_eq!(out.status.code(), Some(1), "{file}");

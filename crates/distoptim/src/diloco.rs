@@ -64,7 +64,17 @@ impl Diloco {
         if let Some(s) = &sched {
             inner.set_lrs(&s.lrs())?;
         }
-        Ok(Diloco { comm, inner, sched, clip, outer, global: init.to_vec(), inner_steps: config.inner_steps, steps: 0, scratch: vec![0.0; numel] })
+        Ok(Diloco {
+            comm,
+            inner,
+            sched,
+            clip,
+            outer,
+            global: init.to_vec(),
+            inner_steps: config.inner_steps,
+            steps: 0,
+            scratch: vec![0.0; numel],
+        })
     }
 
     /// Γ, the global parameters.

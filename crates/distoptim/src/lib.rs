@@ -7,17 +7,20 @@
 //! - [`PostLocalSgd`]: torch's post-local SGD with periodic model averaging.
 //! - [`Diloco`]: inner steps per rank, an outer Nesterov SGD on the averaged delta.
 //! - [`dist_clip`]: the global-norm clip when ranks own parts of the gradient.
+//! - [`verify_replicas`]: proof that the ranks hold identical parameters.
 
 mod config;
-pub mod dist_clip;
 mod diloco;
+pub mod dist_clip;
 mod error;
 mod grad_sync;
 mod local_sgd;
 mod optimizer;
+mod replicas;
 
 pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
 pub use diloco::{Diloco, DilocoConfig};
 pub use error::{DistError, Result};
 pub use local_sgd::{LocalSgdConfig, PostLocalSgd};
 pub use optimizer::DistributedOptimizer;
+pub use replicas::verify_replicas;

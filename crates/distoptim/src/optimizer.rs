@@ -39,13 +39,19 @@ pub struct DistributedOptimizer {
 impl DistributedOptimizer {
     /// Collective only in the sense that every rank must build one with the same layout,
     /// groups and config (no communication happens here).
-    pub fn new(comm: Communicator, layout: Layout, groups: Vec<ParamGroup>, schedule: Option<Schedule>, config: StepConfig) -> Result<Self> {
+    pub fn new(
+        comm: Communicator,
+        layout: Layout,
+        groups: Vec<ParamGroup>,
+        schedule: Option<Schedule>,
+        config: StepConfig,
+    ) -> Result<Self> {
         if let Some(c) = &config.clip {
             if !(c.max_norm.is_finite() && c.max_norm >= 0.0) {
                 return Err(DistError::Invalid(format!("clip max_norm must be finite and >= 0, got {}", c.max_norm)));
             }
         }
-        if !(config.bucket_cap_mb > 0.0) {
+        if config.bucket_cap_mb.is_nan() || config.bucket_cap_mb <= 0.0 {
             return Err(DistError::Invalid(format!("bucket_cap_mb must be > 0, got {}", config.bucket_cap_mb)));
         }
         let numel = layout.numel();

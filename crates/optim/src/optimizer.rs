@@ -497,3 +497,36 @@ mod tests {
         assert_eq!(o.param_step(0), 2);
     }
 }
+
+#[cfg(test)]
+mod shard_state_tests {
+    use super::*;
+    use crate::config::{AdamConfig, OptimizerConfig};
+
+    /// Shards stepped separately, consolidated, then restricted to other ranges: the
+    /// same state as one optimizer over everything.
+    #[test]
+    fn consolidate_then_restrict_equals_the_whole() {
+        let layout = Layout::new([("a", vec![5]), ("b", vec![4]), ("c", vec![3])]).unwrap();
+        let groups = vec![ParamGroup { params: vec![0, 1, 2], config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
+        let grads: Vec<f32> = (0..12).map(|i| i as f32 * 0.1 - 0.5).collect();
+        let mut whole = Optimizer::with_groups(layout.clone(), groups.clone(), 0..12).unwrap();
+        let mut p = vec![1f32; 12];
+        whole.step(&mut p, &grads).unwrap();
+        let parts: Vec<OptimizerStateDict> = [0..4, 4..9, 9..12]
+            .into_iter()
+            .map(|r| {
+                let mut o = Optimizer::with_groups(layout.clone(), groups.clone(), r.clone()).unwrap();
+                o.step(&mut vec![1f32; r.len()], &grads[r]).unwrap();
+                o.state_dict()
+            })
+            .collect();
+        let full = OptimizerStateDict::consolidate(&parts).unwrap();
+        assert_eq!(full, whole.state_dict());
+        let part = full.restrict(3..7).unwrap();
+        assert_eq!(part.buffers["exp_avg"], whole.state_dict().buffers["exp_avg"][3..7].to_vec());
+        assert_eq!(part.steps, vec![1, 1, 0]);
+        assert!(full.restrict(10..13).is_err());
+        assert!(OptimizerStateDict::consolidate(&[parts[0].clone(), parts[2].clone()]).is_err());
+    }
+}

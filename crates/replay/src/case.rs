@@ -34,7 +34,7 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    fn parse(s: &str) -> Option<Self> {
+    pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "single" => Strategy::Single,
             "ddp" => Strategy::Ddp,

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use distoptim::{ClipConfig, DistError, Diloco, DilocoConfig, DistributedOptimizer, LocalSgdConfig, PostLocalSgd, ReduceMode, StepConfig};
+use distoptim::{ClipConfig, Diloco, DilocoConfig, DistError, DistributedOptimizer, LocalSgdConfig, PostLocalSgd, ReduceMode, StepConfig};
 use distoptim_collective::{CommConfig, Communicator};
 use distoptim_optim::OptimizerStateDict;
 
@@ -82,10 +82,7 @@ fn first_error(results: Vec<std::result::Result<RankOut, (usize, DistError)>>) -
 }
 
 /// Runs `body` on `w` threads; each returns its output or (step, error).
-fn on_ranks(
-    w: usize,
-    body: impl Fn(Communicator) -> std::result::Result<RankOut, (usize, DistError)> + Sync,
-) -> Result<Vec<RankOut>> {
+fn on_ranks(w: usize, body: impl Fn(Communicator) -> std::result::Result<RankOut, (usize, DistError)> + Sync) -> Result<Vec<RankOut>> {
     let results = Communicator::run_threads(w, &config(), body)
         .map_err(|e| ReplayError::new(ErrorClass::InvalidConfig, format!("starting {w} ranks: {e}")))?;
     first_error(results)
@@ -112,8 +109,9 @@ fn run_reducing(case: &Case) -> Result<Output> {
         let outs = on_ranks(w, |comm| {
             let at = |e: DistError| (steps.start, e);
             let r = comm.rank();
-            let mut opt = DistributedOptimizer::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), step_config.clone())
-                .map_err(at)?;
+            let mut opt =
+                DistributedOptimizer::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), step_config.clone())
+                    .map_err(at)?;
             let mut params = match &carry {
                 Some(c) => {
                     opt.load_state_dict(&c.state).map_err(at)?;
@@ -135,7 +133,11 @@ fn run_reducing(case: &Case) -> Result<Output> {
             Ok(RankOut { params, reports, state_elems: opt.state_elems(), carry, global: None })
         })?;
         per_step.extend(outs[0].reports.iter().map(|r| StepReport { lr: r.lrs.clone(), grad_norm: r.grad_norm, ..Default::default() }));
-        carry = outs.iter().find_map(|o| o.carry.as_ref()).map(|c| Carry { params: c.params.clone(), state: c.state.clone(), schedule_step: c.schedule_step });
+        carry = outs.iter().find_map(|o| o.carry.as_ref()).map(|c| Carry {
+            params: c.params.clone(),
+            state: c.state.clone(),
+            schedule_step: c.schedule_step,
+        });
         last = outs;
     }
     let params = last.first().map(|o| o.params.clone()).unwrap_or_else(|| case.init.clone());
@@ -155,17 +157,31 @@ fn run_local(case: &Case) -> Result<Output> {
         match (case.strategy, &case.local_sgd, &case.diloco) {
             (Strategy::PostLocalSgd, Some(l), _) => {
                 let averaging = LocalSgdConfig { warmup_steps: l.warmup_steps, period: l.period };
-                let mut opt = PostLocalSgd::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), clip(case), reduce_mode(case), averaging)
-                    .map_err(at0)?;
+                let mut opt = PostLocalSgd::new(
+                    comm,
+                    case.layout.clone(),
+                    case.groups.clone(),
+                    case.schedule.clone(),
+                    clip(case),
+                    reduce_mode(case),
+                    averaging,
+                )
+                .map_err(at0)?;
                 for t in 0..case.steps.len() {
                     let (mut g, b) = local(case, t, r);
                     reports.push(opt.step(&mut params, &mut g, b).map_err(|e| (t, e))?);
                 }
             }
             (Strategy::Diloco, _, Some(d)) => {
-                let config = DilocoConfig { inner_steps: d.inner_steps, outer_lr: d.outer_lr, outer_momentum: d.outer_momentum, nesterov: d.nesterov };
+                let config = DilocoConfig {
+                    inner_steps: d.inner_steps,
+                    outer_lr: d.outer_lr,
+                    outer_momentum: d.outer_momentum,
+                    nesterov: d.nesterov,
+                };
                 let mut opt =
-                    Diloco::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), clip(case), config, &case.init).map_err(at0)?;
+                    Diloco::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), clip(case), config, &case.init)
+                        .map_err(at0)?;
                 for t in 0..case.steps.len() {
                     let (mut g, _) = local(case, t, r);
                     reports.push(opt.step(&mut params, &mut g).map_err(|e| (t, e))?);

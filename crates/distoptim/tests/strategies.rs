@@ -1,0 +1,173 @@
+//! The distributed step on real collectives (one thread per rank) against one process.
+
+use distoptim::{verify_replicas, ClipConfig, DistributedOptimizer, ReduceMode, StepConfig, Strategy};
+use distoptim_collective::{CommConfig, Communicator};
+use distoptim_optim::clip::{self, NormType};
+use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, ParamGroup, SgdConfig};
+
+fn layout() -> Layout {
+    Layout::new([("w", vec![7, 3]), ("b", vec![5]), ("tiny", vec![1])]).unwrap()
+}
+
+fn groups(layout: &Layout) -> Vec<ParamGroup> {
+    vec![
+        ParamGroup { params: vec![0], config: OptimizerConfig::Adam(AdamConfig { lr: 0.01, ..AdamConfig::adamw() }) },
+        ParamGroup { params: vec![1, 2], config: OptimizerConfig::Adam(AdamConfig { lr: 0.05, amsgrad: true, ..AdamConfig::adamw() }) },
+    ]
+    .into_iter()
+    .filter(|g| g.params.iter().all(|&i| i < layout.len()))
+    .collect()
+}
+
+/// Rank r's gradient at step t.
+fn grad(numel: usize, r: usize, t: usize) -> Vec<f32> {
+    (0..numel).map(|i| ((i * 31 + r * 17 + t * 7) % 23) as f32 * 0.1 - 1.1).collect()
+}
+
+/// One process: reduce as the mode says, clip, step.
+fn reference(steps: usize, w: usize, batch: &[usize], mode: ReduceMode, clip: Option<ClipConfig>) -> Vec<f32> {
+    let layout = layout();
+    let n = layout.numel();
+    let mut params: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+    let mut opt = Optimizer::with_groups(layout.clone(), groups(&layout), 0..n).unwrap();
+    for t in 0..steps {
+        let mut total = vec![0f32; n];
+        for (r, &batch_size) in batch.iter().enumerate().take(w) {
+            let b = if mode == ReduceMode::BatchWeighted { batch_size as f32 } else { 1.0 };
+            total.iter_mut().zip(grad(n, r, t)).for_each(|(a, g)| *a += b * g);
+        }
+        let d = match mode {
+            ReduceMode::Mean => w as f32,
+            ReduceMode::Sum => 1.0,
+            ReduceMode::BatchWeighted => batch.iter().sum::<usize>() as f32,
+        };
+        total.iter_mut().for_each(|g| *g /= d);
+        if let Some(c) = clip {
+            clip::clip_grad_norm(&mut total, c.max_norm, c.norm, false).unwrap();
+        }
+        opt.step(&mut params, &total).unwrap();
+    }
+    params
+}
+
+fn distributed(strategy: Strategy, steps: usize, w: usize, batch: &[usize], mode: ReduceMode, clip: Option<ClipConfig>) -> Vec<Vec<f32>> {
+    let config = CommConfig::default().with_timeout(std::time::Duration::from_secs(30)).with_slot_bytes(4096);
+    Communicator::run_threads(w, &config, |comm| {
+        let layout = layout();
+        let n = layout.numel();
+        let r = comm.rank();
+        let step_config = StepConfig { reduce: mode, clip, bucket_cap_mb: 16.0 * 4.0 / 1048576.0, ..StepConfig::new(strategy) };
+        let mut opt = DistributedOptimizer::new(comm.clone(), layout.clone(), groups(&layout), None, step_config).unwrap();
+        let mut params: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+        for t in 0..steps {
+            // Gradient accumulation: two micro-batches (halves, so the sum is exact) summed
+            // locally, one synchronisation.
+            let mut g = vec![0f32; n];
+            for _ in 0..2 {
+                g.iter_mut().zip(grad(n, r, t)).for_each(|(a, x)| *a += x * 0.5);
+            }
+            opt.step(&mut params, &mut g, batch[r]).unwrap();
+        }
+        opt.gather_params(&mut params).unwrap();
+        verify_replicas(&comm, &layout, &params).unwrap();
+        params
+    })
+    .unwrap()
+}
+
+#[test]
+fn every_strategy_and_reduce_mode_equals_one_process_to_the_bit() {
+    for w in [1, 2, 3, 5] {
+        let batch: Vec<usize> = (0..w).map(|r| [3, 0, 5, 1, 2][r]).collect();
+        for mode in [ReduceMode::Mean, ReduceMode::Sum, ReduceMode::BatchWeighted] {
+            let batch = if mode == ReduceMode::BatchWeighted && w == 1 { vec![4] } else { batch.clone() };
+            let want = reference(4, w, &batch, mode, None);
+            for strategy in [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3] {
+                for (r, got) in distributed(strategy, 4, w, &batch, mode, None).iter().enumerate() {
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{strategy:?} {mode:?} w={w} rank {r}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn clipping_across_shards_counts_every_element_once() {
+    for norm in [NormType::P(1.0), NormType::P(2.0), NormType::Inf, NormType::P(3.0)] {
+        let clip = Some(ClipConfig { max_norm: 0.5, norm, error_if_nonfinite: true });
+        let want = reference(3, 4, &[1; 4], ReduceMode::Mean, clip);
+        for strategy in [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3] {
+            for got in distributed(strategy, 3, 4, &[1; 4], ReduceMode::Mean, clip) {
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{strategy:?} {norm:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_shards_state_in_balanced_ranges_and_reloads_at_another_world_size() {
+    let layout = layout();
+    let n = layout.numel();
+    let config = CommConfig::default().with_timeout(std::time::Duration::from_secs(30));
+    let sgd = vec![ParamGroup {
+        params: vec![0, 1, 2],
+        config: OptimizerConfig::Sgd(SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() }),
+    }];
+    // Three steps on 3 ranks, consolidate, two more on 2 ranks; versus five on 1 rank.
+    let first = Communicator::run_threads(3, &config, |comm| {
+        let r = comm.rank();
+        let mut opt = DistributedOptimizer::new(comm, layout.clone(), sgd.clone(), None, StepConfig::new(Strategy::Zero2)).unwrap();
+        let mut p = vec![1f32; n];
+        for t in 0..3 {
+            opt.step(&mut p, &mut grad(n, r, t), 1).unwrap();
+        }
+        (opt.state_elems(), p, opt.consolidate_state_dict(0).unwrap())
+    })
+    .unwrap();
+    let elems: Vec<usize> = first.iter().map(|f| f.0).collect();
+    assert_eq!(elems.iter().sum::<usize>(), n);
+    assert!(elems.iter().max().unwrap() - elems.iter().min().unwrap() <= 1, "{elems:?}");
+    let (params, state) = (first[0].1.clone(), first[0].2.clone().unwrap());
+    assert!(first[1].2.is_none());
+    let second = Communicator::run_threads(2, &config, |comm| {
+        let mut opt = DistributedOptimizer::new(comm, layout.clone(), sgd.clone(), None, StepConfig::new(Strategy::Zero1)).unwrap();
+        opt.load_state_dict(&state).unwrap();
+        let mut p = params.clone();
+        for t in 3..5 {
+            // The same total gradient as three ranks would have reduced (mean of 3).
+            let mut g: Vec<f32> = (0..n).map(|i| (0..3).map(|q| grad(n, q, t)[i]).sum::<f32>() / 3.0).collect();
+            opt.step(&mut p, &mut g, 1).unwrap();
+        }
+        p
+    })
+    .unwrap();
+    let mut opt = Optimizer::with_groups(layout.clone(), sgd.clone(), 0..n).unwrap();
+    let mut p = vec![1f32; n];
+    for t in 0..5 {
+        let g: Vec<f32> = (0..n).map(|i| (0..3).map(|q| grad(n, q, t)[i]).sum::<f32>() / 3.0).collect();
+        opt.step(&mut p, &g).unwrap();
+    }
+    for got in second {
+        for (a, b) in got.iter().zip(&p) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn verify_replicas_names_the_parameter_and_the_ranks_that_differ() {
+    let layout = layout();
+    let errors = Communicator::run_threads(3, &CommConfig::default(), |comm| {
+        let mut p = vec![0.5f32; layout.numel()];
+        if comm.rank() == 2 {
+            p[layout.param(1).range().start] = 0.5000001;
+        }
+        verify_replicas(&comm, &layout, &p).unwrap_err().to_string()
+    })
+    .unwrap();
+    for e in errors {
+        assert_eq!(e, "replicas differ: parameter 'b' on rank(s) [2] is not the same as on rank 0");
+    }
+}

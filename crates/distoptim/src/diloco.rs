@@ -8,10 +8,10 @@
 //! all-reduce of the parameters per round is all the communication.
 
 use crate::config::{ClipConfig, StepReport};
-use crate::dist_clip;
 use crate::error::{DistError, Result};
+use crate::scheduled::Scheduled;
 use distoptim_collective::{Communicator, ReduceOp};
-use distoptim_optim::{Layout, LrScheduler, Optimizer, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
+use distoptim_optim::{Layout, Optimizer, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DilocoConfig {
@@ -23,8 +23,7 @@ pub struct DilocoConfig {
 
 pub struct Diloco {
     comm: Communicator,
-    inner: Optimizer,
-    sched: Option<LrScheduler>,
+    inner: Scheduled,
     clip: Option<ClipConfig>,
     outer: Optimizer,
     global: Vec<f32>,
@@ -59,22 +58,8 @@ impl Diloco {
             ..SgdConfig::default()
         });
         let outer = Optimizer::new(layout.clone(), outer_config)?;
-        let mut inner = Optimizer::with_groups(layout, groups, 0..numel)?;
-        let sched = schedule.map(|s| LrScheduler::new(s, inner.lrs()));
-        if let Some(s) = &sched {
-            inner.set_lrs(&s.lrs())?;
-        }
-        Ok(Diloco {
-            comm,
-            inner,
-            sched,
-            clip,
-            outer,
-            global: init.to_vec(),
-            inner_steps: config.inner_steps,
-            steps: 0,
-            scratch: vec![0.0; numel],
-        })
+        let inner = Scheduled::new(layout, groups, 0..numel, schedule)?;
+        Ok(Diloco { comm, inner, clip, outer, global: init.to_vec(), inner_steps: config.inner_steps, steps: 0, scratch: vec![0.0; numel] })
     }
 
     /// Γ, the global parameters.
@@ -85,13 +70,7 @@ impl Diloco {
     /// One inner step on this rank's `params` with its own gradient; every
     /// `inner_steps` steps also the outer step (collective).
     pub fn step(&mut self, params: &mut [f32], grads: &mut [f32]) -> Result<StepReport> {
-        let grad_norm = self.clip.as_ref().map(|c| dist_clip::clip_owned(grads, c, None)).transpose()?;
-        let report = StepReport { lrs: self.inner.lrs(), grad_norm };
-        self.inner.step(params, grads)?;
-        if let Some(s) = &mut self.sched {
-            let lrs = s.advance();
-            self.inner.set_lrs(&lrs)?;
-        }
+        let report = self.inner.step_local(params, grads, self.clip.as_ref())?;
         self.steps += 1;
         if self.steps % self.inner_steps == 0 {
             self.scratch.copy_from_slice(params);

@@ -17,6 +17,7 @@ mod grad_sync;
 mod local_sgd;
 mod optimizer;
 mod replicas;
+mod scheduled;
 
 pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
 pub use diloco::{Diloco, DilocoConfig};

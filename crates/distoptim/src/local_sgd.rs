@@ -8,11 +8,11 @@
 //! state and schedules stay per rank and are never averaged.
 
 use crate::config::{ClipConfig, ReduceMode, StepReport};
-use crate::dist_clip;
 use crate::error::Result;
 use crate::grad_sync;
+use crate::scheduled::Scheduled;
 use distoptim_collective::{Communicator, ReduceOp};
-use distoptim_optim::{Layout, LrScheduler, Optimizer, ParamGroup, Schedule};
+use distoptim_optim::{Layout, ParamGroup, Schedule};
 
 /// Warm-up length and averaging period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,8 +23,7 @@ pub struct LocalSgdConfig {
 
 pub struct PostLocalSgd {
     comm: Communicator,
-    opt: Optimizer,
-    sched: Option<LrScheduler>,
+    opt: Scheduled,
     clip: Option<ClipConfig>,
     reduce: ReduceMode,
     averaging: LocalSgdConfig,
@@ -47,12 +46,8 @@ impl PostLocalSgd {
             return Err(crate::DistError::Invalid("local SGD period must be at least 1".into()));
         }
         let numel = layout.numel();
-        let mut opt = Optimizer::with_groups(layout, groups, 0..numel)?;
-        let sched = schedule.map(|s| LrScheduler::new(s, opt.lrs()));
-        if let Some(s) = &sched {
-            opt.set_lrs(&s.lrs())?;
-        }
-        Ok(PostLocalSgd { comm, opt, sched, clip, reduce, averaging, steps: 0 })
+        let opt = Scheduled::new(layout, groups, 0..numel, schedule)?;
+        Ok(PostLocalSgd { comm, opt, clip, reduce, averaging, steps: 0 })
     }
 
     /// One step with this rank's gradient (overwritten); the report's norm is this rank's.
@@ -63,13 +58,7 @@ impl PostLocalSgd {
             let divisor = grad_sync::weigh(&self.comm, grads, self.reduce, batch_size)?;
             grad_sync::all_reduce(&self.comm, grads, grads.len().max(1), divisor)?;
         }
-        let grad_norm = self.clip.as_ref().map(|c| dist_clip::clip_owned(grads, c, None)).transpose()?;
-        let report = StepReport { lrs: self.opt.lrs(), grad_norm };
-        self.opt.step(params, grads)?;
-        if let Some(s) = &mut self.sched {
-            let lrs = s.advance();
-            self.opt.set_lrs(&lrs)?;
-        }
+        let report = self.opt.step_local(params, grads, self.clip.as_ref())?;
         self.steps += 1;
         if local && (t - self.averaging.warmup_steps) % self.averaging.period == 0 {
             average(&self.comm, params)?;

@@ -22,8 +22,9 @@ use crate::config::{StepConfig, StepReport, Strategy};
 use crate::dist_clip;
 use crate::error::{DistError, Result};
 use crate::grad_sync;
+use crate::scheduled::Scheduled;
 use distoptim_collective::{shard_range, Communicator};
-use distoptim_optim::{Layout, LrScheduler, Optimizer, OptimizerStateDict, ParamGroup, Schedule};
+use distoptim_optim::{Layout, OptimizerStateDict, ParamGroup, Schedule};
 use std::ops::Range;
 
 pub struct DistributedOptimizer {
@@ -31,8 +32,7 @@ pub struct DistributedOptimizer {
     config: StepConfig,
     /// The elements whose optimizer state this rank keeps (everything for DDP).
     owned: Range<usize>,
-    opt: Optimizer,
-    sched: Option<LrScheduler>,
+    opt: Scheduled,
     steps: u64,
 }
 
@@ -56,12 +56,8 @@ impl DistributedOptimizer {
         }
         let numel = layout.numel();
         let owned = if config.strategy.shards_state() { shard_range(numel, comm.size(), comm.rank()) } else { 0..numel };
-        let mut opt = Optimizer::with_groups(layout, groups, owned.clone())?;
-        let sched = schedule.map(|s| LrScheduler::new(s, opt.lrs()));
-        if let Some(s) = &sched {
-            opt.set_lrs(&s.lrs())?;
-        }
-        Ok(DistributedOptimizer { comm, config, owned, opt, sched, steps: 0 })
+        let opt = Scheduled::new(layout, groups, owned.clone(), schedule)?;
+        Ok(DistributedOptimizer { comm, config, owned, opt, steps: 0 })
     }
 
     pub fn comm(&self) -> &Communicator {
@@ -69,7 +65,7 @@ impl DistributedOptimizer {
     }
 
     pub fn layout(&self) -> &Layout {
-        self.opt.layout()
+        self.opt.optimizer().layout()
     }
 
     /// The elements this rank updates and keeps state for.
@@ -96,7 +92,7 @@ impl DistributedOptimizer {
     /// `params` is the full parameter buffer (ZeRO-3: only the owned range is read and
     /// written). Every rank of the group must call it.
     pub fn step(&mut self, params: &mut [f32], grads: &mut [f32], batch_size: usize) -> Result<StepReport> {
-        let numel = self.opt.layout().numel();
+        let numel = self.opt.optimizer().layout().numel();
         for (what, len) in [("params", params.len()), ("grads", grads.len())] {
             if len != numel {
                 return Err(DistError::Invalid(format!("{what} has {len} elements, the layout has {numel}")));
@@ -118,10 +114,6 @@ impl DistributedOptimizer {
         let report = StepReport { lrs: self.opt.lrs(), grad_norm };
         let owned = self.owned.clone();
         self.opt.step(&mut params[owned.clone()], &grads[owned])?;
-        if let Some(s) = &mut self.sched {
-            let lrs = s.advance();
-            self.opt.set_lrs(&lrs)?;
-        }
         self.steps += 1;
         if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
             self.comm.all_gather(params)?;
@@ -140,18 +132,18 @@ impl DistributedOptimizer {
 
     /// This rank's optimizer state (its range only, for ZeRO).
     pub fn state_dict(&self) -> OptimizerStateDict {
-        self.opt.state_dict()
+        self.opt.optimizer().state_dict()
     }
 
     /// Gathers every rank's state into one full state dict on rank `to` (torch's
     /// `consolidate_state_dict`); other ranks get `None`. Collective.
     pub fn consolidate_state_dict(&self, to: usize) -> Result<Option<OptimizerStateDict>> {
         if !self.config.strategy.shards_state() {
-            return Ok((self.comm.rank() == to).then(|| self.opt.state_dict()));
+            return Ok((self.comm.rank() == to).then(|| self.opt.optimizer().state_dict()));
         }
-        let mine = self.opt.state_dict();
+        let mine = self.opt.optimizer().state_dict();
         let names: Vec<String> = mine.buffers.keys().cloned().collect();
-        let numel = self.opt.layout().numel();
+        let numel = self.opt.optimizer().layout().numel();
         // Each buffer and the step counts, all-gathered over the balanced ranges.
         let mut buffers = std::collections::BTreeMap::new();
         for name in &names {
@@ -178,16 +170,11 @@ impl DistributedOptimizer {
 
     /// The scheduler's position (steps taken), for checkpoints.
     pub fn schedule_step(&self) -> Option<u64> {
-        self.sched.as_ref().map(|s| s.step)
+        self.opt.schedule_step()
     }
 
     /// Continues the schedule from `step` (after loading a state dict).
     pub fn set_schedule_step(&mut self, step: u64) -> Result<()> {
-        if let Some(s) = &mut self.sched {
-            s.step = step;
-            let lrs = s.lrs();
-            self.opt.set_lrs(&lrs)?;
-        }
-        Ok(())
+        self.opt.set_schedule_step(step)
     }
 }

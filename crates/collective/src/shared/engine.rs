@@ -310,14 +310,7 @@ impl SharedEngine {
                 return Ok(());
             }
             if e.is_small::<T>(len) {
-                let p = e.next_parity();
-                // SAFETY: len fits the slot (is_small); slots of this parity are free (round invariant).
-                unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), e.slot::<T>(me, p), len) };
-                e.announce_and_check(fp, None)?;
-                let srcs = e.slot_ptrs::<T>(p, 0);
-                // SAFETY: every slot holds len elements of this round; nobody writes them now.
-                unsafe { reduce_raw(buf.as_mut_ptr(), &srcs[..n], len, op, n) };
-                return Ok(());
+                return e.reduce_small(buf, op, fp, None);
             }
             let reg = e.lookup(buf);
             e.announce_and_check(fp, reg)?;
@@ -331,22 +324,47 @@ impl SharedEngine {
                 e.copy_shards(&views, 0, buf, true, |r| shard_range(len, n, r));
                 return e.arrive_and_wait(&fp);
             }
-            for window in windows(len, e.chunk_elems::<T>()) {
-                let p = e.next_parity();
-                let w = window.len();
-                // SAFETY: w ≤ chunk elements.
-                unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(window.start), e.slot::<T>(me, p), w) };
-                e.arrive_and_wait(&fp)?;
-                let mine = shard_range(w, n, me);
-                let srcs = e.slot_ptrs::<T>(p, mine.start);
-                // SAFETY: our range of every slot is read only by us in this phase.
-                unsafe { reduce_raw(e.slot::<T>(me, p).add(mine.start), &srcs[..n], mine.len(), op, n) };
-                e.arrive_and_wait(&fp)?;
-                let slots = e.slot_ptrs_mut::<T>(p);
-                e.copy_shards(&slots, window.start, buf, false, |r| shift(shard_range(w, n, r), window.start));
-            }
-            Ok(())
+            e.reduce_rounds(buf, op, &fp, None)
         })
+    }
+
+    /// One-barrier reduction through the slots: every rank (or only `to`) reduces all
+    /// slots itself, in rank order.
+    fn reduce_small<T: Element>(&mut self, buf: &mut [T], op: ReduceOp, fp: Fingerprint, to: Option<usize>) -> Result<()> {
+        let (me, n, len) = (self.spec.rank, self.spec.size, buf.len());
+        let p = self.next_parity();
+        // SAFETY: len fits the slot (is_small); slots of this parity are free (round invariant).
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.slot::<T>(me, p), len) };
+        self.announce_and_check(fp, None)?;
+        if to.is_none_or(|root| root == me) {
+            let srcs = self.slot_ptrs::<T>(p, 0);
+            // SAFETY: every slot holds len elements of this round; nobody writes them now.
+            unsafe { reduce_raw(buf.as_mut_ptr(), &srcs[..n], len, op, n) };
+        }
+        Ok(())
+    }
+
+    /// Slot-sized rounds of reduce-scatter by direct reads, then all-gather by direct
+    /// reads into every rank's `buf` (or only `to`'s), after the announcement.
+    fn reduce_rounds<T: Element>(&mut self, buf: &mut [T], op: ReduceOp, fp: &Fingerprint, to: Option<usize>) -> Result<()> {
+        let (me, n) = (self.spec.rank, self.spec.size);
+        for window in windows(buf.len(), self.chunk_elems::<T>()) {
+            let p = self.next_parity();
+            let w = window.len();
+            // SAFETY: w ≤ chunk elements; slots of this parity are free (round invariant).
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(window.start), self.slot::<T>(me, p), w) };
+            self.arrive_and_wait(fp)?;
+            let mine = shard_range(w, n, me);
+            let srcs = self.slot_ptrs::<T>(p, mine.start);
+            // SAFETY: our range of every slot is read only by us in this phase.
+            unsafe { reduce_raw(self.slot::<T>(me, p).add(mine.start), &srcs[..n], mine.len(), op, n) };
+            self.arrive_and_wait(fp)?;
+            if to.is_none_or(|root| root == me) {
+                let slots = self.slot_ptrs_mut::<T>(p);
+                self.copy_shards(&slots, window.start, buf, false, |r| shift(shard_range(w, n, r), window.start));
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn reduce_scatter<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
@@ -476,36 +494,14 @@ impl SharedEngine {
         self.check_root("reduce", root)?;
         self.guard(|e| {
             let fp = e.begin(OpKind::Reduce(op), Some(T::DTYPE), buf.len(), root)?;
-            let (me, n, len) = (e.spec.rank, e.spec.size, buf.len());
-            if n == 1 {
+            if e.spec.size == 1 {
                 return Ok(());
             }
-            if e.is_small::<T>(len) {
-                let p = e.next_parity();
-                unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), e.slot::<T>(me, p), len) };
-                e.announce_and_check(fp, None)?;
-                if me == root {
-                    let srcs = e.slot_ptrs::<T>(p, 0);
-                    unsafe { reduce_raw(buf.as_mut_ptr(), &srcs[..n], len, op, n) };
-                }
-                return Ok(());
+            if e.is_small::<T>(buf.len()) {
+                return e.reduce_small(buf, op, fp, Some(root));
             }
             e.announce_and_check(fp, None)?;
-            for window in windows(len, e.chunk_elems::<T>()) {
-                let p = e.next_parity();
-                let w = window.len();
-                unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(window.start), e.slot::<T>(me, p), w) };
-                e.arrive_and_wait(&fp)?;
-                let mine = shard_range(w, n, me);
-                let srcs = e.slot_ptrs::<T>(p, mine.start);
-                unsafe { reduce_raw(e.slot::<T>(me, p).add(mine.start), &srcs[..n], mine.len(), op, n) };
-                e.arrive_and_wait(&fp)?;
-                if me == root {
-                    let slots = e.slot_ptrs_mut::<T>(p);
-                    e.copy_shards(&slots, window.start, buf, false, |r| shift(shard_range(w, n, r), window.start));
-                }
-            }
-            Ok(())
+            e.reduce_rounds(buf, op, &fp, Some(root))
         })
     }
 

@@ -1,0 +1,69 @@
+//! An optimizer with its LR schedule: the pair every strategy steps (the schedule
+//! advances after each optimizer step, as torch's `LambdaLR.step()` does).
+
+use crate::config::{ClipConfig, StepReport};
+use crate::dist_clip;
+use crate::error::Result;
+use distoptim_optim::{Layout, LrScheduler, Optimizer, OptimizerStateDict, ParamGroup, Schedule};
+use std::ops::Range;
+
+pub(crate) struct Scheduled {
+    opt: Optimizer,
+    sched: Option<LrScheduler>,
+}
+
+impl Scheduled {
+    /// An optimizer over `shard`, with the schedule's first lr applied.
+    pub(crate) fn new(layout: Layout, groups: Vec<ParamGroup>, shard: Range<usize>, schedule: Option<Schedule>) -> Result<Scheduled> {
+        let mut opt = Optimizer::with_groups(layout, groups, shard)?;
+        let sched = schedule.map(|s| LrScheduler::new(s, opt.lrs()));
+        if let Some(s) = &sched {
+            opt.set_lrs(&s.lrs())?;
+        }
+        Ok(Scheduled { opt, sched })
+    }
+
+    pub(crate) fn optimizer(&self) -> &Optimizer {
+        &self.opt
+    }
+
+    pub(crate) fn lrs(&self) -> Vec<f64> {
+        self.opt.lrs()
+    }
+
+    /// An optimizer step, then a schedule step.
+    pub(crate) fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<()> {
+        self.opt.step(params, grads)?;
+        if let Some(s) = &mut self.sched {
+            let lrs = s.advance();
+            self.opt.set_lrs(&lrs)?;
+        }
+        Ok(())
+    }
+
+    /// A rank stepping alone: clip its own gradient, record the lrs, step.
+    pub(crate) fn step_local(&mut self, params: &mut [f32], grads: &mut [f32], clip: Option<&ClipConfig>) -> Result<StepReport> {
+        let grad_norm = clip.map(|c| dist_clip::clip_owned(grads, c, None)).transpose()?;
+        let report = StepReport { lrs: self.lrs(), grad_norm };
+        self.step(params, grads)?;
+        Ok(report)
+    }
+
+    pub(crate) fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<()> {
+        Ok(self.opt.load_state_dict(sd)?)
+    }
+
+    pub(crate) fn schedule_step(&self) -> Option<u64> {
+        self.sched.as_ref().map(|s| s.step)
+    }
+
+    /// Continues the schedule from `step` (after loading a state dict).
+    pub(crate) fn set_schedule_step(&mut self, step: u64) -> Result<()> {
+        if let Some(s) = &mut self.sched {
+            s.step = step;
+            let lrs = s.lrs();
+            self.opt.set_lrs(&lrs)?;
+        }
+        Ok(())
+    }
+}

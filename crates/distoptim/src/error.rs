@@ -11,6 +11,8 @@ pub enum DistError {
     Comm(#[from] CommError),
     #[error("{0}")]
     Invalid(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 }
 
 pub type Result<T, E = DistError> = std::result::Result<T, E>;

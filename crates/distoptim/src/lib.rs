@@ -8,7 +8,9 @@
 //! - [`Diloco`]: inner steps per rank, an outer Nesterov SGD on the averaged delta.
 //! - [`dist_clip`]: the global-norm clip when ranks own parts of the gradient.
 //! - [`verify_replicas`]: proof that the ranks hold identical parameters.
+//! - [`checkpoint`]: crash-safe safetensors checkpoints that reload at any world size.
 
+pub mod checkpoint;
 mod config;
 mod diloco;
 pub mod dist_clip;
@@ -17,6 +19,7 @@ mod grad_sync;
 mod local_sgd;
 mod optimizer;
 mod replicas;
+mod safetensors;
 mod scheduled;
 
 pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};

@@ -168,6 +168,19 @@ impl DistributedOptimizer {
         Ok(())
     }
 
+    pub fn strategy(&self) -> Strategy {
+        self.config.strategy
+    }
+
+    /// Sets the step and schedule counters a checkpoint recorded.
+    pub(crate) fn restore_counters(&mut self, steps: u64, schedule_step: Option<u64>) -> Result<()> {
+        self.steps = steps;
+        if let Some(s) = schedule_step {
+            self.opt.set_schedule_step(s)?;
+        }
+        Ok(())
+    }
+
     /// The scheduler's position (steps taken), for checkpoints.
     pub fn schedule_step(&self) -> Option<u64> {
         self.opt.schedule_step()

@@ -1,15 +1,15 @@
 //! Multi-rank cases on real collectives: every rank of a case is a thread of the
 //! threads backend, running the same distributed step a training job runs.
 //!
-//! `reshard` runs the steps before `after_step` on W ranks, consolidates the optimizer
-//! state (torch's `consolidate_state_dict`) with the parameters and the schedule
-//! position, and restores all of it on W2 ranks for the remaining steps.
+//! `reshard` runs the steps before `after_step` on W ranks, saves a checkpoint (the real
+//! on-disk format, in a temporary directory) and loads it on W2 ranks for the rest.
 
 use std::time::Duration;
 
-use distoptim::{ClipConfig, Diloco, DilocoConfig, DistError, DistributedOptimizer, LocalSgdConfig, PostLocalSgd, ReduceMode, StepConfig};
+use distoptim::{
+    checkpoint, ClipConfig, Diloco, DilocoConfig, DistError, DistributedOptimizer, LocalSgdConfig, PostLocalSgd, ReduceMode, StepConfig,
+};
 use distoptim_collective::{CommConfig, Communicator};
-use distoptim_optim::OptimizerStateDict;
 
 use crate::case::{Case, GradReduce, Strategy};
 use crate::error::{ErrorClass, ReplayError};
@@ -17,20 +17,12 @@ use crate::run::{named, Output, StepReport};
 
 type Result<T> = std::result::Result<T, ReplayError>;
 
-/// What a reducing phase hands to the next one (from rank 0).
-struct Carry {
-    params: Vec<f32>,
-    state: OptimizerStateDict,
-    schedule_step: Option<u64>,
-}
-
 /// One rank's part of the answer.
 #[derive(Default)]
 struct RankOut {
     params: Vec<f32>,
     reports: Vec<distoptim::StepReport>,
     state_elems: usize,
-    carry: Option<Carry>,
     /// DiLoCo's Γ.
     global: Option<Vec<f32>>,
 }
@@ -102,44 +94,41 @@ fn run_reducing(case: &Case) -> Result<Output> {
         Some(r) => vec![(0..r.after_step.min(total), case.world_size), (r.after_step.min(total)..total, r.world_size)],
         None => vec![(0..total, case.world_size)],
     };
-    let mut carry: Option<Carry> = None;
-    let mut per_step = Vec::with_capacity(total);
-    let mut last = Vec::new();
-    for (steps, w) in phases {
-        let outs = on_ranks(w, |comm| {
-            let at = |e: DistError| (steps.start, e);
-            let r = comm.rank();
-            let mut opt =
-                DistributedOptimizer::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), step_config.clone())
-                    .map_err(at)?;
-            let mut params = match &carry {
-                Some(c) => {
-                    opt.load_state_dict(&c.state).map_err(at)?;
-                    if let Some(s) = c.schedule_step {
-                        opt.set_schedule_step(s).map_err(at)?;
-                    }
-                    c.params.clone()
+    let dir = std::env::temp_dir().join(format!("distoptim-replay-{}-{:x}", std::process::id(), std::ptr::from_ref(case) as usize));
+    let outcome = (|| -> Result<(Vec<StepReport>, Vec<RankOut>)> {
+        let mut per_step = Vec::with_capacity(total);
+        let mut last = Vec::new();
+        let count = phases.len();
+        for (phase, (steps, w)) in phases.into_iter().enumerate() {
+            let (resume, save) = (phase > 0, phase + 1 < count);
+            let outs = on_ranks(w, |comm| {
+                let at = |e: DistError| (steps.start, e);
+                let r = comm.rank();
+                let mut opt =
+                    DistributedOptimizer::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), step_config.clone())
+                        .map_err(at)?;
+                let mut params = case.init.clone();
+                if resume {
+                    checkpoint::load(&dir, &mut opt, &mut params).map_err(at)?;
                 }
-                None => case.init.clone(),
-            };
-            let mut reports = Vec::with_capacity(steps.len());
-            for t in steps.clone() {
-                let (mut g, b) = local(case, t, r);
-                reports.push(opt.step(&mut params, &mut g, b).map_err(|e| (t, e))?);
-            }
-            opt.gather_params(&mut params).map_err(at)?;
-            let state = opt.consolidate_state_dict(0).map_err(at)?;
-            let carry = state.map(|state| Carry { params: params.clone(), state, schedule_step: opt.schedule_step() });
-            Ok(RankOut { params, reports, state_elems: opt.state_elems(), carry, global: None })
-        })?;
-        per_step.extend(outs[0].reports.iter().map(|r| StepReport { lr: r.lrs.clone(), grad_norm: r.grad_norm, ..Default::default() }));
-        carry = outs.iter().find_map(|o| o.carry.as_ref()).map(|c| Carry {
-            params: c.params.clone(),
-            state: c.state.clone(),
-            schedule_step: c.schedule_step,
-        });
-        last = outs;
-    }
+                let mut reports = Vec::with_capacity(steps.len());
+                for t in steps.clone() {
+                    let (mut g, b) = local(case, t, r);
+                    reports.push(opt.step(&mut params, &mut g, b).map_err(|e| (t, e))?);
+                }
+                opt.gather_params(&mut params).map_err(at)?;
+                if save {
+                    checkpoint::save(&dir, &opt, &params, &Default::default()).map_err(|e| (steps.end, e))?;
+                }
+                Ok(RankOut { params, reports, state_elems: opt.state_elems(), global: None })
+            })?;
+            per_step.extend(outs[0].reports.iter().map(|r| StepReport { lr: r.lrs.clone(), grad_norm: r.grad_norm, ..Default::default() }));
+            last = outs;
+        }
+        Ok((per_step, last))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (per_step, last) = outcome?;
     let params = last.first().map(|o| o.params.clone()).unwrap_or_else(|| case.init.clone());
     let state_elems = strategy.shards_state().then(|| last.iter().map(|o| o.state_elems).collect());
     Ok(Output { params: named(case, &params), per_step, optimizer_state_elems_per_rank: state_elems, ..Default::default() })
@@ -190,7 +179,7 @@ fn run_local(case: &Case) -> Result<Output> {
             }
             _ => return Err(at0(DistError::Invalid(format!("strategy '{}' is missing its settings", case.strategy.name())))),
         }
-        Ok(RankOut { params, reports, global, ..Default::default() })
+        Ok(RankOut { params, reports, global, state_elems: 0 })
     })?;
     let per_step = (0..case.steps.len())
         .map(|t| {

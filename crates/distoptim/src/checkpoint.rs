@@ -1,0 +1,270 @@
+//! Checkpoints that survive crashes and reload at another world size.
+//!
+//! A checkpoint is a directory:
+//! - `rank-0000R.safetensors`, one per rank, holding the rank's balanced range
+//!   `shard_range(numel, W, R)` of the parameters (`fc.weight`) and of every optimizer
+//!   state buffer (`exp_avg/fc.weight`, `momentum_buffer/fc.weight`, …), with
+//!   `offset/<param>` metadata where a range starts inside a parameter. DDP ranks write
+//!   their range of the replicated state, so every strategy writes in parallel and the
+//!   files look the same;
+//! - `manifest.json`: format version, world size, strategy, layout, param groups, step,
+//!   schedule position, algorithm counters, and the size and FNV-64 checksum of each file.
+//!
+//! Crash safety: everything is written into `DIR.partial` (each file through a temporary
+//! name, fsync, rename), the manifest last, and then the directory is renamed into place,
+//! so `DIR` is either the previous checkpoint or the complete new one. Loading verifies
+//! every file's checksum and reassembles whatever range the loading rank owns, so a run
+//! resumes on any number of ranks and with any strategy.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use distoptim_collective::{shard_range, Communicator, ReduceOp};
+use distoptim_optim::{Layout, OptimizerStateDict, ParamGroup};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DistError, Result};
+use crate::optimizer::DistributedOptimizer;
+use crate::safetensors;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub rank: usize,
+    /// Elements `[start, end)` of the flat layout this file holds.
+    pub range: [usize; 2],
+    pub bytes: u64,
+    /// FNV-1a 64 of the file's bytes, hex.
+    pub fnv64: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub world_size: usize,
+    pub strategy: String,
+    pub layout: Layout,
+    pub groups: Vec<ParamGroup>,
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub schedule_step: Option<u64>,
+    /// Counters of the surrounding algorithm (the trainer's epoch, post-local SGD's step…).
+    pub counters: BTreeMap<String, u64>,
+    pub files: Vec<FileEntry>,
+}
+
+fn io(path: &Path, e: std::io::Error) -> DistError {
+    DistError::Checkpoint(format!("{}: {e}", path.display()))
+}
+
+fn fnv64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Writes `bytes` to `path` through a temporary name, fsynced: never half a file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io(path, e))
+}
+
+/// Every rank learns whether every rank's part succeeded; the failing rank keeps its
+/// own error, the others get one naming it.
+fn all_ok<T>(comm: &Communicator, local: Result<T>, what: &str) -> Result<T> {
+    let mut failed = vec![0i32; comm.size()];
+    failed[comm.rank()] = i32::from(local.is_err());
+    comm.all_reduce(&mut failed, ReduceOp::Max)?;
+    match (local, failed.iter().position(|&f| f != 0)) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(r)) => Err(DistError::Checkpoint(format!("rank {r} failed to {what}"))),
+        (Ok(v), None) => Ok(v),
+    }
+}
+
+fn staging(dir: &Path) -> PathBuf {
+    let mut s = dir.as_os_str().to_owned();
+    s.push(".partial");
+    PathBuf::from(s)
+}
+
+/// Saves `params` (the full buffer; ZeRO-3: gather first) and the optimizer into `dir`.
+/// Collective over the optimizer's group.
+pub fn save(dir: &Path, opt: &DistributedOptimizer, params: &[f32], counters: &BTreeMap<String, u64>) -> Result<Manifest> {
+    let comm = opt.comm();
+    let (me, n) = (comm.rank(), comm.size());
+    let layout = opt.layout().clone();
+    let numel = layout.numel();
+    if params.len() != numel {
+        return Err(DistError::Invalid(format!("params has {} elements, the layout has {numel}", params.len())));
+    }
+    let stage = staging(dir);
+    let prepared = if me == 0 {
+        let _ = fs::remove_dir_all(&stage);
+        fs::create_dir_all(&stage).map_err(|e| io(&stage, e))
+    } else {
+        Ok(())
+    };
+    all_ok(comm, prepared, &format!("create {}", stage.display()))?;
+
+    let range = shard_range(numel, n, me);
+    let name = format!("rank-{me:05}.safetensors");
+    let written = (|| {
+        let state = opt.state_dict();
+        let state = if state.shard == range { state } else { state.restrict(range.clone())? };
+        let mut tensors: Vec<(String, &[f32])> = Vec::new();
+        let mut metadata = BTreeMap::from([("range".to_string(), format!("{},{}", range.start, range.end))]);
+        metadata.insert("steps".into(), serde_json::to_string(&state.steps).unwrap_or_default());
+        for (i, piece) in layout.overlapping(range.clone()) {
+            let p = layout.param(i);
+            tensors.push((p.name.clone(), &params[piece.clone()]));
+            for (buffer, values) in &state.buffers {
+                tensors.push((format!("{buffer}/{}", p.name), &values[piece.start - range.start..piece.end - range.start]));
+            }
+            if piece.start > p.range().start {
+                metadata.insert(format!("offset/{}", p.name), (piece.start - p.range().start).to_string());
+            }
+        }
+        let bytes = safetensors::encode(&tensors, &metadata);
+        write_atomic(&stage.join(&name), &bytes)?;
+        Ok((bytes.len() as u64, fnv64(&bytes)))
+    })();
+    let (bytes, sum) = all_ok(comm, written, "write its checkpoint file")?;
+
+    let mut sums = vec![0i64; 2 * n];
+    sums[2 * me] = bytes as i64;
+    sums[2 * me + 1] = sum as i64;
+    comm.all_gather(&mut sums)?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        world_size: n,
+        strategy: opt.strategy().name().into(),
+        layout: layout.clone(),
+        groups: opt.state_dict().groups,
+        step: opt.steps(),
+        schedule_step: opt.schedule_step(),
+        counters: counters.clone(),
+        files: (0..n)
+            .map(|r| {
+                let range = shard_range(numel, n, r);
+                FileEntry {
+                    name: format!("rank-{r:05}.safetensors"),
+                    rank: r,
+                    range: [range.start, range.end],
+                    bytes: sums[2 * r] as u64,
+                    fnv64: format!("{:016x}", sums[2 * r + 1] as u64),
+                }
+            })
+            .collect(),
+    };
+    let published = if me == 0 {
+        (|| {
+            let text = serde_json::to_vec_pretty(&manifest).map_err(|e| DistError::Checkpoint(e.to_string()))?;
+            write_atomic(&stage.join("manifest.json"), &text)?;
+            // Swap in: the old checkpoint goes only once the new one is complete.
+            let old = dir.with_extension("old");
+            if dir.exists() {
+                let _ = fs::remove_dir_all(&old);
+                fs::rename(dir, &old).map_err(|e| io(dir, e))?;
+            }
+            fs::rename(&stage, dir).map_err(|e| io(dir, e))?;
+            let _ = fs::remove_dir_all(&old);
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                let _ = fs::File::open(parent).and_then(|d| d.sync_all());
+            }
+            Ok(())
+        })()
+    } else {
+        Ok(())
+    };
+    all_ok(comm, published, &format!("publish {}", dir.display()))?;
+    Ok(manifest)
+}
+
+/// Reads and checks the manifest of a checkpoint.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let text = fs::read(&path).map_err(|e| io(&path, e))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| DistError::Checkpoint(format!("{}: {e}", path.display())))?;
+    if m.format_version != FORMAT_VERSION {
+        return Err(DistError::Checkpoint(format!(
+            "{}: format version {} (this build reads {FORMAT_VERSION})",
+            path.display(),
+            m.format_version
+        )));
+    }
+    let mut next = 0;
+    for f in &m.files {
+        if f.range[0] != next || f.range[1] < f.range[0] || f.name.contains('/') {
+            return Err(DistError::Checkpoint(format!("{}: file {} does not continue the ranges", path.display(), f.name)));
+        }
+        next = f.range[1];
+    }
+    if next != m.layout.numel() {
+        return Err(DistError::Checkpoint(format!("{}: files cover {next} of {} elements", path.display(), m.layout.numel())));
+    }
+    Ok(m)
+}
+
+/// Loads a checkpoint written by [`save`] on any number of ranks into `params` (the full
+/// buffer) and `opt` (its own range of the state), whatever its strategy and group size.
+/// Every rank calls it; nothing is changed unless everything checks out.
+pub fn load(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) -> Result<Manifest> {
+    let loaded = load_local(dir, opt, params);
+    all_ok(opt.comm(), loaded, &format!("load {}", dir.display()))
+}
+
+fn load_local(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) -> Result<Manifest> {
+    let m = read_manifest(dir)?;
+    let layout = opt.layout().clone();
+    if m.layout != layout {
+        return Err(DistError::Checkpoint(format!("{} was saved for another parameter layout", dir.display())));
+    }
+    if params.len() != layout.numel() {
+        return Err(DistError::Invalid(format!("params has {} elements, the layout has {}", params.len(), layout.numel())));
+    }
+    let owned = opt.owned();
+    let mut full = vec![0f32; layout.numel()];
+    let mut buffers: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    let mut steps = vec![0u64; layout.len()];
+    for f in &m.files {
+        let path = dir.join(&f.name);
+        let bytes = fs::read(&path).map_err(|e| io(&path, e))?;
+        if bytes.len() as u64 != f.bytes || format!("{:016x}", fnv64(&bytes)) != f.fnv64 {
+            return Err(DistError::Checkpoint(format!("{}: size or checksum does not match the manifest (corrupt file?)", path.display())));
+        }
+        let d = safetensors::decode(&bytes).map_err(|e| DistError::Checkpoint(format!("{}: {e}", path.display())))?;
+        let file_steps: Vec<u64> = d.metadata.get("steps").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
+        for (s, fs) in steps.iter_mut().zip(file_steps) {
+            *s = (*s).max(fs);
+        }
+        let range = f.range[0]..f.range[1];
+        for (i, piece) in layout.overlapping(range) {
+            let name = &layout.param(i).name;
+            let missing = || DistError::Checkpoint(format!("{}: no tensor '{name}' of {} elements", path.display(), piece.len()));
+            let values = d.tensors.get(name).filter(|v| v.len() == piece.len()).ok_or_else(missing)?;
+            full[piece.clone()].copy_from_slice(values);
+            for (key, values) in &d.tensors {
+                // State buffers have plain names (exp_avg, momentum_buffer…).
+                let Some(buffer) = key.strip_suffix(&format!("/{name}")).filter(|b| !b.contains('/')) else { continue };
+                if values.len() != piece.len() {
+                    return Err(missing());
+                }
+                let mine = buffers.entry(buffer.to_string()).or_insert_with(|| vec![0f32; owned.len()]);
+                let (lo, hi) = (piece.start.max(owned.start), piece.end.min(owned.end));
+                if lo < hi {
+                    mine[lo - owned.start..hi - owned.start].copy_from_slice(&values[lo - piece.start..hi - piece.start]);
+                }
+            }
+        }
+    }
+    let sd = OptimizerStateDict { layout: layout.clone(), shard: owned.clone(), groups: m.groups.clone(), steps, buffers };
+    opt.load_state_dict(&sd)?;
+    opt.restore_counters(m.step, m.schedule_step)?;
+    params.copy_from_slice(&full);
+    Ok(m)
+}

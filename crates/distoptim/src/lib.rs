@@ -9,6 +9,7 @@
 //! - [`dist_clip`]: the global-norm clip when ranks own parts of the gradient.
 //! - [`verify_replicas`]: proof that the ranks hold identical parameters.
 //! - [`checkpoint`]: crash-safe safetensors checkpoints that reload at any world size.
+//! - [`step_lbfgs`]: LBFGS whose closure is reduced over the ranks.
 
 pub mod checkpoint;
 mod config;
@@ -16,6 +17,7 @@ mod diloco;
 pub mod dist_clip;
 mod error;
 mod grad_sync;
+mod lbfgs;
 mod local_sgd;
 mod optimizer;
 mod replicas;
@@ -25,6 +27,7 @@ mod scheduled;
 pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
 pub use diloco::{Diloco, DilocoConfig};
 pub use error::{DistError, Result};
+pub use lbfgs::step_lbfgs;
 pub use local_sgd::{LocalSgdConfig, PostLocalSgd};
 pub use optimizer::DistributedOptimizer;
 pub use replicas::verify_replicas;

@@ -171,3 +171,54 @@ fn verify_replicas_names_the_parameter_and_the_ranks_that_differ() {
         assert_eq!(e, "replicas differ: parameter 'b' on rank(s) [2] is not the same as on rank 0");
     }
 }
+
+/// Rosenbrock split into per-rank sums of terms: LBFGS with the closure reduced over the
+/// ranks follows one process on the whole function, with the same number of evaluations.
+#[test]
+fn lbfgs_across_ranks_takes_identical_decisions_on_every_rank() {
+    use distoptim_optim::lbfgs::BoxError;
+    use distoptim_optim::{LbfgsConfig, LineSearch};
+    let n = 6;
+    let rosen = |x: &[f32], g: &mut [f32], terms: &mut dyn Iterator<Item = usize>| -> Result<f32, BoxError> {
+        g.fill(0.0);
+        let mut f = 0.0f32;
+        for i in terms {
+            let (a, b) = (x[i + 1] - x[i] * x[i], 1.0 - x[i]);
+            f += 100.0 * a * a + b * b;
+            g[i] += -400.0 * a * x[i] - 2.0 * b;
+            g[i + 1] += 200.0 * a;
+        }
+        Ok(f)
+    };
+    let config = LbfgsConfig { line_search: LineSearch::StrongWolfe, ..LbfgsConfig::default() };
+    let mut single = distoptim_optim::Lbfgs::new(n, config.clone()).unwrap();
+    let mut x = vec![-1.2f32, 1.0, -1.2, 1.0, 0.5, 0.5];
+    let mut evals = 0;
+    for _ in 0..3 {
+        single.step(&mut x, |p, g| {
+            evals += 1;
+            rosen(p, g, &mut (0..n - 1))
+        })
+        .unwrap();
+    }
+    let ranks = Communicator::run_threads(2, &CommConfig::default(), |comm| {
+        let r = comm.rank();
+        let mut lbfgs = distoptim_optim::Lbfgs::new(n, config.clone()).unwrap();
+        let mut p = vec![-1.2f32, 1.0, -1.2, 1.0, 0.5, 0.5];
+        let mut evals = 0;
+        for _ in 0..3 {
+            distoptim::step_lbfgs(&comm, &mut lbfgs, &mut p, ReduceMode::Sum, |x, g| {
+                evals += 1;
+                rosen(x, g, &mut (0..n - 1).filter(|i| i % 2 == r))
+            })
+            .unwrap();
+        }
+        (p, evals)
+    })
+    .unwrap();
+    assert_eq!(ranks[0], ranks[1], "ranks diverged");
+    assert_eq!(ranks[0].1, evals, "evaluation counts differ from one process");
+    for (a, b) in ranks[0].0.iter().zip(&x) {
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}

@@ -4,11 +4,56 @@
 //! partials are all-reduced (SUM, or MAX for inf) in f64, and every rank applies torch's
 //! coefficient `min(max_norm / (total + 1e-6), 1)` to its own elements. Every element is
 //! counted once: a replicated gradient is counted by one owner, not once per replica.
+//!
+//! With tensor parallelism a parameter's placement decides how it counts: a parameter
+//! sharded over the tp group contributes each rank's shard (partials reduced over tp); a
+//! parameter replicated over tp is counted on tp rank 0 only, not tp times (the inflated
+//! norm Megatron, NeMo and TransformerEngine users keep reporting).
 
 use crate::config::ClipConfig;
 use crate::error::Result;
 use distoptim_collective::{Communicator, ReduceOp};
 use distoptim_optim::clip::{self, NormType};
+use distoptim_optim::Layout;
+use std::ops::Range;
+
+/// A tensor-parallel group and, per parameter of the local layout, whether it is sharded
+/// over that group (else replicated on every tp rank).
+#[derive(Clone, Debug)]
+pub struct TensorParallel {
+    pub group: Communicator,
+    pub sharded: Vec<bool>,
+}
+
+/// Clips the owned part `grads` (elements `owned` of `layout`) by the global norm over
+/// the data-parallel shards (`shards`: the group whose ranks own disjoint ranges, `None`
+/// when this rank owns everything) and the tensor-parallel placement.
+pub fn clip_placed(
+    grads: &mut [f32],
+    owned: Range<usize>,
+    layout: &Layout,
+    config: &ClipConfig,
+    shards: Option<&Communicator>,
+    tp: &TensorParallel,
+) -> Result<f32> {
+    let norm = config.norm;
+    let mut partial = norm.zero();
+    for (i, piece) in layout.overlapping(owned.clone()) {
+        if tp.sharded.get(i).copied().unwrap_or(false) || tp.group.rank() == 0 {
+            let local = piece.start - owned.start..piece.end - owned.start;
+            partial = norm.combine(partial, clip::partial_norm(&grads[local], norm));
+        }
+    }
+    let op = if matches!(norm, NormType::Inf) { ReduceOp::Max } else { ReduceOp::Sum };
+    let mut partial = [partial];
+    for group in shards.into_iter().chain([&tp.group]) {
+        group.all_reduce(&mut partial, op)?;
+    }
+    let total = norm.total(partial[0]);
+    clip::check_finite(total, config.error_if_nonfinite)?;
+    clip::clip_with_norm(grads, config.max_norm, total);
+    Ok(total)
+}
 
 /// The total norm of the gradient whose owned part is `owned`, summed over `group`
 /// (`None`: this rank owns all of it).

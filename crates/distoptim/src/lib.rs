@@ -26,6 +26,7 @@ mod scheduled;
 
 pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
 pub use diloco::{Diloco, DilocoConfig};
+pub use dist_clip::TensorParallel;
 pub use error::{DistError, Result};
 pub use lbfgs::step_lbfgs;
 pub use local_sgd::{LocalSgdConfig, PostLocalSgd};

@@ -19,7 +19,7 @@
 //! backends), and every rank holds the same values.
 
 use crate::config::{StepConfig, StepReport, Strategy};
-use crate::dist_clip;
+use crate::dist_clip::{self, TensorParallel};
 use crate::error::{DistError, Result};
 use crate::grad_sync;
 use crate::scheduled::Scheduled;
@@ -34,6 +34,8 @@ pub struct DistributedOptimizer {
     owned: Range<usize>,
     opt: Scheduled,
     steps: u64,
+    /// Tensor parallelism: the tp group and each parameter's placement (for the clip).
+    tp: Option<TensorParallel>,
 }
 
 impl DistributedOptimizer {
@@ -57,7 +59,21 @@ impl DistributedOptimizer {
         let numel = layout.numel();
         let owned = if config.strategy.shards_state() { shard_range(numel, comm.size(), comm.rank()) } else { 0..numel };
         let opt = Scheduled::new(layout, groups, owned.clone(), schedule)?;
-        Ok(DistributedOptimizer { comm, config, owned, opt, steps: 0 })
+        Ok(DistributedOptimizer { comm, config, owned, opt, steps: 0, tp: None })
+    }
+
+    /// For 3-D parallelism: this optimizer's group is the data-parallel one (dp×cp) and its
+    /// layout this tp rank's local parameters; `sharded[i]` says whether parameter i is a
+    /// shard of a parameter split over `tp_group` (else a replica). Gradients are then
+    /// synchronised over dp×cp only, and the clip counts sharded parameters over tp and
+    /// replicated ones once.
+    pub fn with_tensor_parallel(mut self, tp_group: Communicator, sharded: Vec<bool>) -> Result<Self> {
+        let params = self.opt.optimizer().layout().len();
+        if sharded.len() != params {
+            return Err(DistError::Invalid(format!("{} placements for {params} parameters", sharded.len())));
+        }
+        self.tp = Some(TensorParallel { group: tp_group, sharded });
+        Ok(self)
     }
 
     pub fn comm(&self) -> &Communicator {
@@ -105,14 +121,18 @@ impl DistributedOptimizer {
         } else {
             grad_sync::all_reduce(&self.comm, grads, self.config.bucket_elems(), divisor)?;
         }
-        let grad_norm = match &self.config.clip {
-            // DDP: every rank holds the whole reduced gradient.
-            Some(c) if !self.config.strategy.shards_state() => Some(dist_clip::clip_owned(grads, c, None)?),
-            Some(c) => Some(dist_clip::clip_owned(&mut grads[self.owned.clone()], c, Some(&self.comm))?),
-            None => None,
+        // DDP owns everything and needs no reduction of the norm; ZeRO reduces over its shards.
+        let shards = self.config.strategy.shards_state().then_some(&self.comm);
+        let owned = self.owned.clone();
+        let grad_norm = match (&self.config.clip, &self.tp) {
+            (None, _) => None,
+            (Some(c), None) => Some(dist_clip::clip_owned(&mut grads[owned.clone()], c, shards)?),
+            (Some(c), Some(tp)) => {
+                let layout = self.opt.optimizer().layout();
+                Some(dist_clip::clip_placed(&mut grads[owned.clone()], owned.clone(), layout, c, shards, tp)?)
+            }
         };
         let report = StepReport { lrs: self.opt.lrs(), grad_norm };
-        let owned = self.owned.clone();
         self.opt.step(&mut params[owned.clone()], &grads[owned])?;
         self.steps += 1;
         if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {

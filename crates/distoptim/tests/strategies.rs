@@ -195,11 +195,12 @@ fn lbfgs_across_ranks_takes_identical_decisions_on_every_rank() {
     let mut x = vec![-1.2f32, 1.0, -1.2, 1.0, 0.5, 0.5];
     let mut evals = 0;
     for _ in 0..3 {
-        single.step(&mut x, |p, g| {
-            evals += 1;
-            rosen(p, g, &mut (0..n - 1))
-        })
-        .unwrap();
+        single
+            .step(&mut x, |p, g| {
+                evals += 1;
+                rosen(p, g, &mut (0..n - 1))
+            })
+            .unwrap();
     }
     let ranks = Communicator::run_threads(2, &CommConfig::default(), |comm| {
         let r = comm.rank();

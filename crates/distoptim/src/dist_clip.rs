@@ -25,18 +25,27 @@ pub struct TensorParallel {
     pub sharded: Vec<bool>,
 }
 
-/// Clips the owned part `grads` (elements `owned` of `layout`) by the global norm over
-/// the data-parallel shards (`shards`: the group whose ranks own disjoint ranges, `None`
-/// when this rank owns everything) and the tensor-parallel placement.
-pub fn clip_placed(
-    grads: &mut [f32],
-    owned: Range<usize>,
-    layout: &Layout,
-    config: &ClipConfig,
-    shards: Option<&Communicator>,
-    tp: &TensorParallel,
-) -> Result<f32> {
-    let norm = config.norm;
+/// The total norm from this rank's partial, combined over `groups` (each reduces the
+/// partials of ranks that own different elements).
+pub fn total_norm<'a>(partial: f64, norm: NormType, groups: impl IntoIterator<Item = &'a Communicator>) -> Result<f32> {
+    let op = if matches!(norm, NormType::Inf) { ReduceOp::Max } else { ReduceOp::Sum };
+    let mut partial = [partial];
+    for group in groups {
+        group.all_reduce(&mut partial, op)?;
+    }
+    Ok(norm.total(partial[0]))
+}
+
+/// The total norm of the gradient whose owned part is `owned`, combined over `group`
+/// (`None`: this rank owns all of it).
+pub fn global_norm(owned: &[f32], norm: NormType, group: Option<&Communicator>) -> Result<f32> {
+    total_norm(clip::partial_norm(owned, norm), norm, group)
+}
+
+/// The partial norm of the owned part `grads` (elements `owned` of `layout`) under a
+/// tensor-parallel placement: sharded parameters count on every tp rank, replicated
+/// ones on tp rank 0 only. Reduce it over the data-parallel shards and then over tp.
+pub fn placed_partial(grads: &[f32], owned: Range<usize>, layout: &Layout, norm: NormType, tp: &TensorParallel) -> f64 {
     let mut partial = norm.zero();
     for (i, piece) in layout.overlapping(owned.clone()) {
         if tp.sharded.get(i).copied().unwrap_or(false) || tp.group.rank() == 0 {
@@ -44,26 +53,7 @@ pub fn clip_placed(
             partial = norm.combine(partial, clip::partial_norm(&grads[local], norm));
         }
     }
-    let op = if matches!(norm, NormType::Inf) { ReduceOp::Max } else { ReduceOp::Sum };
-    let mut partial = [partial];
-    for group in shards.into_iter().chain([&tp.group]) {
-        group.all_reduce(&mut partial, op)?;
-    }
-    let total = norm.total(partial[0]);
-    clip::check_finite(total, config.error_if_nonfinite)?;
-    clip::clip_with_norm(grads, config.max_norm, total);
-    Ok(total)
-}
-
-/// The total norm of the gradient whose owned part is `owned`, summed over `group`
-/// (`None`: this rank owns all of it).
-pub fn global_norm(owned: &[f32], norm: NormType, group: Option<&Communicator>) -> Result<f32> {
-    let mut partial = [clip::partial_norm(owned, norm)];
-    if let Some(comm) = group {
-        let op = if matches!(norm, NormType::Inf) { ReduceOp::Max } else { ReduceOp::Sum };
-        comm.all_reduce(&mut partial, op)?;
-    }
-    Ok(norm.total(partial[0]))
+    partial
 }
 
 /// Clips the owned part by the global norm; returns the norm before clipping.

@@ -2,11 +2,13 @@
 //!
 //! All modes use one SUM reduction of the (weighted) gradients, plus for
 //! `batch_weighted` one of the batch sizes, so the result equals the sequential
-//! Σ_r w_r·g_r / d to the bit on the embedded backends (they sum in rank order).
+//! Σ_r w_r·g_r / d to the bit on the embedded backends (they sum in rank order). The
+//! division by d is left to the caller, which fuses it with the clip's norm pass over
+//! the elements it owns.
 
 use crate::config::ReduceMode;
 use crate::error::{DistError, Result};
-use distoptim_collective::{shard_range, Communicator, ReduceOp};
+use distoptim_collective::{Communicator, ReduceOp};
 
 /// Multiplies the local gradient by its weight; returns the divisor once the group's
 /// weights are known.
@@ -27,26 +29,17 @@ pub(crate) fn weigh(comm: &Communicator, grads: &mut [f32], mode: ReduceMode, ba
     }
 }
 
-/// All-reduces `grads` in buckets of `bucket` elements (same order on every rank) and
-/// divides by `divisor`.
-pub(crate) fn all_reduce(comm: &Communicator, grads: &mut [f32], bucket: usize, divisor: f32) -> Result<()> {
+/// All-reduces (sums) `grads` in buckets of `bucket` elements, in the same order on
+/// every rank.
+pub(crate) fn all_reduce(comm: &Communicator, grads: &mut [f32], bucket: usize) -> Result<()> {
     for chunk in grads.chunks_mut(bucket) {
         comm.all_reduce(chunk, ReduceOp::Sum)?;
     }
-    divide(grads, divisor);
     Ok(())
 }
 
-/// Reduce-scatters `grads`: afterwards this rank's range holds its part of the reduced
-/// gradient, divided by `divisor`.
-pub(crate) fn reduce_scatter(comm: &Communicator, grads: &mut [f32], divisor: f32) -> Result<()> {
-    comm.reduce_scatter(grads, ReduceOp::Sum)?;
-    let mine = shard_range(grads.len(), comm.size(), comm.rank());
-    divide(&mut grads[mine], divisor);
-    Ok(())
-}
-
-fn divide(grads: &mut [f32], divisor: f32) {
+/// Divides by the reduction's divisor (a no-op for SUM).
+pub(crate) fn divide(grads: &mut [f32], divisor: f32) {
     if divisor != 1.0 {
         grads.iter_mut().for_each(|g| *g /= divisor);
     }

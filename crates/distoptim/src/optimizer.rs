@@ -23,7 +23,8 @@ use crate::dist_clip::{self, TensorParallel};
 use crate::error::{DistError, Result};
 use crate::grad_sync;
 use crate::scheduled::Scheduled;
-use distoptim_collective::{shard_range, Communicator};
+use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
+use distoptim_optim::clip;
 use distoptim_optim::{Layout, OptimizerStateDict, ParamGroup, Schedule};
 use std::ops::Range;
 
@@ -76,6 +77,13 @@ impl DistributedOptimizer {
         Ok(self)
     }
 
+    /// A zeroed gradient buffer for this layout, allocated from the communicator
+    /// (collective). On the shared-memory backends the reduction then reads peers'
+    /// gradients in place instead of copying them through the group's slots.
+    pub fn alloc_grads(&self) -> Result<SharedBuf<f32>> {
+        Ok(self.comm.alloc::<f32>(self.opt.optimizer().layout().numel())?)
+    }
+
     pub fn comm(&self) -> &Communicator {
         &self.comm
     }
@@ -115,25 +123,37 @@ impl DistributedOptimizer {
             }
         }
         let divisor = grad_sync::weigh(&self.comm, grads, self.config.reduce, batch_size)?;
-        let sharded_grads = matches!(self.config.strategy, Strategy::Zero2 | Strategy::Zero3);
-        if sharded_grads {
-            grad_sync::reduce_scatter(&self.comm, grads, divisor)?;
+        if matches!(self.config.strategy, Strategy::Zero2 | Strategy::Zero3) {
+            self.comm.reduce_scatter(grads, ReduceOp::Sum)?;
         } else {
-            grad_sync::all_reduce(&self.comm, grads, self.config.bucket_elems(), divisor)?;
+            grad_sync::all_reduce(&self.comm, grads, self.config.bucket_elems())?;
         }
+        // Only the owned elements are finished: divided, measured, clipped (the clip
+        // coefficient is applied by the optimizer as it reads each gradient).
+        let owned = self.owned.clone();
+        let mine = &mut grads[owned.clone()];
         // DDP owns everything and needs no reduction of the norm; ZeRO reduces over its shards.
         let shards = self.config.strategy.shards_state().then_some(&self.comm);
-        let owned = self.owned.clone();
-        let grad_norm = match (&self.config.clip, &self.tp) {
-            (None, _) => None,
-            (Some(c), None) => Some(dist_clip::clip_owned(&mut grads[owned.clone()], c, shards)?),
-            (Some(c), Some(tp)) => {
-                let layout = self.opt.optimizer().layout();
-                Some(dist_clip::clip_placed(&mut grads[owned.clone()], owned.clone(), layout, c, shards, tp)?)
+        let (grad_norm, scale) = match &self.config.clip {
+            None => {
+                grad_sync::divide(mine, divisor);
+                (None, 1.0)
+            }
+            Some(c) => {
+                let total = match &self.tp {
+                    None => dist_clip::total_norm(clip::divide_and_partial_norm(mine, divisor, c.norm), c.norm, shards)?,
+                    Some(tp) => {
+                        grad_sync::divide(mine, divisor);
+                        let partial = dist_clip::placed_partial(mine, owned.clone(), self.opt.optimizer().layout(), c.norm, tp);
+                        dist_clip::total_norm(partial, c.norm, shards.into_iter().chain([&tp.group]))?
+                    }
+                };
+                clip::check_finite(total, c.error_if_nonfinite)?;
+                (Some(total), clip::clip_coefficient(c.max_norm, total))
             }
         };
         let report = StepReport { lrs: self.opt.lrs(), grad_norm };
-        self.opt.step(&mut params[owned.clone()], &grads[owned])?;
+        self.opt.step_scaled(&mut params[owned], mine, scale)?;
         self.steps += 1;
         if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
             self.comm.all_gather(params)?;

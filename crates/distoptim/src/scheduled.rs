@@ -33,7 +33,12 @@ impl Scheduled {
 
     /// An optimizer step, then a schedule step.
     pub(crate) fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<()> {
-        self.opt.step(params, grads)?;
+        self.step_scaled(params, grads, 1.0)
+    }
+
+    /// [`step`](Self::step) with the gradients multiplied by `scale` as they are read.
+    pub(crate) fn step_scaled(&mut self, params: &mut [f32], grads: &[f32], scale: f32) -> Result<()> {
+        self.opt.step_scaled(params, grads, scale)?;
         if let Some(s) = &mut self.sched {
             let lrs = s.advance();
             self.opt.set_lrs(&lrs)?;

@@ -100,6 +100,23 @@ pub fn clip_coefficient(max_norm: f64, total_norm: f32) -> f32 {
     }
 }
 
+/// Divides every gradient by `divisor` (the mean of a reduction) and returns the
+/// partial norm of the result, in one pass, with the same bits as dividing and then
+/// calling [`partial_norm`] (same chunks, same order).
+pub fn divide_and_partial_norm(grads: &mut [f32], divisor: f32, norm: NormType) -> f64 {
+    let chunk = |c: &mut [f32]| {
+        c.iter_mut().fold(norm.zero(), |acc, g| {
+            *g /= divisor;
+            norm.combine(acc, norm.term(*g))
+        })
+    };
+    if grads.len() <= NORM_CHUNK {
+        return chunk(grads);
+    }
+    let partials: Vec<f64> = grads.par_chunks_mut(NORM_CHUNK).map(chunk).collect();
+    partials.into_iter().fold(norm.zero(), |a, b| norm.combine(a, b))
+}
+
 /// Scales `grads` by the clip coefficient of `total_norm`.
 pub fn clip_with_norm(grads: &mut [f32], max_norm: f64, total_norm: f32) {
     let c = clip_coefficient(max_norm, total_norm);
@@ -168,6 +185,25 @@ mod tests {
             let (a, b) = g.split_at(77_777);
             let split = norm.combine(partial_norm(a, norm), partial_norm(b, norm));
             assert!((whole - split).abs() <= 1e-9 * whole.abs(), "{norm:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod fused_tests {
+    use super::*;
+
+    #[test]
+    fn fused_divide_and_norm_has_the_bits_of_the_two_passes() {
+        let n = NORM_CHUNK * 3 + 17;
+        let base: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 * 0.013 - 6.0).collect();
+        for norm in [NormType::P(1.0), NormType::P(2.0), NormType::Inf, NormType::P(2.5)] {
+            let mut fused = base.clone();
+            let got = divide_and_partial_norm(&mut fused, 3.0, norm);
+            let mut plain = base.clone();
+            plain.iter_mut().for_each(|g| *g /= 3.0);
+            assert_eq!(got.to_bits(), partial_norm(&plain, norm).to_bits(), "{norm:?}");
+            assert_eq!(fused, plain);
         }
     }
 }

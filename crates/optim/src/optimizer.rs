@@ -179,6 +179,13 @@ impl Optimizer {
     /// One optimizer step over the shard: `params` and `grads` hold exactly the shard's
     /// elements.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<()> {
+        self.step_scaled(params, grads, 1.0)
+    }
+
+    /// [`step`](Self::step) with every gradient multiplied by `grad_scale` as it is read:
+    /// a clip coefficient applied without a separate pass over the gradients, with the
+    /// same bits as clipping the buffer first.
+    pub fn step_scaled(&mut self, params: &mut [f32], grads: &[f32], grad_scale: f32) -> Result<()> {
         self.layout.check_len("the parameter buffer", params.len(), &self.shard)?;
         self.layout.check_len("the gradient buffer", grads.len(), &self.shard)?;
         for seg in segments(&self.layout, &self.group_of, &self.steps, self.shard.clone()) {
@@ -191,14 +198,14 @@ impl Optimizer {
             };
             match &self.groups[seg.group].config {
                 OptimizerConfig::Sgd(c) => {
-                    let s = SgdStep::new(c, seg.step == 1);
+                    let s = SgdStep::new(c, seg.step == 1).with_grad_scale(grad_scale);
                     kernels::par_for_each(bufs, &|b: Buffers<'_>| {
                         let [buf, _, _] = b.state;
                         kernels::sgd::update(&s, b.params, b.grads, buf)
                     });
                 }
                 OptimizerConfig::Adam(c) => {
-                    let s = AdamStep::new(c, seg.step);
+                    let s = AdamStep::new(c, seg.step).with_grad_scale(grad_scale);
                     kernels::par_for_each(bufs, &|b: Buffers<'_>| {
                         let [m, v, vmax] = b.state;
                         kernels::adam::update(&s, b.params, b.grads, m, v, vmax)
@@ -528,5 +535,33 @@ mod shard_state_tests {
         assert_eq!(part.steps, vec![1, 1, 0]);
         assert!(full.restrict(10..13).is_err());
         assert!(OptimizerStateDict::consolidate(&[parts[0].clone(), parts[2].clone()]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod scaled_step_tests {
+    use super::*;
+    use crate::config::{AdamConfig, OptimizerConfig, SgdConfig};
+
+    /// Clipping fused into the step: the same bits as scaling the gradients first.
+    #[test]
+    fn step_scaled_equals_scaling_the_buffer_first() {
+        let layout = Layout::new([("a", vec![300])]).unwrap();
+        let grads: Vec<f32> = (0..300).map(|i| (i as f32 * 0.37).sin()).collect();
+        let configs = [
+            OptimizerConfig::Adam(AdamConfig { maximize: true, weight_decay: 0.1, ..AdamConfig::adam() }),
+            OptimizerConfig::Adam(AdamConfig { amsgrad: true, ..AdamConfig::adamw() }),
+            OptimizerConfig::Sgd(SgdConfig { lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 0.01, ..Default::default() }),
+        ];
+        for config in configs {
+            let (mut a, mut b) = (Optimizer::new(layout.clone(), config.clone()).unwrap(), Optimizer::new(layout.clone(), config).unwrap());
+            let (mut pa, mut pb) = (vec![0.5f32; 300], vec![0.5f32; 300]);
+            for scale in [0.37f32, 1.0, 0.011] {
+                let scaled: Vec<f32> = grads.iter().map(|g| g * scale).collect();
+                a.step(&mut pa, &scaled).unwrap();
+                b.step_scaled(&mut pb, &grads, scale).unwrap();
+                assert_eq!(pa, pb);
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 mod collectives;
 mod optim;
+mod step;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -12,12 +13,15 @@ pub enum BenchCommand {
     Optim(optim::OptimArgs),
     /// Collectives in the style of nccl-tests (time, algbw, busbw), next to memcpy.
     Collectives(collectives::CollectivesArgs),
+    /// The distributed optimizer step per strategy, next to its parts measured alone.
+    Step(step::StepArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Optim(args) => optim::run(args),
         BenchCommand::Collectives(args) => collectives::run(args),
+        BenchCommand::Step(args) => step::run(args),
     }
 }
 

@@ -132,3 +132,13 @@ fn bench_collectives_prints_checked_rows_with_the_memcpy_reference() {
     let out = distoptim(&["bench", "collectives", "--ops", "all_to_all"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown op \"all_to_all\""));
 }
+
+#[test]
+fn bench_step_prints_every_strategy_next_to_its_parts() {
+    let out = distoptim(&["bench", "step", "--nproc", "2", "--params", "200000", "--iters", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for s in ["ddp", "zero1", "zero2", "zero3"] {
+        assert!(stdout.lines().any(|l| l.starts_with(s) && l.split_whitespace().count() == 7), "{s}: {stdout}");
+    }
+}

@@ -148,6 +148,12 @@ impl SharedEngine {
         Ok(Fingerprint { seq: self.seq, kind, dtype, count: count as u64, root: root as u64 })
     }
 
+    /// Numbers the call; `None` when the group is a single rank (nothing to exchange).
+    fn open_call(&mut self, kind: OpKind, dtype: Option<crate::Dtype>, count: usize, root: usize) -> Result<Option<Fingerprint>> {
+        let fp = self.begin(kind, dtype, count, root)?;
+        Ok((self.spec.size > 1).then_some(fp))
+    }
+
     /// Runs one call's body, poisoning the engine if it fails in a way that leaves the
     /// ranks out of step.
     fn guard<R>(&mut self, body: impl FnOnce(&mut SharedEngine) -> Result<R>) -> Result<R> {
@@ -287,10 +293,7 @@ impl SharedEngine {
     #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     pub(crate) fn agree(&mut self, kind: OpKind, dtype: Option<crate::Dtype>, count: usize, root: usize) -> Result<()> {
         self.guard(|e| {
-            let fp = e.begin(kind, dtype, count, root)?;
-            if e.spec.size == 1 {
-                return Ok(());
-            }
+            let Some(fp) = e.open_call(kind, dtype, count, root)? else { return Ok(()) };
             e.announce_and_check(fp, None)
         })
     }
@@ -304,11 +307,8 @@ impl SharedEngine {
 
     pub(crate) fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         self.guard(|e| {
-            let fp = e.begin(OpKind::AllReduce(op), Some(T::DTYPE), buf.len(), 0)?;
+            let Some(fp) = e.open_call(OpKind::AllReduce(op), Some(T::DTYPE), buf.len(), 0)? else { return Ok(()) };
             let (me, n, len) = (e.spec.rank, e.spec.size, buf.len());
-            if n == 1 {
-                return Ok(());
-            }
             if e.is_small::<T>(len) {
                 return e.reduce_small(buf, op, fp, None);
             }
@@ -369,11 +369,8 @@ impl SharedEngine {
 
     pub(crate) fn reduce_scatter<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         self.guard(|e| {
-            let fp = e.begin(OpKind::ReduceScatter(op), Some(T::DTYPE), buf.len(), 0)?;
+            let Some(fp) = e.open_call(OpKind::ReduceScatter(op), Some(T::DTYPE), buf.len(), 0)? else { return Ok(()) };
             let (me, n, len) = (e.spec.rank, e.spec.size, buf.len());
-            if n == 1 {
-                return Ok(());
-            }
             let mine = shard_range(len, n, me);
             if e.is_small::<T>(len) {
                 let p = e.next_parity();
@@ -408,11 +405,8 @@ impl SharedEngine {
 
     pub(crate) fn all_gather<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
         self.guard(|e| {
-            let fp = e.begin(OpKind::AllGather, Some(T::DTYPE), buf.len(), 0)?;
+            let Some(fp) = e.open_call(OpKind::AllGather, Some(T::DTYPE), buf.len(), 0)? else { return Ok(()) };
             let (me, n, len) = (e.spec.rank, e.spec.size, buf.len());
-            if n == 1 {
-                return Ok(());
-            }
             let mine = shard_range(len, n, me);
             if e.is_small::<T>(len) {
                 let p = e.next_parity();
@@ -450,11 +444,8 @@ impl SharedEngine {
     pub(crate) fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
         self.check_root("broadcast", root)?;
         self.guard(|e| {
-            let fp = e.begin(OpKind::Broadcast, Some(T::DTYPE), buf.len(), root)?;
-            let (me, n, len) = (e.spec.rank, e.spec.size, buf.len());
-            if n == 1 {
-                return Ok(());
-            }
+            let Some(fp) = e.open_call(OpKind::Broadcast, Some(T::DTYPE), buf.len(), root)? else { return Ok(()) };
+            let (me, len) = (e.spec.rank, buf.len());
             if e.is_small::<T>(len) {
                 let p = e.next_parity();
                 if me == root {
@@ -493,10 +484,7 @@ impl SharedEngine {
     pub(crate) fn reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
         self.check_root("reduce", root)?;
         self.guard(|e| {
-            let fp = e.begin(OpKind::Reduce(op), Some(T::DTYPE), buf.len(), root)?;
-            if e.spec.size == 1 {
-                return Ok(());
-            }
+            let Some(fp) = e.open_call(OpKind::Reduce(op), Some(T::DTYPE), buf.len(), root)? else { return Ok(()) };
             if e.is_small::<T>(buf.len()) {
                 return e.reduce_small(buf, op, fp, Some(root));
             }

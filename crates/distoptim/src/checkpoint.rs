@@ -144,7 +144,7 @@ pub fn save(dir: &Path, opt: &DistributedOptimizer, params: &[f32], counters: &B
         world_size: n,
         strategy: opt.strategy().name().into(),
         layout: layout.clone(),
-        groups: opt.state_dict().groups,
+        groups: opt.groups().to_vec(),
         step: opt.steps(),
         schedule_step: opt.schedule_step(),
         counters: counters.clone(),

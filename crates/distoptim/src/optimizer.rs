@@ -102,6 +102,11 @@ impl DistributedOptimizer {
         self.owned.len()
     }
 
+    /// The param groups, with their current hyperparameters.
+    pub fn groups(&self) -> &[ParamGroup] {
+        self.opt.optimizer().groups()
+    }
+
     pub fn lrs(&self) -> Vec<f64> {
         self.opt.lrs()
     }

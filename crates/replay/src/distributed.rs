@@ -18,7 +18,6 @@ use crate::run::{named, Output, StepReport};
 type Result<T> = std::result::Result<T, ReplayError>;
 
 /// One rank's part of the answer.
-#[derive(Default)]
 struct RankOut {
     params: Vec<f32>,
     reports: Vec<distoptim::StepReport>,

@@ -5,11 +5,13 @@
 //! - `launch --nproc N -- PROGRAM ARGS…`: torchrun for one host (shm backend);
 //! - `bench optim`: optimizer kernels against the memory-copy roofline;
 //! - `bench collectives`: collectives in the style of nccl-tests, next to memcpy;
+//! - `train`: data-parallel training of a candle MLP on real data, end to end;
 //! - `selftest`: the collective conformance suite on a backend (CI runs it under mpirun).
 
 mod bench;
 mod launch;
 mod selftest;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +51,9 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Trains a candle MLP data-parallel on the embedded digits data set (or a 25M
+    /// synthetic model), on `--nproc` processes.
+    Train(Box<train::TrainArgs>),
     /// Runs the collective layer's conformance suite on a backend.
     Selftest(selftest::SelftestArgs),
     /// Benchmarks, each next to its reference measured in the same run.
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
             };
             report("launch", launch::launch(&spec))
         }
+        Command::Train(args) => report("train", train::run(*args)),
         Command::Selftest(args) => report("selftest", selftest::run(args)),
         Command::Bench { what } => report("bench", bench::run(what)),
     }

@@ -67,6 +67,11 @@ impl Diloco {
         &self.global
     }
 
+    /// Whether the last step ended with an outer step, so every rank's parameters are Γ.
+    pub fn params_in_sync(&self) -> bool {
+        self.steps % self.inner_steps == 0
+    }
+
     /// One inner step on this rank's `params` with its own gradient; every
     /// `inner_steps` steps also the outer step (collective).
     pub fn step(&mut self, params: &mut [f32], grads: &mut [f32]) -> Result<StepReport> {

@@ -66,6 +66,19 @@ impl PostLocalSgd {
         }
         Ok(report)
     }
+
+    /// Whether every rank holds the same parameters after the last step (a warm-up
+    /// step, or one that averaged), so a replica check may run.
+    pub fn params_in_sync(&self) -> bool {
+        let w = self.averaging.warmup_steps;
+        self.steps <= w || (self.steps - 1 - w) % self.averaging.period == 0
+    }
+
+    /// Averages the parameters now (collective), e.g. once more at the end of training
+    /// so every rank leaves with the same model.
+    pub fn average_params(&self, params: &mut [f32]) -> Result<()> {
+        average(&self.comm, params)
+    }
 }
 
 /// Replaces `params` by their mean over the group, in torch's order (÷W, then Σ).

@@ -1,0 +1,524 @@
+//! `distoptim train`: data-parallel training of a candle MLP, end to end.
+//!
+//! Run without a rank in the environment it launches itself on `--nproc` processes
+//! (shm backend, like `distoptim launch`). Each rank then:
+//! 1. builds the model in candle, binds its variables to one flat buffer
+//!    ([`distoptim_candle::FlatParams`]) and takes rank 0's initial parameters (DDP's
+//!    broadcast at construction);
+//! 2. per step takes its shard of the global batch from the distributed sampler, runs
+//!    forward and backward in candle, copies the gradients into the flat buffer, and
+//!    steps the distributed algorithm (`--strategy`), whose batch-weighted reduction
+//!    makes the step the same at any world size;
+//! 3. evaluates on its shard of the test set every epoch, checks that the replicas are
+//!    identical every `--verify-every` steps, and checkpoints every `--checkpoint-every`.
+//!
+//! Rank 0 shows the progress and writes `metrics.csv`, `metrics.json` and `plot.svg` into
+//! `--out`.
+
+mod algorithm;
+mod data;
+mod metrics;
+mod model;
+mod plot;
+mod rng;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use clap::Args;
+use distoptim::{checkpoint, verify_replicas, ClipConfig, DilocoConfig, LocalSgdConfig};
+use distoptim_candle::FlatParams;
+use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
+use distoptim_optim::clip::NormType;
+use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
+
+use algorithm::{Algorithm, AlgorithmConfig};
+use data::{Dataset, Sampler};
+use metrics::Row;
+use model::Mlp;
+
+#[derive(Args, Clone, Debug)]
+pub struct TrainArgs {
+    /// Worker processes (ranks), started on the shared-memory backend.
+    #[arg(long, default_value_t = 2)]
+    nproc: usize,
+    /// ddp, zero1, zero2, zero3, post_local_sgd or diloco.
+    #[arg(long, default_value = "zero2")]
+    strategy: String,
+    /// `digits` (the embedded handwritten digits, an MLP 64-128-128-10) or `mlp-25m`
+    /// (25M parameters, 2048-4096-4096-10, on synthetic inputs: for throughput).
+    #[arg(long, default_value = "digits")]
+    model: String,
+    /// Hidden layer sizes of the digits model.
+    #[arg(long, value_delimiter = ',', default_value = "128,128")]
+    hidden: Vec<usize>,
+    /// sgd, adam or adamw.
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
+    /// Peak learning rate (default: 3e-3 for adam/adamw, 0.05 for sgd).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Weight decay of the weights (biases get none: two param groups).
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// constant, linear or cosine (each after the warm-up), as in HF transformers.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    /// Warm-up steps (default: 5% of the steps).
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Clip the global gradient norm (L2) to this; 0 turns clipping off.
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Global batch size, split over the ranks.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Epochs (default: 20 for digits, 1 for mlp-25m); `--steps` overrides.
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Total optimizer steps (the schedule's length); default from `--epochs`.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Stop after this many steps (the schedule still spans `--steps`): for splitting a
+    /// run into pieces.
+    #[arg(long)]
+    stop_at: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fraction of the data held out for testing.
+    #[arg(long, default_value_t = 0.2)]
+    test_fraction: f64,
+    /// Samples of the synthetic data set (mlp-25m).
+    #[arg(long, default_value_t = 4096)]
+    samples: usize,
+    /// Evaluate every N steps (default: once per epoch) and at the end.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Check that the replicas are identical every N steps (0: only at the end).
+    #[arg(long, default_value_t = 50)]
+    verify_every: u64,
+    /// Write a checkpoint here every `--checkpoint-every` steps and at the end.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u64,
+    /// Continue from this checkpoint (any earlier --nproc, and any of ddp/zero*).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Where rank 0 writes metrics.csv, metrics.json and plot.svg.
+    #[arg(long, default_value = "runs/train")]
+    out: PathBuf,
+    /// Log a line every N steps when the output is not a terminal.
+    #[arg(long, default_value_t = 20)]
+    log_every: u64,
+    /// post_local_sgd: synchronous warm-up steps, then averaging period.
+    #[arg(long, default_value_t = 50)]
+    local_sgd_warmup: u64,
+    #[arg(long, default_value_t = 4)]
+    local_sgd_period: u64,
+    /// diloco: inner steps per outer step, outer Nesterov SGD's lr and momentum.
+    #[arg(long, default_value_t = 10)]
+    diloco_inner_steps: u64,
+    #[arg(long, default_value_t = 0.7)]
+    outer_lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    outer_momentum: f64,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    ensure!(args.nproc >= 1, "--nproc must be at least 1");
+    if std::env::var_os("RANK").is_none() {
+        return crate::launch::launch_self(args.nproc);
+    }
+    // Share the cores between the ranks on this host (torchrun sets OMP_NUM_THREADS=1
+    // for the same reason); candle's matmul and the optimizer both read this.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let local: usize = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", (cores / local.max(1)).max(1).to_string());
+    }
+    let comm = Communicator::from_env()?;
+    Trainer::new(comm, args)?.train()
+}
+
+/// Time spent per phase, summed over steps.
+#[derive(Default)]
+struct Timings {
+    forward_backward: Duration,
+    copy: Duration,
+    step: Duration,
+    steps: u32,
+}
+
+struct Trainer {
+    comm: Communicator,
+    args: TrainArgs,
+    train: Dataset,
+    test: Dataset,
+    sampler: Sampler,
+    model: Mlp,
+    /// Keeps the candle variables alive (the model and `flat` share them).
+    _varmap: VarMap,
+    flat: FlatParams,
+    params: Vec<f32>,
+    /// The flat gradient buffer, in shared memory where the backend has it, so the
+    /// reduction reads the peers' gradients in place.
+    grads: SharedBuf<f32>,
+    algorithm: Algorithm,
+    total_steps: u64,
+    rows: Vec<Row>,
+    timings: Timings,
+}
+
+impl Trainer {
+    fn new(comm: Communicator, args: TrainArgs) -> Result<Trainer> {
+        let (data, dims) = match args.model.as_str() {
+            "digits" => {
+                let d = Dataset::digits()?;
+                let dims = [vec![d.dim], args.hidden.clone(), vec![d.classes]].concat();
+                (d, dims)
+            }
+            "mlp-25m" => (Dataset::synthetic(args.samples, 2048, 10, args.seed), vec![2048, 4096, 4096, 10]),
+            other => bail!("unknown --model {other:?} (digits or mlp-25m)"),
+        };
+        ensure!(dims.iter().all(|&d| d > 0), "layer sizes must be positive, got {dims:?}");
+        ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+        let (train, test) = data.split(args.test_fraction, args.seed)?;
+        ensure!(train.len() > 0, "the training split is empty");
+        let sampler = Sampler { len: train.len(), batch_size: args.batch_size, seed: args.seed };
+        let epochs = args.epochs.unwrap_or(if args.model == "digits" { 20 } else { 1 });
+        let total_steps = args.steps.unwrap_or(epochs * sampler.steps_per_epoch());
+        ensure!(total_steps > 0, "nothing to do: 0 steps");
+
+        let varmap = VarMap::new();
+        let model = Mlp::new(&VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &dims)?;
+        let flat = FlatParams::from_varmap(&varmap)?;
+        let layout = flat.layout().clone();
+        let mut params = vec![0.0f32; layout.numel()];
+        model::init_params(&layout, args.seed, &mut params);
+        comm.broadcast(&mut params, 0)?;
+
+        let warmup = args.warmup_steps.unwrap_or(total_steps / 20);
+        let schedule = match args.schedule.as_str() {
+            "constant" => Schedule::ConstantWithWarmup { warmup },
+            "linear" => Schedule::LinearWithWarmup { warmup, total: total_steps },
+            "cosine" => Schedule::CosineWithWarmup { warmup, total: total_steps, cycles: 0.5 },
+            other => bail!("unknown --schedule {other:?} (constant, linear or cosine)"),
+        };
+        let clip = (args.clip > 0.0).then_some(ClipConfig { max_norm: args.clip, norm: NormType::P(2.0), error_if_nonfinite: false });
+        let config = AlgorithmConfig {
+            strategy: args.strategy.clone(),
+            clip,
+            local_sgd: LocalSgdConfig { warmup_steps: args.local_sgd_warmup, period: args.local_sgd_period },
+            diloco: DilocoConfig {
+                inner_steps: args.diloco_inner_steps,
+                outer_lr: args.outer_lr,
+                outer_momentum: args.outer_momentum,
+                nesterov: true,
+            },
+        };
+        let groups = param_groups(&layout, &args)?;
+        let grads = comm.alloc::<f32>(layout.numel())?;
+        let algorithm = Algorithm::new(comm.clone(), layout, groups, Some(schedule), &config, &params)?;
+        Ok(Trainer {
+            comm,
+            args,
+            train,
+            test,
+            sampler,
+            model,
+            _varmap: varmap,
+            flat,
+            params,
+            grads,
+            algorithm,
+            total_steps,
+            rows: Vec::new(),
+            timings: Timings::default(),
+        })
+    }
+
+    fn rank0(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    fn train(mut self) -> Result<()> {
+        let mut step = self.resume()?;
+        let stop = self.args.stop_at.unwrap_or(self.total_steps).min(self.total_steps);
+        if self.rank0() {
+            println!(
+                "distoptim train: {} on {} ({} train / {} test samples), {} parameters, {} ranks, {}, {}, global batch {}, {} steps",
+                self.args.model,
+                if self.args.model == "digits" { "handwritten digits" } else { "synthetic data" },
+                self.train.len(),
+                self.test.len(),
+                self.params.len(),
+                self.comm.size(),
+                self.args.strategy,
+                self.args.optimizer,
+                self.args.batch_size,
+                self.total_steps
+            );
+        }
+        let progress = Progress::new(self.rank0(), step, stop);
+        let eval_every = self.args.eval_every.unwrap_or(self.sampler.steps_per_epoch()).max(1);
+        let started = Instant::now();
+        let mut samples = 0u64;
+        while step < stop {
+            let (mut row, batch) = self.step(step)?;
+            step += 1;
+            samples += batch;
+            if step % eval_every == 0 || step == stop {
+                self.algorithm.gather(&mut self.params)?;
+                let (loss, accuracy) = self.evaluate()?;
+                row.test_loss = Some(loss);
+                row.test_accuracy = Some(accuracy);
+            }
+            if self.args.verify_every > 0 && step % self.args.verify_every == 0 && self.algorithm.params_in_sync() {
+                self.algorithm.gather(&mut self.params)?;
+                verify_replicas(&self.comm, self.flat.layout(), &self.params)
+                    .with_context(|| format!("replica check after step {step}"))?;
+            }
+            let rate = samples as f64 / started.elapsed().as_secs_f64();
+            progress.update(&row, rate, self.args.log_every);
+            self.rows.push(row);
+            if step % self.args.checkpoint_every.max(1) == 0 && step < stop {
+                self.checkpoint(step)?;
+            }
+            if self.rank0() && (step % eval_every == 0) {
+                metrics::write(&self.args.out, &self.title(), &self.rows)?;
+            }
+        }
+        let wall = started.elapsed();
+        progress.finish();
+        self.finish(step, samples, wall)
+    }
+
+    /// Restores a checkpoint named by `--resume`; returns the step to continue from.
+    fn resume(&mut self) -> Result<u64> {
+        let Some(dir) = self.args.resume.clone() else { return Ok(0) };
+        let Some(opt) = self.algorithm.synced() else {
+            bail!(
+                "--resume: checkpoints hold ddp/zero1/zero2/zero3 runs; {} keeps per-rank models that they do not hold yet",
+                self.args.strategy
+            )
+        };
+        let manifest = checkpoint::load(&dir, opt, &mut self.params).with_context(|| format!("resuming from {}", dir.display()))?;
+        for (name, ours) in [("seed", self.args.seed), ("batch_size", self.args.batch_size as u64), ("total_steps", self.total_steps)] {
+            if let Some(&theirs) = manifest.counters.get(name) {
+                ensure!(theirs == ours, "--resume {}: the checkpoint was written with {name} {theirs}, this run has {ours}; the data order and schedule would differ", dir.display());
+            }
+        }
+        let step = manifest.counters.get("train_step").copied().unwrap_or(manifest.step);
+        self.algorithm.gather(&mut self.params)?;
+        self.rows = metrics::earlier(&self.args.out, step);
+        if self.rank0() {
+            println!("resumed from {} at step {step} (written by {} ranks with {})", dir.display(), manifest.world_size, manifest.strategy);
+        }
+        Ok(step)
+    }
+
+    /// One training step: forward and backward on this rank's shard, then the
+    /// distributed optimizer step. Returns the metrics row and the global batch size.
+    fn step(&mut self, step: u64) -> Result<(Row, u64)> {
+        let (epoch, indices) = self.sampler.local_batch(step, self.comm.size(), self.comm.rank());
+        self.algorithm.gather(&mut self.params)?;
+        let t = Instant::now();
+        self.flat.write_params(&self.params)?;
+        let mut copy = t.elapsed();
+
+        let t = Instant::now();
+        let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
+        let mut backward = Duration::ZERO;
+        if !indices.is_empty() {
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            self.train.gather(&indices, &mut x, &mut y);
+            let xs = Tensor::from_vec(x, (indices.len(), self.train.dim), &Device::Cpu)?;
+            let ys = Tensor::from_vec(y, indices.len(), &Device::Cpu)?;
+            let logits = self.model.forward(&xs)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
+            let store = loss.backward()?;
+            backward = t.elapsed();
+            let c = Instant::now();
+            self.flat.read_grads(&store, &mut self.grads)?;
+            copy += c.elapsed();
+            loss_sum = f64::from(loss.to_scalar::<f32>()?) * indices.len() as f64;
+            correct = f64::from(logits.argmax(D::Minus1)?.eq(&ys)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?);
+        } else {
+            self.grads.fill(0.0);
+        }
+
+        let t = Instant::now();
+        let report = self.algorithm.step(&mut self.params, &mut self.grads, indices.len())?;
+        let step_time = t.elapsed();
+
+        let mut stats = [loss_sum, indices.len() as f64, correct];
+        self.comm.all_reduce(&mut stats, ReduceOp::Sum)?;
+        self.timings.forward_backward += backward;
+        self.timings.copy += copy;
+        self.timings.step += step_time;
+        self.timings.steps += 1;
+        let row = Row {
+            step: step + 1,
+            epoch,
+            loss: stats[0] / stats[1].max(1.0),
+            train_accuracy: stats[2] / stats[1].max(1.0),
+            lr: report.lrs.first().copied().unwrap_or(0.0),
+            grad_norm: report.grad_norm.map(f64::from),
+            test_loss: None,
+            test_accuracy: None,
+        };
+        Ok((row, stats[1] as u64))
+    }
+
+    /// Mean loss and accuracy on the test set, each rank evaluating its shard.
+    fn evaluate(&mut self) -> Result<(f64, f64)> {
+        self.flat.write_params(&self.params)?;
+        let mine: Vec<usize> = shard_range(self.test.len(), self.comm.size(), self.comm.rank()).collect();
+        let mut stats = [0.0f64; 3];
+        for chunk in mine.chunks(512) {
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            self.test.gather(chunk, &mut x, &mut y);
+            let xs = Tensor::from_vec(x, (chunk.len(), self.test.dim), &Device::Cpu)?;
+            let ys = Tensor::from_vec(y, chunk.len(), &Device::Cpu)?;
+            let logits = self.model.forward(&xs)?;
+            stats[0] += f64::from(candle_nn::loss::cross_entropy(&logits, &ys)?.to_scalar::<f32>()?) * chunk.len() as f64;
+            stats[1] += chunk.len() as f64;
+            stats[2] += f64::from(logits.argmax(D::Minus1)?.eq(&ys)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?);
+        }
+        self.comm.all_reduce(&mut stats, ReduceOp::Sum)?;
+        Ok((stats[0] / stats[1].max(1.0), stats[2] / stats[1].max(1.0)))
+    }
+
+    fn checkpoint(&mut self, step: u64) -> Result<()> {
+        let Some(dir) = self.args.checkpoint_dir.clone() else { return Ok(()) };
+        self.algorithm.gather(&mut self.params)?;
+        let counters = BTreeMap::from([
+            ("train_step".to_string(), step),
+            ("seed".to_string(), self.args.seed),
+            ("batch_size".to_string(), self.args.batch_size as u64),
+            ("total_steps".to_string(), self.total_steps),
+        ]);
+        let strategy = self.args.strategy.clone();
+        let Some(opt) = self.algorithm.synced() else {
+            bail!(
+                "--checkpoint-dir: checkpoints hold ddp/zero1/zero2/zero3 runs; {strategy} keeps per-rank models that they do not hold yet"
+            )
+        };
+        checkpoint::save(&dir, opt, &self.params, &counters).with_context(|| format!("checkpoint at step {step}"))?;
+        Ok(())
+    }
+
+    fn title(&self) -> String {
+        format!("distoptim train: {} · {} · {} ranks · {}", self.args.model, self.args.strategy, self.comm.size(), self.args.optimizer)
+    }
+
+    fn finish(mut self, step: u64, samples: u64, wall: Duration) -> Result<()> {
+        self.algorithm.finish(&mut self.params)?;
+        verify_replicas(&self.comm, self.flat.layout(), &self.params).context("replica check at the end")?;
+        let (test_loss, accuracy) = self.evaluate()?;
+        if let Some(last) = self.rows.last_mut() {
+            last.test_loss = Some(test_loss);
+            last.test_accuracy = Some(accuracy);
+        }
+        if self.args.checkpoint_dir.is_some() {
+            self.checkpoint(step)?;
+        }
+        let mut rss = vec![0i64; self.comm.size()];
+        rss[self.comm.rank()] = peak_rss_kib()?;
+        self.comm.all_reduce(&mut rss, ReduceOp::Sum)?;
+        if !self.rank0() {
+            return Ok(());
+        }
+        metrics::write(&self.args.out, &self.title(), &self.rows)?;
+        let per_step = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(self.timings.steps.max(1));
+        let rss: Vec<String> = rss.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
+        println!("test accuracy {:.2}% (loss {test_loss:.4}) after {step} steps; the replicas are identical", 100.0 * accuracy);
+        println!("{:.2} s, {:.0} samples/s", wall.as_secs_f64(), samples as f64 / wall.as_secs_f64());
+        println!(
+            "per step (rank 0): forward+backward {:.3} ms, gradient/parameter copy {:.3} ms, optimizer step incl. communication {:.3} ms",
+            per_step(self.timings.forward_backward),
+            per_step(self.timings.copy),
+            per_step(self.timings.step)
+        );
+        println!("peak RSS per rank: {} MiB", rss.join(", "));
+        println!("wrote {}/metrics.csv, metrics.json and plot.svg", self.args.out.display());
+        Ok(())
+    }
+}
+
+/// AdamW-style param groups: weights decay, biases do not.
+fn param_groups(layout: &Layout, args: &TrainArgs) -> Result<Vec<ParamGroup>> {
+    let config = |weight_decay: f64| -> Result<OptimizerConfig> {
+        Ok(match args.optimizer.as_str() {
+            "sgd" => OptimizerConfig::Sgd(SgdConfig {
+                lr: args.lr.unwrap_or(0.05),
+                momentum: args.momentum,
+                weight_decay,
+                ..SgdConfig::default()
+            }),
+            "adam" => OptimizerConfig::Adam(AdamConfig { lr: args.lr.unwrap_or(3e-3), weight_decay, ..AdamConfig::adam() }),
+            "adamw" => OptimizerConfig::Adam(AdamConfig { lr: args.lr.unwrap_or(3e-3), weight_decay, ..AdamConfig::adamw() }),
+            other => bail!("unknown --optimizer {other:?} (sgd, adam or adamw)"),
+        })
+    };
+    let (biases, weights): (Vec<usize>, Vec<usize>) = (0..layout.len()).partition(|&i| layout.param(i).shape.len() < 2);
+    Ok(vec![ParamGroup { params: weights, config: config(args.weight_decay)? }, ParamGroup { params: biases, config: config(0.0)? }])
+}
+
+/// This process's peak resident set (VmHWM), in KiB.
+fn peak_rss_kib() -> Result<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/self/status")
+}
+
+/// Rank 0's progress: a bar on a terminal, a log line every N steps otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    log: bool,
+}
+
+impl Progress {
+    fn new(rank0: bool, start: u64, stop: u64) -> Progress {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = (rank0 && terminal).then(|| {
+            let bar = indicatif::ProgressBar::new(stop);
+            let style = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.set_position(start);
+            bar
+        });
+        Progress { bar, log: rank0 && !terminal }
+    }
+
+    fn update(&self, row: &Row, rate: f64, log_every: u64) {
+        let norm = row.grad_norm.map_or(String::new(), |n| format!(" grad_norm {n:.3}"));
+        let test = row.test_accuracy.map_or(String::new(), |a| format!(" test_acc {:.2}%", 100.0 * a));
+        let msg = format!("loss {:.4} lr {:.2e}{norm}{test} {rate:.0} samples/s", row.loss, row.lr);
+        if let Some(bar) = &self.bar {
+            bar.set_position(row.step);
+            bar.set_message(msg);
+        } else if self.log && (row.step % log_every.max(1) == 0 || row.test_accuracy.is_some()) {
+            println!("step {} epoch {} {msg}", row.step, row.epoch);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! End-to-end tests of `distoptim train`: real processes on the shm backend, the
+//! embedded digits data, candle forward/backward.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn train(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_distoptim")).arg("train").args(args).output().expect("the distoptim binary runs");
+    assert!(
+        out.status.success(),
+        "train {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("distoptim-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// (step, loss, test accuracy) per row of a run's metrics.csv.
+fn curve(out: &Path) -> Vec<(u64, f64, Option<f64>)> {
+    let text = std::fs::read_to_string(out.join("metrics.csv")).expect("metrics.csv was written");
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].parse().unwrap(), f[2].parse().unwrap(), f[7].parse().ok())
+        })
+        .collect()
+}
+
+fn assert_same_curve(a: &[(u64, f64, Option<f64>)], b: &[(u64, f64, Option<f64>)]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.0, y.0);
+        assert!((x.1 - y.1).abs() <= 1e-4 * x.1.abs().max(1.0), "step {}: loss {} vs {}", x.0, x.1, y.1);
+    }
+}
+
+#[test]
+fn two_ranks_learn_and_follow_the_one_rank_curve() {
+    let (two, one) = (scratch("two"), scratch("one"));
+    let common = ["--steps", "60", "--eval-every", "20", "--verify-every", "10"];
+    let out = train(&[&["--nproc", "2", "--strategy", "zero2", "--out", two.to_str().unwrap()][..], &common].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("the replicas are identical"), "{stdout}");
+    train(&[&["--nproc", "1", "--strategy", "ddp", "--out", one.to_str().unwrap()][..], &common].concat());
+
+    let curve2 = curve(&two);
+    assert_eq!(curve2.len(), 60);
+    let accuracy: Vec<f64> = curve2.iter().filter_map(|r| r.2).collect();
+    assert_eq!(accuracy.len(), 3, "evaluated at steps 20, 40, 60");
+    assert!(accuracy[2] > 0.85 && accuracy[2] >= accuracy[0], "test accuracy {accuracy:?}");
+    assert!(curve2[59].1 < curve2[0].1 / 4.0, "loss {} → {}", curve2[0].1, curve2[59].1);
+    // Batch-weighted reduction: 2 ranks with ZeRO-2 take the steps 1 rank with DDP takes.
+    assert_same_curve(&curve2, &curve(&one));
+    assert!(two.join("plot.svg").exists() && two.join("metrics.json").exists());
+    let _ = (std::fs::remove_dir_all(&two), std::fs::remove_dir_all(&one));
+}
+
+#[test]
+fn resume_at_another_nproc_and_strategy_continues_the_same_curve() {
+    let (whole, split, ckpt) = (scratch("whole"), scratch("split"), scratch("ckpt"));
+    let common = ["--steps", "40", "--eval-every", "20"];
+    train(&[&["--nproc", "2", "--out", whole.to_str().unwrap()][..], &common].concat());
+    let first = [
+        "--nproc",
+        "2",
+        "--strategy",
+        "zero2",
+        "--stop-at",
+        "20",
+        "--checkpoint-dir",
+        ckpt.to_str().unwrap(),
+        "--out",
+        split.to_str().unwrap(),
+    ];
+    train(&[&first[..], &common].concat());
+    assert_eq!(curve(&split).len(), 20);
+    let second = ["--nproc", "3", "--strategy", "zero3", "--resume", ckpt.to_str().unwrap(), "--out", split.to_str().unwrap()];
+    let out = train(&[&second[..], &common].concat());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("resumed from"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_same_curve(&curve(&split), &curve(&whole));
+
+    // A resume whose data order would differ is refused, naming the setting.
+    let bad = Command::new(env!("CARGO_BIN_EXE_distoptim"))
+        .args([
+            "train",
+            "--nproc",
+            "1",
+            "--steps",
+            "40",
+            "--seed",
+            "5",
+            "--resume",
+            ckpt.to_str().unwrap(),
+            "--out",
+            split.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("seed 0, this run has 5"), "{}", String::from_utf8_lossy(&bad.stderr));
+    for d in [whole, split, ckpt] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// The pid of the launcher's child with `RANK=rank` in its environment.
+fn rank_pid(launcher: u32, rank: usize) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let is_rank = environ.split(|&b| b == 0).any(|kv| kv == format!("RANK={rank}").as_bytes());
+        (ppid == launcher && is_rank).then_some(pid)
+    })
+}
+
+#[test]
+fn a_killed_worker_fails_the_run_fast_naming_its_rank() {
+    let out = scratch("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_distoptim"))
+        .args(["train", "--nproc", "2", "--steps", "10000000", "--log-every", "1", "--verify-every", "0", "--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training runs, then SIGKILL rank 1.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.is_ok_and(|l| l.starts_with("step 5 "))), "training did not start");
+    let pid = rank_pid(child.id(), 1).expect("rank 1 is a child of the launcher");
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let killed = Instant::now();
+    std::thread::spawn(move || lines.for_each(drop));
+    let status = child.wait().unwrap();
+    assert!(killed.elapsed() < Duration::from_secs(10), "took {:?} to stop", killed.elapsed());
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains(&format!("rank 1 (pid {pid}) was killed by signal 9")), "{stderr}");
+    let _ = std::fs::remove_dir_all(out);
+}

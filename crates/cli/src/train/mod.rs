@@ -174,6 +174,8 @@ struct Trainer {
     grads: SharedBuf<f32>,
     algorithm: Algorithm,
     total_steps: u64,
+    /// "MLP 64-128-128-10 on the handwritten digits", for the banner.
+    description: String,
     rows: Vec<Row>,
     timings: Timings,
 }
@@ -198,6 +200,9 @@ impl Trainer {
         let total_steps = args.steps.unwrap_or(epochs * sampler.steps_per_epoch());
         ensure!(total_steps > 0, "nothing to do: 0 steps");
 
+        let dims_text: Vec<String> = dims.iter().map(usize::to_string).collect();
+        let source = if args.model == "digits" { "the handwritten digits" } else { "synthetic data" };
+        let description = format!("MLP {} on {source}", dims_text.join("-"));
         let varmap = VarMap::new();
         let model = Mlp::new(&VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &dims)?;
         let flat = FlatParams::from_varmap(&varmap)?;
@@ -241,6 +246,7 @@ impl Trainer {
             grads,
             algorithm,
             total_steps,
+            description,
             rows: Vec::new(),
             timings: Timings::default(),
         })
@@ -255,9 +261,8 @@ impl Trainer {
         let stop = self.args.stop_at.unwrap_or(self.total_steps).min(self.total_steps);
         if self.rank0() {
             println!(
-                "distoptim train: {} on {} ({} train / {} test samples), {} parameters, {} ranks, {}, {}, global batch {}, {} steps",
-                self.args.model,
-                if self.args.model == "digits" { "handwritten digits" } else { "synthetic data" },
+                "distoptim train: {} ({} train / {} test samples), {} parameters, {} ranks, {}, {}, global batch {}, {} steps",
+                self.description,
                 self.train.len(),
                 self.test.len(),
                 self.params.len(),
@@ -442,7 +447,7 @@ impl Trainer {
         let per_step = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(self.timings.steps.max(1));
         let rss: Vec<String> = rss.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
         println!("test accuracy {:.2}% (loss {test_loss:.4}) after {step} steps; the replicas are identical", 100.0 * accuracy);
-        println!("{:.2} s, {:.0} samples/s", wall.as_secs_f64(), samples as f64 / wall.as_secs_f64());
+        println!("trained in {:.2} s, {:.0} samples/s", wall.as_secs_f64(), samples as f64 / wall.as_secs_f64());
         println!(
             "per step (rank 0): forward+backward {:.3} ms, gradient/parameter copy {:.3} ms, optimizer step incl. communication {:.3} ms",
             per_step(self.timings.forward_backward),

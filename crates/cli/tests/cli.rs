@@ -142,3 +142,16 @@ fn bench_step_prints_every_strategy_next_to_its_parts() {
         assert!(stdout.lines().any(|l| l.starts_with(s) && l.split_whitespace().count() == 7), "{s}: {stdout}");
     }
 }
+
+#[test]
+fn bench_candle_prints_both_copy_paths_next_to_memcpy() {
+    let out = distoptim(&["bench", "candle", "--dims", "64,32,10", "--iters", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("copy 2410 f32 gradients"), "{text}");
+    for row in ["distoptim-candle (read_grads+write_params)", "to_vec1 + from_slice + Var::set", "memcpy of the same bytes"] {
+        let line = text.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row} row in {text}"));
+        let ms: f64 = line[row.len()..].split_whitespace().next().unwrap().parse().unwrap();
+        assert!(ms.is_finite() && ms >= 0.0, "{line}");
+    }
+}

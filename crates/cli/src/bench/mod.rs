@@ -1,5 +1,6 @@
 //! `distoptim bench`: figures users compare, each next to a reference from the same run.
 
+mod candle;
 mod collectives;
 mod optim;
 mod step;
@@ -15,6 +16,8 @@ pub enum BenchCommand {
     Collectives(collectives::CollectivesArgs),
     /// The distributed optimizer step per strategy, next to its parts measured alone.
     Step(step::StepArgs),
+    /// Copies between candle's Vars/GradStore and the flat buffers, next to memcpy.
+    Candle(candle::CandleArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -22,6 +25,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Optim(args) => optim::run(args),
         BenchCommand::Collectives(args) => collectives::run(args),
         BenchCommand::Step(args) => step::run(args),
+        BenchCommand::Candle(args) => candle::run(args),
     }
 }
 

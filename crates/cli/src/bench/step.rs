@@ -34,7 +34,7 @@ pub struct StepArgs {
 }
 
 pub fn run(args: StepArgs) -> Result<()> {
-    if std::env::var_os("RANK").is_none() {
+    if distoptim_collective::backend_from_env()?.is_none() {
         return crate::launch::launch_self(args.nproc);
     }
     let comm = Communicator::from_env()?;

@@ -44,7 +44,8 @@ use model::Mlp;
 
 #[derive(Args, Clone, Debug)]
 pub struct TrainArgs {
-    /// Worker processes (ranks), started on the shared-memory backend.
+    /// Worker processes (ranks), started on the shared-memory backend (ignored when
+    /// already inside a job: `distoptim launch`, torchrun-style variables, mpirun, srun).
     #[arg(long, default_value_t = 2)]
     nproc: usize,
     /// ddp, zero1, zero2, zero3, post_local_sgd or diloco.
@@ -135,13 +136,14 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     ensure!(args.nproc >= 1, "--nproc must be at least 1");
-    if std::env::var_os("RANK").is_none() {
+    // Outside a job (no torchrun or MPI variables): start one on this host.
+    if distoptim_collective::backend_from_env()?.is_none() {
         return crate::launch::launch_self(args.nproc);
     }
     // Share the cores between the ranks on this host (torchrun sets OMP_NUM_THREADS=1
     // for the same reason); candle's matmul and the optimizer both read this.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let local: usize = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        let local: usize = ["LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok()).unwrap_or(1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", (cores / local.max(1)).max(1).to_string());
     }

@@ -6,6 +6,7 @@
 //! - `bench optim`: optimizer kernels against the memory-copy roofline;
 //! - `bench collectives`: collectives in the style of nccl-tests, next to memcpy;
 //! - `train`: data-parallel training of a candle MLP on real data, end to end;
+//! - `checkpoint consolidate DIR OUT`: one model.safetensors + optimizer.safetensors;
 //! - `selftest`: the collective conformance suite on a backend (CI runs it under mpirun).
 
 mod bench;
@@ -54,6 +55,11 @@ enum Command {
     /// Trains a candle MLP data-parallel on the embedded digits data set (or a 25M
     /// synthetic model), on `--nproc` processes.
     Train(Box<train::TrainArgs>),
+    /// Works on checkpoints written by `train` or `distoptim::checkpoint::save`.
+    Checkpoint {
+        #[command(subcommand)]
+        what: CheckpointCommand,
+    },
     /// Runs the collective layer's conformance suite on a backend.
     Selftest(selftest::SelftestArgs),
     /// Benchmarks, each next to its reference measured in the same run.
@@ -61,6 +67,13 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Writes OUT/model.safetensors and OUT/optimizer.safetensors from the per-rank files
+    /// of DIR, tensor by tensor (memory ≈ the largest tensor), checking every checksum.
+    Consolidate { dir: PathBuf, out: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +91,7 @@ fn main() -> ExitCode {
             report("launch", launch::launch(&spec))
         }
         Command::Train(args) => report("train", train::run(*args)),
+        Command::Checkpoint { what: CheckpointCommand::Consolidate { dir, out } } => report("checkpoint consolidate", consolidate(&dir, &out)),
         Command::Selftest(args) => report("selftest", selftest::run(args)),
         Command::Bench { what } => report("bench", bench::run(what)),
     }
@@ -91,6 +105,12 @@ fn report(command: &str, result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn consolidate(dir: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    let c = distoptim::consolidate(dir, out)?;
+    println!("wrote {} and {} ({} tensors; largest {} elements)", c.model.display(), c.optimizer.display(), c.tensors, c.largest);
+    Ok(())
 }
 
 fn replay(path: &std::path::Path) -> ExitCode {

@@ -61,8 +61,39 @@ fn io(path: &Path, e: std::io::Error) -> DistError {
     DistError::Checkpoint(format!("{}: {e}", path.display()))
 }
 
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv64_update(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 fn fnv64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    fnv64_update(FNV_OFFSET, bytes)
+}
+
+fn mismatch(path: &Path) -> DistError {
+    DistError::Checkpoint(format!("{}: size or checksum does not match the manifest (corrupt file?)", path.display()))
+}
+
+/// Checks a file against its manifest entry, reading it in blocks (memory stays small
+/// whatever the file's size).
+pub(crate) fn verify_file(dir: &Path, entry: &FileEntry) -> Result<PathBuf> {
+    use std::io::Read;
+    let path = dir.join(&entry.name);
+    let mut file = fs::File::open(&path).map_err(|e| io(&path, e))?;
+    let (mut hash, mut len, mut block) = (FNV_OFFSET, 0u64, vec![0u8; 1 << 20]);
+    loop {
+        let n = file.read(&mut block).map_err(|e| io(&path, e))?;
+        if n == 0 {
+            break;
+        }
+        hash = fnv64_update(hash, &block[..n]);
+        len += n as u64;
+    }
+    if len != entry.bytes || format!("{hash:016x}") != entry.fnv64 {
+        return Err(mismatch(&path));
+    }
+    Ok(path)
 }
 
 /// Writes `bytes` to `path` through a temporary name, fsynced: never half a file.
@@ -235,7 +266,7 @@ fn load_local(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) ->
         let path = dir.join(&f.name);
         let bytes = fs::read(&path).map_err(|e| io(&path, e))?;
         if bytes.len() as u64 != f.bytes || format!("{:016x}", fnv64(&bytes)) != f.fnv64 {
-            return Err(DistError::Checkpoint(format!("{}: size or checksum does not match the manifest (corrupt file?)", path.display())));
+            return Err(mismatch(&path));
         }
         let d = safetensors::decode(&bytes).map_err(|e| DistError::Checkpoint(format!("{}: {e}", path.display())))?;
         let file_steps: Vec<u64> = d.metadata.get("steps").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();

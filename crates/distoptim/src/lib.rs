@@ -9,10 +9,12 @@
 //! - [`dist_clip`]: the global-norm clip when ranks own parts of the gradient.
 //! - [`verify_replicas`]: proof that the ranks hold identical parameters.
 //! - [`checkpoint`]: crash-safe safetensors checkpoints that reload at any world size.
+//! - [`consolidate()`]: a checkpoint into one `model.safetensors` + `optimizer.safetensors`.
 //! - [`step_lbfgs`]: LBFGS whose closure is reduced over the ranks.
 
 pub mod checkpoint;
 mod config;
+pub mod consolidate;
 mod diloco;
 pub mod dist_clip;
 mod error;
@@ -24,6 +26,7 @@ mod replicas;
 mod safetensors;
 mod scheduled;
 
+pub use consolidate::{consolidate, Consolidated};
 pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
 pub use diloco::{Diloco, DilocoConfig};
 pub use dist_clip::TensorParallel;

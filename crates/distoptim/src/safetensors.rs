@@ -4,53 +4,74 @@
 //! Only f32 tensors are written; the header's `__metadata__` carries strings.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-/// Encodes named 1-D f32 tensors (in the given order) and metadata.
-pub(crate) fn encode(tensors: &[(String, &[f32])], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+/// The bytes before the data: the header length (u64 LE) and the JSON header, padded
+/// with spaces so the data starts 8-byte aligned, as the reference writer does.
+/// `tensors` are (name, shape); the data follows in the same order. Returns the prefix
+/// and the data's length in bytes.
+pub(crate) fn header(tensors: &[(String, Vec<usize>)], metadata: &BTreeMap<String, String>) -> (Vec<u8>, usize) {
     let mut header = Map::new();
     let mut offset = 0usize;
-    for (name, data) in tensors {
-        let end = offset + data.len() * 4;
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": [data.len()], "data_offsets": [offset, end]}));
+    for (name, shape) in tensors {
+        let end = offset + shape.iter().product::<usize>() * 4;
+        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}));
         offset = end;
     }
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), json!(metadata));
     }
     let mut text = Value::Object(header).to_string().into_bytes();
-    // The data starts 8-byte aligned: pad the header with spaces, as the reference does.
     while (8 + text.len()) % 8 != 0 {
         text.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + text.len() + offset);
+    let mut out = Vec::with_capacity(8 + text.len());
     out.extend_from_slice(&(text.len() as u64).to_le_bytes());
     out.extend_from_slice(&text);
+    (out, offset)
+}
+
+/// Appends f32 values little-endian.
+pub(crate) fn push_f32(out: &mut Vec<u8>, values: &[f32]) {
+    out.reserve(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Encodes named 1-D f32 tensors (in the given order) and metadata.
+pub(crate) fn encode(tensors: &[(String, &[f32])], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, d)| (n.clone(), vec![d.len()])).collect();
+    let (mut out, len) = header(&shapes, metadata);
+    out.reserve(len);
     for (_, data) in tensors {
-        for v in data.iter() {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
+        push_f32(&mut out, data);
     }
     out
 }
 
-/// A decoded file: f32 tensors by name, and the metadata.
+/// A parsed header: each tensor's byte range within the data, and the metadata.
 #[derive(Debug, Default)]
-pub(crate) struct Decoded {
-    pub tensors: BTreeMap<String, Vec<f32>>,
+pub(crate) struct Header {
+    pub tensors: BTreeMap<String, (usize, usize)>,
     pub metadata: BTreeMap<String, String>,
+    /// Where the data starts in the file.
+    pub data_start: usize,
 }
 
-/// Decodes a file written by [`encode`] (or any safetensors file of 1-D f32 tensors);
-/// every inconsistency is an error naming it, never a panic.
-pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+/// Parses the header at the start of `bytes` (which must hold at least all of it);
+/// `file_len` bounds the tensors' ranges. Every inconsistency is an error naming it.
+fn parse_header(bytes: &[u8], file_len: usize) -> Result<Header, String> {
     let len = bytes.get(..8).ok_or("shorter than the 8-byte header length")?;
     let n = u64::from_le_bytes(len.try_into().map_err(|_| "bad header length")?) as usize;
-    let header = bytes.get(8..8usize.checked_add(n).ok_or("header length overflows")?).ok_or("header runs past the end of the file")?;
-    let data = &bytes[8 + n..];
+    let end = 8usize.checked_add(n).filter(|&e| e <= file_len).ok_or("header runs past the end of the file")?;
+    let header = bytes.get(8..end).ok_or("header runs past the end of the file")?;
     let header: Map<String, Value> = serde_json::from_slice(header).map_err(|e| format!("header is not JSON: {e}"))?;
-    let mut out = Decoded::default();
+    let mut out = Header { data_start: end, ..Header::default() };
     for (name, entry) in header {
         if name == "__metadata__" {
             let meta = entry.as_object().ok_or("__metadata__ is not an object")?;
@@ -65,10 +86,69 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, String> {
         let offsets =
             entry["data_offsets"].as_array().filter(|a| a.len() == 2).ok_or_else(|| format!("tensor '{name}' has no data_offsets"))?;
         let (a, b) = (offsets[0].as_u64().unwrap_or(u64::MAX) as usize, offsets[1].as_u64().unwrap_or(u64::MAX) as usize);
-        let raw = data.get(a..b).filter(|r| r.len() % 4 == 0).ok_or_else(|| format!("tensor '{name}' lies outside the data"))?;
-        out.tensors.insert(name, raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+        if a > b || (b - a) % 4 != 0 || b > file_len - end {
+            return Err(format!("tensor '{name}' lies outside the data"));
+        }
+        out.tensors.insert(name, (a, b));
     }
     Ok(out)
+}
+
+/// A decoded file: f32 tensors by name, and the metadata.
+#[derive(Debug, Default)]
+pub(crate) struct Decoded {
+    pub tensors: BTreeMap<String, Vec<f32>>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn to_f32(raw: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+/// Decodes a whole file held in memory.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+    let h = parse_header(bytes, bytes.len())?;
+    let data = &bytes[h.data_start..];
+    let tensors = h.tensors.into_iter().map(|(name, (a, b))| (name, to_f32(&data[a..b]).collect())).collect();
+    Ok(Decoded { tensors, metadata: h.metadata })
+}
+
+/// Reads single tensors from a file without loading the rest (consolidation streams a
+/// checkpoint tensor by tensor this way).
+#[derive(Debug)]
+pub(crate) struct Reader {
+    file: File,
+    pub header: Header,
+}
+
+impl Reader {
+    pub fn open(path: &Path) -> Result<Reader, String> {
+        let mut file = File::open(path).map_err(|e| e.to_string())?;
+        let file_len = file.metadata().map_err(|e| e.to_string())?.len() as usize;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(|_| "shorter than the 8-byte header length")?;
+        let n = u64::from_le_bytes(len) as usize;
+        if n > file_len.saturating_sub(8) {
+            return Err("header runs past the end of the file".into());
+        }
+        let mut bytes = len.to_vec();
+        bytes.resize(8 + n, 0);
+        file.read_exact(&mut bytes[8..]).map_err(|e| e.to_string())?;
+        let header = parse_header(&bytes, file_len)?;
+        Ok(Reader { file, header })
+    }
+
+    /// Reads tensor `name` into `out`, whose length must be the tensor's.
+    pub fn read(&mut self, name: &str, out: &mut [f32]) -> Result<(), String> {
+        let &(a, b) = self.header.tensors.get(name).ok_or_else(|| format!("no tensor '{name}'"))?;
+        if b - a != out.len() * 4 {
+            return Err(format!("tensor '{name}' has {} elements, expected {}", (b - a) / 4, out.len()));
+        }
+        let mut raw = vec![0u8; b - a];
+        self.file.seek(SeekFrom::Start((self.header.data_start + a) as u64)).and_then(|_| self.file.read_exact(&mut raw)).map_err(|e| e.to_string())?;
+        out.iter_mut().zip(to_f32(&raw)).for_each(|(o, v)| *o = v);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -90,5 +170,24 @@ mod tests {
         let mut bad = bytes.clone();
         bad[0] = 0xff;
         assert!(decode(&bad).is_err());
+    }
+
+    #[test]
+    fn reader_reads_single_tensors_with_their_shapes() {
+        let (mut bytes, len) = header(&[("w".into(), vec![2, 3]), ("b".into(), vec![2])], &BTreeMap::new());
+        assert_eq!(len, 32);
+        push_f32(&mut bytes, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        push_f32(&mut bytes, &[7.0, 8.0]);
+        let path = std::env::temp_dir().join(format!("distoptim-st-{}.safetensors", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let mut r = Reader::open(&path).unwrap();
+        let mut b = [0.0; 2];
+        r.read("b", &mut b).unwrap();
+        assert_eq!(b, [7.0, 8.0]);
+        assert!(r.read("w", &mut b).unwrap_err().contains("has 6 elements, expected 2"));
+        assert!(r.read("x", &mut b).unwrap_err().contains("no tensor 'x'"));
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        assert!(Reader::open(&path).unwrap_err().contains("outside the data"));
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -1,0 +1,173 @@
+//! Consolidation: a checkpoint's per-rank files into one `model.safetensors` and one
+//! `optimizer.safetensors`, for tools that know nothing of ranks (Python's
+//! `safetensors`, `torch.load_state_dict`, HF).
+//!
+//! - `model.safetensors`: every parameter whole, with its name and shape, in layout order;
+//! - `optimizer.safetensors`: every state buffer per parameter (`exp_avg/fc.weight`,
+//!   `momentum_buffer/fc.weight`…, the parameter's shape), with the per-parameter step
+//!   counts, the param groups and the run's step in `__metadata__`.
+//!
+//! It streams: each file is checked against the manifest's checksum in blocks, the
+//! headers are written first, and each tensor is assembled from the ranks' pieces and
+//! written before the next is read, so peak memory is about the largest tensor. Each
+//! output goes through a temporary name, fsync and rename: never half a file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::{read_manifest, verify_file, Manifest};
+use crate::error::{DistError, Result};
+use crate::safetensors::{self, Reader};
+
+/// What [`consolidate`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Consolidated {
+    pub model: PathBuf,
+    pub optimizer: PathBuf,
+    /// Tensors written into both files.
+    pub tensors: usize,
+    /// Elements of the largest tensor (the memory the consolidation needed, ×4 bytes).
+    pub largest: usize,
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> DistError {
+    DistError::Checkpoint(format!("{}: {e}", path.display()))
+}
+
+/// Writes `out/model.safetensors` and `out/optimizer.safetensors` from the checkpoint in
+/// `dir` (see the module docs). `out` is created if needed.
+pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
+    let m = read_manifest(dir)?;
+    let mut readers = Vec::with_capacity(m.files.len());
+    for f in &m.files {
+        let path = verify_file(dir, f)?;
+        readers.push((Reader::open(&path).map_err(|e| err(&path, e))?, path, f.range[0]..f.range[1]));
+    }
+    // State buffers: `BUFFER/param` tensors, whichever ranks hold them.
+    let buffers: BTreeSet<String> = readers
+        .iter()
+        .flat_map(|(r, _, _)| r.header.tensors.keys())
+        .filter_map(|k| k.split_once('/').filter(|(b, p)| !b.contains('/') && m.layout.index_of(p).is_some()).map(|(b, _)| b.to_string()))
+        .collect();
+    let steps = readers.iter().filter_map(|(r, _, _)| r.header.metadata.get("steps")).filter_map(|s| serde_json::from_str::<Vec<u64>>(s).ok()).fold(
+        vec![0u64; m.layout.len()],
+        |acc, s| acc.iter().zip(s.iter().chain(std::iter::repeat(&0))).map(|(a, b)| *a.max(b)).collect(),
+    );
+    fs::create_dir_all(out).map_err(|e| err(out, e))?;
+
+    let params: Vec<(String, String)> = m.layout.params().iter().map(|p| (p.name.clone(), p.name.clone())).collect();
+    let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let model = write_streamed(&out.join("model.safetensors"), &m, &params, &model_meta, &mut readers)?;
+
+    let state: Vec<(String, String)> = m.layout.params().iter().flat_map(|p| buffers.iter().map(move |b| (format!("{b}/{}", p.name), p.name.clone()))).collect();
+    let groups = serde_json::to_string(&m.groups).map_err(|e| DistError::Checkpoint(e.to_string()))?;
+    let optimizer_meta = BTreeMap::from([
+        ("steps".to_string(), serde_json::to_string(&steps).unwrap_or_default()),
+        ("step".to_string(), m.step.to_string()),
+        ("strategy".to_string(), m.strategy.clone()),
+        ("param_groups".to_string(), groups),
+    ]);
+    let optimizer = write_streamed(&out.join("optimizer.safetensors"), &m, &state, &optimizer_meta, &mut readers)?;
+    let largest = m.layout.params().iter().map(|p| p.numel()).max().unwrap_or(0);
+    Ok(Consolidated { model, optimizer, tensors: params.len() + state.len(), largest })
+}
+
+/// Writes the tensors `(name in the output, parameter)` to `path`, each assembled from
+/// the pieces the rank files hold of it (named the same as in the output).
+fn write_streamed(path: &Path, m: &Manifest, tensors: &[(String, String)], metadata: &BTreeMap<String, String>, readers: &mut [(Reader, PathBuf, std::ops::Range<usize>)]) -> Result<PathBuf> {
+    let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(name, param)| (name.clone(), m.layout.params()[m.layout.index_of(param).unwrap_or(0)].shape.clone())).collect();
+    let (header, _) = safetensors::header(&shapes, metadata);
+    let tmp = path.with_extension("safetensors.tmp");
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&tmp).map_err(|e| err(&tmp, e))?);
+    file.write_all(&header).map_err(|e| err(&tmp, e))?;
+    let (mut values, mut bytes) = (Vec::new(), Vec::new());
+    for (name, param) in tensors {
+        let spec = m.layout.param(m.layout.index_of(param).unwrap_or(0));
+        values.clear();
+        values.resize(spec.numel(), 0f32);
+        for (reader, file_path, range) in readers.iter_mut() {
+            let (lo, hi) = (range.start.max(spec.offset), range.end.min(spec.offset + spec.numel()));
+            if lo < hi {
+                reader.read(name, &mut values[lo - spec.offset..hi - spec.offset]).map_err(|e| err(file_path, e))?;
+            }
+        }
+        bytes.clear();
+        safetensors::push_f32(&mut bytes, &values);
+        file.write_all(&bytes).map_err(|e| err(&tmp, e))?;
+    }
+    let file = file.into_inner().map_err(|e| err(&tmp, e.error()))?;
+    file.sync_all().map_err(|e| err(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| err(path, e))?;
+    Ok(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint;
+    use crate::{DistributedOptimizer, StepConfig, Strategy};
+    use distoptim_collective::{CommConfig, Communicator};
+    use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup};
+
+    fn layout() -> Layout {
+        Layout::new([("fc.weight", vec![3, 5]), ("fc.bias", vec![3]), ("out.weight", vec![2, 3])]).unwrap()
+    }
+
+    /// Saves a ZeRO-2 AdamW run of 3 ranks after 2 steps; returns the full params and
+    /// the consolidated state as one rank-1 optimizer sees it.
+    fn saved(dir: &Path) -> (Vec<f32>, distoptim_optim::OptimizerStateDict) {
+        let results = Communicator::run_threads(3, &CommConfig::default(), |comm| {
+            let numel = layout().numel();
+            let groups = vec![ParamGroup { params: vec![0, 1, 2], config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
+            let mut opt = DistributedOptimizer::new(comm.clone(), layout(), groups, None, StepConfig::new(Strategy::Zero2)).unwrap();
+            let mut params: Vec<f32> = (0..numel).map(|i| i as f32 * 0.1).collect();
+            for step in 0..2 {
+                let mut grads: Vec<f32> = (0..numel).map(|i| ((i * 7 + comm.rank() + step) % 5) as f32 - 2.0).collect();
+                opt.step(&mut params, &mut grads, 1).unwrap();
+            }
+            checkpoint::save(dir, &opt, &params, &BTreeMap::new()).unwrap();
+            (params, opt.consolidate_state_dict(0).unwrap())
+        })
+        .unwrap();
+        let (params, state) = results.into_iter().next().unwrap();
+        (params, state.unwrap())
+    }
+
+    #[test]
+    fn writes_whole_tensors_with_shapes_and_matches_the_ranks() {
+        let base = std::env::temp_dir().join(format!("distoptim-consolidate-{}", std::process::id()));
+        let (dir, out) = (base.join("ckpt"), base.join("out"));
+        let (params, state) = saved(&dir);
+        let c = consolidate(&dir, &out).unwrap();
+        assert_eq!((c.tensors, c.largest), (3 + 2 * 3, 15));
+
+        let model = safetensors::decode(&fs::read(&c.model).unwrap()).unwrap();
+        for p in layout().params() {
+            assert_eq!(model.tensors[&p.name], params[p.range()], "{}", p.name);
+        }
+        let header = String::from_utf8_lossy(&fs::read(&c.model).unwrap()[8..200]).to_string();
+        assert!(header.contains("\"shape\":[3,5]"), "{header}");
+
+        let opt = safetensors::decode(&fs::read(&c.optimizer).unwrap()).unwrap();
+        for (buffer, values) in &state.buffers {
+            for p in layout().params() {
+                assert_eq!(opt.tensors[&format!("{buffer}/{}", p.name)], values[p.range()], "{buffer}/{}", p.name);
+            }
+        }
+        assert_eq!(opt.metadata["steps"], "[2,2,2]");
+        assert_eq!(opt.metadata["step"], "2");
+
+        // A corrupted rank file is named, and nothing is written over the good output.
+        let victim = dir.join("rank-00001.safetensors");
+        let mut bytes = fs::read(&victim).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&victim, bytes).unwrap();
+        let e = consolidate(&dir, &base.join("out2")).unwrap_err().to_string();
+        assert!(e.contains("rank-00001.safetensors") && e.contains("checksum"), "{e}");
+        assert!(!base.join("out2").join("model.safetensors").exists());
+        let _ = fs::remove_dir_all(&base);
+    }
+}

@@ -91,7 +91,9 @@ fn main() -> ExitCode {
             report("launch", launch::launch(&spec))
         }
         Command::Train(args) => report("train", train::run(*args)),
-        Command::Checkpoint { what: CheckpointCommand::Consolidate { dir, out } } => report("checkpoint consolidate", consolidate(&dir, &out)),
+        Command::Checkpoint { what: CheckpointCommand::Consolidate { dir, out } } => {
+            report("checkpoint consolidate", consolidate(&dir, &out))
+        }
         Command::Selftest(args) => report("selftest", selftest::run(args)),
         Command::Bench { what } => report("bench", bench::run(what)),
     }

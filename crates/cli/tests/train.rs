@@ -107,8 +107,58 @@ fn resume_at_another_nproc_and_strategy_continues_the_same_curve() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("seed 0, this run has 5"), "{}", String::from_utf8_lossy(&bad.stderr));
-    for d in [whole, split, ckpt] {
+
+    // The checkpoint consolidates into files Python's safetensors reads.
+    let merged = scratch("merged");
+    let out = Command::new(env!("CARGO_BIN_EXE_distoptim"))
+        .args(["checkpoint", "consolidate", ckpt.to_str().unwrap(), merged.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("18 tensors; largest 16384 elements"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(merged.join("model.safetensors").exists() && merged.join("optimizer.safetensors").exists());
+    for d in [whole, split, ckpt, merged] {
         let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn periodic_averaging_runs_resume_mid_period_on_the_same_curve() {
+    for (strategy, extra) in [
+        ("post_local_sgd", ["--local-sgd-warmup", "10", "--local-sgd-period", "4"]),
+        ("diloco", ["--diloco-inner-steps", "5", "--outer-lr", "0.7"]),
+    ] {
+        let (whole, split, ckpt) =
+            (scratch(&format!("{strategy}-whole")), scratch(&format!("{strategy}-split")), scratch(&format!("{strategy}-ckpt")));
+        let common = [&["--strategy", strategy, "--steps", "40", "--eval-every", "20"][..], &extra].concat();
+        train(&[&common[..], &["--nproc", "2", "--out", whole.to_str().unwrap()]].concat());
+        // Step 22 is inside an averaging period: the ranks' models differ there.
+        train(
+            &[
+                &common[..],
+                &["--nproc", "2", "--stop-at", "22", "--checkpoint-dir", ckpt.to_str().unwrap(), "--out", split.to_str().unwrap()],
+            ]
+            .concat(),
+        );
+        train(&[&common[..], &["--nproc", "2", "--resume", ckpt.to_str().unwrap(), "--out", split.to_str().unwrap()]].concat());
+        assert_same_curve(&curve(&split), &curve(&whole));
+
+        // Each rank's model is its own: another world size is refused, naming the reason.
+        let other = [&common[..], &["--nproc", "3", "--resume", ckpt.to_str().unwrap(), "--out", split.to_str().unwrap()]].concat();
+        let bad = Command::new(env!("CARGO_BIN_EXE_distoptim")).arg("train").args(&other).output().unwrap();
+        assert!(!bad.status.success());
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains("resume with the same number of ranks"),
+            "{}",
+            String::from_utf8_lossy(&bad.stderr)
+        );
+        for d in [whole, split, ckpt] {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 

@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use distoptim_collective::{shard_range, Communicator, ReduceOp};
@@ -54,6 +55,10 @@ pub struct Manifest {
     pub schedule_step: Option<u64>,
     /// Counters of the surrounding algorithm (the trainer's epoch, post-local SGD's step…).
     pub counters: BTreeMap<String, u64>,
+    /// Each rank's file holds that rank's whole model and state ([`save_replicas`])
+    /// instead of its range of a shared one.
+    #[serde(default)]
+    pub per_rank: bool,
     pub files: Vec<FileEntry>,
 }
 
@@ -127,12 +132,108 @@ fn staging(dir: &Path) -> PathBuf {
 /// Collective over the optimizer's group.
 pub fn save(dir: &Path, opt: &DistributedOptimizer, params: &[f32], counters: &BTreeMap<String, u64>) -> Result<Manifest> {
     let comm = opt.comm();
-    let (me, n) = (comm.rank(), comm.size());
-    let layout = opt.layout().clone();
+    let numel = opt.layout().numel();
+    let range = shard_range(numel, comm.size(), comm.rank());
+    let state = opt.state_dict();
+    let part = (|| if state.shard == range { Ok(state) } else { Ok(state.restrict(range.clone())?) })();
+    let spec = Manifest {
+        format_version: FORMAT_VERSION,
+        world_size: comm.size(),
+        strategy: opt.strategy().name().into(),
+        layout: opt.layout().clone(),
+        groups: opt.groups().to_vec(),
+        step: opt.steps(),
+        schedule_step: opt.schedule_step(),
+        counters: counters.clone(),
+        per_rank: false,
+        files: Vec::new(),
+    };
+    write(dir, comm, spec, params, part, &BTreeMap::new())
+}
+
+/// What a rank of an algorithm whose ranks hold different models (post-local SGD
+/// between averagings, DiLoCo's inner models) needs to resume besides its parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaState {
+    /// The rank's optimizer state over the whole layout.
+    pub optimizer: OptimizerStateDict,
+    pub schedule_step: Option<u64>,
+    /// Further buffers over the whole layout (DiLoCo's global parameters and outer
+    /// momentum), by name.
+    pub extra: BTreeMap<String, Vec<f32>>,
+    /// The algorithm's counters (post-local SGD's step, so a resume does not replay the
+    /// warm-up).
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// Saves every rank's whole model and state (one file per rank, each covering the
+/// whole layout): the checkpoint of post-local SGD and DiLoCo. It reloads at the same
+/// world size only, since each rank's state is its own. Collective over `comm`.
+pub fn save_replicas(dir: &Path, comm: &Communicator, strategy: &str, params: &[f32], state: &ReplicaState) -> Result<Manifest> {
+    let layout = state.optimizer.layout.clone();
+    let spec = Manifest {
+        format_version: FORMAT_VERSION,
+        world_size: comm.size(),
+        strategy: strategy.into(),
+        groups: state.optimizer.groups.clone(),
+        step: state.optimizer.steps.iter().copied().max().unwrap_or(0),
+        schedule_step: state.schedule_step,
+        counters: state.counters.clone(),
+        per_rank: true,
+        files: Vec::new(),
+        layout,
+    };
+    write(dir, comm, spec, params, Ok(state.optimizer.clone()), &state.extra)
+}
+
+/// The part of the file of one rank: its range of the parameters, of the optimizer
+/// state (`state` covers the range) and of the extra buffers (which cover the layout).
+fn encode_part(
+    layout: &Layout,
+    range: Range<usize>,
+    params: &[f32],
+    state: &OptimizerStateDict,
+    extra: &BTreeMap<String, Vec<f32>>,
+) -> Result<Vec<u8>> {
     let numel = layout.numel();
-    if params.len() != numel {
-        return Err(DistError::Invalid(format!("params has {} elements, the layout has {numel}", params.len())));
+    if params.len() != numel || extra.values().any(|v| v.len() != numel) {
+        return Err(DistError::Invalid(format!("params and extra buffers must have the layout's {numel} elements")));
     }
+    let mut tensors: Vec<(String, &[f32])> = Vec::new();
+    let mut metadata = BTreeMap::from([("range".to_string(), format!("{},{}", range.start, range.end))]);
+    metadata.insert("steps".into(), serde_json::to_string(&state.steps).unwrap_or_default());
+    if !extra.is_empty() {
+        metadata.insert("extra".into(), serde_json::to_string(&extra.keys().collect::<Vec<_>>()).unwrap_or_default());
+    }
+    for (i, piece) in layout.overlapping(range.clone()) {
+        let p = layout.param(i);
+        tensors.push((p.name.clone(), &params[piece.clone()]));
+        for (buffer, values) in &state.buffers {
+            tensors.push((format!("{buffer}/{}", p.name), &values[piece.start - range.start..piece.end - range.start]));
+        }
+        for (buffer, values) in extra {
+            tensors.push((format!("{buffer}/{}", p.name), &values[piece.clone()]));
+        }
+        if piece.start > p.range().start {
+            metadata.insert(format!("offset/{}", p.name), (piece.start - p.range().start).to_string());
+        }
+    }
+    Ok(safetensors::encode(&tensors, &metadata))
+}
+
+/// Writes every rank's file into the staging directory, then rank 0 writes the manifest
+/// (`spec` with the files filled in) and swaps the directory into place.
+fn write(
+    dir: &Path,
+    comm: &Communicator,
+    mut spec: Manifest,
+    params: &[f32],
+    state: Result<OptimizerStateDict>,
+    extra: &BTreeMap<String, Vec<f32>>,
+) -> Result<Manifest> {
+    let (me, n) = (comm.rank(), comm.size());
+    let numel = spec.layout.numel();
+    let range_of = |r: usize| if spec.per_rank { 0..numel } else { shard_range(numel, n, r) };
     let stage = staging(dir);
     let prepared = if me == 0 {
         let _ = fs::remove_dir_all(&stage);
@@ -142,56 +243,29 @@ pub fn save(dir: &Path, opt: &DistributedOptimizer, params: &[f32], counters: &B
     };
     all_ok(comm, prepared, &format!("create {}", stage.display()))?;
 
-    let range = shard_range(numel, n, me);
-    let name = format!("rank-{me:05}.safetensors");
-    let written = (|| {
-        let state = opt.state_dict();
-        let state = if state.shard == range { state } else { state.restrict(range.clone())? };
-        let mut tensors: Vec<(String, &[f32])> = Vec::new();
-        let mut metadata = BTreeMap::from([("range".to_string(), format!("{},{}", range.start, range.end))]);
-        metadata.insert("steps".into(), serde_json::to_string(&state.steps).unwrap_or_default());
-        for (i, piece) in layout.overlapping(range.clone()) {
-            let p = layout.param(i);
-            tensors.push((p.name.clone(), &params[piece.clone()]));
-            for (buffer, values) in &state.buffers {
-                tensors.push((format!("{buffer}/{}", p.name), &values[piece.start - range.start..piece.end - range.start]));
-            }
-            if piece.start > p.range().start {
-                metadata.insert(format!("offset/{}", p.name), (piece.start - p.range().start).to_string());
-            }
-        }
-        let bytes = safetensors::encode(&tensors, &metadata);
-        write_atomic(&stage.join(&name), &bytes)?;
+    let written = state.and_then(|state| encode_part(&spec.layout, range_of(me), params, &state, extra)).and_then(|bytes| {
+        write_atomic(&stage.join(format!("rank-{me:05}.safetensors")), &bytes)?;
         Ok((bytes.len() as u64, fnv64(&bytes)))
-    })();
+    });
     let (bytes, sum) = all_ok(comm, written, "write its checkpoint file")?;
 
     let mut sums = vec![0i64; 2 * n];
     sums[2 * me] = bytes as i64;
     sums[2 * me + 1] = sum as i64;
     comm.all_gather(&mut sums)?;
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        world_size: n,
-        strategy: opt.strategy().name().into(),
-        layout: layout.clone(),
-        groups: opt.groups().to_vec(),
-        step: opt.steps(),
-        schedule_step: opt.schedule_step(),
-        counters: counters.clone(),
-        files: (0..n)
-            .map(|r| {
-                let range = shard_range(numel, n, r);
-                FileEntry {
-                    name: format!("rank-{r:05}.safetensors"),
-                    rank: r,
-                    range: [range.start, range.end],
-                    bytes: sums[2 * r] as u64,
-                    fnv64: format!("{:016x}", sums[2 * r + 1] as u64),
-                }
-            })
-            .collect(),
-    };
+    spec.files = (0..n)
+        .map(|r| {
+            let range = range_of(r);
+            FileEntry {
+                name: format!("rank-{r:05}.safetensors"),
+                rank: r,
+                range: [range.start, range.end],
+                bytes: sums[2 * r] as u64,
+                fnv64: format!("{:016x}", sums[2 * r + 1] as u64),
+            }
+        })
+        .collect();
+    let manifest = spec;
     let published = if me == 0 {
         (|| {
             let text = serde_json::to_vec_pretty(&manifest).map_err(|e| DistError::Checkpoint(e.to_string()))?;
@@ -228,6 +302,14 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             m.format_version
         )));
     }
+    if m.per_rank {
+        let whole = [0, m.layout.numel()];
+        if m.files.len() != m.world_size || m.files.iter().enumerate().any(|(r, f)| f.rank != r || f.range != whole || f.name.contains('/'))
+        {
+            return Err(DistError::Checkpoint(format!("{}: a per-rank checkpoint needs one whole-layout file per rank", path.display())));
+        }
+        return Ok(m);
+    }
     let mut next = 0;
     for f in &m.files {
         if f.range[0] != next || f.range[1] < f.range[0] || f.name.contains('/') {
@@ -251,6 +333,9 @@ pub fn load(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) -> R
 
 fn load_local(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) -> Result<Manifest> {
     let m = read_manifest(dir)?;
+    if m.per_rank {
+        return Err(DistError::Checkpoint(format!("{} holds per-rank models ({}); load it with load_replicas", dir.display(), m.strategy)));
+    }
     let layout = opt.layout().clone();
     if m.layout != layout {
         return Err(DistError::Checkpoint(format!("{} was saved for another parameter layout", dir.display())));
@@ -298,4 +383,61 @@ fn load_local(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) ->
     opt.restore_counters(m.step, m.schedule_step)?;
     params.copy_from_slice(&full);
     Ok(m)
+}
+
+/// Loads what [`save_replicas`] wrote: this rank's file into `params` and the returned
+/// state. The world size and layout must be those that saved. Collective over `comm`;
+/// nothing is returned unless every rank's file checks out.
+pub fn load_replicas(dir: &Path, comm: &Communicator, layout: &Layout, params: &mut [f32]) -> Result<(Manifest, ReplicaState)> {
+    let loaded = (|| {
+        let m = read_manifest(dir)?;
+        if !m.per_rank {
+            return Err(DistError::Checkpoint(format!("{} holds a sharded {} checkpoint; load it with load", dir.display(), m.strategy)));
+        }
+        if m.world_size != comm.size() {
+            return Err(DistError::Checkpoint(format!(
+                "{} holds the models of {} ranks ({}), this group has {}: resume with the same number of ranks",
+                dir.display(),
+                m.world_size,
+                m.strategy,
+                comm.size()
+            )));
+        }
+        if &m.layout != layout || params.len() != layout.numel() {
+            return Err(DistError::Checkpoint(format!("{} was saved for another parameter layout", dir.display())));
+        }
+        let path = verify_file(dir, &m.files[comm.rank()])?;
+        let bytes = fs::read(&path).map_err(|e| io(&path, e))?;
+        let d = safetensors::decode(&bytes).map_err(|e| DistError::Checkpoint(format!("{}: {e}", path.display())))?;
+        let extra_names: Vec<String> = d.metadata.get("extra").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
+        let steps: Vec<u64> = d.metadata.get("steps").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_else(|| vec![0; layout.len()]);
+        let (mut full, mut buffers, mut extra) = (vec![0f32; layout.numel()], BTreeMap::new(), BTreeMap::new());
+        for (key, values) in &d.tensors {
+            let (buffer, name) = key.split_once('/').map_or((None, key.as_str()), |(b, n)| (Some(b), n));
+            let i = layout
+                .index_of(name)
+                .ok_or_else(|| DistError::Checkpoint(format!("{}: tensor '{key}' is not in the layout", path.display())))?;
+            let range = layout.param(i).range();
+            if values.len() != range.len() {
+                return Err(DistError::Checkpoint(format!(
+                    "{}: tensor '{key}' has {} elements, expected {}",
+                    path.display(),
+                    values.len(),
+                    range.len()
+                )));
+            }
+            let target = match buffer {
+                None => &mut full,
+                Some(b) if extra_names.iter().any(|e| e == b) => extra.entry(b.to_string()).or_insert_with(|| vec![0f32; layout.numel()]),
+                Some(b) => buffers.entry(b.to_string()).or_insert_with(|| vec![0f32; layout.numel()]),
+            };
+            target[range].copy_from_slice(values);
+        }
+        let optimizer = OptimizerStateDict { layout: layout.clone(), shard: 0..layout.numel(), groups: m.groups.clone(), steps, buffers };
+        let state = ReplicaState { optimizer, schedule_step: m.schedule_step, extra, counters: m.counters.clone() };
+        Ok((m, state, full))
+    })();
+    let (m, state, full) = all_ok(comm, loaded, &format!("load {}", dir.display()))?;
+    params.copy_from_slice(&full);
+    Ok((m, state))
 }

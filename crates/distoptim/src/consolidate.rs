@@ -40,8 +40,11 @@ fn err(path: &Path, e: impl std::fmt::Display) -> DistError {
 /// `dir` (see the module docs). `out` is created if needed.
 pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
     let m = read_manifest(dir)?;
-    let mut readers = Vec::with_capacity(m.files.len());
-    for f in &m.files {
+    // A per-rank checkpoint (post-local SGD, DiLoCo) holds a whole model per rank: rank
+    // 0's is the one consolidated.
+    let files = if m.per_rank { &m.files[..1] } else { &m.files[..] };
+    let mut readers = Vec::with_capacity(files.len());
+    for f in files {
         let path = verify_file(dir, f)?;
         readers.push((Reader::open(&path).map_err(|e| err(&path, e))?, path, f.range[0]..f.range[1]));
     }
@@ -51,17 +54,19 @@ pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
         .flat_map(|(r, _, _)| r.header.tensors.keys())
         .filter_map(|k| k.split_once('/').filter(|(b, p)| !b.contains('/') && m.layout.index_of(p).is_some()).map(|(b, _)| b.to_string()))
         .collect();
-    let steps = readers.iter().filter_map(|(r, _, _)| r.header.metadata.get("steps")).filter_map(|s| serde_json::from_str::<Vec<u64>>(s).ok()).fold(
-        vec![0u64; m.layout.len()],
-        |acc, s| acc.iter().zip(s.iter().chain(std::iter::repeat(&0))).map(|(a, b)| *a.max(b)).collect(),
-    );
+    let steps = readers
+        .iter()
+        .filter_map(|(r, _, _)| r.header.metadata.get("steps"))
+        .filter_map(|s| serde_json::from_str::<Vec<u64>>(s).ok())
+        .fold(vec![0u64; m.layout.len()], |acc, s| acc.iter().zip(s.iter().chain(std::iter::repeat(&0))).map(|(a, b)| *a.max(b)).collect());
     fs::create_dir_all(out).map_err(|e| err(out, e))?;
 
     let params: Vec<(String, String)> = m.layout.params().iter().map(|p| (p.name.clone(), p.name.clone())).collect();
     let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let model = write_streamed(&out.join("model.safetensors"), &m, &params, &model_meta, &mut readers)?;
 
-    let state: Vec<(String, String)> = m.layout.params().iter().flat_map(|p| buffers.iter().map(move |b| (format!("{b}/{}", p.name), p.name.clone()))).collect();
+    let state: Vec<(String, String)> =
+        m.layout.params().iter().flat_map(|p| buffers.iter().map(move |b| (format!("{b}/{}", p.name), p.name.clone()))).collect();
     let groups = serde_json::to_string(&m.groups).map_err(|e| DistError::Checkpoint(e.to_string()))?;
     let optimizer_meta = BTreeMap::from([
         ("steps".to_string(), serde_json::to_string(&steps).unwrap_or_default()),
@@ -76,8 +81,17 @@ pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
 
 /// Writes the tensors `(name in the output, parameter)` to `path`, each assembled from
 /// the pieces the rank files hold of it (named the same as in the output).
-fn write_streamed(path: &Path, m: &Manifest, tensors: &[(String, String)], metadata: &BTreeMap<String, String>, readers: &mut [(Reader, PathBuf, std::ops::Range<usize>)]) -> Result<PathBuf> {
-    let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(name, param)| (name.clone(), m.layout.params()[m.layout.index_of(param).unwrap_or(0)].shape.clone())).collect();
+fn write_streamed(
+    path: &Path,
+    m: &Manifest,
+    tensors: &[(String, String)],
+    metadata: &BTreeMap<String, String>,
+    readers: &mut [(Reader, PathBuf, std::ops::Range<usize>)],
+) -> Result<PathBuf> {
+    let shapes: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(name, param)| (name.clone(), m.layout.params()[m.layout.index_of(param).unwrap_or(0)].shape.clone()))
+        .collect();
     let (header, _) = safetensors::header(&shapes, metadata);
     let tmp = path.with_extension("safetensors.tmp");
     let mut file = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&tmp).map_err(|e| err(&tmp, e))?);

@@ -7,11 +7,18 @@
 //! Γ − (Σ_r P_r)/W, the outer optimizer steps Γ, and every P_r becomes Γ. One
 //! all-reduce of the parameters per round is all the communication.
 
+use std::collections::BTreeMap;
+
+use crate::checkpoint::ReplicaState;
 use crate::config::{ClipConfig, StepReport};
 use crate::error::{DistError, Result};
 use crate::scheduled::Scheduled;
 use distoptim_collective::{Communicator, ReduceOp};
 use distoptim_optim::{Layout, Optimizer, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
+
+/// Counters in checkpoints: inner steps, and outer steps taken.
+const STEPS: &str = "diloco.steps";
+const OUTER_STEPS: &str = "diloco.outer_steps";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DilocoConfig {
@@ -65,6 +72,35 @@ impl Diloco {
     /// Γ, the global parameters.
     pub fn global_params(&self) -> &[f32] {
         &self.global
+    }
+
+    /// This rank's inner optimizer state and schedule position, the global parameters Γ
+    /// and the outer optimizer's state, for [`crate::checkpoint::save_replicas`].
+    pub fn replica_state(&self) -> ReplicaState {
+        let outer = self.outer.state_dict();
+        let mut extra: BTreeMap<String, Vec<f32>> = outer.buffers.into_iter().map(|(b, v)| (format!("outer_{b}"), v)).collect();
+        extra.insert("global".into(), self.global.clone());
+        let outer_steps = outer.steps.iter().copied().max().unwrap_or(0);
+        self.inner.replica_state(extra, BTreeMap::from([(STEPS.to_string(), self.steps), (OUTER_STEPS.to_string(), outer_steps)]))
+    }
+
+    /// Restores what [`Self::replica_state`] returned.
+    pub fn load_replica_state(&mut self, state: &ReplicaState) -> Result<()> {
+        let counter = |name: &str| state.counters.get(name).copied().ok_or_else(|| DistError::Checkpoint(format!("no '{name}' counter")));
+        let global = state
+            .extra
+            .get("global")
+            .filter(|g| g.len() == self.global.len())
+            .ok_or_else(|| DistError::Checkpoint("no global parameters".into()))?;
+        let mut outer = self.outer.state_dict();
+        let outer_steps = counter(OUTER_STEPS)?;
+        outer.steps = vec![outer_steps; outer.steps.len()];
+        outer.buffers = state.extra.iter().filter_map(|(k, v)| Some((k.strip_prefix("outer_")?.to_string(), v.clone()))).collect();
+        self.outer.load_state_dict(&outer)?;
+        self.inner.load_replica(state)?;
+        self.global.copy_from_slice(global);
+        self.steps = counter(STEPS)?;
+        Ok(())
     }
 
     /// Whether the last step ended with an outer step, so every rank's parameters are Γ.

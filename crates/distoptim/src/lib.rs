@@ -26,8 +26,8 @@ mod replicas;
 mod safetensors;
 mod scheduled;
 
-pub use consolidate::{consolidate, Consolidated};
 pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
+pub use consolidate::{consolidate, Consolidated};
 pub use diloco::{Diloco, DilocoConfig};
 pub use dist_clip::TensorParallel;
 pub use error::{DistError, Result};

@@ -8,11 +8,17 @@
 //! state and schedules stay per rank and are never averaged.
 
 use crate::config::{ClipConfig, ReduceMode, StepReport};
-use crate::error::Result;
+use std::collections::BTreeMap;
+
+use crate::checkpoint::ReplicaState;
+use crate::error::{DistError, Result};
 use crate::grad_sync;
 use crate::scheduled::Scheduled;
 use distoptim_collective::{Communicator, ReduceOp};
 use distoptim_optim::{Layout, ParamGroup, Schedule};
+
+/// The averager's step counter in checkpoints.
+const STEPS: &str = "post_local_sgd.steps";
 
 /// Warm-up length and averaging period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +78,20 @@ impl PostLocalSgd {
     pub fn params_in_sync(&self) -> bool {
         let w = self.averaging.warmup_steps;
         self.steps <= w || (self.steps - 1 - w) % self.averaging.period == 0
+    }
+
+    /// This rank's optimizer state, schedule position and the averager's counter, for
+    /// [`crate::checkpoint::save_replicas`].
+    pub fn replica_state(&self) -> ReplicaState {
+        self.opt.replica_state(BTreeMap::new(), BTreeMap::from([(STEPS.to_string(), self.steps)]))
+    }
+
+    /// Restores what [`Self::replica_state`] returned: the resume continues where the
+    /// saved run was, past its warm-up.
+    pub fn load_replica_state(&mut self, state: &ReplicaState) -> Result<()> {
+        self.opt.load_replica(state)?;
+        self.steps = state.counters.get(STEPS).copied().ok_or_else(|| DistError::Checkpoint(format!("no '{STEPS}' counter")))?;
+        Ok(())
     }
 
     /// Averages the parameters now (collective), e.g. once more at the end of training

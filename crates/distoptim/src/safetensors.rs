@@ -145,7 +145,10 @@ impl Reader {
             return Err(format!("tensor '{name}' has {} elements, expected {}", (b - a) / 4, out.len()));
         }
         let mut raw = vec![0u8; b - a];
-        self.file.seek(SeekFrom::Start((self.header.data_start + a) as u64)).and_then(|_| self.file.read_exact(&mut raw)).map_err(|e| e.to_string())?;
+        self.file
+            .seek(SeekFrom::Start((self.header.data_start + a) as u64))
+            .and_then(|_| self.file.read_exact(&mut raw))
+            .map_err(|e| e.to_string())?;
         out.iter_mut().zip(to_f32(&raw)).for_each(|(o, v)| *o = v);
         Ok(())
     }

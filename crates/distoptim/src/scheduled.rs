@@ -1,6 +1,9 @@
 //! An optimizer with its LR schedule: the pair every strategy steps (the schedule
 //! advances after each optimizer step, as torch's `LambdaLR.step()` does).
 
+use std::collections::BTreeMap;
+
+use crate::checkpoint::ReplicaState;
 use crate::config::{ClipConfig, StepReport};
 use crate::dist_clip;
 use crate::error::Result;
@@ -68,6 +71,20 @@ impl Scheduled {
             s.step = step;
             let lrs = s.lrs();
             self.opt.set_lrs(&lrs)?;
+        }
+        Ok(())
+    }
+
+    /// This optimizer's part of a per-rank checkpoint, with the caller's extras.
+    pub(crate) fn replica_state(&self, extra: BTreeMap<String, Vec<f32>>, counters: BTreeMap<String, u64>) -> ReplicaState {
+        ReplicaState { optimizer: self.opt.state_dict(), schedule_step: self.schedule_step(), extra, counters }
+    }
+
+    /// Restores the optimizer state and schedule position of a per-rank checkpoint.
+    pub(crate) fn load_replica(&mut self, state: &ReplicaState) -> Result<()> {
+        self.load_state_dict(&state.optimizer)?;
+        if let Some(step) = state.schedule_step {
+            self.set_schedule_step(step)?;
         }
         Ok(())
     }

@@ -2,7 +2,11 @@
 //! (DDP, ZeRO-1/2/3) or a periodic-averaging one (post-local SGD, DiLoCo), behind the
 //! few calls the training loop needs.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use anyhow::{bail, Result};
+use distoptim::checkpoint::{self, Manifest, ReplicaState};
 use distoptim::{
     ClipConfig, Diloco, DilocoConfig, DistributedOptimizer, LocalSgdConfig, PostLocalSgd, ReduceMode, StepConfig, StepReport, Strategy,
 };
@@ -60,12 +64,43 @@ impl Algorithm {
         })
     }
 
-    /// The synchronous optimizer, which checkpoints know how to save and reshard.
-    pub fn synced(&mut self) -> Option<&mut DistributedOptimizer> {
-        match self {
-            Algorithm::Synced(opt) => Some(opt),
-            _ => None,
-        }
+    /// Saves a checkpoint (collective): ranges of the shared model and state for the
+    /// synchronous strategies (reloadable at any world size and strategy), every rank's
+    /// own model and state for the periodic-averaging ones (same world size only).
+    pub fn save(&self, dir: &Path, comm: &Communicator, params: &[f32], counters: BTreeMap<String, u64>) -> Result<Manifest> {
+        let replica = |name: &str, mut state: ReplicaState| {
+            state.counters.extend(counters.clone());
+            checkpoint::save_replicas(dir, comm, name, params, &state)
+        };
+        Ok(match self {
+            Algorithm::Synced(opt) => checkpoint::save(dir, opt, params, &counters)?,
+            Algorithm::LocalSgd(opt) => replica("post_local_sgd", opt.replica_state())?,
+            Algorithm::Diloco(opt) => replica("diloco", opt.replica_state())?,
+        })
+    }
+
+    /// Restores a checkpoint written by [`Self::save`] (collective).
+    pub fn load(&mut self, dir: &Path, comm: &Communicator, layout: &Layout, params: &mut [f32]) -> Result<Manifest> {
+        let replica = |name: &str, params: &mut [f32]| -> Result<(Manifest, ReplicaState)> {
+            let (m, state) = checkpoint::load_replicas(dir, comm, layout, params)?;
+            if m.strategy != name {
+                bail!("{} holds a {} run; resume it with --strategy {}", dir.display(), m.strategy, m.strategy);
+            }
+            Ok((m, state))
+        };
+        Ok(match self {
+            Algorithm::Synced(opt) => checkpoint::load(dir, opt, params)?,
+            Algorithm::LocalSgd(opt) => {
+                let (m, state) = replica("post_local_sgd", params)?;
+                opt.load_replica_state(&state)?;
+                m
+            }
+            Algorithm::Diloco(opt) => {
+                let (m, state) = replica("diloco", params)?;
+                opt.load_replica_state(&state)?;
+                m
+            }
+        })
     }
 
     /// Makes `params` complete on this rank (ZeRO-3 all-gathers the shards; the others

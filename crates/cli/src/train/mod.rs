@@ -31,7 +31,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
-use distoptim::{checkpoint, verify_replicas, ClipConfig, DilocoConfig, LocalSgdConfig};
+use distoptim::{verify_replicas, ClipConfig, DilocoConfig, LocalSgdConfig};
 use distoptim_candle::FlatParams;
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip::NormType;
@@ -111,7 +111,9 @@ pub struct TrainArgs {
     checkpoint_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 100)]
     checkpoint_every: u64,
-    /// Continue from this checkpoint (any earlier --nproc, and any of ddp/zero*).
+    /// Continue from this checkpoint: a ddp/zero* one at any --nproc and with any of
+    /// those strategies; a post_local_sgd/diloco one (every rank's own model) with the
+    /// same --nproc and strategy.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Where rank 0 writes metrics.csv, metrics.json and plot.svg.
@@ -143,7 +145,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // Share the cores between the ranks on this host (torchrun sets OMP_NUM_THREADS=1
     // for the same reason); candle's matmul and the optimizer both read this.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let local: usize = ["LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok()).unwrap_or(1);
+        let local: usize =
+            ["LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok()).unwrap_or(1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", (cores / local.max(1)).max(1).to_string());
     }
@@ -312,13 +315,10 @@ impl Trainer {
     /// Restores a checkpoint named by `--resume`; returns the step to continue from.
     fn resume(&mut self) -> Result<u64> {
         let Some(dir) = self.args.resume.clone() else { return Ok(0) };
-        let Some(opt) = self.algorithm.synced() else {
-            bail!(
-                "--resume: checkpoints hold ddp/zero1/zero2/zero3 runs; {} keeps per-rank models that they do not hold yet",
-                self.args.strategy
-            )
-        };
-        let manifest = checkpoint::load(&dir, opt, &mut self.params).with_context(|| format!("resuming from {}", dir.display()))?;
+        let manifest = self
+            .algorithm
+            .load(&dir, &self.comm, self.flat.layout(), &mut self.params)
+            .with_context(|| format!("resuming from {}", dir.display()))?;
         for (name, ours) in [("seed", self.args.seed), ("batch_size", self.args.batch_size as u64), ("total_steps", self.total_steps)] {
             if let Some(&theirs) = manifest.counters.get(name) {
                 ensure!(theirs == ours, "--resume {}: the checkpoint was written with {name} {theirs}, this run has {ours}; the data order and schedule would differ", dir.display());
@@ -414,13 +414,7 @@ impl Trainer {
             ("batch_size".to_string(), self.args.batch_size as u64),
             ("total_steps".to_string(), self.total_steps),
         ]);
-        let strategy = self.args.strategy.clone();
-        let Some(opt) = self.algorithm.synced() else {
-            bail!(
-                "--checkpoint-dir: checkpoints hold ddp/zero1/zero2/zero3 runs; {strategy} keeps per-rank models that they do not hold yet"
-            )
-        };
-        checkpoint::save(&dir, opt, &self.params, &counters).with_context(|| format!("checkpoint at step {step}"))?;
+        self.algorithm.save(&dir, &self.comm, &self.params, counters).with_context(|| format!("checkpoint at step {step}"))?;
         Ok(())
     }
 
@@ -429,15 +423,17 @@ impl Trainer {
     }
 
     fn finish(mut self, step: u64, samples: u64, wall: Duration) -> Result<()> {
+        // The checkpoint holds the state a continuation needs, taken before the replicas
+        // are brought together for the final evaluation.
+        if self.args.checkpoint_dir.is_some() {
+            self.checkpoint(step)?;
+        }
         self.algorithm.finish(&mut self.params)?;
         verify_replicas(&self.comm, self.flat.layout(), &self.params).context("replica check at the end")?;
         let (test_loss, accuracy) = self.evaluate()?;
         if let Some(last) = self.rows.last_mut() {
             last.test_loss = Some(test_loss);
             last.test_accuracy = Some(accuracy);
-        }
-        if self.args.checkpoint_dir.is_some() {
-            self.checkpoint(step)?;
         }
         let mut rss = vec![0i64; self.comm.size()];
         rss[self.comm.rank()] = peak_rss_kib()?;

@@ -17,6 +17,13 @@ fn train(args: &[&str]) -> Output {
     out
 }
 
+/// Runs `train` expecting it to fail; returns its stderr.
+fn train_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_distoptim")).arg("train").args(args).output().expect("the distoptim binary runs");
+    assert!(!out.status.success(), "train {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("distoptim-train-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -89,24 +96,19 @@ fn resume_at_another_nproc_and_strategy_continues_the_same_curve() {
     assert_same_curve(&curve(&split), &curve(&whole));
 
     // A resume whose data order would differ is refused, naming the setting.
-    let bad = Command::new(env!("CARGO_BIN_EXE_distoptim"))
-        .args([
-            "train",
-            "--nproc",
-            "1",
-            "--steps",
-            "40",
-            "--seed",
-            "5",
-            "--resume",
-            ckpt.to_str().unwrap(),
-            "--out",
-            split.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("seed 0, this run has 5"), "{}", String::from_utf8_lossy(&bad.stderr));
+    let stderr = train_fails(&[
+        "--nproc",
+        "1",
+        "--steps",
+        "40",
+        "--seed",
+        "5",
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--out",
+        split.to_str().unwrap(),
+    ]);
+    assert!(stderr.contains("seed 0, this run has 5"), "{stderr}");
 
     // The checkpoint consolidates into files Python's safetensors reads.
     let merged = scratch("merged");

@@ -135,7 +135,7 @@ pub fn save(dir: &Path, opt: &DistributedOptimizer, params: &[f32], counters: &B
     let numel = opt.layout().numel();
     let range = shard_range(numel, comm.size(), comm.rank());
     let state = opt.state_dict();
-    let part = (|| if state.shard == range { Ok(state) } else { Ok(state.restrict(range.clone())?) })();
+    let part = if state.shard == range { Ok(state) } else { state.restrict(range.clone()).map_err(DistError::from) };
     let spec = Manifest {
         format_version: FORMAT_VERSION,
         world_size: comm.size(),

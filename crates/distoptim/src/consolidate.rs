@@ -61,12 +61,12 @@ pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
         .fold(vec![0u64; m.layout.len()], |acc, s| acc.iter().zip(s.iter().chain(std::iter::repeat(&0))).map(|(a, b)| *a.max(b)).collect());
     fs::create_dir_all(out).map_err(|e| err(out, e))?;
 
-    let params: Vec<(String, String)> = m.layout.params().iter().map(|p| (p.name.clone(), p.name.clone())).collect();
+    let params: Vec<(String, usize)> = m.layout.params().iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
     let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let model = write_streamed(&out.join("model.safetensors"), &m, &params, &model_meta, &mut readers)?;
 
-    let state: Vec<(String, String)> =
-        m.layout.params().iter().flat_map(|p| buffers.iter().map(move |b| (format!("{b}/{}", p.name), p.name.clone()))).collect();
+    let state: Vec<(String, usize)> =
+        m.layout.params().iter().enumerate().flat_map(|(i, p)| buffers.iter().map(move |b| (format!("{b}/{}", p.name), i))).collect();
     let groups = serde_json::to_string(&m.groups).map_err(|e| DistError::Checkpoint(e.to_string()))?;
     let optimizer_meta = BTreeMap::from([
         ("steps".to_string(), serde_json::to_string(&steps).unwrap_or_default()),
@@ -79,26 +79,23 @@ pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
     Ok(Consolidated { model, optimizer, tensors: params.len() + state.len(), largest })
 }
 
-/// Writes the tensors `(name in the output, parameter)` to `path`, each assembled from
+/// Writes the tensors `(name in the output, parameter index)` to `path`, each assembled from
 /// the pieces the rank files hold of it (named the same as in the output).
 fn write_streamed(
     path: &Path,
     m: &Manifest,
-    tensors: &[(String, String)],
+    tensors: &[(String, usize)],
     metadata: &BTreeMap<String, String>,
     readers: &mut [(Reader, PathBuf, std::ops::Range<usize>)],
 ) -> Result<PathBuf> {
-    let shapes: Vec<(String, Vec<usize>)> = tensors
-        .iter()
-        .map(|(name, param)| (name.clone(), m.layout.params()[m.layout.index_of(param).unwrap_or(0)].shape.clone()))
-        .collect();
+    let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(name, i)| (name.clone(), m.layout.param(*i).shape.clone())).collect();
     let (header, _) = safetensors::header(&shapes, metadata);
     let tmp = path.with_extension("safetensors.tmp");
     let mut file = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&tmp).map_err(|e| err(&tmp, e))?);
     file.write_all(&header).map_err(|e| err(&tmp, e))?;
     let (mut values, mut bytes) = (Vec::new(), Vec::new());
-    for (name, param) in tensors {
-        let spec = m.layout.param(m.layout.index_of(param).unwrap_or(0));
+    for (name, i) in tensors {
+        let spec = m.layout.param(*i);
         values.clear();
         values.resize(spec.numel(), 0f32);
         for (reader, file_path, range) in readers.iter_mut() {

@@ -346,10 +346,7 @@ impl Trainer {
         let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
         let mut backward = Duration::ZERO;
         if !indices.is_empty() {
-            let (mut x, mut y) = (Vec::new(), Vec::new());
-            self.train.gather(&indices, &mut x, &mut y);
-            let xs = Tensor::from_vec(x, (indices.len(), self.train.dim), &Device::Cpu)?;
-            let ys = Tensor::from_vec(y, indices.len(), &Device::Cpu)?;
+            let (xs, ys) = batch(&self.train, &indices)?;
             let logits = self.model.forward(&xs)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
             let store = loss.backward()?;
@@ -358,7 +355,7 @@ impl Trainer {
             self.flat.read_grads(&store, &mut self.grads)?;
             copy += c.elapsed();
             loss_sum = f64::from(loss.to_scalar::<f32>()?) * indices.len() as f64;
-            correct = f64::from(logits.argmax(D::Minus1)?.eq(&ys)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?);
+            correct = count_correct(&logits, &ys)?;
         } else {
             self.grads.fill(0.0);
         }
@@ -392,14 +389,11 @@ impl Trainer {
         let mine: Vec<usize> = shard_range(self.test.len(), self.comm.size(), self.comm.rank()).collect();
         let mut stats = [0.0f64; 3];
         for chunk in mine.chunks(512) {
-            let (mut x, mut y) = (Vec::new(), Vec::new());
-            self.test.gather(chunk, &mut x, &mut y);
-            let xs = Tensor::from_vec(x, (chunk.len(), self.test.dim), &Device::Cpu)?;
-            let ys = Tensor::from_vec(y, chunk.len(), &Device::Cpu)?;
+            let (xs, ys) = batch(&self.test, chunk)?;
             let logits = self.model.forward(&xs)?;
             stats[0] += f64::from(candle_nn::loss::cross_entropy(&logits, &ys)?.to_scalar::<f32>()?) * chunk.len() as f64;
             stats[1] += chunk.len() as f64;
-            stats[2] += f64::from(logits.argmax(D::Minus1)?.eq(&ys)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?);
+            stats[2] += count_correct(&logits, &ys)?;
         }
         self.comm.all_reduce(&mut stats, ReduceOp::Sum)?;
         Ok((stats[0] / stats[1].max(1.0), stats[2] / stats[1].max(1.0)))
@@ -456,6 +450,18 @@ impl Trainer {
         println!("wrote {}/metrics.csv, metrics.json and plot.svg", self.args.out.display());
         Ok(())
     }
+}
+
+/// The samples as candle tensors: inputs `[n, dim]` and labels `[n]`.
+fn batch(data: &Dataset, indices: &[usize]) -> Result<(Tensor, Tensor)> {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    data.gather(indices, &mut x, &mut y);
+    Ok((Tensor::from_vec(x, (indices.len(), data.dim), &Device::Cpu)?, Tensor::from_vec(y, indices.len(), &Device::Cpu)?))
+}
+
+/// How many rows of `logits` pick their label.
+fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<f64> {
+    Ok(f64::from(logits.argmax(D::Minus1)?.eq(labels)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?))
 }
 
 /// AdamW-style param groups: weights decay, biases do not.

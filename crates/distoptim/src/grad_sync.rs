@@ -13,12 +13,29 @@ use distoptim_collective::{Communicator, ReduceOp};
 /// Multiplies the local gradient by its weight; returns the divisor once the group's
 /// weights are known.
 pub(crate) fn weigh(comm: &Communicator, grads: &mut [f32], mode: ReduceMode, batch_size: usize) -> Result<f32> {
+    let w = local_weight(mode, batch_size);
+    if w != 1.0 {
+        grads.iter_mut().for_each(|g| *g *= w);
+    }
+    divisor(comm, mode, batch_size)
+}
+
+/// What this rank's gradient is multiplied by before the SUM: its batch size under
+/// `batch_weighted`, else 1.
+pub(crate) fn local_weight(mode: ReduceMode, batch_size: usize) -> f32 {
+    match mode {
+        ReduceMode::BatchWeighted => batch_size as f32,
+        ReduceMode::Sum | ReduceMode::Mean => 1.0,
+    }
+}
+
+/// What the SUM is divided by: 1, the group size, or the group's total batch size (one
+/// all-reduce of the counts).
+pub(crate) fn divisor(comm: &Communicator, mode: ReduceMode, batch_size: usize) -> Result<f32> {
     match mode {
         ReduceMode::Sum => Ok(1.0),
         ReduceMode::Mean => Ok(comm.size() as f32),
         ReduceMode::BatchWeighted => {
-            let b = batch_size as f32;
-            grads.iter_mut().for_each(|g| *g *= b);
             let mut total = [batch_size as f64];
             comm.all_reduce(&mut total, ReduceOp::Sum)?;
             if total[0] <= 0.0 {

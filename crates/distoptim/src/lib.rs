@@ -4,6 +4,7 @@
 //! - [`DistributedOptimizer`]: DDP and ZeRO-1/2/3 over balanced contiguous ranges of
 //!   one flat buffer, with mean / sum / batch-weighted reduction, gradient accumulation
 //!   and clipping by the global norm across shards.
+//! - [`GradBuckets`]: DDP's buckets, all-reduced while the backward pass still runs.
 //! - [`PostLocalSgd`]: torch's post-local SGD with periodic model averaging.
 //! - [`Diloco`]: inner steps per rank, an outer Nesterov SGD on the averaged delta.
 //! - [`dist_clip`]: the global-norm clip when ranks own parts of the gradient.
@@ -12,6 +13,7 @@
 //! - [`consolidate()`]: a checkpoint into one `model.safetensors` + `optimizer.safetensors`.
 //! - [`step_lbfgs`]: LBFGS whose closure is reduced over the ranks.
 
+mod buckets;
 pub mod checkpoint;
 mod config;
 pub mod consolidate;
@@ -26,6 +28,7 @@ mod replicas;
 mod safetensors;
 mod scheduled;
 
+pub use buckets::GradBuckets;
 pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
 pub use consolidate::{consolidate, Consolidated};
 pub use diloco::{Diloco, DilocoConfig};

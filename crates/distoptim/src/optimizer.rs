@@ -18,6 +18,7 @@
 //! those of one process stepping with the reduced gradient (to the bit on the embedded
 //! backends), and every rank holds the same values.
 
+use crate::buckets::GradBuckets;
 use crate::config::{StepConfig, StepReport, Strategy};
 use crate::dist_clip::{self, TensorParallel};
 use crate::error::{DistError, Result};
@@ -25,7 +26,7 @@ use crate::grad_sync;
 use crate::scheduled::Scheduled;
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip;
-use distoptim_optim::{Layout, OptimizerStateDict, ParamGroup, Schedule};
+use distoptim_optim::{Layout, OptimizerConfig, OptimizerStateDict, ParamGroup, Schedule};
 use std::ops::Range;
 
 pub struct DistributedOptimizer {
@@ -133,6 +134,42 @@ impl DistributedOptimizer {
         } else {
             grad_sync::all_reduce(&self.comm, grads, self.config.bucket_elems())?;
         }
+        self.apply(params, grads, divisor)
+    }
+
+    /// Gradient buckets for this optimizer's layout, reduce mode and `bucket_cap_mb`, to
+    /// overlap the reduction with a backward pass that produces gradients layer by layer
+    /// (see [`GradBuckets`]). Collective: the buffer comes from the communicator.
+    pub fn grad_buckets(&self) -> Result<GradBuckets> {
+        GradBuckets::new(&self.comm, self.layout(), self.config.reduce, self.config.bucket_cap_mb)
+    }
+
+    /// [`step`](Self::step) with gradients already reducing in `buckets`: waits for them
+    /// (reducing any bucket not marked ready) and steps. Gives the same parameters as
+    /// `step` to the bit. DDP and ZeRO-1 only: ZeRO-2/3 reduce-scatter the whole buffer
+    /// over the ranks' ranges, which do not follow bucket boundaries.
+    pub fn step_buckets(&mut self, params: &mut [f32], buckets: &mut GradBuckets) -> Result<StepReport> {
+        if !matches!(self.config.strategy, Strategy::Ddp | Strategy::Zero1) {
+            return Err(DistError::Invalid(format!(
+                "step_buckets needs an all-reduce strategy (ddp or zero1), not {}; use step",
+                self.config.strategy.name()
+            )));
+        }
+        let numel = self.layout().numel();
+        if params.len() != numel || buckets.numel() != numel || buckets.comm().size() != self.comm.size() {
+            return Err(DistError::Invalid(format!(
+                "params ({}) and buckets ({}) must match the layout's {numel} elements and this group",
+                params.len(),
+                buckets.numel()
+            )));
+        }
+        let (grads, divisor) = buckets.finish()?;
+        self.apply(params, grads, divisor)
+    }
+
+    /// The step after the reduction: `grads` holds the SUM over the group (at least over
+    /// the owned range), to be divided by `divisor`.
+    fn apply(&mut self, params: &mut [f32], grads: &mut [f32], divisor: f32) -> Result<StepReport> {
         // Only the owned elements are finished: divided, measured, clipped (the clip
         // coefficient is applied by the optimizer as it reads each gradient).
         let owned = self.owned.clone();
@@ -183,26 +220,51 @@ impl DistributedOptimizer {
     /// Gathers every rank's state into one full state dict on rank `to` (torch's
     /// `consolidate_state_dict`); other ranks get `None`. Collective.
     pub fn consolidate_state_dict(&self, to: usize) -> Result<Option<OptimizerStateDict>> {
-        if !self.config.strategy.shards_state() {
-            return Ok((self.comm.rank() == to).then(|| self.opt.optimizer().state_dict()));
-        }
+        let full = self.gather_state()?;
+        Ok((self.comm.rank() == to).then_some(full))
+    }
+
+    /// Every rank's state joined into the full state dict, on every rank (collective).
+    fn gather_state(&self) -> Result<OptimizerStateDict> {
         let mine = self.opt.optimizer().state_dict();
-        let names: Vec<String> = mine.buffers.keys().cloned().collect();
+        if !self.config.strategy.shards_state() {
+            return Ok(mine);
+        }
         let numel = self.opt.optimizer().layout().numel();
         // Each buffer and the step counts, all-gathered over the balanced ranges.
         let mut buffers = std::collections::BTreeMap::new();
-        for name in &names {
+        for (name, part) in &mine.buffers {
             let mut full = vec![0f32; numel];
-            full[self.owned.clone()].copy_from_slice(&mine.buffers[name]);
+            full[self.owned.clone()].copy_from_slice(part);
             self.comm.all_gather(&mut full)?;
             buffers.insert(name.clone(), full);
         }
         let mut steps: Vec<i64> = mine.steps.iter().map(|&s| s as i64).collect();
-        self.comm.all_reduce(&mut steps, distoptim_collective::ReduceOp::Max)?;
-        if self.comm.rank() != to {
-            return Ok(None);
+        self.comm.all_reduce(&mut steps, ReduceOp::Max)?;
+        Ok(OptimizerStateDict { shard: 0..numel, steps: steps.into_iter().map(|s| s as u64).collect(), buffers, ..mine })
+    }
+
+    /// torch's `add_param_group`, with ZeroRedundancyOptimizer's re-partition: appends
+    /// `params` as a new group with `config` (no state yet) and, for ZeRO, re-balances the
+    /// ranges over the grown buffer, moving every rank's state to its new owner.
+    /// Collective; every rank passes the same arguments. Returns the new parameters'
+    /// indices.
+    ///
+    /// The parameter and gradient buffers of later steps grow by the new elements at the
+    /// end. Under ZeRO-3 the parameters must be complete first
+    /// ([`gather_params`](Self::gather_params)), because each rank's range moves. The
+    /// schedule keeps its position; the new group joins it with its lr as base lr.
+    pub fn add_param_group(&mut self, params: Vec<(String, Vec<usize>)>, config: OptimizerConfig) -> Result<Vec<usize>> {
+        if self.tp.is_some() {
+            return Err(DistError::Invalid("add_param_group is not supported with tensor parallelism (placements are fixed)".into()));
         }
-        Ok(Some(OptimizerStateDict { shard: 0..numel, steps: steps.into_iter().map(|s| s as u64).collect(), buffers, ..mine }))
+        let mut full = self.gather_state()?;
+        let added = full.add_param_group(params, config)?;
+        let numel = full.layout.numel();
+        let owned = if self.config.strategy.shards_state() { shard_range(numel, self.comm.size(), self.comm.rank()) } else { 0..numel };
+        self.opt.regrow(&full.restrict(owned.clone())?)?;
+        self.owned = owned;
+        Ok(added)
     }
 
     /// Restores from a full (consolidated) state dict, or from this rank's own shard of

@@ -57,6 +57,21 @@ impl Scheduled {
         Ok(report)
     }
 
+    /// Swaps in an optimizer over `part`, a state dict whose layout and groups extend this
+    /// one's (after `add_param_group`), keeping the schedule's position. Added groups join
+    /// the schedule with their configured lr as base lr (torch's LambdaLR would leave them
+    /// unscheduled, having no lambda for them).
+    pub(crate) fn regrow(&mut self, part: &OptimizerStateDict) -> Result<()> {
+        let mut opt = Optimizer::with_groups(part.layout.clone(), part.groups.clone(), part.shard.clone())?;
+        opt.load_state_dict(part)?;
+        if let Some(s) = &mut self.sched {
+            s.base_lrs.extend(part.groups.iter().skip(s.base_lrs.len()).map(|g| g.config.lr()));
+            opt.set_lrs(&s.lrs())?;
+        }
+        self.opt = opt;
+        Ok(())
+    }
+
     pub(crate) fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<()> {
         Ok(self.opt.load_state_dict(sd)?)
     }

@@ -3,7 +3,7 @@
 use distoptim::{verify_replicas, ClipConfig, DistributedOptimizer, ReduceMode, StepConfig, Strategy};
 use distoptim_collective::{CommConfig, Communicator};
 use distoptim_optim::clip::{self, NormType};
-use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, ParamGroup, SgdConfig};
+use distoptim_optim::{AdamConfig, Layout, LrScheduler, Optimizer, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
 
 fn layout() -> Layout {
     Layout::new([("w", vec![7, 3]), ("b", vec![5]), ("tiny", vec![1])]).unwrap()
@@ -152,6 +152,72 @@ fn zero_shards_state_in_balanced_ranges_and_reloads_at_another_world_size() {
     for got in second {
         for (a, b) in got.iter().zip(&p) {
             assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{a} vs {b}");
+        }
+    }
+}
+
+/// torch's `add_param_group` mid-run: ZeRO re-balances its ranges over the grown buffer
+/// and every strategy goes on exactly as one process that added the group at that step.
+#[test]
+fn add_param_group_repartitions_and_continues_like_one_process() {
+    let schedule = Schedule::LinearWithWarmup { warmup: 2, total: 10 };
+    let head = || vec![("head.w".to_string(), vec![4, 3]), ("head.b".to_string(), vec![3])];
+    let head_config = OptimizerConfig::Adam(AdamConfig { lr: 0.02, ..AdamConfig::adamw() });
+    let mean =
+        |n: usize, w: usize, t: usize| -> Vec<f32> { (0..n).map(|i| (0..w).map(|q| grad(n, q, t)[i]).sum::<f32>() / w as f32).collect() };
+    for w in [1, 2, 3, 4] {
+        // One process: core optimizer and scheduler by hand.
+        let layout = layout();
+        let n = layout.numel();
+        let mut opt = Optimizer::with_groups(layout.clone(), groups(&layout), 0..n).unwrap();
+        let mut sched = LrScheduler::new(schedule.clone(), opt.lrs());
+        opt.set_lrs(&sched.lrs()).unwrap();
+        let mut want: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+        let mut want_lrs = Vec::new();
+        for t in 0..5 {
+            if t == 2 {
+                opt.add_param_group(head(), head_config.clone()).unwrap();
+                sched.base_lrs.push(0.02);
+                opt.set_lrs(&sched.lrs()).unwrap();
+                want.extend((0..15).map(|i| 0.3 - i as f32 * 0.02));
+            }
+            want_lrs.push(opt.lrs());
+            let g = mean(want.len(), w, t);
+            opt.step(&mut want, &g).unwrap();
+            opt.set_lrs(&sched.advance()).unwrap();
+        }
+        for strategy in [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3] {
+            let got = Communicator::run_threads(w, &CommConfig::default(), |comm| {
+                let r = comm.rank();
+                let layout = layout.clone();
+                let mut opt =
+                    DistributedOptimizer::new(comm, layout.clone(), groups(&layout), Some(schedule.clone()), StepConfig::new(strategy))
+                        .unwrap();
+                let mut p: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+                let mut lrs = Vec::new();
+                for t in 0..5 {
+                    if t == 2 {
+                        opt.gather_params(&mut p).unwrap();
+                        assert_eq!(opt.add_param_group(head(), head_config.clone()).unwrap(), vec![3, 4]);
+                        p.extend((0..15).map(|i| 0.3 - i as f32 * 0.02));
+                        let grown = opt.layout().numel();
+                        let expected = if strategy == Strategy::Ddp { 0..grown } else { distoptim_collective::shard_range(grown, w, r) };
+                        assert_eq!(opt.owned(), expected);
+                    }
+                    let mut g = grad(p.len(), r, t);
+                    let report = opt.step(&mut p, &mut g, 1).unwrap();
+                    lrs.push(report.lrs);
+                }
+                opt.gather_params(&mut p).unwrap();
+                (p, lrs)
+            })
+            .unwrap();
+            for (r, (p, lrs)) in got.iter().enumerate() {
+                assert_eq!(lrs, &want_lrs, "{strategy:?} w={w}");
+                for (a, b) in p.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{strategy:?} w={w} rank {r}: {a} vs {b}");
+                }
+            }
         }
     }
 }

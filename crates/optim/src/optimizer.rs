@@ -80,6 +80,38 @@ impl OptimizerStateDict {
             buffers: self.buffers.iter().map(|(n, b)| (n.clone(), b[local.clone()].to_vec())).collect(),
         })
     }
+    /// torch's `add_param_group` on a state dict: appends `params` to the layout as a new
+    /// group with `config`, with no state yet (step 0, zeroed buffers). The state dict must
+    /// reach the end of the layout (a whole one, or the last shard) because the new
+    /// elements come after it. Returns the new parameters' indices; on error nothing changes.
+    pub fn add_param_group(&mut self, params: Vec<(String, Vec<usize>)>, config: OptimizerConfig) -> Result<Vec<usize>> {
+        if self.shard.end != self.layout.numel() {
+            return Err(OptimError::StateDict(format!(
+                "state over elements {:?} of {} cannot grow at the end: consolidate the shards first",
+                self.shard,
+                self.layout.numel()
+            )));
+        }
+        let mut layout = self.layout.clone();
+        let added = params.into_iter().map(|(name, shape)| layout.push(name, shape)).collect::<Result<Vec<_>>>()?;
+        let mut groups = self.groups.clone();
+        groups.push(ParamGroup { params: added.clone(), config });
+        assign_groups(&layout, &groups)?;
+        let shard = self.shard.start..layout.numel();
+        let old = std::mem::take(&mut self.buffers);
+        self.buffers = buffer_names(&groups)
+            .into_iter()
+            .flatten()
+            .map(|name| {
+                let mut b = old.get(name).cloned().unwrap_or_default();
+                b.resize(shard.len(), 0.0);
+                (name.to_string(), b)
+            })
+            .collect();
+        self.steps.resize(layout.len(), 0);
+        (self.layout, self.groups, self.shard) = (layout, groups, shard);
+        Ok(added)
+    }
 }
 
 /// SGD, Adam or AdamW over the elements `shard` of a layout.
@@ -218,6 +250,19 @@ impl Optimizer {
             self.steps[i] += 1;
         }
         Ok(())
+    }
+
+    /// torch's `add_param_group`: appends `params` to the layout as a new group with
+    /// `config`; their state starts empty, the other parameters' state is kept. The
+    /// parameter and gradient buffers passed to later steps grow by the new elements, at
+    /// the end. Returns the new parameters' indices; on error nothing changes.
+    pub fn add_param_group(&mut self, params: Vec<(String, Vec<usize>)>, config: OptimizerConfig) -> Result<Vec<usize>> {
+        let mut sd = self.state_dict();
+        let added = sd.add_param_group(params, config)?;
+        let mut grown = Optimizer::with_groups(sd.layout.clone(), sd.groups.clone(), sd.shard.clone())?;
+        grown.load_state_dict(&sd)?;
+        *self = grown;
+        Ok(added)
     }
 
     pub fn state_dict(&self) -> OptimizerStateDict {
@@ -563,5 +608,66 @@ mod scaled_step_tests {
                 assert_eq!(pa, pb);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod add_param_group_tests {
+    use super::*;
+    use crate::config::{AdamConfig, OptimizerConfig, SgdConfig};
+
+    fn grads(n: usize, t: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 13 + t * 5) % 17) as f32 * 0.1 - 0.8).collect()
+    }
+
+    /// After the add, the old parameters go on exactly as if nothing was added, and the new
+    /// ones exactly as under a fresh optimizer of their own.
+    #[test]
+    fn old_parameters_keep_their_state_and_new_ones_start_fresh() {
+        let adamw = |lr, amsgrad| OptimizerConfig::Adam(AdamConfig { lr, amsgrad, ..AdamConfig::adamw() });
+        let sgd = |lr, momentum| OptimizerConfig::Sgd(SgdConfig { lr, momentum, ..Default::default() });
+        // The new group may need a buffer the old one did not (amsgrad, momentum).
+        for (old_cfg, new_cfg) in [(adamw(0.01, false), adamw(0.05, true)), (sgd(0.1, 0.0), sgd(0.2, 0.9))] {
+            let old_layout = Layout::new([("w", vec![4, 5]), ("b", vec![5])]).unwrap();
+            let mut grown = Optimizer::new(old_layout.clone(), old_cfg.clone()).unwrap();
+            let mut alone = Optimizer::new(old_layout.clone(), old_cfg.clone()).unwrap();
+            let mut params: Vec<f32> = (0..25).map(|i| i as f32 * 0.1).collect();
+            let mut alone_params = params.clone();
+            for t in 0..3 {
+                grown.step(&mut params, &grads(25, t)).unwrap();
+                alone.step(&mut alone_params, &grads(25, t)).unwrap();
+            }
+            let added = grown.add_param_group(vec![("head.w".into(), vec![3, 2]), ("head.b".into(), vec![2])], new_cfg.clone()).unwrap();
+            assert_eq!(added, vec![2, 3]);
+            let mut fresh = Optimizer::new(Layout::new([("head.w", vec![3, 2]), ("head.b", vec![2])]).unwrap(), new_cfg).unwrap();
+            params.extend((0..8).map(|i| 1.0 - i as f32 * 0.2));
+            let mut fresh_params = params[25..].to_vec();
+            for t in 3..6 {
+                let g = grads(33, t);
+                grown.step(&mut params, &g).unwrap();
+                alone.step(&mut alone_params, &g[..25]).unwrap();
+                fresh.step(&mut fresh_params, &g[25..]).unwrap();
+            }
+            assert_eq!(&params[..25], &alone_params[..]);
+            assert_eq!(&params[25..], &fresh_params[..]);
+            assert_eq!(grown.lrs().len(), 2);
+        }
+    }
+
+    #[test]
+    fn a_bad_group_or_a_middle_shard_is_refused_and_changes_nothing() {
+        let layout = Layout::new([("w", vec![10])]).unwrap();
+        let mut opt = Optimizer::new(layout.clone(), OptimizerConfig::Adam(AdamConfig::adam())).unwrap();
+        let before = opt.state_dict();
+        let sgd = OptimizerConfig::Sgd(SgdConfig::default());
+        let err = opt.add_param_group(vec![("x".into(), vec![2])], sgd).unwrap_err().to_string();
+        assert!(err.contains("one algorithm"), "{err}");
+        let err = opt.add_param_group(vec![("w".into(), vec![2])], OptimizerConfig::Adam(AdamConfig::adam())).unwrap_err().to_string();
+        assert!(err.contains("appears twice"), "{err}");
+        assert_eq!(opt.state_dict(), before);
+        let groups = vec![ParamGroup { params: vec![0], config: OptimizerConfig::Adam(AdamConfig::adam()) }];
+        let mut middle = Optimizer::with_groups(layout, groups, 2..6).unwrap();
+        let err = middle.add_param_group(vec![("x".into(), vec![2])], OptimizerConfig::Adam(AdamConfig::adam())).unwrap_err().to_string();
+        assert!(err.contains("consolidate"), "{err}");
     }
 }

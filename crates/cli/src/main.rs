@@ -7,10 +7,13 @@
 //! - `bench collectives`: collectives in the style of nccl-tests, next to memcpy;
 //! - `train`: data-parallel training of a candle MLP on real data, end to end;
 //! - `checkpoint consolidate DIR OUT`: one model.safetensors + optimizer.safetensors;
+//! - `ps serve|stats|checkpoint`: a parameter-server worker, and asking one;
+//! - `bench ps`: the parameter server's latency and throughput on loopback;
 //! - `selftest`: the collective conformance suite on a backend (CI runs it under mpirun).
 
 mod bench;
 mod launch;
+mod ps;
 mod selftest;
 mod train;
 
@@ -60,6 +63,11 @@ enum Command {
         #[command(subcommand)]
         what: CheckpointCommand,
     },
+    /// The parameter server (torch's RPC DistributedOptimizer): run a worker, query one.
+    Ps {
+        #[command(subcommand)]
+        what: ps::PsCommand,
+    },
     /// Runs the collective layer's conformance suite on a backend.
     Selftest(selftest::SelftestArgs),
     /// Benchmarks, each next to its reference measured in the same run.
@@ -94,6 +102,7 @@ fn main() -> ExitCode {
         Command::Checkpoint { what: CheckpointCommand::Consolidate { dir, out } } => {
             report("checkpoint consolidate", consolidate(&dir, &out))
         }
+        Command::Ps { what } => report("ps", ps::run(what)),
         Command::Selftest(args) => report("selftest", selftest::run(args)),
         Command::Bench { what } => report("bench", bench::run(what)),
     }

@@ -68,11 +68,13 @@ fn io(path: &Path, e: std::io::Error) -> DistError {
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-fn fnv64_update(hash: u64, bytes: &[u8]) -> u64 {
+/// Continues an FNV-1a 64 checksum over more bytes (start from [`fnv64`]`(&[])`).
+pub fn fnv64_update(hash: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-fn fnv64(bytes: &[u8]) -> u64 {
+/// FNV-1a 64, the checksum of checkpoint files.
+pub fn fnv64(bytes: &[u8]) -> u64 {
     fnv64_update(FNV_OFFSET, bytes)
 }
 
@@ -102,11 +104,16 @@ pub(crate) fn verify_file(dir: &Path, entry: &FileEntry) -> Result<PathBuf> {
 }
 
 /// Writes `bytes` to `path` through a temporary name, fsynced: never half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| io(path, e))
+    fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+    // The rename itself is durable once the directory is synced.
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| io(parent, e))?;
+    }
+    Ok(())
 }
 
 /// Every rank learns whether every rank's part succeeded; the failing rank keeps its

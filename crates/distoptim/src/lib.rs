@@ -11,6 +11,7 @@
 //! - [`verify_replicas`]: proof that the ranks hold identical parameters.
 //! - [`checkpoint`]: crash-safe safetensors checkpoints that reload at any world size.
 //! - [`consolidate()`]: a checkpoint into one `model.safetensors` + `optimizer.safetensors`.
+//! - [`safetensors`]: the file format, read and written by hand.
 //! - [`step_lbfgs`]: LBFGS whose closure is reduced over the ranks.
 
 mod buckets;
@@ -25,7 +26,7 @@ mod lbfgs;
 mod local_sgd;
 mod optimizer;
 mod replicas;
-mod safetensors;
+pub mod safetensors;
 mod scheduled;
 
 pub use buckets::GradBuckets;

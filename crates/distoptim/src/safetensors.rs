@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 /// with spaces so the data starts 8-byte aligned, as the reference writer does.
 /// `tensors` are (name, shape); the data follows in the same order. Returns the prefix
 /// and the data's length in bytes.
-pub(crate) fn header(tensors: &[(String, Vec<usize>)], metadata: &BTreeMap<String, String>) -> (Vec<u8>, usize) {
+pub fn header(tensors: &[(String, Vec<usize>)], metadata: &BTreeMap<String, String>) -> (Vec<u8>, usize) {
     let mut header = Map::new();
     let mut offset = 0usize;
     for (name, shape) in tensors {
@@ -36,7 +36,7 @@ pub(crate) fn header(tensors: &[(String, Vec<usize>)], metadata: &BTreeMap<Strin
 }
 
 /// Appends f32 values little-endian.
-pub(crate) fn push_f32(out: &mut Vec<u8>, values: &[f32]) {
+pub fn push_f32(out: &mut Vec<u8>, values: &[f32]) {
     out.reserve(values.len() * 4);
     for v in values {
         out.extend_from_slice(&v.to_le_bytes());
@@ -44,7 +44,7 @@ pub(crate) fn push_f32(out: &mut Vec<u8>, values: &[f32]) {
 }
 
 /// Encodes named 1-D f32 tensors (in the given order) and metadata.
-pub(crate) fn encode(tensors: &[(String, &[f32])], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+pub fn encode(tensors: &[(String, &[f32])], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, d)| (n.clone(), vec![d.len()])).collect();
     let (mut out, len) = header(&shapes, metadata);
     out.reserve(len);
@@ -56,8 +56,9 @@ pub(crate) fn encode(tensors: &[(String, &[f32])], metadata: &BTreeMap<String, S
 
 /// A parsed header: each tensor's byte range within the data, and the metadata.
 #[derive(Debug, Default)]
-pub(crate) struct Header {
+pub struct Header {
     pub tensors: BTreeMap<String, (usize, usize)>,
+    pub shapes: BTreeMap<String, Vec<usize>>,
     pub metadata: BTreeMap<String, String>,
     /// Where the data starts in the file.
     pub data_start: usize,
@@ -89,6 +90,14 @@ fn parse_header(bytes: &[u8], file_len: usize) -> Result<Header, String> {
         if a > b || (b - a) % 4 != 0 || b > file_len - end {
             return Err(format!("tensor '{name}' lies outside the data"));
         }
+        let shape: Vec<usize> = entry["shape"]
+            .as_array()
+            .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| format!("tensor '{name}' has no shape"))?;
+        if shape.iter().try_fold(4usize, |n, &d| n.checked_mul(d)) != Some(b - a) {
+            return Err(format!("tensor '{name}': shape {shape:?} does not match its {} bytes", b - a));
+        }
+        out.shapes.insert(name.clone(), shape);
         out.tensors.insert(name, (a, b));
     }
     Ok(out)
@@ -96,8 +105,9 @@ fn parse_header(bytes: &[u8], file_len: usize) -> Result<Header, String> {
 
 /// A decoded file: f32 tensors by name, and the metadata.
 #[derive(Debug, Default)]
-pub(crate) struct Decoded {
+pub struct Decoded {
     pub tensors: BTreeMap<String, Vec<f32>>,
+    pub shapes: BTreeMap<String, Vec<usize>>,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -106,17 +116,17 @@ fn to_f32(raw: &[u8]) -> impl Iterator<Item = f32> + '_ {
 }
 
 /// Decodes a whole file held in memory.
-pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
     let h = parse_header(bytes, bytes.len())?;
     let data = &bytes[h.data_start..];
     let tensors = h.tensors.into_iter().map(|(name, (a, b))| (name, to_f32(&data[a..b]).collect())).collect();
-    Ok(Decoded { tensors, metadata: h.metadata })
+    Ok(Decoded { tensors, shapes: h.shapes, metadata: h.metadata })
 }
 
 /// Reads single tensors from a file without loading the rest (consolidation streams a
 /// checkpoint tensor by tensor this way).
 #[derive(Debug)]
-pub(crate) struct Reader {
+pub struct Reader {
     file: File,
     pub header: Header,
 }

@@ -3,6 +3,7 @@
 mod candle;
 mod collectives;
 mod optim;
+mod ps;
 mod step;
 
 use anyhow::Result;
@@ -18,6 +19,9 @@ pub enum BenchCommand {
     Step(step::StepArgs),
     /// Copies between candle's Vars/GradStore and the flat buffers, next to memcpy.
     Candle(candle::CandleArgs),
+    /// The parameter server on loopback: send and step latency, gradient throughput for
+    /// 1–4 concurrent clients, next to a plain TCP stream and memcpy.
+    Ps(ps::PsArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -26,6 +30,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Collectives(args) => collectives::run(args),
         BenchCommand::Step(args) => step::run(args),
         BenchCommand::Candle(args) => candle::run(args),
+        BenchCommand::Ps(args) => ps::run(args),
     }
 }
 

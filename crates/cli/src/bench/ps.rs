@@ -1,0 +1,148 @@
+//! `bench ps`: the parameter server on loopback. For each parameter size and number of
+//! concurrent clients, every client repeatedly sends a gradient under a new context and
+//! steps (AdamW on the worker); reported: the median send and step latency per client,
+//! and the gradient throughput of all clients together, next to a plain TCP stream of
+//! the same bytes and a memcpy, measured in the same run.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Args;
+use distoptim_optim::{AdamConfig, OptimizerConfig};
+use distoptim_ps::{send_grads, ClientConfig, ContextId, DistributedOptimizer, Worker, WorkerClient, WorkerConfig};
+
+use super::median;
+
+#[derive(Args)]
+pub struct PsArgs {
+    /// Parameter sizes (elements).
+    #[arg(long, value_delimiter = ',', default_value = "1000000,16000000")]
+    sizes: Vec<usize>,
+    /// Numbers of concurrent clients.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    clients: Vec<usize>,
+    /// Steps per client (after one warm-up step).
+    #[arg(long, default_value_t = 8)]
+    iters: usize,
+}
+
+const TOKEN: &str = "bench";
+
+pub fn run(args: PsArgs) -> Result<()> {
+    let worker = Worker::bind("127.0.0.1:0", WorkerConfig::new(TOKEN), None)?.spawn()?;
+    let addr = worker.addr().to_string();
+    println!(
+        "# distoptim bench ps: one worker on loopback, AdamW, each client: send_grads + step per context; {} steps per client",
+        args.iters
+    );
+    println!(
+        "{:>10} {:>8} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "elements", "clients", "send ms", "step ms", "grad GB/s", "tcp GB/s", "memcpy GB/s"
+    );
+    for (i, &n) in args.sizes.iter().enumerate() {
+        let name = format!("p{i}");
+        let admin = WorkerClient::connect(&addr, ClientConfig::new(TOKEN))?;
+        admin.create_params(&[(&name, &[n], &vec![0.5f32; n])], false)?;
+        let (tcp, memcpy) = (tcp_gbps(n)?, memcpy_gbps(n));
+        for &clients in &args.clients {
+            let results: Vec<Result<(Vec<f64>, Vec<f64>)>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..clients).map(|_| s.spawn(|| client_loop(&addr, &name, n, args.iters))).collect();
+                handles.into_iter().map(|h| h.join().expect("client thread")).collect()
+            });
+            let (mut sends, mut steps) = (Vec::new(), Vec::new());
+            // The slowest client's busy time: all clients' gradients were moved within it.
+            let mut wall = 0.0f64;
+            for r in results {
+                let (s, t) = r?;
+                wall = wall.max(s.iter().zip(&t).map(|(a, b)| a + b).sum());
+                sends.extend(s);
+                steps.extend(t);
+            }
+            let bytes = (clients * args.iters * n * 4) as f64;
+            println!(
+                "{:>10} {:>8} {:>10.2} {:>10.2} {:>12.2} {:>12.2} {:>12.2}",
+                n,
+                clients,
+                median(sends) * 1e3,
+                median(steps) * 1e3,
+                bytes / wall / 1e9,
+                tcp,
+                memcpy
+            );
+        }
+    }
+    worker.stop();
+    Ok(())
+}
+
+/// One client: its own connection, `iters` timed contexts after a warm-up; returns the
+/// send and step times.
+fn client_loop(addr: &str, name: &str, n: usize, iters: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let client = WorkerClient::connect(addr, ClientConfig::new(TOKEN))?;
+    let param = client.remote(&[name])?.remove(0);
+    let opt = DistributedOptimizer::new(
+        &format!("bench-{name}"),
+        OptimizerConfig::Adam(AdamConfig::adamw()),
+        std::slice::from_ref(&param),
+        None,
+    )?;
+    let grad = vec![1e-3f32; n];
+    let (mut sends, mut steps) = (Vec::new(), Vec::new());
+    for i in 0..=iters {
+        let ctx = ContextId::new();
+        let t = Instant::now();
+        send_grads(ctx, &param, &grad)?;
+        let sent = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        opt.step(ctx)?;
+        if i > 0 {
+            sends.push(sent);
+            steps.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok((sends, steps))
+}
+
+/// A plain TCP stream over loopback moving `n` f32s (the floor for sending a gradient).
+fn tcp_gbps(n: usize) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let bytes = n * 4;
+    let sink = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; bytes];
+        for _ in 0..4 {
+            s.read_exact(&mut buf)?;
+            s.write_all(&[1])?;
+        }
+        Ok(())
+    });
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let data = vec![7u8; bytes];
+    let mut ack = [0u8; 1];
+    let mut times = Vec::new();
+    for _ in 0..4 {
+        let t = Instant::now();
+        s.write_all(&data)?;
+        s.read_exact(&mut ack)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    sink.join().map_err(|_| anyhow::anyhow!("tcp sink panicked"))??;
+    Ok(bytes as f64 / median(times) / 1e9)
+}
+
+fn memcpy_gbps(n: usize) -> f64 {
+    let (src, mut dst) = (vec![0.25f32; n], vec![0f32; n]);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    (n * 4) as f64 / median(times) / 1e9
+}

@@ -67,13 +67,10 @@ struct Round {
 }
 
 impl GradBuckets {
-    /// Zeroed gradients for `layout` in buckets of at most `bucket_cap_mb` MiB (collective:
-    /// the buffer comes from the communicator).
-    pub fn new(comm: &Communicator, layout: &Layout, mode: ReduceMode, bucket_cap_mb: f64) -> Result<GradBuckets> {
-        if bucket_cap_mb.is_nan() || bucket_cap_mb <= 0.0 {
-            return Err(DistError::Invalid(format!("bucket_cap_mb must be > 0, got {bucket_cap_mb}")));
-        }
-        let cap = ((bucket_cap_mb * 1048576.0 / 4.0) as usize).max(1);
+    /// Zeroed gradients for `layout` in buckets of at most `cap` elements (collective: the
+    /// buffer comes from the communicator). Built by
+    /// [`DistributedOptimizer::grad_buckets`](crate::DistributedOptimizer::grad_buckets).
+    pub(crate) fn new(comm: &Communicator, layout: &Layout, mode: ReduceMode, cap: usize) -> Result<GradBuckets> {
         let params: Vec<Range<usize>> = layout.params().iter().map(|p| p.range()).collect();
         let (mut ranges, mut bucket_of) = (Vec::new(), vec![0; params.len()]);
         let mut current: Option<Range<usize>> = None;
@@ -309,7 +306,7 @@ mod tests {
     fn buckets_hold_whole_parameters_from_the_last_one_back() {
         let comm = Communicator::threads(1, &CommConfig::default()).unwrap().remove(0);
         let layout = Layout::new([("a", vec![3]), ("big", vec![50]), ("c", vec![4]), ("d", vec![5]), ("e", vec![0])]).unwrap();
-        let b = GradBuckets::new(&comm, &layout, ReduceMode::Mean, 40.0 / 1048576.0).unwrap();
+        let b = GradBuckets::new(&comm, &layout, ReduceMode::Mean, 10).unwrap();
         // 10 elements a bucket: e and d and c together (9), big alone, then a.
         assert_eq!(b.bucket_ranges(), &[53..62, 3..53, 0..3]);
     }

@@ -141,7 +141,7 @@ impl DistributedOptimizer {
     /// overlap the reduction with a backward pass that produces gradients layer by layer
     /// (see [`GradBuckets`]). Collective: the buffer comes from the communicator.
     pub fn grad_buckets(&self) -> Result<GradBuckets> {
-        GradBuckets::new(&self.comm, self.layout(), self.config.reduce, self.config.bucket_cap_mb)
+        GradBuckets::new(&self.comm, self.layout(), self.config.reduce, self.config.bucket_elems())
     }
 
     /// [`step`](Self::step) with gradients already reducing in `buckets`: waits for them

@@ -13,7 +13,7 @@ use crate::protocol::GroupSpec;
 use crate::state::{lock, LocalOptimizer, Param, WorkerState};
 use distoptim::checkpoint::{fnv64, fnv64_update, write_atomic};
 use distoptim::safetensors;
-use distoptim_optim::{LrScheduler, Optimizer, OptimizerStateDict, ParamGroup};
+use distoptim_optim::{LrScheduler, Optimizer, OptimizerStateDict};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,8 @@ struct SavedOptimizer {
     groups: Vec<GroupSpec>,
     schedule: Option<LrScheduler>,
     steps: u64,
-    /// Per parameter: its optimizer's state dict without the buffers (they are tensors).
+    /// Per parameter: its optimizer's state dict, the buffers' values left empty (they
+    /// are the tensors `opt/<optimizer>/<buffer>/<param>`).
     params: BTreeMap<String, OptimizerStateDict>,
 }
 
@@ -56,8 +57,8 @@ pub(crate) fn save(state: &WorkerState, dir: &Path) -> Result<PathBuf> {
         let mut params = BTreeMap::new();
         for (pname, o) in &opt.per_param {
             let mut sd = o.state_dict();
-            for (buffer, values) in std::mem::take(&mut sd.buffers) {
-                tensors.insert(format!("opt/{name}/{buffer}/{pname}"), values);
+            for (buffer, values) in sd.buffers.iter_mut() {
+                tensors.insert(format!("opt/{name}/{buffer}/{pname}"), std::mem::take(values));
             }
             params.insert(pname.clone(), sd);
         }
@@ -122,17 +123,12 @@ pub(crate) fn load(path: &Path) -> Result<WorkerState> {
     for s in saved {
         let mut per_param = BTreeMap::new();
         for (pname, mut sd) in s.params {
-            let prefix = format!("opt/{}/", s.name);
-            let suffix = format!("/{pname}");
-            let buffers: Vec<String> = tensors.keys().filter(|k| k.starts_with(&prefix) && k.ends_with(&suffix)).cloned().collect();
-            for key in buffers {
-                let buffer = key[prefix.len()..key.len() - suffix.len()].to_string();
-                if !buffer.contains('/') {
-                    sd.buffers.insert(buffer, tensors.remove(&key).unwrap_or_default());
-                }
+            for (buffer, values) in sd.buffers.iter_mut() {
+                let key = format!("opt/{}/{buffer}/{pname}", s.name);
+                *values = tensors.remove(&key).ok_or_else(|| bad(format!("tensor '{key}' is missing")))?;
             }
-            let groups: Vec<ParamGroup> = sd.groups.clone();
-            let mut o = Optimizer::with_groups(sd.layout.clone(), groups, sd.shard.clone()).map_err(|e| bad(format!("'{pname}': {e}")))?;
+            let mut o = Optimizer::with_groups(sd.layout.clone(), sd.groups.clone(), sd.shard.clone())
+                .map_err(|e| bad(format!("'{pname}': {e}")))?;
             o.load_state_dict(&sd).map_err(|e| bad(format!("'{pname}': {e}")))?;
             per_param.insert(pname, o);
         }

@@ -17,6 +17,7 @@ pub mod client;
 mod error;
 pub mod optimizer;
 mod persist;
+mod pool;
 pub mod protocol;
 mod state;
 pub mod worker;

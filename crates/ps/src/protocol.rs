@@ -171,6 +171,17 @@ pub fn write_frame<W: Write>(w: &mut W, kind: Kind, header: &impl Serialize, dat
 /// Reads one frame of `kind` whose data is at most `max_data` bytes; returns the parsed
 /// header and the data.
 pub fn read_frame<R: Read, H: for<'de> Deserialize<'de>>(r: &mut R, kind: Kind, max_data: usize) -> Result<(H, Vec<f32>), FrameError> {
+    read_frame_into(r, kind, max_data, |n| vec![0.0; n])
+}
+
+/// [`read_frame`] with the data read into `buffer(n)`, a buffer of `n` elements whose
+/// contents are overwritten (a worker recycles its gradient buffers this way).
+pub fn read_frame_into<R: Read, H: for<'de> Deserialize<'de>>(
+    r: &mut R,
+    kind: Kind,
+    max_data: usize,
+    buffer: impl FnOnce(usize) -> Vec<f32>,
+) -> Result<(H, Vec<f32>), FrameError> {
     let mut prefix = [0u8; PREFIX];
     match r.read(&mut prefix[..1]) {
         Ok(0) => return Err(FrameError::Closed),
@@ -202,7 +213,10 @@ pub fn read_frame<R: Read, H: for<'de> Deserialize<'de>>(r: &mut R, kind: Kind, 
     let mut header = vec![0u8; header_len];
     r.read_exact(&mut header)?;
     let header = serde_json::from_slice(&header).map_err(|e| FrameError::Malformed(format!("header: {e}")))?;
-    let mut data = vec![0f32; data_len / 4];
+    let mut data = buffer(data_len / 4);
+    if data.len() != data_len / 4 {
+        return Err(FrameError::Malformed("the data buffer has the wrong size".into()));
+    }
     r.read_exact(f32_bytes_mut(&mut data))?;
     Ok((header, data))
 }

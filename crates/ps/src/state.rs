@@ -10,6 +10,7 @@
 //! Lock order (never the reverse): `apply` → an optimizer → a parameter; the maps are
 //! held only to look an entry up.
 
+use crate::pool::BufferPool;
 use crate::protocol::{GroupSpec, ParamMeta, Stats};
 use distoptim_optim::{Layout, LrScheduler, Optimizer, Schedule};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -73,6 +74,8 @@ pub(crate) struct WorkerState {
     steps_applied: AtomicU64,
     contexts_expired: AtomicU64,
     pub requests_refused: AtomicU64,
+    /// Gradient buffers of applied contexts, for the next ones.
+    pub pool: BufferPool,
 }
 
 /// Locks, ignoring poisoning: every critical section below leaves its data consistent
@@ -150,7 +153,10 @@ impl WorkerState {
         let mut ctx = lock(&ctx);
         ctx.touched = Instant::now();
         match ctx.grads.get_mut(name) {
-            Some(acc) => acc.iter_mut().zip(&grad).for_each(|(a, g)| *a += g),
+            Some(acc) => {
+                acc.iter_mut().zip(&grad).for_each(|(a, g)| *a += g);
+                self.pool.give(grad);
+            }
             None => {
                 ctx.grads.insert(name.to_string(), grad);
             }
@@ -209,6 +215,7 @@ impl WorkerState {
                 o.step(&mut lock(&param).values, g).map_err(|e| format!("'{pname}': {e}"))?;
             }
         }
+        grads.into_values().for_each(|g| self.pool.give(g));
         opt.steps += 1;
         if let Some(s) = &mut opt.schedule {
             s.advance();
@@ -220,7 +227,9 @@ impl WorkerState {
     }
 
     pub fn release(&self, context: u64) {
-        lock(&self.contexts).remove(&context);
+        if let Some(c) = lock(&self.contexts).remove(&context) {
+            std::mem::take(&mut lock(&c).grads).into_values().for_each(|g| self.pool.give(g));
+        }
     }
 
     /// Drops contexts untouched for `timeout` (their client is gone); returns how many.

@@ -9,7 +9,7 @@
 
 use crate::error::{PsError, Result};
 use crate::persist;
-use crate::protocol::{read_frame, write_frame, FrameError, Kind, Op, Reply, Request};
+use crate::protocol::{read_frame_into, write_frame, FrameError, Kind, Op, Reply, Request};
 use crate::state::{lock, WorkerState};
 use std::io::BufWriter;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -168,7 +168,8 @@ fn serve_connection(stream: TcpStream, state: &WorkerState, config: &WorkerConfi
     let Ok(mut reader) = stream.try_clone() else { return };
     let mut writer = BufWriter::with_capacity(1 << 16, stream);
     loop {
-        let (request, data) = match read_frame::<_, Request>(&mut reader, Kind::Request, config.max_frame_bytes) {
+        let frame = read_frame_into::<_, Request>(&mut reader, Kind::Request, config.max_frame_bytes, |n| state.pool.take(n));
+        let (request, data) = match frame {
             Ok(frame) => frame,
             Err(FrameError::Closed | FrameError::Io(_)) => return,
             Err(e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. })) => {

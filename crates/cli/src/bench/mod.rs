@@ -3,6 +3,7 @@
 mod candle;
 mod collectives;
 mod optim;
+mod overlap;
 mod ps;
 mod step;
 
@@ -19,6 +20,9 @@ pub enum BenchCommand {
     Step(step::StepArgs),
     /// Copies between candle's Vars/GradStore and the flat buffers, next to memcpy.
     Candle(candle::CandleArgs),
+    /// DDP buckets reduced during a (simulated) layer-by-layer backward, next to the
+    /// backward followed by the reduction.
+    Overlap(overlap::OverlapArgs),
     /// The parameter server on loopback: send and step latency, gradient throughput for
     /// 1–4 concurrent clients, next to a plain TCP stream and memcpy.
     Ps(ps::PsArgs),
@@ -30,6 +34,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Collectives(args) => collectives::run(args),
         BenchCommand::Step(args) => step::run(args),
         BenchCommand::Candle(args) => candle::run(args),
+        BenchCommand::Overlap(args) => overlap::run(args),
         BenchCommand::Ps(args) => ps::run(args),
     }
 }

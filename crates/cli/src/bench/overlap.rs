@@ -1,0 +1,141 @@
+//! `bench overlap`: DDP's gradient buckets reduced while a layer-by-layer backward pass
+//! still runs, against the same backward followed by the reduction, in the same run.
+//!
+//! The backward pass is simulated: each layer's gradient is computed by a fixed amount
+//! of arithmetic per element (`--work` FMAs), last layer first. Reported per step: the
+//! backward alone, the step alone (reduce + SGD update), backward then step
+//! (sequential), and with buckets launched as layers finish (overlapped); the ideal is
+//! max(backward, reduce) + update. Launches itself on `--nproc` processes (shm).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use distoptim::{DistributedOptimizer, GradBuckets, StepConfig, Strategy};
+use distoptim_collective::{Communicator, ReduceOp};
+use distoptim_optim::{Layout, OptimizerConfig, ParamGroup, SgdConfig};
+
+use super::median;
+
+#[derive(Args)]
+pub struct OverlapArgs {
+    /// Ranks (processes).
+    #[arg(long, default_value_t = 2)]
+    nproc: usize,
+    /// Layers of the simulated model.
+    #[arg(long, default_value_t = 16)]
+    layers: usize,
+    /// Elements per layer.
+    #[arg(long, default_value_t = 1_000_000)]
+    layer_size: usize,
+    /// Multiply-adds per gradient element in the simulated backward.
+    #[arg(long, default_value_t = 8)]
+    work: usize,
+    /// DDP bucket size, MiB.
+    #[arg(long, default_value_t = 25.0)]
+    bucket_cap_mb: f64,
+    /// Timed steps (median reported), after two warm-up steps.
+    #[arg(long, default_value_t = 7)]
+    iters: usize,
+}
+
+pub fn run(args: OverlapArgs) -> Result<()> {
+    if distoptim_collective::backend_from_env()?.is_none() {
+        return crate::launch::launch_self(args.nproc);
+    }
+    let comm = Communicator::from_env()?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    pool.install(|| body(&comm, &args))
+}
+
+/// Median over iterations of the slowest rank's time for `f`.
+fn timed(comm: &Communicator, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + 2 {
+        comm.barrier()?;
+        let t0 = Instant::now();
+        f()?;
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    comm.all_reduce(&mut times, ReduceOp::Max)?;
+    Ok(median(times))
+}
+
+/// One layer's simulated gradient: `work` dependent multiply-adds per element.
+fn backward_layer(out: &mut [f32], layer: usize, work: usize) {
+    for (i, g) in out.iter_mut().enumerate() {
+        let mut x = (i % 101) as f32 * 1e-3 + layer as f32 * 1e-4;
+        for _ in 0..work {
+            x = x.mul_add(0.999, 1e-4);
+        }
+        *g = x;
+    }
+}
+
+fn body(comm: &Communicator, args: &OverlapArgs) -> Result<()> {
+    let layout = Layout::new((0..args.layers).map(|l| (format!("layer{l}"), vec![args.layer_size])))?;
+    let n = layout.numel();
+    let sgd = OptimizerConfig::Sgd(SgdConfig { lr: 1e-6, ..Default::default() });
+    let groups = vec![ParamGroup { params: (0..args.layers).collect(), config: sgd }];
+    let config = StepConfig { bucket_cap_mb: args.bucket_cap_mb, ..StepConfig::new(Strategy::Ddp) };
+    let mut opt = DistributedOptimizer::new(comm.clone(), layout.clone(), groups, None, config)?;
+    let mut buckets = opt.grad_buckets()?;
+    let mut params = vec![0.5f32; n];
+    let backward = |b: &mut GradBuckets, mark: bool| -> Result<()> {
+        for l in (0..args.layers).rev() {
+            backward_layer(b.param_mut(l)?, l, args.work);
+            if mark {
+                b.mark_ready(l)?;
+            }
+        }
+        Ok(())
+    };
+    let compute = timed(comm, args.iters, || {
+        for l in (0..args.layers).rev() {
+            backward_layer(buckets.param_mut(l)?, l, args.work);
+        }
+        Ok(())
+    })?;
+    let step_alone = timed(comm, args.iters, || {
+        buckets.start(1)?;
+        opt.step_buckets(&mut params, &mut buckets)?;
+        Ok(())
+    })?;
+    let sequential = timed(comm, args.iters, || {
+        buckets.start(1)?;
+        backward(&mut buckets, false)?;
+        opt.step_buckets(&mut params, &mut buckets)?;
+        Ok(())
+    })?;
+    let overlapped = timed(comm, args.iters, || {
+        buckets.start(1)?;
+        backward(&mut buckets, true)?;
+        opt.step_buckets(&mut params, &mut buckets)?;
+        Ok(())
+    })?;
+    if comm.rank() == 0 {
+        println!(
+            "# distoptim bench overlap: {} ranks (shm), {} layers x {} f32, {} buckets of <= {} MiB, {} FMAs/element backward, median of {}",
+            comm.size(),
+            args.layers,
+            args.layer_size,
+            buckets.bucket_ranges().len(),
+            args.bucket_cap_mb,
+            args.work,
+            args.iters
+        );
+        println!("{:<36} {:>10}", "", "ms/step");
+        for (name, t) in [
+            ("backward alone", compute),
+            ("reduce + update alone", step_alone),
+            ("backward, then reduce + update", sequential),
+            ("buckets reduced during backward", overlapped),
+        ] {
+            println!("{name:<36} {:>10.2}", t * 1e3);
+        }
+        println!("overlap saved {:.1}% of the sequential step", 100.0 * (1.0 - overlapped / sequential));
+    }
+    Ok(())
+}

@@ -155,3 +155,46 @@ fn bench_candle_prints_both_copy_paths_next_to_memcpy() {
         assert!(ms.is_finite() && ms >= 0.0, "{line}");
     }
 }
+
+#[test]
+fn bench_overlap_prints_each_part_and_both_orders() {
+    let out = distoptim(&[
+        "bench",
+        "overlap",
+        "--nproc",
+        "2",
+        "--layers",
+        "4",
+        "--layer-size",
+        "20000",
+        "--bucket-cap-mb",
+        "0.1",
+        "--iters",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("4 layers x 20000 f32, 4 buckets"), "{text}");
+    for row in ["backward alone", "reduce + update alone", "backward, then reduce + update", "buckets reduced during backward"] {
+        let line = text.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row} row in {text}"));
+        let ms: f64 = line[row.len()..].trim().parse().unwrap();
+        assert!(ms.is_finite() && ms > 0.0, "{line}");
+    }
+}
+
+#[test]
+fn bench_ps_prints_latency_and_throughput_next_to_tcp_and_memcpy() {
+    let out = distoptim(&["bench", "ps", "--sizes", "300000", "--clients", "1,2", "--iters", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("300000"))
+        .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for r in rows {
+        assert_eq!(r.len(), 7);
+        assert!(r[2..].iter().all(|x| x.is_finite() && *x > 0.0), "{r:?}");
+    }
+}

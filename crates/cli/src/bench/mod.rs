@@ -44,3 +44,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// Median over iterations (after two warm-ups) of the slowest rank's time for `f`,
+/// each iteration started from a barrier.
+pub(super) fn timed_ranks(comm: &distoptim_collective::Communicator, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + 2 {
+        comm.barrier()?;
+        let t0 = std::time::Instant::now();
+        f()?;
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    comm.all_reduce(&mut times, distoptim_collective::ReduceOp::Max)?;
+    Ok(median(times))
+}

@@ -7,15 +7,13 @@
 //! (sequential), and with buckets launched as layers finish (overlapped); the ideal is
 //! max(backward, reduce) + update. Launches itself on `--nproc` processes (shm).
 
-use std::time::Instant;
-
 use anyhow::Result;
 use clap::Args;
 use distoptim::{DistributedOptimizer, GradBuckets, StepConfig, Strategy};
-use distoptim_collective::{Communicator, ReduceOp};
+use distoptim_collective::Communicator;
 use distoptim_optim::{Layout, OptimizerConfig, ParamGroup, SgdConfig};
 
-use super::median;
+use super::timed_ranks as timed;
 
 #[derive(Args)]
 pub struct OverlapArgs {
@@ -46,21 +44,6 @@ pub fn run(args: OverlapArgs) -> Result<()> {
     let comm = Communicator::from_env()?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     pool.install(|| body(&comm, &args))
-}
-
-/// Median over iterations of the slowest rank's time for `f`.
-fn timed(comm: &Communicator, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let mut times = Vec::with_capacity(iters);
-    for i in 0..iters + 2 {
-        comm.barrier()?;
-        let t0 = Instant::now();
-        f()?;
-        if i >= 2 {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    comm.all_reduce(&mut times, ReduceOp::Max)?;
-    Ok(median(times))
 }
 
 /// One layer's simulated gradient: `work` dependent multiply-adds per element.

@@ -6,8 +6,6 @@
 //! Like `bench collectives`, it launches itself on `--nproc` processes (shm backend);
 //! each process uses one optimizer thread so ranks do not fight over cores.
 
-use std::time::Instant;
-
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use distoptim::{ClipConfig, DistributedOptimizer, StepConfig, Strategy};
@@ -15,7 +13,7 @@ use distoptim_collective::{Communicator, ReduceOp};
 use distoptim_optim::clip::NormType;
 use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, ParamGroup};
 
-use super::median;
+use super::timed_ranks as timed;
 
 #[derive(Args)]
 pub struct StepArgs {
@@ -50,21 +48,6 @@ fn strategy(name: &str) -> Result<Strategy> {
         "zero3" => Strategy::Zero3,
         other => bail!("unknown strategy {other:?} (ddp, zero1, zero2, zero3)"),
     })
-}
-
-/// Median over iterations of the slowest rank's time for `f`.
-fn timed(comm: &Communicator, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let mut times = Vec::with_capacity(iters);
-    for i in 0..iters + 2 {
-        comm.barrier()?;
-        let t0 = Instant::now();
-        f()?;
-        if i >= 2 {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    comm.all_reduce(&mut times, ReduceOp::Max)?;
-    Ok(median(times))
 }
 
 fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {

@@ -75,29 +75,23 @@ fn body(comm: &Communicator, args: &OverlapArgs) -> Result<()> {
         }
         Ok(())
     };
-    let compute = timed(comm, args.iters, || {
-        for l in (0..args.layers).rev() {
-            backward_layer(buckets.param_mut(l)?, l, args.work);
-        }
-        Ok(())
-    })?;
+    let compute = timed(comm, args.iters, || backward(&mut buckets, false))?;
     let step_alone = timed(comm, args.iters, || {
         buckets.start(1)?;
         opt.step_buckets(&mut params, &mut buckets)?;
         Ok(())
     })?;
-    let sequential = timed(comm, args.iters, || {
-        buckets.start(1)?;
-        backward(&mut buckets, false)?;
-        opt.step_buckets(&mut params, &mut buckets)?;
-        Ok(())
-    })?;
-    let overlapped = timed(comm, args.iters, || {
-        buckets.start(1)?;
-        backward(&mut buckets, true)?;
-        opt.step_buckets(&mut params, &mut buckets)?;
-        Ok(())
-    })?;
+    // The same round either way; only whether layers are marked ready as they finish.
+    let mut round = |mark: bool| {
+        timed(comm, args.iters, || {
+            buckets.start(1)?;
+            backward(&mut buckets, mark)?;
+            opt.step_buckets(&mut params, &mut buckets)?;
+            Ok(())
+        })
+    };
+    let sequential = round(false)?;
+    let overlapped = round(true)?;
     if comm.rank() == 0 {
         println!(
             "# distoptim bench overlap: {} ranks (shm), {} layers x {} f32, {} buckets of <= {} MiB, {} FMAs/element backward, median of {}",

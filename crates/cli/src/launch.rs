@@ -51,7 +51,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<()> {
     let mut ranks = Vec::with_capacity(spec.nproc);
     let mut printers = Vec::new();
     for rank in 0..spec.nproc {
-        let child = Command::new(&spec.program)
+        let mut child = Command::new(&spec.program);
+        child
             .args(&spec.args)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", spec.nproc.to_string())
@@ -64,9 +65,9 @@ pub fn launch(spec: &LaunchSpec) -> Result<()> {
             .env("DISTOPTIM_TOKEN", &token)
             .env("DISTOPTIM_BACKEND", &spec.backend)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
+            .stderr(Stdio::piped());
+        let spawned = die_with_launcher(&mut child).spawn();
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 stop_all(&mut ranks, spec.grace);
@@ -84,6 +85,29 @@ pub fn launch(spec: &LaunchSpec) -> Result<()> {
     }
     cleanup_segments(&job);
     outcome
+}
+
+/// Makes the rank die with the launcher: SIGKILL when the launcher's thread that spawned
+/// it ends (PR_SET_PDEATHSIG), and an immediate exit if the launcher is already gone by
+/// the time the child runs (the race the signal alone leaves open). A launcher killed by
+/// SIGKILL therefore leaves no rank training on, or writing checkpoints, behind it.
+fn die_with_launcher(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid(2) is async-signal-safe; called here, in the parent.
+    let launcher = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and calls only the
+    // async-signal-safe prctl(2), getppid(2) and _exit(2); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != launcher {
+                libc::_exit(1);
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Waits for every rank; on the first failure or a signal, stops the rest.

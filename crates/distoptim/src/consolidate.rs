@@ -17,7 +17,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::{read_manifest, verify_file, Manifest};
+use crate::checkpoint::{resolve, verify_file, Manifest};
 use crate::error::{DistError, Result};
 use crate::safetensors::{self, Reader};
 
@@ -37,9 +37,11 @@ fn err(path: &Path, e: impl std::fmt::Display) -> DistError {
 }
 
 /// Writes `out/model.safetensors` and `out/optimizer.safetensors` from the checkpoint in
-/// `dir` (see the module docs). `out` is created if needed.
+/// `dir` (a checkpoint root or step directory; see the module docs). `out` is created if
+/// needed.
 pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
-    let m = read_manifest(dir)?;
+    let (dir, m, _) = resolve(dir)?;
+    let dir = dir.as_path();
     // A per-rank checkpoint (post-local SGD, DiLoCo) holds a whole model per rank: rank
     // 0's is the one consolidated.
     let files = if m.per_rank { &m.files[..1] } else { &m.files[..] };
@@ -138,7 +140,7 @@ mod tests {
                 let mut grads: Vec<f32> = (0..numel).map(|i| ((i * 7 + comm.rank() + step) % 5) as f32 - 2.0).collect();
                 opt.step(&mut params, &mut grads, 1).unwrap();
             }
-            checkpoint::save(dir, &opt, &params, &BTreeMap::new()).unwrap();
+            checkpoint::save(dir, &opt, &params, &BTreeMap::new(), &checkpoint::SaveOptions::new()).unwrap();
             (params, opt.consolidate_state_dict(0).unwrap())
         })
         .unwrap();
@@ -171,7 +173,7 @@ mod tests {
         assert_eq!(opt.metadata["step"], "2");
 
         // A corrupted rank file is named, and nothing is written over the good output.
-        let victim = dir.join("rank-00001.safetensors");
+        let victim = checkpoint::resolve(&dir).unwrap().0.join("rank-00001.safetensors");
         let mut bytes = fs::read(&victim).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;

@@ -56,7 +56,7 @@ fn run(w: usize, strategy: Strategy, steps: std::ops::Range<usize>, resume: Opti
         }
         opt.gather_params(&mut params).unwrap();
         if let Some(dir) = save {
-            checkpoint::save(dir, &opt, &params, &BTreeMap::from([("epoch".to_string(), 7)])).unwrap();
+            checkpoint::save(dir, &opt, &params, &BTreeMap::from([("epoch".to_string(), 7)]), &checkpoint::SaveOptions::new()).unwrap();
         }
         params
     })
@@ -87,7 +87,7 @@ fn resume_on_another_world_size_and_strategy_continues_the_same_run() {
 fn corrupt_or_missing_files_are_refused_and_change_nothing() {
     let dir = tmp("corrupt");
     run(2, Strategy::Zero2, 0..2, None, Some(&dir));
-    let file = dir.join("rank-00001.safetensors");
+    let file = checkpoint::resolve(&dir).unwrap().0.join("rank-00001.safetensors");
     let mut bytes = std::fs::read(&file).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
@@ -103,7 +103,7 @@ fn corrupt_or_missing_files_are_refused_and_change_nothing() {
     assert!(errors[0].contains("rank-00001.safetensors: size or checksum does not match"), "{}", errors[0]);
     std::fs::remove_file(&file).unwrap();
     let err = checkpoint::read_manifest(&dir.join("nope")).unwrap_err().to_string();
-    assert!(err.contains("manifest.json"), "{err}");
+    assert!(err.contains("no such checkpoint directory"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -111,17 +111,22 @@ fn corrupt_or_missing_files_are_refused_and_change_nothing() {
 fn files_are_safetensors_with_readable_names_and_saving_again_replaces_atomically() {
     let dir = tmp("names");
     run(2, Strategy::Zero1, 0..1, None, Some(&dir));
-    let bytes = std::fs::read(dir.join("rank-00000.safetensors")).unwrap();
+    let bytes = std::fs::read(checkpoint::resolve(&dir).unwrap().0.join("rank-00000.safetensors")).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
     for name in ["w", "exp_avg/w", "exp_avg_sq/w", "max_exp_avg_sq/w"] {
         assert_eq!(header[name]["dtype"], "F32", "{name} in {header}");
     }
-    // A stale partial save next to it is ignored and replaced; the checkpoint stays whole.
-    std::fs::create_dir_all(dir.with_extension("partial")).unwrap();
+    // A dead save's staging directory is removed, the user's files are not, and the
+    // newer checkpoint becomes the latest.
+    std::fs::create_dir_all(dir.join(".staging-0000000001-00000000000000aa")).unwrap();
+    std::fs::create_dir_all(dir.join("ckpt.old")).unwrap();
+    std::fs::write(dir.join("ckpt.old/precious.txt"), "keep").unwrap();
     run(3, Strategy::Zero2, 0..2, None, Some(&dir));
     let m = checkpoint::read_manifest(&dir).unwrap();
-    assert_eq!((m.world_size, m.files.len()), (3, 3));
-    assert!(!PathBuf::from(format!("{}.partial", dir.display())).exists());
+    assert_eq!((m.world_size, m.files.len(), m.step), (3, 3, 2));
+    assert!(!dir.join(".staging-0000000001-00000000000000aa").exists());
+    assert_eq!(std::fs::read_to_string(dir.join("ckpt.old/precious.txt")).unwrap(), "keep");
+    assert!(dir.join("step-0000000001").join("manifest.json").exists(), "the older checkpoint is kept");
     let _ = std::fs::remove_dir_all(&dir);
 }

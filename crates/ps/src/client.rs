@@ -199,7 +199,8 @@ impl RemoteParam {
     }
 
     pub fn numel(&self) -> usize {
-        self.meta.numel()
+        // A shape that overflows (only a broken worker sends one) matches no gradient.
+        self.meta.numel().unwrap_or(usize::MAX)
     }
 
     /// The worker that owns it.

@@ -5,13 +5,14 @@
 //! Tensors: `param/<name>` with its real shape, and every optimizer's state as
 //! `opt/<optimizer>/<buffer>/<param>` (torch's buffer names: `exp_avg`,
 //! `momentum_buffer`…). `__metadata__` holds the optimizers' groups, schedules, step
-//! counts and per-parameter step counts (JSON), and an FNV-64 checksum of the tensors, so a
+//! counts and per-parameter step counts (JSON), and a CRC-32 of the tensors, so a
 //! corrupted file is refused instead of loaded.
 
 use crate::error::{PsError, Result};
 use crate::protocol::GroupSpec;
 use crate::state::{lock, LocalOptimizer, Param, WorkerState};
-use distoptim::checkpoint::{fnv64, fnv64_update, write_atomic};
+use distoptim::checkpoint::store::read_bounded;
+use distoptim::checkpoint::write_atomic;
 use distoptim::safetensors;
 use distoptim_optim::{LrScheduler, Optimizer, OptimizerStateDict};
 use serde::{Deserialize, Serialize};
@@ -33,12 +34,19 @@ struct SavedOptimizer {
     params: BTreeMap<String, OptimizerStateDict>,
 }
 
+/// CRC-32 over every tensor's name and little-endian values, in name order.
 fn checksum(tensors: &BTreeMap<String, Vec<f32>>) -> String {
-    let hash = tensors.iter().fold(fnv64(&[]), |h, (name, values)| {
-        let h = fnv64_update(h, name.as_bytes());
-        values.iter().fold(h, |h, v| fnv64_update(h, &v.to_le_bytes()))
-    });
-    format!("{hash:016x}")
+    let mut hasher = crc32fast::Hasher::new();
+    let mut bytes = Vec::with_capacity(1 << 16);
+    for (name, values) in tensors {
+        hasher.update(name.as_bytes());
+        for chunk in values.chunks(1 << 14) {
+            bytes.clear();
+            bytes.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+            hasher.update(&bytes);
+        }
+    }
+    format!("{:08x}", hasher.finalize())
 }
 
 /// Saves everything; steps wait meanwhile (the snapshot is between two contexts).
@@ -72,7 +80,7 @@ pub(crate) fn save(state: &WorkerState, dir: &Path) -> Result<PathBuf> {
     }
     let metadata = BTreeMap::from([
         (META_KEY.to_string(), serde_json::to_string(&saved).map_err(|e| PsError::Checkpoint(e.to_string()))?),
-        ("fnv64".to_string(), checksum(&tensors)),
+        ("crc32".to_string(), checksum(&tensors)),
     ]);
     // Real shapes for the parameters (Python sees `param/w` as [out, in]); flat state.
     let list: Vec<(String, Vec<usize>)> =
@@ -92,7 +100,8 @@ pub(crate) fn save(state: &WorkerState, dir: &Path) -> Result<PathBuf> {
 /// those become parameters under their own names, with no optimizer).
 pub(crate) fn load(path: &Path) -> Result<WorkerState> {
     let bad = |msg: String| PsError::Checkpoint(format!("{}: {msg}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    // Only a regular file is read (never a FIFO or device), and no more than it holds.
+    let bytes = read_bounded(path, u64::MAX >> 1).map_err(|e| bad(e.to_string()))?;
     let decoded = safetensors::decode(&bytes).map_err(bad)?;
     let state = WorkerState::default();
     let Some(meta) = decoded.metadata.get(META_KEY) else {
@@ -105,7 +114,7 @@ pub(crate) fn load(path: &Path) -> Result<WorkerState> {
         drop(params);
         return Ok(state);
     };
-    if decoded.metadata.get("fnv64") != Some(&checksum(&decoded.tensors)) {
+    if decoded.metadata.get("crc32") != Some(&checksum(&decoded.tensors)) {
         return Err(bad("checksum does not match the tensors (corrupt file?)".into()));
     }
     let saved: Vec<SavedOptimizer> = serde_json::from_str(meta).map_err(|e| bad(format!("metadata: {e}")))?;

@@ -22,6 +22,9 @@ pub const VERSION: u16 = 1;
 const PREFIX: usize = 16;
 /// Headers are names and shapes: 1 MiB is far more than any real one.
 pub const MAX_HEADER: usize = 1 << 20;
+/// The header limit before a connection has shown the job token: a stranger's frame
+/// costs the worker at most this much memory.
+pub const MAX_UNAUTHENTICATED_HEADER: usize = 64 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -37,8 +40,9 @@ pub struct ParamMeta {
 }
 
 impl ParamMeta {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+    /// Elements of the parameter; `None` when the shape's product overflows `usize`.
+    pub fn numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
     }
 }
 
@@ -136,6 +140,9 @@ pub struct Stats {
     /// Contexts dropped because their client went quiet for the context timeout.
     pub contexts_expired: u64,
     pub requests_refused: u64,
+    /// Connections closed at once because every slot was taken by authenticated clients.
+    #[serde(default)]
+    pub connections_refused: u64,
 }
 
 /// Why a frame could not be read.
@@ -175,13 +182,27 @@ pub fn read_frame<R: Read, H: for<'de> Deserialize<'de>>(r: &mut R, kind: Kind, 
 }
 
 /// [`read_frame`] with the data read into `buffer(n)`, a buffer of `n` elements whose
-/// contents are overwritten (a worker recycles its gradient buffers this way).
+/// contents are overwritten.
 pub fn read_frame_into<R: Read, H: for<'de> Deserialize<'de>>(
     r: &mut R,
     kind: Kind,
     max_data: usize,
     buffer: impl FnOnce(usize) -> Vec<f32>,
 ) -> Result<(H, Vec<f32>), FrameError> {
+    let (header, n) = read_head(r, kind, MAX_HEADER, max_data)?;
+    Ok((header, read_data(r, n, buffer)?))
+}
+
+/// Reads a frame's prefix and header, nothing of its data: the caller decides (after
+/// checking the token) whether the data is worth reading. Both lengths are checked
+/// against `max_header` and `max_data` before anything is allocated. Returns the header
+/// and the number of f32 data elements that follow.
+pub fn read_head<R: Read, H: for<'de> Deserialize<'de>>(
+    r: &mut R,
+    kind: Kind,
+    max_header: usize,
+    max_data: usize,
+) -> Result<(H, usize), FrameError> {
     let mut prefix = [0u8; PREFIX];
     match r.read(&mut prefix[..1]) {
         Ok(0) => return Err(FrameError::Closed),
@@ -199,10 +220,10 @@ pub fn read_frame_into<R: Read, H: for<'de> Deserialize<'de>>(
     if got_kind != kind as u16 {
         return Err(FrameError::Malformed(format!("frame kind {got_kind}, expected {}", kind as u16)));
     }
-    let header_len = u32::from_le_bytes(prefix[8..12].try_into().expect("4 bytes")) as usize;
-    let data_len = u32::from_le_bytes(prefix[12..16].try_into().expect("4 bytes")) as usize;
-    if header_len > MAX_HEADER {
-        return Err(FrameError::TooLarge { got: header_len, max: MAX_HEADER });
+    let header_len = u32::from_le_bytes([prefix[8], prefix[9], prefix[10], prefix[11]]) as usize;
+    let data_len = u32::from_le_bytes([prefix[12], prefix[13], prefix[14], prefix[15]]) as usize;
+    if header_len > max_header {
+        return Err(FrameError::TooLarge { got: header_len, max: max_header });
     }
     if data_len > max_data {
         return Err(FrameError::TooLarge { got: data_len, max: max_data });
@@ -213,12 +234,17 @@ pub fn read_frame_into<R: Read, H: for<'de> Deserialize<'de>>(
     let mut header = vec![0u8; header_len];
     r.read_exact(&mut header)?;
     let header = serde_json::from_slice(&header).map_err(|e| FrameError::Malformed(format!("header: {e}")))?;
-    let mut data = buffer(data_len / 4);
-    if data.len() != data_len / 4 {
+    Ok((header, data_len / 4))
+}
+
+/// Reads the `n` data elements that [`read_head`] announced into `buffer(n)`.
+pub fn read_data<R: Read>(r: &mut R, n: usize, buffer: impl FnOnce(usize) -> Vec<f32>) -> Result<Vec<f32>, FrameError> {
+    let mut data = buffer(n);
+    if data.len() != n {
         return Err(FrameError::Malformed("the data buffer has the wrong size".into()));
     }
     r.read_exact(f32_bytes_mut(&mut data))?;
-    Ok((header, data))
+    Ok(data)
 }
 
 // The wire is little-endian and the data is sent as it lies in memory.

@@ -74,6 +74,8 @@ pub(crate) struct WorkerState {
     steps_applied: AtomicU64,
     contexts_expired: AtomicU64,
     pub requests_refused: AtomicU64,
+    /// Connections closed at once because every slot was taken by authenticated ones.
+    pub connections_refused: AtomicU64,
     /// Gradient buffers of applied contexts, for the next ones.
     pub pool: BufferPool,
 }
@@ -93,7 +95,13 @@ impl WorkerState {
 
     /// Creates parameters from `values` (concatenated in order). All or nothing.
     pub fn create_params(&self, metas: &[ParamMeta], values: Vec<f32>, if_absent: bool) -> OpResult<Vec<ParamMeta>> {
-        let total: usize = metas.iter().map(ParamMeta::numel).sum();
+        let mut sizes = Vec::with_capacity(metas.len());
+        let mut total = 0usize;
+        for m in metas {
+            let n = m.numel().ok_or_else(|| format!("parameter '{}': shape {:?} has more elements than fit in memory", m.name, m.shape))?;
+            total = total.checked_add(n).ok_or_else(|| "the parameters' sizes overflow".to_string())?;
+            sizes.push(n);
+        }
         if total != values.len() {
             return Err(format!("{} values sent for parameters of {total} elements", values.len()));
         }
@@ -111,8 +119,7 @@ impl WorkerState {
             }
         }
         let mut offset = 0;
-        for m in metas {
-            let n = m.numel();
+        for (m, &n) in metas.iter().zip(&sizes) {
             map.entry(m.name.clone())
                 .or_insert_with(|| Arc::new(Mutex::new(Param { shape: m.shape.clone(), values: values[offset..offset + n].to_vec() })));
             offset += n;
@@ -132,7 +139,7 @@ impl WorkerState {
 
     pub fn fetch(&self, names: &[String]) -> OpResult<(Vec<ParamMeta>, Vec<f32>)> {
         let metas = self.describe(names)?;
-        let mut out = Vec::with_capacity(metas.iter().map(ParamMeta::numel).sum());
+        let mut out = Vec::new();
         for m in &metas {
             out.extend_from_slice(&lock(&*self.param(&m.name)?).values);
         }
@@ -141,8 +148,11 @@ impl WorkerState {
 
     /// Adds `grad` to `name`'s gradient under `context` (opening the context).
     pub fn send_grads(&self, context: u64, name: &str, grad: Vec<f32>) -> OpResult<()> {
-        let shape = lock(&*self.param(name)?).shape.clone();
-        let numel: usize = shape.iter().product();
+        let (shape, numel) = {
+            let p = self.param(name)?;
+            let p = lock(&*p);
+            (p.shape.clone(), p.values.len())
+        };
         if grad.len() != numel {
             return Err(format!("gradient for '{name}' has {} elements, the parameter has shape {shape:?} ({numel})", grad.len()));
         }
@@ -252,6 +262,7 @@ impl WorkerState {
             steps_applied: self.steps_applied.load(Ordering::Relaxed),
             contexts_expired: self.contexts_expired.load(Ordering::Relaxed),
             requests_refused: self.requests_refused.load(Ordering::Relaxed),
+            connections_refused: self.connections_refused.load(Ordering::Relaxed),
         }
     }
 }

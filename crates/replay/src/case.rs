@@ -211,10 +211,22 @@ fn numbers(v: &Value, len: usize, what: &str) -> Result<Vec<f32>> {
         .collect()
 }
 
+/// Most ranks a replayed case may have: every rank is a thread of this process on the
+/// shared-memory engine, whose groups hold at most this many ranks.
+pub const MAX_REPLAY_WORLD_SIZE: u64 = 512;
+/// Most `num_steps` of an LBFGS case: each step's record is kept for the output.
+pub const MAX_REPLAY_STEPS: u64 = 100_000;
+
 fn world_size(v: Option<&Value>, what: &str) -> Result<usize> {
     match v.and_then(Value::as_u64) {
-        Some(w) if (1..=4096).contains(&w) => Ok(w as usize),
-        _ => err(ErrorClass::InvalidWorldSize, format!("{what} must be an integer from 1 to 4096, got {}", v.unwrap_or(&Value::Null))),
+        Some(w) if (1..=MAX_REPLAY_WORLD_SIZE).contains(&w) => Ok(w as usize),
+        Some(w) if w > MAX_REPLAY_WORLD_SIZE => err(
+            ErrorClass::Unsupported,
+            format!(
+                "{what} {w} is over this replay's limit of {MAX_REPLAY_WORLD_SIZE} ranks (one thread per rank, one shared-memory group)"
+            ),
+        ),
+        _ => err(ErrorClass::InvalidWorldSize, format!("{what} must be an integer >= 1, got {}", v.unwrap_or(&Value::Null))),
     }
 }
 
@@ -339,6 +351,9 @@ impl Case {
                 return err(ErrorClass::ShapeMismatch, "rosenbrock needs at least 2 elements");
             }
             let n = uint(top.get("num_steps").unwrap_or(&Value::Null), "num_steps", ErrorClass::InvalidConfig)?;
+            if n > MAX_REPLAY_STEPS {
+                return err(ErrorClass::Unsupported, format!("num_steps {n} is over this replay's limit of {MAX_REPLAY_STEPS}"));
+            }
             (Some(Objective::Rosenbrock), n as usize, Vec::new())
         } else {
             if top.contains_key("objective") || top.contains_key("num_steps") {

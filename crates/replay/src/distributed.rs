@@ -117,7 +117,8 @@ fn run_reducing(case: &Case) -> Result<Output> {
                 }
                 opt.gather_params(&mut params).map_err(at)?;
                 if save {
-                    checkpoint::save(&dir, &opt, &params, &Default::default()).map_err(|e| (steps.end, e))?;
+                    checkpoint::save(&dir, &opt, &params, &Default::default(), &checkpoint::SaveOptions::new())
+                        .map_err(|e| (steps.end, e))?;
                 }
                 Ok(RankOut { params, reports, state_elems: opt.state_elems(), global: None })
             })?;

@@ -3,10 +3,10 @@
 //! few calls the training loop needs.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use distoptim::checkpoint::{self, Manifest, ReplicaState};
+use distoptim::checkpoint::{self, Manifest, ReplicaState, SaveOptions};
 use distoptim::{
     ClipConfig, Diloco, DilocoConfig, DistributedOptimizer, LocalSgdConfig, PostLocalSgd, ReduceMode, StepConfig, StepReport, Strategy,
 };
@@ -67,13 +67,20 @@ impl Algorithm {
     /// Saves a checkpoint (collective): ranges of the shared model and state for the
     /// synchronous strategies (reloadable at any world size and strategy), every rank's
     /// own model and state for the periodic-averaging ones (same world size only).
-    pub fn save(&self, dir: &Path, comm: &Communicator, params: &[f32], counters: BTreeMap<String, u64>) -> Result<Manifest> {
+    pub fn save(
+        &self,
+        dir: &Path,
+        comm: &Communicator,
+        params: &[f32],
+        counters: BTreeMap<String, u64>,
+        options: &SaveOptions,
+    ) -> Result<(Manifest, PathBuf)> {
         let replica = |name: &str, mut state: ReplicaState| {
             state.counters.extend(counters.clone());
-            checkpoint::save_replicas(dir, comm, name, params, &state)
+            checkpoint::save_replicas(dir, comm, name, params, &state, options)
         };
         Ok(match self {
-            Algorithm::Synced(opt) => checkpoint::save(dir, opt, params, &counters)?,
+            Algorithm::Synced(opt) => checkpoint::save(dir, opt, params, &counters, options)?,
             Algorithm::LocalSgd(opt) => replica("post_local_sgd", opt.replica_state())?,
             Algorithm::Diloco(opt) => replica("diloco", opt.replica_state())?,
         })

@@ -31,6 +31,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
+use distoptim::checkpoint::SaveOptions;
 use distoptim::{verify_replicas, ClipConfig, DilocoConfig, LocalSgdConfig};
 use distoptim_candle::FlatParams;
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
@@ -106,14 +107,21 @@ pub struct TrainArgs {
     /// Check that the replicas are identical every N steps (0: only at the end).
     #[arg(long, default_value_t = 50)]
     verify_every: u64,
-    /// Write a checkpoint here every `--checkpoint-every` steps and at the end.
+    /// Write checkpoints into this directory every `--checkpoint-every` steps and at the
+    /// end: each as a `step-NNNNNNNNNN` directory, with `latest` naming the newest. Nothing
+    /// else in the directory is touched; it must be shared by all hosts of a multi-host job.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = 100)]
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     checkpoint_every: u64,
-    /// Continue from this checkpoint: a ddp/zero* one at any --nproc and with any of
-    /// those strategies; a post_local_sgd/diloco one (every rank's own model) with the
-    /// same --nproc and strategy.
+    /// Keep only the newest N checkpoints in --checkpoint-dir (default: keep all).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    keep: Option<u64>,
+    /// Continue from this checkpoint: a --checkpoint-dir (its `latest`, or its newest
+    /// complete checkpoint) or one step directory in it. A ddp/zero* one resumes at any
+    /// --nproc and with any of those strategies; a post_local_sgd/diloco one (every
+    /// rank's own model) with the same --nproc and strategy.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Where rank 0 writes metrics.csv, metrics.json and plot.svg.
@@ -300,7 +308,7 @@ impl Trainer {
             let rate = samples as f64 / started.elapsed().as_secs_f64();
             progress.update(&row, rate, self.args.log_every);
             self.rows.push(row);
-            if step % self.args.checkpoint_every.max(1) == 0 && step < stop {
+            if step % self.args.checkpoint_every == 0 && step < stop {
                 self.checkpoint(step)?;
             }
             if self.rank0() && (step % eval_every == 0) {
@@ -325,6 +333,12 @@ impl Trainer {
             }
         }
         let step = manifest.counters.get("train_step").copied().unwrap_or(manifest.step);
+        ensure!(
+            step <= self.total_steps,
+            "--resume {}: the checkpoint is at step {step}, past this run's {} steps",
+            dir.display(),
+            self.total_steps
+        );
         self.algorithm.gather(&mut self.params)?;
         self.rows = metrics::earlier(&self.args.out, step);
         if self.rank0() {
@@ -408,7 +422,11 @@ impl Trainer {
             ("batch_size".to_string(), self.args.batch_size as u64),
             ("total_steps".to_string(), self.total_steps),
         ]);
-        self.algorithm.save(&dir, &self.comm, &self.params, counters).with_context(|| format!("checkpoint at step {step}"))?;
+        let mut options = SaveOptions::new();
+        if let Some(keep) = self.args.keep {
+            options = options.with_keep(keep as usize);
+        }
+        self.algorithm.save(&dir, &self.comm, &self.params, counters, &options).with_context(|| format!("checkpoint at step {step}"))?;
         Ok(())
     }
 

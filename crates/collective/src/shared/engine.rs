@@ -19,7 +19,7 @@
 
 use super::buffer::{SharedAlloc, SharedBuf};
 use super::memory::Memory;
-use super::segment::{Announcement, Segment, STATE_EMPTY, STATE_JOINED, STATE_LEFT};
+use super::segment::{Announcement, Segment, STATE_CLAIMING, STATE_EMPTY, STATE_JOINED, STATE_LEFT};
 use crate::element::{Element, ReduceOp};
 use crate::error::{CommError, Result};
 use crate::fingerprint::{Fingerprint, OpKind};
@@ -109,10 +109,15 @@ impl SharedEngine {
             memory.open(name, Instant::now() + timeout)?
         };
         let seg = Segment::open(region, name, size, slot_bytes, token_hash)?;
-        seg.set_process(rank, memory.me());
-        if seg.state(rank).compare_exchange(STATE_EMPTY, STATE_JOINED, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        // Claim the slot first, and only then write our pid into it: a second process
+        // with the same RANK must not overwrite the first one's identity (its peers
+        // would then declare the real rank dead when the impostor exits).
+        if seg.state(rank).compare_exchange(STATE_EMPTY, STATE_CLAIMING, Ordering::AcqRel, Ordering::Acquire).is_err() {
             return Err(CommError::Join(format!("rank {rank} of {name} has already joined (two processes with the same RANK?)")));
         }
+        seg.set_process(rank, memory.me());
+        // Peers check a rank's liveness only once it is JOINED, so they see its pid.
+        seg.state(rank).store(STATE_JOINED, Ordering::Release);
         Ok(SharedEngine {
             seg,
             seq: 0,

@@ -25,6 +25,8 @@ pub(crate) const ANNOUNCE_WORDS: usize = WORDS + 2;
 pub(crate) const STATE_EMPTY: u64 = 0;
 pub(crate) const STATE_JOINED: u64 = 1;
 pub(crate) const STATE_LEFT: u64 = 2;
+/// A process has claimed the slot and is writing its identity into it.
+pub(crate) const STATE_CLAIMING: u64 = 3;
 
 /// What a rank announces at the start of a call.
 #[derive(Clone, Copy, Debug, PartialEq)]

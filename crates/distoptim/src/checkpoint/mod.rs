@@ -1,85 +1,81 @@
 //! Checkpoints that survive crashes and reload at another world size.
 //!
-//! A checkpoint is a directory:
+//! `save(root, …)` writes one checkpoint as a step directory inside `root` (see
+//! [`store`] for the layout, the `latest` pointer, retention and crash safety):
 //! - `rank-0000R.safetensors`, one per rank, holding the rank's balanced range
 //!   `shard_range(numel, W, R)` of the parameters (`fc.weight`) and of every optimizer
 //!   state buffer (`exp_avg/fc.weight`, `momentum_buffer/fc.weight`, …), with
-//!   `offset/<param>` metadata where a range starts inside a parameter. DDP ranks write
-//!   their range of the replicated state, so every strategy writes in parallel and the
-//!   files look the same;
-//! - `manifest.json`: format version, world size, strategy, layout, param groups, step,
-//!   schedule position, algorithm counters, and the size and FNV-64 checksum of each file.
+//!   `offset/<param>` metadata where a range starts inside a parameter and the
+//!   per-parameter step counts in `steps`. DDP ranks write their range of the replicated
+//!   state, so every strategy writes in parallel and the files look the same;
+//! - `manifest.json` ([`Manifest`]): format version, world size, strategy, layout, param
+//!   groups, step, schedule position, algorithm counters, each file's size and CRC-32, and
+//!   a checksum of the manifest itself.
 //!
-//! Crash safety: everything is written into `DIR.partial` (each file through a temporary
-//! name, fsync, rename), the manifest last, and then the directory is renamed into place,
-//! so `DIR` is either the previous checkpoint or the complete new one. Loading verifies
-//! every file's checksum and reassembles whatever range the loading rank owns, so a run
-//! resumes on any number of ranks and with any strategy.
+//! Loading takes the root (following `latest`, or the newest complete step directory
+//! when the pointer is missing or damaged) or a step directory, checks the manifest
+//! field by field, reads only regular files, verifies every file's checksum and
+//! reassembles whatever range the loading rank owns, so a run resumes on any number of
+//! ranks and with any strategy.
+//!
+//! Ranks on several hosts need `root` on a filesystem that all of them see (NFS, Lustre,
+//! a mounted bucket): rank 0 creates the staging directory and every rank writes its own
+//! file into it. A rank that cannot see rank 0's directory fails the save with an error
+//! that says so, and the previous checkpoint stays the latest.
+
+pub mod manifest;
+pub mod store;
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use distoptim_collective::{shard_range, Communicator, ReduceOp};
-use distoptim_optim::{Layout, OptimizerStateDict, ParamGroup};
-use serde::{Deserialize, Serialize};
+use distoptim_optim::{Layout, OptimizerStateDict};
 
 use crate::error::{DistError, Result};
 use crate::optimizer::DistributedOptimizer;
 use crate::safetensors;
 
-pub const FORMAT_VERSION: u32 = 1;
+pub use manifest::{FileEntry, Manifest, FORMAT_VERSION};
+pub use store::{write_atomic, Found};
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub name: String,
-    pub rank: usize,
-    /// Elements `[start, end)` of the flat layout this file holds.
-    pub range: [usize; 2],
-    pub bytes: u64,
-    /// FNV-1a 64 of the file's bytes, hex.
-    pub fnv64: String,
+use store::io;
+
+/// How a save treats the checkpoints already in its root.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SaveOptions {
+    /// Keep only the newest `keep` step directories (at least 1); `None` keeps all.
+    pub keep: Option<usize>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format_version: u32,
-    pub world_size: usize,
-    pub strategy: String,
-    pub layout: Layout,
-    pub groups: Vec<ParamGroup>,
-    /// Optimizer steps taken.
-    pub step: u64,
-    pub schedule_step: Option<u64>,
-    /// Counters of the surrounding algorithm (the trainer's epoch, post-local SGD's step…).
-    pub counters: BTreeMap<String, u64>,
-    /// Each rank's file holds that rank's whole model and state ([`save_replicas`])
-    /// instead of its range of a shared one.
-    #[serde(default)]
-    pub per_rank: bool,
-    pub files: Vec<FileEntry>,
-}
+impl SaveOptions {
+    /// Keeps every checkpoint.
+    pub fn new() -> SaveOptions {
+        SaveOptions::default()
+    }
 
-fn io(path: &Path, e: std::io::Error) -> DistError {
-    DistError::Checkpoint(format!("{}: {e}", path.display()))
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-/// Continues an FNV-1a 64 checksum over more bytes (start from [`fnv64`]`(&[])`).
-pub fn fnv64_update(hash: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// FNV-1a 64, the checksum of checkpoint files.
-pub fn fnv64(bytes: &[u8]) -> u64 {
-    fnv64_update(FNV_OFFSET, bytes)
+    /// Keeps the newest `keep` checkpoints (at least 1).
+    pub fn with_keep(mut self, keep: usize) -> SaveOptions {
+        self.keep = Some(keep.max(1));
+        self
+    }
 }
 
 fn mismatch(path: &Path) -> DistError {
     DistError::Checkpoint(format!("{}: size or checksum does not match the manifest (corrupt file?)", path.display()))
+}
+
+/// Reads one rank file whole, after checking that it is a regular file of the size the
+/// manifest records (so the allocation is bounded by what is on disk) and that its
+/// checksum matches.
+pub(crate) fn read_verified(dir: &Path, entry: &FileEntry) -> Result<(PathBuf, Vec<u8>)> {
+    let path = dir.join(&entry.name);
+    let bytes = store::read_bounded(&path, entry.bytes).map_err(|_| mismatch(&path))?;
+    if bytes.len() as u64 != entry.bytes || manifest::crc32_hex(&bytes) != entry.crc32 {
+        return Err(mismatch(&path));
+    }
+    Ok((path, bytes))
 }
 
 /// Checks a file against its manifest entry, reading it in blocks (memory stays small
@@ -87,33 +83,23 @@ fn mismatch(path: &Path) -> DistError {
 pub(crate) fn verify_file(dir: &Path, entry: &FileEntry) -> Result<PathBuf> {
     use std::io::Read;
     let path = dir.join(&entry.name);
-    let mut file = fs::File::open(&path).map_err(|e| io(&path, e))?;
-    let (mut hash, mut len, mut block) = (FNV_OFFSET, 0u64, vec![0u8; 1 << 20]);
+    let (mut file, len) = store::open_regular(&path)?;
+    if len != entry.bytes {
+        return Err(mismatch(&path));
+    }
+    let (mut hasher, mut read, mut block) = (crc32fast::Hasher::new(), 0u64, vec![0u8; 1 << 20]);
     loop {
         let n = file.read(&mut block).map_err(|e| io(&path, e))?;
         if n == 0 {
             break;
         }
-        hash = fnv64_update(hash, &block[..n]);
-        len += n as u64;
+        hasher.update(&block[..n]);
+        read += n as u64;
     }
-    if len != entry.bytes || format!("{hash:016x}") != entry.fnv64 {
+    if read != entry.bytes || format!("{:08x}", hasher.finalize()) != entry.crc32 {
         return Err(mismatch(&path));
     }
     Ok(path)
-}
-
-/// Writes `bytes` to `path` through a temporary name, fsynced: never half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-    // The rename itself is durable once the directory is synced.
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| io(parent, e))?;
-    }
-    Ok(())
 }
 
 /// Every rank learns whether every rank's part succeeded; the failing rank keeps its
@@ -129,15 +115,30 @@ fn all_ok<T>(comm: &Communicator, local: Result<T>, what: &str) -> Result<T> {
     }
 }
 
-fn staging(dir: &Path) -> PathBuf {
-    let mut s = dir.as_os_str().to_owned();
-    s.push(".partial");
-    PathBuf::from(s)
+/// The checkpoint `path` names (a root or a step directory), with its checked manifest.
+pub fn resolve(path: &Path) -> Result<(PathBuf, Manifest, Found)> {
+    let complete = |dir: &Path| manifest::read(dir).and_then(|m| m.check_files(dir));
+    let (dir, found) = store::resolve(path, complete)?;
+    let m = manifest::read(&dir)?;
+    Ok((dir, m, found))
 }
 
-/// Saves `params` (the full buffer; ZeRO-3: gather first) and the optimizer into `dir`.
-/// Collective over the optimizer's group.
-pub fn save(dir: &Path, opt: &DistributedOptimizer, params: &[f32], counters: &BTreeMap<String, u64>) -> Result<Manifest> {
+/// Reads and checks the manifest of the checkpoint `path` names (a root or a step
+/// directory).
+pub fn read_manifest(path: &Path) -> Result<Manifest> {
+    resolve(path).map(|(_, m, _)| m)
+}
+
+/// Saves `params` (the full buffer; ZeRO-3: gather first) and the optimizer as a new
+/// step directory in `root`. Collective over the optimizer's group. Returns the manifest
+/// and the published directory.
+pub fn save(
+    root: &Path,
+    opt: &DistributedOptimizer,
+    params: &[f32],
+    counters: &BTreeMap<String, u64>,
+    options: &SaveOptions,
+) -> Result<(Manifest, PathBuf)> {
     let comm = opt.comm();
     let numel = opt.layout().numel();
     let range = shard_range(numel, comm.size(), comm.rank());
@@ -154,8 +155,9 @@ pub fn save(dir: &Path, opt: &DistributedOptimizer, params: &[f32], counters: &B
         counters: counters.clone(),
         per_rank: false,
         files: Vec::new(),
+        checksum: String::new(),
     };
-    write(dir, comm, spec, params, part, &BTreeMap::new())
+    write(root, comm, spec, params, part, &BTreeMap::new(), options)
 }
 
 /// What a rank of an algorithm whose ranks hold different models (post-local SGD
@@ -176,7 +178,14 @@ pub struct ReplicaState {
 /// Saves every rank's whole model and state (one file per rank, each covering the
 /// whole layout): the checkpoint of post-local SGD and DiLoCo. It reloads at the same
 /// world size only, since each rank's state is its own. Collective over `comm`.
-pub fn save_replicas(dir: &Path, comm: &Communicator, strategy: &str, params: &[f32], state: &ReplicaState) -> Result<Manifest> {
+pub fn save_replicas(
+    root: &Path,
+    comm: &Communicator,
+    strategy: &str,
+    params: &[f32],
+    state: &ReplicaState,
+    options: &SaveOptions,
+) -> Result<(Manifest, PathBuf)> {
     let layout = state.optimizer.layout.clone();
     let spec = Manifest {
         format_version: FORMAT_VERSION,
@@ -188,9 +197,10 @@ pub fn save_replicas(dir: &Path, comm: &Communicator, strategy: &str, params: &[
         counters: state.counters.clone(),
         per_rank: true,
         files: Vec::new(),
+        checksum: String::new(),
         layout,
     };
-    write(dir, comm, spec, params, Ok(state.optimizer.clone()), &state.extra)
+    write(root, comm, spec, params, Ok(state.optimizer.clone()), &state.extra, options)
 }
 
 /// The part of the file of one rank: its range of the parameters, of the optimizer
@@ -228,106 +238,94 @@ fn encode_part(
     Ok(safetensors::encode(&tensors, &metadata))
 }
 
-/// Writes every rank's file into the staging directory, then rank 0 writes the manifest
-/// (`spec` with the files filled in) and swaps the directory into place.
+/// Writes every rank's file into a staging directory that rank 0 created, then rank 0
+/// writes the manifest (`spec` with the files filled in) and publishes the directory.
 fn write(
-    dir: &Path,
+    root: &Path,
     comm: &Communicator,
     mut spec: Manifest,
     params: &[f32],
     state: Result<OptimizerStateDict>,
     extra: &BTreeMap<String, Vec<f32>>,
-) -> Result<Manifest> {
+    options: &SaveOptions,
+) -> Result<(Manifest, PathBuf)> {
     let (me, n) = (comm.rank(), comm.size());
     let numel = spec.layout.numel();
-    let range_of = |r: usize| if spec.per_rank { 0..numel } else { shard_range(numel, n, r) };
-    let stage = staging(dir);
-    let prepared = if me == 0 {
-        let _ = fs::remove_dir_all(&stage);
-        fs::create_dir_all(&stage).map_err(|e| io(&stage, e))
+    let per_rank = spec.per_rank;
+    let range_of = |r: usize| if per_rank { 0..numel } else { shard_range(numel, n, r) };
+    // Rank 0 names the staging directory with a fresh nonce, so no two saves share one.
+    let mut nonce = [0i64];
+    let began = if me == 0 {
+        nonce[0] = (fresh_nonce() >> 1) as i64;
+        store::begin(root, spec.step, nonce[0] as u64).map(|_| ())
     } else {
         Ok(())
     };
-    all_ok(comm, prepared, &format!("create {}", stage.display()))?;
-
-    let written = state.and_then(|state| encode_part(&spec.layout, range_of(me), params, &state, extra)).and_then(|bytes| {
-        write_atomic(&stage.join(format!("rank-{me:05}.safetensors")), &bytes)?;
-        Ok((bytes.len() as u64, fnv64(&bytes)))
-    });
-    let (bytes, sum) = all_ok(comm, written, "write its checkpoint file")?;
-
-    let mut sums = vec![0i64; 2 * n];
-    sums[2 * me] = bytes as i64;
-    sums[2 * me + 1] = sum as i64;
-    comm.all_gather(&mut sums)?;
-    spec.files = (0..n)
-        .map(|r| {
-            let range = range_of(r);
-            FileEntry {
-                name: format!("rank-{r:05}.safetensors"),
-                rank: r,
-                range: [range.start, range.end],
-                bytes: sums[2 * r] as u64,
-                fnv64: format!("{:016x}", sums[2 * r + 1] as u64),
-            }
-        })
-        .collect();
-    let manifest = spec;
-    let published = if me == 0 {
-        (|| {
-            let text = serde_json::to_vec_pretty(&manifest).map_err(|e| DistError::Checkpoint(e.to_string()))?;
-            write_atomic(&stage.join("manifest.json"), &text)?;
-            // Swap in: the old checkpoint goes only once the new one is complete.
-            let old = dir.with_extension("old");
-            if dir.exists() {
-                let _ = fs::remove_dir_all(&old);
-                fs::rename(dir, &old).map_err(|e| io(dir, e))?;
-            }
-            fs::rename(&stage, dir).map_err(|e| io(dir, e))?;
-            let _ = fs::remove_dir_all(&old);
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                let _ = fs::File::open(parent).and_then(|d| d.sync_all());
-            }
+    all_ok(comm, began, &format!("start a checkpoint in {}", root.display()))?;
+    comm.all_reduce(&mut nonce, ReduceOp::Max)?;
+    let stage = store::staging_dir(root, spec.step, nonce[0] as u64);
+    let result = (|| {
+        let visible = if stage.is_dir() {
             Ok(())
-        })()
-    } else {
-        Ok(())
-    };
-    all_ok(comm, published, &format!("publish {}", dir.display()))?;
-    Ok(manifest)
+        } else {
+            Err(DistError::Checkpoint(format!(
+                "rank {me} cannot see {}, which rank 0 created: ranks on several hosts need the checkpoint directory on a filesystem they all share",
+                stage.display()
+            )))
+        };
+        all_ok(comm, visible, "see the checkpoint directory")?;
+
+        let written = state.and_then(|state| encode_part(&spec.layout, range_of(me), params, &state, extra)).and_then(|bytes| {
+            write_atomic(&stage.join(manifest::file_name(me)), &bytes)?;
+            Ok((bytes.len() as u64, crc32fast::hash(&bytes)))
+        });
+        let (bytes, sum) = all_ok(comm, written, "write its checkpoint file")?;
+
+        let mut sums = vec![0i64; 2 * n];
+        sums[2 * me] = bytes as i64;
+        sums[2 * me + 1] = i64::from(sum);
+        comm.all_gather(&mut sums)?;
+        spec.files = (0..n)
+            .map(|r| {
+                let range = range_of(r);
+                FileEntry {
+                    name: manifest::file_name(r),
+                    rank: r,
+                    range: [range.start, range.end],
+                    bytes: sums[2 * r] as u64,
+                    crc32: format!("{:08x}", sums[2 * r + 1] as u32),
+                }
+            })
+            .collect();
+        let published = if me == 0 {
+            spec.to_bytes()
+                .and_then(|text| write_atomic(&stage.join("manifest.json"), &text))
+                .and_then(|()| store::publish(root, &stage, spec.step, options.keep))
+        } else {
+            Ok(0)
+        };
+        // Every rank returns the directory rank 0 published: its suffix, if any, is shared.
+        let mut again = [i64::from(all_ok(comm, published, &format!("publish a checkpoint in {}", root.display()))?)];
+        comm.all_reduce(&mut again, ReduceOp::Max)?;
+        Ok(root.join(store::step_dir_name(spec.step, again[0] as u32)))
+    })();
+    if result.is_err() && me == 0 {
+        store::abandon(&stage);
+    }
+    result.map(|dir| (spec, dir))
 }
 
-/// Reads and checks the manifest of a checkpoint.
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let path = dir.join("manifest.json");
-    let text = fs::read(&path).map_err(|e| io(&path, e))?;
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| DistError::Checkpoint(format!("{}: {e}", path.display())))?;
-    if m.format_version != FORMAT_VERSION {
-        return Err(DistError::Checkpoint(format!(
-            "{}: format version {} (this build reads {FORMAT_VERSION})",
-            path.display(),
-            m.format_version
-        )));
-    }
-    if m.per_rank {
-        let whole = [0, m.layout.numel()];
-        if m.files.len() != m.world_size || m.files.iter().enumerate().any(|(r, f)| f.rank != r || f.range != whole || f.name.contains('/'))
-        {
-            return Err(DistError::Checkpoint(format!("{}: a per-rank checkpoint needs one whole-layout file per rank", path.display())));
-        }
-        return Ok(m);
-    }
-    let mut next = 0;
-    for f in &m.files {
-        if f.range[0] != next || f.range[1] < f.range[0] || f.name.contains('/') {
-            return Err(DistError::Checkpoint(format!("{}: file {} does not continue the ranges", path.display(), f.name)));
-        }
-        next = f.range[1];
-    }
-    if next != m.layout.numel() {
-        return Err(DistError::Checkpoint(format!("{}: files cover {next} of {} elements", path.display(), m.layout.numel())));
-    }
-    Ok(m)
+/// A number no other save of this host picks at the same time: the pid, the clock and a
+/// counter, mixed.
+fn fresh_nonce() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut x = nanos ^ (u64::from(std::process::id()) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // splitmix64's finaliser: spreads every input bit over the output.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// Loads a checkpoint written by [`save`] on any number of ranks into `params` (the full
@@ -338,15 +336,14 @@ pub fn load(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) -> R
     all_ok(opt.comm(), loaded, &format!("load {}", dir.display()))
 }
 
-fn load_local(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) -> Result<Manifest> {
-    let m = read_manifest(dir)?;
+fn load_local(path: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) -> Result<Manifest> {
+    let (dir, m, _) = resolve(path)?;
+    let dir = dir.as_path();
     if m.per_rank {
         return Err(DistError::Checkpoint(format!("{} holds per-rank models ({}); load it with load_replicas", dir.display(), m.strategy)));
     }
     let layout = opt.layout().clone();
-    if m.layout != layout {
-        return Err(DistError::Checkpoint(format!("{} was saved for another parameter layout", dir.display())));
-    }
+    same_layout(dir, &m.layout, &layout)?;
     if params.len() != layout.numel() {
         return Err(DistError::Invalid(format!("params has {} elements, the layout has {}", params.len(), layout.numel())));
     }
@@ -355,13 +352,9 @@ fn load_local(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) ->
     let mut buffers: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     let mut steps = vec![0u64; layout.len()];
     for f in &m.files {
-        let path = dir.join(&f.name);
-        let bytes = fs::read(&path).map_err(|e| io(&path, e))?;
-        if bytes.len() as u64 != f.bytes || format!("{:016x}", fnv64(&bytes)) != f.fnv64 {
-            return Err(mismatch(&path));
-        }
+        let (path, bytes) = read_verified(dir, f)?;
         let d = safetensors::decode(&bytes).map_err(|e| DistError::Checkpoint(format!("{}: {e}", path.display())))?;
-        let file_steps: Vec<u64> = d.metadata.get("steps").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
+        let file_steps = step_counts(&path, &d.metadata, layout.len())?;
         for (s, fs) in steps.iter_mut().zip(file_steps) {
             *s = (*s).max(fs);
         }
@@ -392,12 +385,47 @@ fn load_local(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) ->
     Ok(m)
 }
 
+/// Refuses a checkpoint of another model, naming the first parameter that differs.
+fn same_layout(dir: &Path, saved: &Layout, ours: &Layout) -> Result<()> {
+    if saved == ours {
+        return Ok(());
+    }
+    let describe = |l: &Layout, i: usize| l.params().get(i).map_or("nothing".to_string(), |p| format!("'{}' {:?}", p.name, p.shape));
+    let i = (0..saved.len().max(ours.len())).find(|&i| saved.params().get(i) != ours.params().get(i)).unwrap_or(0);
+    Err(DistError::Checkpoint(format!(
+        "{} was saved for another model: parameter {i} is {} there and {} here ({} vs {} parameters)",
+        dir.display(),
+        describe(saved, i),
+        describe(ours, i),
+        saved.len(),
+        ours.len()
+    )))
+}
+
+/// The per-parameter step counts a rank file records: required, since a missing one would
+/// silently restart Adam's bias correction.
+fn step_counts(path: &Path, metadata: &BTreeMap<String, String>, params: usize) -> Result<Vec<u64>> {
+    let steps: Vec<u64> = metadata
+        .get("steps")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| DistError::Checkpoint(format!("{}: no valid 'steps' metadata (the optimizer's step counts)", path.display())))?;
+    if steps.len() != params || steps.iter().any(|&s| s > manifest::MAX_COUNTER) {
+        return Err(DistError::Checkpoint(format!(
+            "{}: 'steps' metadata has {} counts for {params} parameters, or one too large",
+            path.display(),
+            steps.len()
+        )));
+    }
+    Ok(steps)
+}
+
 /// Loads what [`save_replicas`] wrote: this rank's file into `params` and the returned
 /// state. The world size and layout must be those that saved. Collective over `comm`;
 /// nothing is returned unless every rank's file checks out.
-pub fn load_replicas(dir: &Path, comm: &Communicator, layout: &Layout, params: &mut [f32]) -> Result<(Manifest, ReplicaState)> {
+pub fn load_replicas(path: &Path, comm: &Communicator, layout: &Layout, params: &mut [f32]) -> Result<(Manifest, ReplicaState)> {
     let loaded = (|| {
-        let m = read_manifest(dir)?;
+        let (dir, m, _) = resolve(path)?;
+        let dir = dir.as_path();
         if !m.per_rank {
             return Err(DistError::Checkpoint(format!("{} holds a sharded {} checkpoint; load it with load", dir.display(), m.strategy)));
         }
@@ -410,14 +438,14 @@ pub fn load_replicas(dir: &Path, comm: &Communicator, layout: &Layout, params: &
                 comm.size()
             )));
         }
-        if &m.layout != layout || params.len() != layout.numel() {
-            return Err(DistError::Checkpoint(format!("{} was saved for another parameter layout", dir.display())));
+        same_layout(dir, &m.layout, layout)?;
+        if params.len() != layout.numel() {
+            return Err(DistError::Invalid(format!("params has {} elements, the layout has {}", params.len(), layout.numel())));
         }
-        let path = verify_file(dir, &m.files[comm.rank()])?;
-        let bytes = fs::read(&path).map_err(|e| io(&path, e))?;
+        let (path, bytes) = read_verified(dir, &m.files[comm.rank()])?;
         let d = safetensors::decode(&bytes).map_err(|e| DistError::Checkpoint(format!("{}: {e}", path.display())))?;
         let extra_names: Vec<String> = d.metadata.get("extra").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
-        let steps: Vec<u64> = d.metadata.get("steps").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_else(|| vec![0; layout.len()]);
+        let steps = step_counts(&path, &d.metadata, layout.len())?;
         let (mut full, mut buffers, mut extra) = (vec![0f32; layout.numel()], BTreeMap::new(), BTreeMap::new());
         for (key, values) in &d.tensors {
             let (buffer, name) = key.split_once('/').map_or((None, key.as_str()), |(b, n)| (Some(b), n));
@@ -444,7 +472,7 @@ pub fn load_replicas(dir: &Path, comm: &Communicator, layout: &Layout, params: &
         let state = ReplicaState { optimizer, schedule_step: m.schedule_step, extra, counters: m.counters.clone() };
         Ok((m, state, full))
     })();
-    let (m, state, full) = all_ok(comm, loaded, &format!("load {}", dir.display()))?;
+    let (m, state, full) = all_ok(comm, loaded, &format!("load {}", path.display()))?;
     params.copy_from_slice(&full);
     Ok((m, state))
 }

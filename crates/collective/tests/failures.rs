@@ -165,3 +165,73 @@ fn a_rank_killed_mid_all_reduce_is_named_by_the_others_within_seconds() {
     assert!(killed.elapsed() < Duration::from_secs(3), "took {:?}", killed.elapsed());
     let _ = children[1].wait();
 }
+
+/// One contender for rank 1 of the duplicate-rank test: joins, then all-reduces with
+/// pauses (so rank 0 checks rank 1's liveness while it waits). Exits 7 when refused.
+fn rank1_contender(job: &str) -> Result<(), String> {
+    let comm =
+        Communicator::shm(job, "t", 1, 3, &CommConfig::default().with_timeout(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(250));
+        comm.all_reduce(&mut [1f32; 16], ReduceOp::Sum).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The child half of the duplicate-rank test.
+#[test]
+fn child_duplicate_rank() {
+    let Ok(job) = std::env::var("DISTOPTIM_TEST_DUP_JOB") else { return };
+    match rank1_contender(&job) {
+        Ok(()) => std::process::exit(0),
+        Err(e) if e.contains("already joined") => std::process::exit(7),
+        Err(e) => {
+            eprintln!("ERROR: {e}");
+            std::process::exit(3)
+        }
+    }
+}
+
+#[test]
+fn a_second_process_with_the_same_rank_is_refused_and_harms_nobody() {
+    let job = job();
+    let exe = std::env::current_exe().unwrap();
+    std::thread::scope(|s| {
+        let mine = s.spawn(|| rank1_contender(&job));
+        std::thread::sleep(Duration::from_millis(50));
+        let child = Command::new(&exe)
+            .args(["--exact", "child_duplicate_rank", "--nocapture", "--test-threads=1"])
+            .env("DISTOPTIM_TEST_DUP_JOB", &job)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Rank 2 joins late, so both contenders reach the segment while the group forms.
+        let config = CommConfig::default().with_timeout(Duration::from_secs(10));
+        let (job2, config2) = (job.clone(), config.clone());
+        let late = s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            let rank2 = Communicator::shm(&job2, "t", 2, 3, &config2).unwrap();
+            for _ in 0..3 {
+                rank2.all_reduce(&mut [1f32; 16], ReduceOp::Sum).unwrap();
+            }
+        });
+        // Rank 0 waits for whichever contender won; the loser has exited by then, and
+        // must not have left its pid in the slot (rank 0 would call rank 1 dead).
+        let rank0 = Communicator::shm(&job, "t", 0, 3, &config).unwrap();
+        for _ in 0..3 {
+            rank0.all_reduce(&mut [1f32; 16], ReduceOp::Sum).unwrap();
+        }
+        late.join().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let mine = mine.join().unwrap();
+        let codes = (mine.as_ref().map_err(|e| e.contains("already joined")), out.status.code());
+        assert!(
+            matches!(codes, (Ok(()), Some(7)) | (Err(true), Some(0))),
+            "exactly one contender must be refused: {mine:?}, child {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}

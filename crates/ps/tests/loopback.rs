@@ -189,6 +189,67 @@ fn bad_clients_are_refused_while_good_ones_keep_working() {
     assert!(stats.requests_refused >= 7, "{stats:?}");
 }
 
+/// A frame prefix announcing `data_len` bytes after `header`.
+fn prefix(header: &[u8], data_len: u32) -> Vec<u8> {
+    let mut p = Vec::from(*b"DOPS");
+    p.extend_from_slice(&1u16.to_le_bytes());
+    p.extend_from_slice(&0u16.to_le_bytes());
+    p.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    p.extend_from_slice(&data_len.to_le_bytes());
+    p.extend_from_slice(header);
+    p
+}
+
+#[test]
+fn strangers_cost_the_worker_a_header_and_cannot_crowd_out_a_client() {
+    use std::io::Write;
+    let config = WorkerConfig { auth_timeout: Duration::from_millis(300), max_unauthenticated: 16, ..WorkerConfig::new(TOKEN) };
+    let w = worker(config);
+    let params = client(&w).create_params(&[("a", &[4], &[1.0; 4])], false).unwrap();
+    let opt = DistributedOptimizer::new("sgd", OptimizerConfig::Sgd(SgdConfig { lr: 0.5, ..Default::default() }), &params, None).unwrap();
+
+    // A wrong token announcing 1 GiB: refused after the header, the data never read.
+    let mut s = TcpStream::connect(w.addr()).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&prefix(br#"{"token":"guess","op":"send_grads","context":1,"name":"a"}"#, 1 << 30)).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let mut sent = 0usize;
+    while sent < 1 << 30 && s.write_all(&chunk).is_ok() {
+        sent += chunk.len();
+    }
+    assert!(sent < 256 << 20, "the worker kept reading a stranger's data: {sent} bytes");
+    // An unauthenticated header over 64 KiB is refused before it is read.
+    let big = format!(r#"{{"token":"{}","op":"stats"}}"#, "x".repeat(100_000));
+    assert!(raw_exchange(&w, &prefix(big.as_bytes(), 0)).contains("over the limit of 65536"));
+
+    // A silent connection is closed after the authentication timeout.
+    let mut idle = TcpStream::connect(w.addr()).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    assert_eq!(idle.read(&mut [0u8; 16]).unwrap_or(0), 0);
+    assert!(t.elapsed() < Duration::from_secs(2), "idle stranger held for {:?}", t.elapsed());
+
+    // 200 idle strangers: the oldest are evicted, a new client still gets in and steps.
+    let crowd: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(w.addr()).unwrap()).collect();
+    let late = WorkerClient::connect(&w.addr().to_string(), ClientConfig::new(TOKEN)).unwrap();
+    let p = late.remote(&["a"]).unwrap();
+    let ctx = ContextId::new();
+    send_grads(ctx, &p[0], &[2.0; 4]).unwrap();
+    opt.step(ctx).unwrap();
+    assert_eq!(p[0].fetch().unwrap(), vec![0.0; 4]);
+    drop(crowd);
+
+    // Shapes whose element count overflows are refused, and the connection stays usable.
+    let raw = WorkerClient::connect(&w.addr().to_string(), ClientConfig::new(TOKEN)).unwrap();
+    for shapes in [vec![vec![1usize << 32, 1 << 32]], vec![vec![1 << 63], vec![1 << 63]]] {
+        let named: Vec<(String, Vec<usize>)> = shapes.into_iter().enumerate().map(|(i, s)| (format!("huge{i}"), s)).collect();
+        let list: Vec<(&str, &[usize], &[f32])> = named.iter().map(|(n, s)| (n.as_str(), s.as_slice(), &[][..])).collect();
+        let err = raw.create_params(&list, false).unwrap_err().to_string();
+        assert!(err.contains("more elements than fit") || err.contains("overflow"), "{err}");
+    }
+    assert_eq!(raw.stats().unwrap().params, 1);
+}
+
 #[test]
 fn a_dead_or_silent_worker_fails_the_step_fast_and_by_name() {
     let workers = vec![worker(WorkerConfig::new(TOKEN)), worker(WorkerConfig::new(TOKEN))];

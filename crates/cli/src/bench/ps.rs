@@ -26,6 +26,11 @@ pub struct PsArgs {
     /// Steps per client (after one warm-up step).
     #[arg(long, default_value_t = 8)]
     iters: usize,
+    /// Then: a good client's step latency with this many idle unauthenticated
+    /// connections open against the worker, next to its latency without them, and what a
+    /// stranger's 1 GiB frame costs the worker (0: skip).
+    #[arg(long, default_value_t = 1000)]
+    idle_conns: usize,
 }
 
 const TOKEN: &str = "bench";
@@ -73,7 +78,66 @@ pub fn run(args: PsArgs) -> Result<()> {
             );
         }
     }
+    if args.idle_conns > 0 {
+        strangers(&addr, args.idle_conns, args.iters)?;
+    }
     worker.stop();
+    Ok(())
+}
+
+/// The worker under strangers: step latency of a 1M-element client with and without
+/// `idle` unauthenticated connections, and the worker's memory while a stranger streams
+/// a frame that announces 1 GiB of data under a wrong token.
+fn strangers(addr: &str, idle: usize, iters: usize) -> Result<()> {
+    const N: usize = 1 << 20;
+    let admin = WorkerClient::connect(addr, ClientConfig::new(TOKEN))?;
+    admin.create_params(&[("strangers", &[N], &vec![0.5f32; N])], true)?;
+    let step_ms = || -> Result<f64> {
+        let (_, steps) = client_loop(addr, "strangers", N, iters.max(8))?;
+        Ok(median(steps) * 1e3)
+    };
+    let alone = step_ms()?;
+    let mut sockets = Vec::with_capacity(idle);
+    for _ in 0..idle {
+        // Connected and silent; the worker holds at most its cap of them.
+        sockets.push(TcpStream::connect(addr)?);
+    }
+    let crowded = step_ms()?;
+    drop(sockets);
+    println!(
+        "# {idle} idle unauthenticated connections: good client's step {crowded:.2} ms vs {alone:.2} ms alone ({:.2}x)",
+        crowded / alone
+    );
+
+    let rss = |pid: u32| -> f64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let me = std::process::id();
+    let before = rss(me);
+    let mut s = TcpStream::connect(addr)?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let header = br#"{"token":"wrong","op":"send_grads","context":1,"name":"strangers"}"#;
+    let mut prefix = Vec::from(*b"DOPS");
+    prefix.extend_from_slice(&1u16.to_le_bytes());
+    prefix.extend_from_slice(&0u16.to_le_bytes());
+    prefix.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    prefix.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    s.write_all(&prefix)?;
+    s.write_all(header)?;
+    let chunk = vec![0u8; 1 << 20];
+    let mut sent = 0usize;
+    while sent < 1 << 30 && s.write_all(&chunk).is_ok() {
+        sent += chunk.len();
+    }
+    println!(
+        "# a stranger's frame announcing 1024 MiB under a wrong token: the worker closed it after {:.1} MiB were sent (socket buffers), worker RSS {:+.1} MiB",
+        sent as f64 / (1 << 20) as f64,
+        rss(me) - before
+    );
     Ok(())
 }
 

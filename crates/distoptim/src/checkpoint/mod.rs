@@ -103,15 +103,26 @@ pub(crate) fn verify_file(dir: &Path, entry: &FileEntry) -> Result<PathBuf> {
 }
 
 /// Every rank learns whether every rank's part succeeded; the failing rank keeps its
-/// own error, the others get one naming it.
+/// own error, the others get one naming it and quoting its message (so the cause is
+/// reported whichever rank's error the user sees first).
 fn all_ok<T>(comm: &Communicator, local: Result<T>, what: &str) -> Result<T> {
     let mut failed = vec![0i32; comm.size()];
     failed[comm.rank()] = i32::from(local.is_err());
     comm.all_reduce(&mut failed, ReduceOp::Max)?;
-    match (local, failed.iter().position(|&f| f != 0)) {
-        (Err(e), _) => Err(e),
-        (Ok(_), Some(r)) => Err(DistError::Checkpoint(format!("rank {r} failed to {what}"))),
-        (Ok(v), None) => Ok(v),
+    let Some(first) = failed.iter().position(|&f| f != 0) else { return local };
+    let mut message = [0u8; 1024];
+    if let (true, Err(e)) = (comm.rank() == first, &local) {
+        let text = e.to_string();
+        let n = text.len().min(message.len());
+        message[..n].copy_from_slice(&text.as_bytes()[..n]);
+    }
+    comm.broadcast(&mut message, first)?;
+    match local {
+        Err(e) => Err(e),
+        Ok(_) => {
+            let text = String::from_utf8_lossy(&message);
+            Err(DistError::Checkpoint(format!("rank {first} failed to {what}: {}", text.trim_end_matches('\0'))))
+        }
     }
 }
 

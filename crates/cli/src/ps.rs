@@ -38,6 +38,15 @@ pub struct ServeArgs {
     /// Largest frame accepted, in MiB.
     #[arg(long, default_value_t = 1024)]
     max_frame_mb: usize,
+    /// Seconds a new connection may stay silent before it shows the token.
+    #[arg(long, default_value_t = 5.0)]
+    auth_timeout: f64,
+    /// Connections held before they show the token; a new one evicts the oldest.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_unauthenticated: u32,
+    /// Connections held in all; past it a new one is closed at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
 }
 
 #[derive(Args)]
@@ -70,12 +79,17 @@ fn connect(args: &ClientArgs) -> Result<WorkerClient> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    if !(args.context_timeout.is_finite() && args.context_timeout > 0.0) {
-        anyhow::bail!("--context-timeout must be a positive number of seconds, got {}", args.context_timeout);
+    for (name, seconds) in [("--context-timeout", args.context_timeout), ("--auth-timeout", args.auth_timeout)] {
+        if !(seconds.is_finite() && seconds > 0.0 && seconds < 1e9) {
+            anyhow::bail!("{name} must be a positive number of seconds, got {seconds}");
+        }
     }
     let config = WorkerConfig {
         max_frame_bytes: args.max_frame_mb.checked_mul(1 << 20).context("--max-frame-mb is too large")?,
         context_timeout: Duration::from_secs_f64(args.context_timeout),
+        auth_timeout: Duration::from_secs_f64(args.auth_timeout),
+        max_unauthenticated: args.max_unauthenticated as usize,
+        max_connections: args.max_connections as usize,
         checkpoint_dir: args.checkpoint_dir,
         ..WorkerConfig::new(args.token)
     };

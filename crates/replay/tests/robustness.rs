@@ -103,12 +103,24 @@ fn hostile_sizes_are_refused_or_bounded() {
     // A huge step count must not pre-allocate (it would abort); a zero step count is fine.
     v["num_steps"] = json!(0);
     assert!(replay_json(&v.to_string()).unwrap().per_step.is_empty());
+    // A billion LBFGS steps would grow the output for ever: over the documented limit.
+    v["num_steps"] = json!(1_000_000_000u64);
+    let err = replay_json(&v.to_string()).unwrap_err().to_string();
+    assert!(err.starts_with("unsupported") && err.contains("limit of 100000"), "{err}");
+    v["num_steps"] = json!(3);
     // A shape whose element count overflows is a shape mismatch, not an overflow.
     v["params"][0]["shape"] = json!([u64::MAX, 4]);
     assert!(replay_json(&v.to_string()).unwrap_err().to_string().starts_with("shape_mismatch"));
 
     let text = std::fs::read_to_string(dir.join("reduce_batch_weighted_ws4.json")).unwrap();
     let mut v: Value = serde_json::from_str(&text).unwrap();
+    // More ranks than one process may run as threads: the documented limit, named.
+    for w in [513u64, 4096, 1 << 40] {
+        let mut big = v.clone();
+        big["world_size"] = json!(w);
+        let err = replay_json(&big.to_string()).unwrap_err().to_string();
+        assert!(err.starts_with("unsupported") && err.contains("limit of 512 ranks"), "{err}");
+    }
     v["strategy"] = json!("single");
     v["world_size"] = json!(1);
     let steps = v["steps"].as_array_mut().unwrap();

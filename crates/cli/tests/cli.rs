@@ -139,8 +139,9 @@ fn bench_step_prints_every_strategy_next_to_its_parts() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     for s in ["ddp", "zero1", "zero2", "zero3"] {
-        assert!(stdout.lines().any(|l| l.starts_with(s) && l.split_whitespace().count() == 7), "{s}: {stdout}");
+        assert!(stdout.lines().any(|l| l.starts_with(s) && l.split_whitespace().count() == 10), "{s}: {stdout}");
     }
+    assert!(stdout.contains("MB moved") && stdout.contains("median of 2"), "{stdout}");
 }
 
 #[test]

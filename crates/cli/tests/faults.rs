@@ -100,15 +100,25 @@ fn concurrent_jobs_never_collide() {
     }
     // Two jobs with the same directory: the second is refused while the first runs.
     let shared = base.join("shared");
-    let mut long = Command::new(env!("CARGO_BIN_EXE_distoptim"))
-        .args(["train", "--nproc", "1", "--steps", "100000", "--checkpoint-every", "1", "--verify-every", "0", "--out"])
-        .arg(base.join("out-long"))
-        .arg("--checkpoint-dir")
-        .arg(&shared)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    /// Kills the job when the test ends, also when an assertion fails first.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _long = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_distoptim"))
+            .args(["train", "--nproc", "1", "--steps", "100000", "--checkpoint-every", "1", "--verify-every", "0", "--out"])
+            .arg(base.join("out-long"))
+            .arg("--checkpoint-dir")
+            .arg(&shared)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let start = Instant::now();
     while !shared.join("latest").exists() {
         assert!(start.elapsed() < Duration::from_secs(60), "the long job wrote no checkpoint");
@@ -116,8 +126,6 @@ fn concurrent_jobs_never_collide() {
     }
     let err = fails(&distoptim(&train_args(s(&shared), s(&base.join("out-second"))), &[]), "a second job in the same directory");
     assert!(err.contains("is in use by another job"), "{err}");
-    let _ = long.kill();
-    let _ = long.wait();
     let _ = std::fs::remove_dir_all(&base);
 }
 

@@ -7,6 +7,7 @@
 use crate::config::CommConfig;
 use crate::element::{Element, ReduceOp};
 use crate::error::{CommError, Result};
+use crate::shard_range;
 use crate::shared::buffer::SharedBuf;
 use crate::shared::engine::{GroupSpec, SharedEngine};
 use crate::shared::memory::{FileMemory, HeapMemory, Memory};
@@ -235,6 +236,42 @@ impl Communicator {
     pub fn reduce_scatter<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         check_op::<T>("reduce_scatter", op)?;
         self.blocking(|engine| dispatch!(engine, e => e.reduce_scatter(buf, op)))
+    }
+
+    /// [`all_reduce`](Self::all_reduce) that hands this rank's part of the result,
+    /// `buf[shard_range(len, size, rank)]`, to `observe`: in consecutive pieces, in order,
+    /// each once its values are final. The shared-memory engine calls it on each block it
+    /// has just reduced, while the block is in cache, so a caller can measure the result
+    /// (a gradient norm) without another pass over memory; the other engines call it once
+    /// after the collective. The pieces cover the same elements on every backend.
+    pub fn all_reduce_observed<T: Element>(&self, buf: &mut [T], op: ReduceOp, observe: &mut dyn FnMut(&[T])) -> Result<()> {
+        check_op::<T>("all_reduce", op)?;
+        let mine = shard_range(buf.len(), self.size(), self.rank());
+        self.blocking(|engine| match engine {
+            Engine::Shared(e) => e.all_reduce_observed(buf, op, observe),
+            #[allow(unreachable_patterns)]
+            other => {
+                dispatch!(other, e => e.all_reduce(buf, op))?;
+                observe(&buf[mine]);
+                Ok(())
+            }
+        })
+    }
+
+    /// [`reduce_scatter`](Self::reduce_scatter) that hands this rank's part of the result
+    /// to `observe`, as [`all_reduce_observed`](Self::all_reduce_observed) does.
+    pub fn reduce_scatter_observed<T: Element>(&self, buf: &mut [T], op: ReduceOp, observe: &mut dyn FnMut(&[T])) -> Result<()> {
+        check_op::<T>("reduce_scatter", op)?;
+        let mine = shard_range(buf.len(), self.size(), self.rank());
+        self.blocking(|engine| match engine {
+            Engine::Shared(e) => e.reduce_scatter_observed(buf, op, observe),
+            #[allow(unreachable_patterns)]
+            other => {
+                dispatch!(other, e => e.reduce_scatter(buf, op))?;
+                observe(&buf[mine]);
+                Ok(())
+            }
+        })
     }
 
     /// Each rank contributes `buf[shard_range(len, size, rank)]`; afterwards every rank's

@@ -15,6 +15,23 @@ const BLOCK: usize = 1024;
 /// or `dst` during the call. `dst` may equal a source pointer (the whole block is read
 /// before it is written) but must not partially overlap one.
 pub(crate) unsafe fn reduce_raw<T: Element>(dst: *mut T, srcs: &[*const T], len: usize, op: ReduceOp, divisor: usize) {
+    reduce_raw_observed(dst, srcs, len, op, divisor, &mut |_| {})
+}
+
+/// [`reduce_raw`] that hands each finished block of `dst` to `observe` while it is still
+/// in cache (the distributed step measures the gradient norm this way, with no pass of
+/// its own over memory).
+///
+/// # Safety
+/// As [`reduce_raw`].
+pub(crate) unsafe fn reduce_raw_observed<T: Element>(
+    dst: *mut T,
+    srcs: &[*const T],
+    len: usize,
+    op: ReduceOp,
+    divisor: usize,
+    observe: &mut dyn FnMut(&[T]),
+) {
     let mut acc = [T::default().to_acc(); BLOCK];
     let mut start = 0;
     while start < len {
@@ -50,6 +67,7 @@ pub(crate) unsafe fn reduce_raw<T: Element>(dst: *mut T, srcs: &[*const T], len:
                 *o = T::from_acc(*a);
             }
         }
+        observe(out);
         start += n;
     }
 }

@@ -103,3 +103,37 @@ fn non_blocking_work_keeps_program_order() {
     })
     .unwrap();
 }
+
+#[test]
+fn observed_collectives_hand_over_exactly_this_ranks_part_of_the_result_in_order() {
+    for w in [1, 2, 3, 5] {
+        Communicator::run_threads(w, &config(), |comm| {
+            let r = comm.rank();
+            // Lengths for the small path, several rounds through 4 KiB slots, odd splits.
+            for len in [0usize, 7, 1000, 5003] {
+                let mine = distoptim_collective::shard_range(len, w, r);
+                let init = |i: usize| (i * 7 + r * 3) as f32 * 0.25;
+                for registered in [false, true] {
+                    for scatter in [false, true] {
+                        let mut plain: Vec<f32> = (0..len).map(init).collect();
+                        let mut shared = comm.alloc::<f32>(len).unwrap();
+                        shared.iter_mut().enumerate().for_each(|(i, x)| *x = init(i));
+                        let buf: &mut [f32] = if registered { &mut shared } else { &mut plain };
+                        let mut seen = Vec::new();
+                        let mut observe = |piece: &[f32]| seen.extend_from_slice(piece);
+                        if scatter {
+                            comm.reduce_scatter_observed(buf, ReduceOp::Avg, &mut observe).unwrap();
+                        } else {
+                            comm.all_reduce_observed(buf, ReduceOp::Avg, &mut observe).unwrap();
+                        }
+                        assert_eq!(seen, buf[mine.clone()], "w={w} len={len} registered={registered} scatter={scatter}");
+                        let want: Vec<f32> =
+                            mine.clone().map(|i| (0..w).map(|q| (i * 7 + q * 3) as f32 * 0.25).sum::<f32>() / w as f32).collect();
+                        assert_eq!(seen, want, "w={w} len={len}");
+                    }
+                }
+            }
+        })
+        .unwrap();
+    }
+}

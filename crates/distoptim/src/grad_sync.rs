@@ -2,9 +2,11 @@
 //!
 //! All modes use one SUM reduction of the (weighted) gradients, plus for
 //! `batch_weighted` one of the batch sizes, so the result equals the sequential
-//! Σ_r w_r·g_r / d to the bit on the embedded backends (they sum in rank order). The
-//! division by d is left to the caller, which fuses it with the clip's norm pass over
-//! the elements it owns.
+//! Σ_r w_r·g_r / d to the bit on the embedded backends (they sum in rank order). `mean`
+//! lets the collective divide as it writes each reduced element (AVG: the f32 sum, then
+//! one division by the group size, the same bits as dividing afterwards), which saves a
+//! pass over memory; for `batch_weighted` the division is left to the caller, which fuses
+//! it with the clip's norm pass over the elements it owns.
 
 use crate::config::ReduceMode;
 use crate::error::{DistError, Result};
@@ -46,11 +48,31 @@ pub(crate) fn divisor(comm: &Communicator, mode: ReduceMode, batch_size: usize) 
     }
 }
 
-/// All-reduces (sums) `grads` in buckets of `bucket` elements, in the same order on
+/// The collective's operator for `mode` and what is left to divide by afterwards: AVG
+/// and 1 for `mean` (the collective divides), SUM and `divisor` otherwise.
+pub(crate) fn reduction(mode: ReduceMode, divisor: f32) -> (ReduceOp, f32) {
+    match mode {
+        ReduceMode::Mean => (ReduceOp::Avg, 1.0),
+        ReduceMode::Sum | ReduceMode::BatchWeighted => (ReduceOp::Sum, divisor),
+    }
+}
+
+/// All-reduces `grads` with `op` in buckets of `bucket` elements, in the same order on
 /// every rank.
-pub(crate) fn all_reduce(comm: &Communicator, grads: &mut [f32], bucket: usize) -> Result<()> {
+pub(crate) fn all_reduce(comm: &Communicator, grads: &mut [f32], bucket: usize, op: ReduceOp) -> Result<()> {
+    all_reduce_observed(comm, grads, bucket, op, &mut |_| {})
+}
+
+/// [`all_reduce`] handing this rank's part of each bucket's result to `observe`.
+pub(crate) fn all_reduce_observed(
+    comm: &Communicator,
+    grads: &mut [f32],
+    bucket: usize,
+    op: ReduceOp,
+    observe: &mut dyn FnMut(&[f32]),
+) -> Result<()> {
     for chunk in grads.chunks_mut(bucket) {
-        comm.all_reduce(chunk, ReduceOp::Sum)?;
+        comm.all_reduce_observed(chunk, op, observe)?;
     }
     Ok(())
 }

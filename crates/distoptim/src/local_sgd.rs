@@ -62,7 +62,7 @@ impl PostLocalSgd {
         let local = t >= self.averaging.warmup_steps;
         if !local {
             let divisor = grad_sync::weigh(&self.comm, grads, self.reduce, batch_size)?;
-            grad_sync::all_reduce(&self.comm, grads, grads.len().max(1))?;
+            grad_sync::all_reduce(&self.comm, grads, grads.len().max(1), ReduceOp::Sum)?;
             grad_sync::divide(grads, divisor);
         }
         let report = self.opt.step_local(params, grads, self.clip.as_ref())?;

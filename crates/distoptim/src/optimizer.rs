@@ -129,12 +129,27 @@ impl DistributedOptimizer {
             }
         }
         let divisor = grad_sync::weigh(&self.comm, grads, self.config.reduce, batch_size)?;
+        let (op, divisor) = grad_sync::reduction(self.config.reduce, divisor);
+        // When the collective leaves nothing to divide, the clip's norm is measured on the
+        // blocks the collective writes, while they are in cache: each rank measures its
+        // part of the result and the partials are summed, so no pass over memory is left
+        // between the reduction and the optimizer kernel.
+        let mut measure = match (&self.config.clip, &self.tp) {
+            (Some(c), None) if divisor == 1.0 => Some(clip::NormAccumulator::new(c.norm)),
+            _ => None,
+        };
+        let mut observe = |piece: &[f32]| {
+            if let Some(m) = measure.as_mut() {
+                m.add(piece);
+            }
+        };
         if matches!(self.config.strategy, Strategy::Zero2 | Strategy::Zero3) {
-            self.comm.reduce_scatter(grads, ReduceOp::Sum)?;
+            self.comm.reduce_scatter_observed(grads, op, &mut observe)?;
         } else {
-            grad_sync::all_reduce(&self.comm, grads, self.config.bucket_elems())?;
+            grad_sync::all_reduce_observed(&self.comm, grads, self.config.bucket_elems(), op, &mut observe)?;
         }
-        self.apply(params, grads, divisor)
+        let measured = measure.map(clip::NormAccumulator::finish);
+        self.apply(params, grads, divisor, measured)
     }
 
     /// Gradient buckets for this optimizer's layout, reduce mode and `bucket_cap_mb`, to
@@ -164,27 +179,43 @@ impl DistributedOptimizer {
             )));
         }
         let (grads, divisor) = buckets.finish()?;
-        self.apply(params, grads, divisor)
+        self.apply(params, grads, divisor, None)
     }
 
     /// The step after the reduction: `grads` holds the SUM over the group (at least over
-    /// the owned range), to be divided by `divisor`.
-    fn apply(&mut self, params: &mut [f32], grads: &mut [f32], divisor: f32) -> Result<StepReport> {
+    /// the owned range), to be divided by `divisor`. `measured`: this rank's partial of the
+    /// clip's norm, when the collective already measured its part of the result.
+    fn apply(&mut self, params: &mut [f32], grads: &mut [f32], divisor: f32, measured: Option<f64>) -> Result<StepReport> {
         // Only the owned elements are finished: divided, measured, clipped (the clip
         // coefficient is applied by the optimizer as it reads each gradient).
         let owned = self.owned.clone();
         let mine = &mut grads[owned.clone()];
-        // DDP owns everything and needs no reduction of the norm; ZeRO reduces over its shards.
-        let shards = self.config.strategy.shards_state().then_some(&self.comm);
         let (grad_norm, scale) = match &self.config.clip {
             None => {
                 grad_sync::divide(mine, divisor);
                 (None, 1.0)
             }
             Some(c) => {
-                let total = match &self.tp {
-                    None => dist_clip::total_norm(clip::divide_and_partial_norm(mine, divisor, c.norm), c.norm, shards)?,
-                    Some(tp) => {
+                let total = match (&self.tp, measured) {
+                    (None, Some(partial)) => dist_clip::total_norm(partial, c.norm, [&self.comm])?,
+                    (None, None) => {
+                        // Each rank measures one balanced range and the partials are
+                        // summed: under DDP too, where every rank holds every element,
+                        // so no rank reads more than 1/W of the gradient for the norm.
+                        let numel = mine.len();
+                        let measured = if self.config.strategy.shards_state() {
+                            0..numel
+                        } else {
+                            shard_range(numel, self.comm.size(), self.comm.rank())
+                        };
+                        grad_sync::divide(&mut mine[..measured.start], divisor);
+                        grad_sync::divide(&mut mine[measured.end..], divisor);
+                        let partial = clip::divide_and_partial_norm(&mut mine[measured], divisor, c.norm);
+                        dist_clip::total_norm(partial, c.norm, [&self.comm])?
+                    }
+                    (Some(tp), _) => {
+                        // DDP owns everything and needs no reduction of the norm over data-parallel ranks.
+                        let shards = self.config.strategy.shards_state().then_some(&self.comm);
                         grad_sync::divide(mine, divisor);
                         let partial = dist_clip::placed_partial(mine, owned.clone(), self.opt.optimizer().layout(), c.norm, tp);
                         dist_clip::total_norm(partial, c.norm, shards.into_iter().chain([&tp.group]))?

@@ -79,14 +79,260 @@ impl NormType {
     }
 }
 
-/// The partial norm of one buffer: Σ|g|^p, or max|g| for inf.
-pub fn partial_norm(grads: &[f32], norm: NormType) -> f64 {
-    let chunk = |c: &[f32]| c.iter().fold(norm.zero(), |acc, &g| norm.combine(acc, norm.term(g)));
-    if grads.len() <= NORM_CHUNK {
-        return chunk(grads);
+/// Independent accumulators per chunk. Element i of a chunk always goes to lane i % LANES
+/// and the lanes are combined in one fixed tree, so the result does not depend on the
+/// thread count; with no dependency between neighbouring elements the compiler keeps
+/// several vector accumulators in flight and the pass runs at memory speed instead of
+/// one f64 add latency per element.
+const LANES: usize = 16;
+
+/// A lane accumulator of one norm: Σ|g|^p in f64 lanes, or max|g| in f32 lanes (max is
+/// exact, so its lanes change nothing but the speed; NaN is remembered apart and wins,
+/// as in torch).
+trait Lanes: Default + Clone {
+    /// Adds `block[j]` to lane j (a block of at most LANES elements starting at lane 0).
+    fn add(&mut self, block: &[f32]);
+    /// Adds one element to lane `lane`.
+    fn add_one(&mut self, lane: usize, g: f32);
+    fn finish(self) -> f64;
+}
+
+#[derive(Clone, Debug, Default)]
+struct SumLanes<const P2: bool, const P1: bool> {
+    lanes: [f64; LANES],
+    p: f64,
+}
+
+impl<const P2: bool, const P1: bool> SumLanes<P2, P1> {
+    fn add_at(&mut self, lane: usize, g: f32) {
+        let norm = if P2 {
+            NormType::P(2.0)
+        } else if P1 {
+            NormType::P(1.0)
+        } else {
+            NormType::P(self.p)
+        };
+        self.lanes[lane] += norm.term(g);
     }
-    let partials: Vec<f64> = grads.par_chunks(NORM_CHUNK).map(chunk).collect();
+}
+
+impl<const P2: bool, const P1: bool> Lanes for SumLanes<P2, P1> {
+    #[inline(always)]
+    fn add(&mut self, block: &[f32]) {
+        // Monomorphic for the common norms, so the term folds to g² or |g|.
+        let norm = if P2 {
+            NormType::P(2.0)
+        } else if P1 {
+            NormType::P(1.0)
+        } else {
+            NormType::P(self.p)
+        };
+        for (acc, &g) in self.lanes.iter_mut().zip(block) {
+            *acc += norm.term(g);
+        }
+    }
+
+    fn add_one(&mut self, lane: usize, g: f32) {
+        self.add_at(lane, g);
+    }
+
+    fn finish(self) -> f64 {
+        // Pairwise (0+1, 2+3, …, then the pairs): one fixed order.
+        let mut lanes = self.lanes;
+        let mut width = LANES;
+        while width > 1 {
+            width /= 2;
+            for i in 0..width {
+                lanes[i] = lanes[2 * i] + lanes[2 * i + 1];
+            }
+        }
+        lanes[0]
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct MaxLanes {
+    lanes: [f32; LANES],
+    nan: bool,
+}
+
+impl Lanes for MaxLanes {
+    #[inline(always)]
+    fn add(&mut self, block: &[f32]) {
+        for (m, &g) in self.lanes.iter_mut().zip(block) {
+            let a = g.abs();
+            self.nan |= a.is_nan();
+            *m = if a > *m { a } else { *m };
+        }
+    }
+
+    fn add_one(&mut self, lane: usize, g: f32) {
+        let a = g.abs();
+        self.nan |= a.is_nan();
+        let m = &mut self.lanes[lane];
+        *m = if a > *m { a } else { *m };
+    }
+
+    fn finish(self) -> f64 {
+        if self.nan {
+            return f64::NAN;
+        }
+        f64::from(self.lanes.into_iter().fold(0f32, f32::max))
+    }
+}
+
+/// One chunk's partial after dividing it in place, block by block: element i goes to lane
+/// i % LANES, so this has the bits of dividing the whole buffer and then reading it.
+#[inline(always)]
+fn chunk_with<L: Lanes>(mut acc: L, c: &mut [f32], divisor: f32) -> f64 {
+    let mut blocks = c.chunks_exact_mut(LANES);
+    for block in &mut blocks {
+        // A fixed-size block: the compiler unrolls and vectorises both loops.
+        let block: &mut [f32; LANES] = block.try_into().expect("chunks_exact gives LANES");
+        block.iter_mut().for_each(|g| *g /= divisor);
+        acc.add(block);
+    }
+    let tail = blocks.into_remainder();
+    tail.iter_mut().for_each(|g| *g /= divisor);
+    acc.add(tail);
+    acc.finish()
+}
+
+/// One chunk's partial: element i goes to lane i % LANES.
+#[inline(always)]
+fn chunk_read<L: Lanes>(acc: L, c: &[f32]) -> f64 {
+    feed_aligned(acc, c).finish()
+}
+
+/// The partial norm of one buffer: Σ|g|^p, or max|g| for inf. Fixed chunks, each in
+/// fixed lanes, combined in chunk order: the same bits with any number of threads.
+pub fn partial_norm(grads: &[f32], norm: NormType) -> f64 {
+    let read = |c: &[f32]| chunk_norm_read(c, norm);
+    if grads.len() <= NORM_CHUNK {
+        return read(grads);
+    }
+    let partials: Vec<f64> = grads.par_chunks(NORM_CHUNK).map(read).collect();
     partials.into_iter().fold(norm.zero(), |a, b| norm.combine(a, b))
+}
+
+fn chunk_norm_read(c: &[f32], norm: NormType) -> f64 {
+    match norm {
+        NormType::Inf => chunk_read(MaxLanes::default(), c),
+        NormType::P(2.0) => chunk_read(SumLanes::<true, false>::default(), c),
+        NormType::P(1.0) => chunk_read(SumLanes::<false, true>::default(), c),
+        NormType::P(p) => chunk_read(SumLanes::<false, false> { p, ..Default::default() }, c),
+    }
+}
+
+/// [`partial_norm`] of a buffer that arrives in pieces (a collective hands over each
+/// block it has reduced): fed the pieces in order, it returns the same bits as
+/// `partial_norm` of their concatenation, whatever the pieces' sizes.
+#[derive(Clone, Debug)]
+pub struct NormAccumulator {
+    norm: NormType,
+    state: AccState,
+    /// Elements of the current chunk seen so far.
+    pos: usize,
+    /// The finished chunks, combined in order.
+    total: f64,
+    /// Whether any chunk was finished.
+    chunks: bool,
+}
+
+#[derive(Clone, Debug)]
+enum AccState {
+    Sum2(SumLanes<true, false>),
+    Sum1(SumLanes<false, true>),
+    SumP(SumLanes<false, false>),
+    Max(MaxLanes),
+}
+
+impl NormAccumulator {
+    /// An empty accumulator of `norm`.
+    pub fn new(norm: NormType) -> NormAccumulator {
+        NormAccumulator { norm, state: Self::fresh(norm), pos: 0, total: norm.zero(), chunks: false }
+    }
+
+    fn fresh(norm: NormType) -> AccState {
+        match norm {
+            NormType::Inf => AccState::Max(MaxLanes::default()),
+            NormType::P(2.0) => AccState::Sum2(SumLanes::default()),
+            NormType::P(1.0) => AccState::Sum1(SumLanes::default()),
+            NormType::P(p) => AccState::SumP(SumLanes { p, ..Default::default() }),
+        }
+    }
+
+    /// Adds the next piece of the buffer.
+    pub fn add(&mut self, mut piece: &[f32]) {
+        while !piece.is_empty() {
+            let take = (NORM_CHUNK - self.pos).min(piece.len());
+            let (now, rest) = piece.split_at(take);
+            match &mut self.state {
+                AccState::Sum2(l) => *l = feed(l.clone(), self.pos, now),
+                AccState::Sum1(l) => *l = feed(l.clone(), self.pos, now),
+                AccState::SumP(l) => *l = feed(l.clone(), self.pos, now),
+                AccState::Max(l) => *l = feed(l.clone(), self.pos, now),
+            }
+            self.pos += take;
+            if self.pos == NORM_CHUNK {
+                self.close_chunk();
+            }
+            piece = rest;
+        }
+    }
+
+    fn close_chunk(&mut self) {
+        let done = std::mem::replace(&mut self.state, Self::fresh(self.norm));
+        let partial = match done {
+            AccState::Sum2(l) => l.finish(),
+            AccState::Sum1(l) => l.finish(),
+            AccState::SumP(l) => l.finish(),
+            AccState::Max(l) => l.finish(),
+        };
+        self.total = if self.chunks { self.norm.combine(self.total, partial) } else { partial };
+        self.chunks = true;
+        self.pos = 0;
+    }
+
+    /// The partial norm of everything added.
+    pub fn finish(mut self) -> f64 {
+        if self.pos > 0 || !self.chunks {
+            self.close_chunk();
+        }
+        self.total
+    }
+}
+
+/// Adds `piece` to lanes that have seen `pos` elements of their chunk: the head one by
+/// one up to a lane boundary, then whole blocks, then the tail. Takes and returns the
+/// lanes by value, in a function of its own, so they stay in registers through the loop.
+#[inline(never)]
+fn feed<L: Lanes>(lanes: L, pos: usize, piece: &[f32]) -> L {
+    if pos % LANES == 0 {
+        // Aligned (the collectives hand over blocks of a multiple of LANES): the same
+        // loop as a whole chunk's.
+        return feed_aligned(lanes, piece);
+    }
+    feed_unaligned(lanes, pos, piece)
+}
+
+#[inline(always)]
+fn feed_aligned<L: Lanes>(mut lanes: L, piece: &[f32]) -> L {
+    let mut blocks = piece.chunks_exact(LANES);
+    for block in &mut blocks {
+        let block: &[f32; LANES] = block.try_into().expect("chunks_exact gives LANES");
+        lanes.add(block);
+    }
+    lanes.add(blocks.remainder());
+    lanes
+}
+
+fn feed_unaligned<L: Lanes>(mut lanes: L, pos: usize, piece: &[f32]) -> L {
+    let head = ((LANES - pos % LANES) % LANES).min(piece.len());
+    for (j, &g) in piece[..head].iter().enumerate() {
+        lanes.add_one((pos + j) % LANES, g);
+    }
+    feed_aligned(lanes, &piece[head..])
 }
 
 /// torch's clip coefficient: `max_norm / (n + 1e-6)` in f32, clamped to at most 1
@@ -102,19 +348,26 @@ pub fn clip_coefficient(max_norm: f64, total_norm: f32) -> f32 {
 
 /// Divides every gradient by `divisor` (the mean of a reduction) and returns the
 /// partial norm of the result, in one pass, with the same bits as dividing and then
-/// calling [`partial_norm`] (same chunks, same order).
+/// calling [`partial_norm`] (same chunks, same lanes, same order). A divisor of 1 (SUM,
+/// or one rank) only reads: x / 1 == x, so nothing is written back.
 pub fn divide_and_partial_norm(grads: &mut [f32], divisor: f32, norm: NormType) -> f64 {
-    let chunk = |c: &mut [f32]| {
-        c.iter_mut().fold(norm.zero(), |acc, g| {
-            *g /= divisor;
-            norm.combine(acc, norm.term(*g))
-        })
-    };
-    if grads.len() <= NORM_CHUNK {
-        return chunk(grads);
+    if divisor == 1.0 {
+        return partial_norm(grads, norm);
     }
-    let partials: Vec<f64> = grads.par_chunks_mut(NORM_CHUNK).map(chunk).collect();
+    if grads.len() <= NORM_CHUNK {
+        return chunk_divide(grads, norm, divisor);
+    }
+    let partials: Vec<f64> = grads.par_chunks_mut(NORM_CHUNK).map(|c| chunk_divide(c, norm, divisor)).collect();
     partials.into_iter().fold(norm.zero(), |a, b| norm.combine(a, b))
+}
+
+fn chunk_divide(c: &mut [f32], norm: NormType, d: f32) -> f64 {
+    match norm {
+        NormType::Inf => chunk_with(MaxLanes::default(), c, d),
+        NormType::P(2.0) => chunk_with(SumLanes::<true, false>::default(), c, d),
+        NormType::P(1.0) => chunk_with(SumLanes::<false, true>::default(), c, d),
+        NormType::P(p) => chunk_with(SumLanes::<false, false> { p, ..Default::default() }, c, d),
+    }
 }
 
 /// Scales `grads` by the clip coefficient of `total_norm`.
@@ -192,6 +445,44 @@ mod tests {
 #[cfg(test)]
 mod fused_tests {
     use super::*;
+
+    #[test]
+    fn lanes_give_the_same_bits_on_any_thread_count_and_stay_accurate() {
+        let n = NORM_CHUNK * 5 + 1234;
+        let g: Vec<f32> = (0..n).map(|i| ((i * 7919) % 10007) as f32 * 1e-3 - 5.0).collect();
+        for norm in [NormType::P(1.0), NormType::P(2.0), NormType::Inf, NormType::P(3.0)] {
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| (partial_norm(&g, norm), divide_and_partial_norm(&mut g.clone(), 3.0, norm)))
+            };
+            let one = on(1);
+            for threads in [2, 3, 4] {
+                let got = on(threads);
+                assert_eq!((got.0.to_bits(), got.1.to_bits()), (one.0.to_bits(), one.1.to_bits()), "{norm:?} on {threads} threads");
+            }
+            // As accurate as an f64 sum in element order (both are f64 accumulations).
+            let exact: f64 = match norm {
+                NormType::Inf => g.iter().map(|x| f64::from(x.abs())).fold(0.0, f64::max),
+                _ => g.iter().map(|&x| norm.term(x)).sum(),
+            };
+            assert!((one.0 - exact).abs() <= 1e-12 * exact, "{norm:?}: {} vs {exact}", one.0);
+        }
+        // Fed in pieces of any size, the accumulator gives the same bits.
+        for norm in [NormType::P(1.0), NormType::P(2.0), NormType::Inf, NormType::P(3.0)] {
+            for piece in [1, 7, 16, 1000, 1024, NORM_CHUNK - 5, NORM_CHUNK, 3 * NORM_CHUNK + 1] {
+                let mut acc = NormAccumulator::new(norm);
+                g.chunks(piece).for_each(|p| acc.add(p));
+                assert_eq!(acc.finish().to_bits(), partial_norm(&g, norm).to_bits(), "{norm:?} in pieces of {piece}");
+            }
+            assert_eq!(NormAccumulator::new(norm).finish().to_bits(), partial_norm(&[], norm).to_bits());
+            let mut small = NormAccumulator::new(norm);
+            small.add(&g[..100]);
+            assert_eq!(small.finish().to_bits(), partial_norm(&g[..100], norm).to_bits());
+        }
+        let mut with_nan = g.clone();
+        with_nan[NORM_CHUNK + 3] = f32::NAN;
+        assert!(partial_norm(&with_nan, NormType::Inf).is_nan() && partial_norm(&with_nan, NormType::P(2.0)).is_nan());
+    }
 
     #[test]
     fn fused_divide_and_norm_has_the_bits_of_the_two_passes() {

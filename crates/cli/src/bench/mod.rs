@@ -47,9 +47,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Median over iterations (after two warm-ups) of the slowest rank's time for `f`,
 /// each iteration started from a barrier.
-pub(super) fn timed_ranks(comm: &distoptim_collective::Communicator, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(super) fn timed_ranks(comm: &distoptim_collective::Communicator, iters: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    timed_ranks_after(comm, iters, || Ok(()), f)
+}
+
+/// [`timed_ranks`] with `setup` run before each iteration, outside the timed region
+/// (refilling the gradients, say).
+pub(super) fn timed_ranks_after(
+    comm: &distoptim_collective::Communicator,
+    iters: usize,
+    mut setup: impl FnMut() -> Result<()>,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     let mut times = Vec::with_capacity(iters);
     for i in 0..iters + 2 {
+        setup()?;
         comm.barrier()?;
         let t0 = std::time::Instant::now();
         f()?;

@@ -162,13 +162,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Trainer::new(comm, args)?.train()
 }
 
-/// Time spent per phase, summed over steps.
+/// Time spent per phase, one entry per step (medians are reported: the first step's
+/// state allocation and page faults do not count as typical).
 #[derive(Default)]
 struct Timings {
-    forward_backward: Duration,
-    copy: Duration,
-    step: Duration,
-    steps: u32,
+    forward_backward: Vec<Duration>,
+    copy: Vec<Duration>,
+    step: Vec<Duration>,
+}
+
+/// The median of `times` in milliseconds (0 when empty).
+fn median_ms(times: &[Duration]) -> f64 {
+    let mut v: Vec<f64> = times.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 struct Trainer {
@@ -380,10 +387,9 @@ impl Trainer {
 
         let mut stats = [loss_sum, indices.len() as f64, correct];
         self.comm.all_reduce(&mut stats, ReduceOp::Sum)?;
-        self.timings.forward_backward += backward;
-        self.timings.copy += copy;
-        self.timings.step += step_time;
-        self.timings.steps += 1;
+        self.timings.forward_backward.push(backward);
+        self.timings.copy.push(copy);
+        self.timings.step.push(step_time);
         let row = Row {
             step: step + 1,
             epoch,
@@ -454,15 +460,14 @@ impl Trainer {
             return Ok(());
         }
         metrics::write(&self.args.out, &self.title(), &self.rows)?;
-        let per_step = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(self.timings.steps.max(1));
         let rss: Vec<String> = rss.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
         println!("test accuracy {:.2}% (loss {test_loss:.4}) after {step} steps; the replicas are identical", 100.0 * accuracy);
         println!("trained in {:.2} s, {:.0} samples/s", wall.as_secs_f64(), samples as f64 / wall.as_secs_f64());
         println!(
-            "per step (rank 0): forward+backward {:.3} ms, gradient/parameter copy {:.3} ms, optimizer step incl. communication {:.3} ms",
-            per_step(self.timings.forward_backward),
-            per_step(self.timings.copy),
-            per_step(self.timings.step)
+            "per step (rank 0, median): forward+backward {:.3} ms, gradient/parameter copy {:.3} ms, optimizer step incl. communication {:.3} ms",
+            median_ms(&self.timings.forward_backward),
+            median_ms(&self.timings.copy),
+            median_ms(&self.timings.step)
         );
         println!("peak RSS per rank: {} MiB", rss.join(", "));
         println!("wrote {}/metrics.csv, metrics.json and plot.svg", self.args.out.display());

@@ -24,7 +24,7 @@ use crate::element::{Element, ReduceOp};
 use crate::error::{CommError, Result};
 use crate::fingerprint::{Fingerprint, OpKind};
 use crate::partition::{intersect, shard_range};
-use crate::reduce::reduce_raw;
+use crate::reduce::{reduce_raw, reduce_raw_observed};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -311,25 +311,40 @@ impl SharedEngine {
     }
 
     pub(crate) fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        self.all_reduce_observed(buf, op, &mut |_| {})
+    }
+
+    /// All-reduce that hands this rank's part `shard_range(len, size, rank)` of the result
+    /// to `observe`, in order, each piece once it is final (see
+    /// `Communicator::all_reduce_observed`).
+    pub(crate) fn all_reduce_observed<T: Element>(&mut self, buf: &mut [T], op: ReduceOp, observe: &mut dyn FnMut(&[T])) -> Result<()> {
         self.guard(|e| {
-            let Some(fp) = e.open_call(OpKind::AllReduce(op), Some(T::DTYPE), buf.len(), 0)? else { return Ok(()) };
             let (me, n, len) = (e.spec.rank, e.spec.size, buf.len());
+            let mine = shard_range(len, n, me);
+            let Some(fp) = e.open_call(OpKind::AllReduce(op), Some(T::DTYPE), len, 0)? else {
+                observe(&buf[mine]);
+                return Ok(());
+            };
             if e.is_small::<T>(len) {
-                return e.reduce_small(buf, op, fp, None);
+                e.reduce_small(buf, op, fp, None)?;
+                observe(&buf[mine]);
+                return Ok(());
             }
             let reg = e.lookup(buf);
             e.announce_and_check(fp, reg)?;
             let mut views = [std::ptr::null_mut(); MAX_RANKS];
             if e.registered_views(buf.as_mut_ptr(), len, &mut views) {
-                let mine = shard_range(len, n, me);
                 let srcs = offset_ptrs(&views, n, mine.start);
                 // SAFETY: peers read only their own ranges of our buffer until the next barrier.
-                unsafe { reduce_raw(views[me].add(mine.start), &srcs[..n], mine.len(), op, n) };
+                unsafe { reduce_raw_observed(views[me].add(mine.start), &srcs[..n], mine.len(), op, n, observe) };
                 e.arrive_and_wait(&fp)?;
                 e.copy_shards(&views, 0, buf, true, |r| shard_range(len, n, r));
                 return e.arrive_and_wait(&fp);
             }
-            e.reduce_rounds(buf, op, &fp, None)
+            // The rounds reduce slot-sized windows, not this rank's part: observe after.
+            e.reduce_rounds(buf, op, &fp, None)?;
+            observe(&buf[mine]);
+            Ok(())
         })
     }
 
@@ -373,17 +388,27 @@ impl SharedEngine {
     }
 
     pub(crate) fn reduce_scatter<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        self.reduce_scatter_observed(buf, op, &mut |_| {})
+    }
+
+    /// Reduce-scatter that hands this rank's part of the result to `observe`, in order,
+    /// each piece as it is written.
+    pub(crate) fn reduce_scatter_observed<T: Element>(&mut self, buf: &mut [T], op: ReduceOp, observe: &mut dyn FnMut(&[T])) -> Result<()> {
         self.guard(|e| {
-            let Some(fp) = e.open_call(OpKind::ReduceScatter(op), Some(T::DTYPE), buf.len(), 0)? else { return Ok(()) };
             let (me, n, len) = (e.spec.rank, e.spec.size, buf.len());
             let mine = shard_range(len, n, me);
+            let Some(fp) = e.open_call(OpKind::ReduceScatter(op), Some(T::DTYPE), len, 0)? else {
+                observe(&buf[mine]);
+                return Ok(());
+            };
             if e.is_small::<T>(len) {
                 let p = e.next_parity();
                 // SAFETY: as in all_reduce's small path.
                 unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), e.slot::<T>(me, p), len) };
                 e.announce_and_check(fp, None)?;
                 let srcs = e.slot_ptrs::<T>(p, mine.start);
-                unsafe { reduce_raw(buf.as_mut_ptr().add(mine.start), &srcs[..n], mine.len(), op, n) };
+                // SAFETY: every slot holds len elements of this round; we write only our buffer.
+                unsafe { reduce_raw_observed(buf.as_mut_ptr().add(mine.start), &srcs[..n], mine.len(), op, n, observe) };
                 return Ok(());
             }
             let reg = e.lookup(buf);
@@ -392,17 +417,18 @@ impl SharedEngine {
             if e.registered_views(buf.as_mut_ptr(), len, &mut views) {
                 let srcs = offset_ptrs(&views, n, mine.start);
                 // SAFETY: peers read only their own ranges of our buffer.
-                unsafe { reduce_raw(views[me].add(mine.start), &srcs[..n], mine.len(), op, n) };
+                unsafe { reduce_raw_observed(views[me].add(mine.start), &srcs[..n], mine.len(), op, n, observe) };
                 return e.arrive_and_wait(&fp);
             }
             for window in windows(len, e.chunk_elems::<T>()) {
                 let p = e.next_parity();
+                // SAFETY: the window fits a slot; slots of this parity are free (round invariant).
                 unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(window.start), e.slot::<T>(me, p), window.len()) };
                 e.arrive_and_wait(&fp)?;
                 let part = intersect(&mine, &window);
                 let srcs = e.slot_ptrs::<T>(p, part.start - window.start);
                 // SAFETY: reading slots of this round, writing our own buffer.
-                unsafe { reduce_raw(buf.as_mut_ptr().add(part.start), &srcs[..n], part.len(), op, n) };
+                unsafe { reduce_raw_observed(buf.as_mut_ptr().add(part.start), &srcs[..n], part.len(), op, n, observe) };
             }
             Ok(())
         })

@@ -81,7 +81,13 @@ enum Command {
 enum CheckpointCommand {
     /// Writes OUT/model.safetensors and OUT/optimizer.safetensors from the per-rank files
     /// of DIR, tensor by tensor (memory ≈ the largest tensor), checking every checksum.
-    Consolidate { dir: PathBuf, out: PathBuf },
+    Consolidate {
+        /// A checkpoint directory (`--checkpoint-dir`: its `latest`, else its newest
+        /// complete checkpoint) or one `step-*` directory in it.
+        dir: PathBuf,
+        /// Where to write model.safetensors and optimizer.safetensors (created if needed).
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {

@@ -199,3 +199,12 @@ fn bench_ps_prints_latency_and_throughput_next_to_tcp_and_memcpy() {
         assert!(r[2..].iter().all(|x| x.is_finite() && *x > 0.0), "{r:?}");
     }
 }
+
+#[test]
+fn lists_are_accepted_space_or_comma_separated_as_help_shows_them() {
+    for args in [&["--sizes", "1000", "2000", "--threads", "1", "2"][..], &["--sizes", "1000,2000", "--threads", "1,2"][..]] {
+        let out = distoptim(&[&["bench", "optim", "--tensors", "0", "--iters", "1"][..], args].concat());
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("adamw")).count(), 4, "{args:?}");
+    }
+}

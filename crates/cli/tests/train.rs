@@ -200,3 +200,22 @@ fn a_killed_worker_fails_the_run_fast_naming_its_rank() {
     assert!(stderr.contains(&format!("rank 1 (pid {pid}) was killed by signal 9")), "{stderr}");
     let _ = std::fs::remove_dir_all(out);
 }
+
+#[test]
+fn bad_options_are_refused_once_before_any_rank_starts() {
+    for (args, says) in [
+        (&["--strategy", "zero4"][..], "possible values: ddp, zero1, zero2, zero3, post_local_sgd, diloco"),
+        (&["--resume", "/nonexistent"][..], "--resume /nonexistent: checkpoint: /nonexistent: no such checkpoint directory"),
+        (&["--batch-size", "0"][..], "'--batch-size <BATCH_SIZE>'"),
+        (&["--lr=-1"][..], "must be a positive number, got -1"),
+        (&["--lr", "-1"][..], "must be a positive number, got -1"),
+        (&["--clip=-1"][..], "must be a number >= 0, got -1"),
+        (&["--momentum", "1.5"][..], "must be in [0, 1), got 1.5"),
+    ] {
+        let t = Instant::now();
+        let stderr = train_fails(args);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("rank 0") && stderr.matches(says).count() == 1, "{args:?} reported by the ranks: {stderr}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{args:?} took {:?}", t.elapsed());
+    }
+}

@@ -16,7 +16,7 @@ use super::median;
 #[derive(Args)]
 pub struct CandleArgs {
     /// Layer sizes of the MLP whose variables are copied (default: 25.2M parameters).
-    #[arg(long, value_delimiter = ',', default_value = "2048,4096,4096,10")]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "2048,4096,4096,10")]
     dims: Vec<usize>,
     /// Timed repetitions (median reported), after one warm-up.
     #[arg(long, default_value_t = 7)]

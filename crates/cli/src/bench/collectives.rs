@@ -34,7 +34,7 @@ pub struct CollectivesArgs {
     #[arg(long, default_value_t = 4)]
     factor: usize,
     /// Ops to run.
-    #[arg(long, value_delimiter = ',', default_values_t = ["all_reduce".to_string(), "reduce_scatter".into(), "all_gather".into(), "broadcast".into(), "reduce".into()])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["all_reduce".to_string(), "reduce_scatter".into(), "all_gather".into(), "broadcast".into(), "reduce".into()])]
     ops: Vec<String>,
     /// Timed iterations per size and op (the median is reported).
     #[arg(long, default_value_t = 20)]

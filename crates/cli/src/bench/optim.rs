@@ -16,13 +16,13 @@ use super::median;
 #[derive(Args)]
 pub struct OptimArgs {
     /// Flat buffer sizes, in parameters.
-    #[arg(long, value_delimiter = ',', default_values_t = [1_000_000usize, 10_000_000, 100_000_000])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [1_000_000usize, 10_000_000, 100_000_000])]
     sizes: Vec<usize>,
     /// Also run a layout of this many tensors of 10K parameters (0: skip).
     #[arg(long, default_value_t = 1000)]
     tensors: usize,
     /// Thread counts to run with.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [1usize, 2])]
     threads: Vec<usize>,
     /// Timed iterations per measurement (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 5)]

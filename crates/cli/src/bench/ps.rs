@@ -18,10 +18,10 @@ use super::median;
 #[derive(Args)]
 pub struct PsArgs {
     /// Parameter sizes (elements).
-    #[arg(long, value_delimiter = ',', default_value = "1000000,16000000")]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "1000000,16000000")]
     sizes: Vec<usize>,
     /// Numbers of concurrent clients.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "1,2,3,4")]
     clients: Vec<usize>,
     /// Steps per client (after one warm-up step).
     #[arg(long, default_value_t = 8)]

@@ -33,7 +33,7 @@ pub struct StepArgs {
     #[arg(long, default_value_t = 25_000_000)]
     params: usize,
     /// Strategies to run.
-    #[arg(long, value_delimiter = ',', default_values_t = ["ddp".to_string(), "zero1".into(), "zero2".into(), "zero3".into()])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["ddp".to_string(), "zero1".into(), "zero2".into(), "zero3".into()], value_parser = ["ddp", "zero1", "zero2", "zero3"])]
     strategies: Vec<String>,
     /// Timed steps per strategy (median reported), after two warm-up steps.
     #[arg(long, default_value_t = 11)]

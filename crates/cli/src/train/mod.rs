@@ -49,39 +49,39 @@ pub struct TrainArgs {
     /// already inside a job: `distoptim launch`, torchrun-style variables, mpirun, srun).
     #[arg(long, default_value_t = 2)]
     nproc: usize,
-    /// ddp, zero1, zero2, zero3, post_local_sgd or diloco.
-    #[arg(long, default_value = "zero2")]
+    /// The data-parallel algorithm.
+    #[arg(long, default_value = "zero2", value_parser = ["ddp", "zero1", "zero2", "zero3", "post_local_sgd", "diloco"])]
     strategy: String,
     /// `digits` (the embedded handwritten digits, an MLP 64-128-128-10) or `mlp-25m`
     /// (25M parameters, 2048-4096-4096-10, on synthetic inputs: for throughput).
-    #[arg(long, default_value = "digits")]
+    #[arg(long, default_value = "digits", value_parser = ["digits", "mlp-25m"])]
     model: String,
-    /// Hidden layer sizes of the digits model.
-    #[arg(long, value_delimiter = ',', default_value = "128,128")]
+    /// Hidden layer sizes of the digits model (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "128,128", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     hidden: Vec<usize>,
-    /// sgd, adam or adamw.
-    #[arg(long, default_value = "adamw")]
+    /// The optimizer.
+    #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw"])]
     optimizer: String,
     /// Peak learning rate (default: 3e-3 for adam/adamw, 0.05 for sgd).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive)]
     lr: Option<f64>,
     /// Weight decay of the weights (biases get none: two param groups).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true, value_parser = non_negative)]
     weight_decay: f64,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    /// SGD momentum, in [0, 1).
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true, value_parser = momentum)]
     momentum: f64,
-    /// constant, linear or cosine (each after the warm-up), as in HF transformers.
-    #[arg(long, default_value = "cosine")]
+    /// The learning-rate schedule after the warm-up, as in HF transformers.
+    #[arg(long, default_value = "cosine", value_parser = ["constant", "linear", "cosine"])]
     schedule: String,
     /// Warm-up steps (default: 5% of the steps).
     #[arg(long)]
     warmup_steps: Option<u64>,
     /// Clip the global gradient norm (L2) to this; 0 turns clipping off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = non_negative)]
     clip: f64,
     /// Global batch size, split over the ranks.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     batch_size: usize,
     /// Epochs (default: 20 for digits, 1 for mlp-25m); `--steps` overrides.
     #[arg(long)]
@@ -144,8 +144,42 @@ pub struct TrainArgs {
     outer_momentum: f64,
 }
 
+/// A finite number > 0 (clap parser).
+fn positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be a positive number, got {v}"))
+    }
+}
+
+/// A finite number >= 0 (clap parser).
+fn non_negative(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be a number >= 0, got {v}"))
+    }
+}
+
+/// A momentum in [0, 1) (clap parser).
+fn momentum(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be in [0, 1), got {v}"))
+    }
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     ensure!(args.nproc >= 1, "--nproc must be at least 1");
+    // What can be checked before any rank starts is checked here, and reported once.
+    if let Some(dir) = &args.resume {
+        distoptim::checkpoint::resolve(dir).with_context(|| format!("--resume {}", dir.display()))?;
+    }
     // Outside a job (no torchrun or MPI variables): start one on this host.
     if distoptim_collective::backend_from_env()?.is_none() {
         return crate::launch::launch_self(args.nproc);

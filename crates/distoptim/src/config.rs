@@ -3,8 +3,9 @@
 
 use distoptim_optim::clip::NormType;
 
-/// How the replicas share the work of a step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The data-parallel algorithm: how the replicas share the work of a step. One type for
+/// all of them; `"zero2".parse::<Strategy>()` reads the names the CLI and checkpoints use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Strategy {
     /// Every rank holds everything; gradients are all-reduced in buckets.
     Ddp,
@@ -15,21 +16,57 @@ pub enum Strategy {
     Zero2,
     /// As ZeRO-2, and params stay sharded: all-gathered on demand with `gather_params`.
     Zero3,
+    /// torch's post-local SGD: synchronous warm-up, then local steps and periodic
+    /// parameter averaging ([`crate::PostLocalSgd`]).
+    PostLocalSgd,
+    /// DiLoCo: local inner steps, an outer Nesterov step on the averaged delta
+    /// ([`crate::Diloco`]).
+    Diloco,
 }
 
 impl Strategy {
+    /// Every strategy, in the order the CLI lists them.
+    pub const ALL: [Strategy; 6] =
+        [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3, Strategy::PostLocalSgd, Strategy::Diloco];
+
+    /// The name the CLI, the conformance cases and checkpoints use.
     pub fn name(self) -> &'static str {
         match self {
             Strategy::Ddp => "ddp",
             Strategy::Zero1 => "zero1",
             Strategy::Zero2 => "zero2",
             Strategy::Zero3 => "zero3",
+            Strategy::PostLocalSgd => "post_local_sgd",
+            Strategy::Diloco => "diloco",
         }
+    }
+
+    /// Whether every step synchronises the gradients (DDP, ZeRO): the strategies of
+    /// [`crate::DistributedOptimizer`], whose checkpoints reload at any world size.
+    pub fn is_synchronous(self) -> bool {
+        matches!(self, Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2 | Strategy::Zero3)
     }
 
     /// Whether optimizer state is sharded over the group.
     pub fn shards_state(self) -> bool {
-        !matches!(self, Strategy::Ddp)
+        matches!(self, Strategy::Zero1 | Strategy::Zero2 | Strategy::Zero3)
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = crate::DistError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Strategy::ALL.into_iter().find(|st| st.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Strategy::ALL.iter().map(|st| st.name()).collect();
+            crate::DistError::Invalid(format!("unknown strategy {s:?} (one of {})", names.join(", ")))
+        })
     }
 }
 

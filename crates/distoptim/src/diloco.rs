@@ -126,3 +126,65 @@ impl Diloco {
         Ok(report)
     }
 }
+
+const STRATEGY: crate::Strategy = crate::Strategy::Diloco;
+
+impl crate::DataParallel for Diloco {
+    fn strategy(&self) -> crate::Strategy {
+        STRATEGY
+    }
+
+    fn comm(&self) -> &Communicator {
+        &self.comm
+    }
+
+    fn layout(&self) -> &Layout {
+        self.inner.optimizer().layout()
+    }
+
+    /// DiLoCo's inner steps are local and unweighted: `batch_size` is not used, and a
+    /// rank without samples steps with a zero gradient, as torch's join would have it do.
+    fn step(&mut self, params: &mut [f32], grads: &mut [f32], _batch_size: usize) -> Result<StepReport> {
+        Diloco::step(self, params, grads)
+    }
+
+    fn gather(&self, _params: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+
+    fn params_in_sync(&self) -> bool {
+        Diloco::params_in_sync(self)
+    }
+
+    fn finish(&mut self, params: &mut [f32]) -> Result<()> {
+        params.copy_from_slice(self.global_params());
+        Ok(())
+    }
+
+    fn save(
+        &self,
+        root: &std::path::Path,
+        params: &[f32],
+        counters: std::collections::BTreeMap<String, u64>,
+        options: &crate::checkpoint::SaveOptions,
+    ) -> Result<(crate::checkpoint::Manifest, std::path::PathBuf)> {
+        let mut state = self.replica_state();
+        state.counters.extend(counters);
+        crate::checkpoint::save_replicas(root, &self.comm, STRATEGY.name(), params, &state, options)
+    }
+
+    fn load(&mut self, path: &std::path::Path, params: &mut [f32]) -> Result<crate::checkpoint::Manifest> {
+        let layout = crate::DataParallel::layout(self).clone();
+        let (m, state) = crate::checkpoint::load_replicas(path, &self.comm, &layout, params)?;
+        if m.strategy != STRATEGY.name() {
+            return Err(DistError::Checkpoint(format!(
+                "{} holds a {} run; resume it with --strategy {}",
+                path.display(),
+                m.strategy,
+                m.strategy
+            )));
+        }
+        self.load_replica_state(&state)?;
+        Ok(m)
+    }
+}

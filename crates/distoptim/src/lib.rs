@@ -1,6 +1,8 @@
 //! Distributed optimizer steps on top of the optimizer core (`distoptim-optim`) and the
 //! collectives (`distoptim-collective`).
 //!
+//! - [`DataParallel`]: the one interface over every algorithm below, built from a
+//!   [`Strategy`] by [`data_parallel()`].
 //! - [`DistributedOptimizer`]: DDP and ZeRO-1/2/3 over balanced contiguous ranges of
 //!   one flat buffer, with mean / sum / batch-weighted reduction, gradient accumulation
 //!   and clipping by the global norm across shards.
@@ -18,6 +20,7 @@ mod buckets;
 pub mod checkpoint;
 mod config;
 pub mod consolidate;
+mod data_parallel;
 mod diloco;
 pub mod dist_clip;
 mod error;
@@ -32,6 +35,7 @@ mod scheduled;
 pub use buckets::GradBuckets;
 pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
 pub use consolidate::{consolidate, Consolidated};
+pub use data_parallel::{data_parallel, DataParallel, DataParallelConfig};
 pub use diloco::{Diloco, DilocoConfig};
 pub use dist_clip::TensorParallel;
 pub use error::{DistError, Result};

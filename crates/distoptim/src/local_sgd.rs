@@ -108,3 +108,65 @@ pub(crate) fn average(comm: &Communicator, params: &mut [f32]) -> Result<()> {
     comm.all_reduce(params, ReduceOp::Sum)?;
     Ok(())
 }
+
+const STRATEGY: crate::Strategy = crate::Strategy::PostLocalSgd;
+
+impl crate::DataParallel for PostLocalSgd {
+    fn strategy(&self) -> crate::Strategy {
+        STRATEGY
+    }
+
+    fn comm(&self) -> &Communicator {
+        &self.comm
+    }
+
+    fn layout(&self) -> &Layout {
+        self.opt.optimizer().layout()
+    }
+
+    fn step(&mut self, params: &mut [f32], grads: &mut [f32], batch_size: usize) -> Result<StepReport> {
+        PostLocalSgd::step(self, params, grads, batch_size)
+    }
+
+    fn gather(&self, _params: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+
+    fn params_in_sync(&self) -> bool {
+        PostLocalSgd::params_in_sync(self)
+    }
+
+    fn finish(&mut self, params: &mut [f32]) -> Result<()> {
+        if !PostLocalSgd::params_in_sync(self) {
+            self.average_params(params)?;
+        }
+        Ok(())
+    }
+
+    fn save(
+        &self,
+        root: &std::path::Path,
+        params: &[f32],
+        counters: std::collections::BTreeMap<String, u64>,
+        options: &crate::checkpoint::SaveOptions,
+    ) -> Result<(crate::checkpoint::Manifest, std::path::PathBuf)> {
+        let mut state = self.replica_state();
+        state.counters.extend(counters);
+        crate::checkpoint::save_replicas(root, &self.comm, STRATEGY.name(), params, &state, options)
+    }
+
+    fn load(&mut self, path: &std::path::Path, params: &mut [f32]) -> Result<crate::checkpoint::Manifest> {
+        let layout = crate::DataParallel::layout(self).clone();
+        let (m, state) = crate::checkpoint::load_replicas(path, &self.comm, &layout, params)?;
+        if m.strategy != STRATEGY.name() {
+            return Err(DistError::Checkpoint(format!(
+                "{} holds a {} run; resume it with --strategy {}",
+                path.display(),
+                m.strategy,
+                m.strategy
+            )));
+        }
+        self.load_replica_state(&state)?;
+        Ok(m)
+    }
+}

@@ -58,6 +58,12 @@ impl DistributedOptimizer {
         if config.bucket_cap_mb.is_nan() || config.bucket_cap_mb <= 0.0 {
             return Err(DistError::Invalid(format!("bucket_cap_mb must be > 0, got {}", config.bucket_cap_mb)));
         }
+        if !config.strategy.is_synchronous() {
+            return Err(DistError::Invalid(format!(
+                "{} is not a synchronous strategy: build it with distoptim::data_parallel",
+                config.strategy
+            )));
+        }
         let numel = layout.numel();
         let owned = if config.strategy.shards_state() { shard_range(numel, comm.size(), comm.rank()) } else { 0..numel };
         let opt = Scheduled::new(layout, groups, owned.clone(), schedule)?;
@@ -327,5 +333,49 @@ impl DistributedOptimizer {
     /// Continues the schedule from `step` (after loading a state dict).
     pub fn set_schedule_step(&mut self, step: u64) -> Result<()> {
         self.opt.set_schedule_step(step)
+    }
+}
+
+impl crate::DataParallel for DistributedOptimizer {
+    fn strategy(&self) -> Strategy {
+        self.config.strategy
+    }
+
+    fn comm(&self) -> &Communicator {
+        &self.comm
+    }
+
+    fn layout(&self) -> &Layout {
+        self.opt.optimizer().layout()
+    }
+
+    fn step(&mut self, params: &mut [f32], grads: &mut [f32], batch_size: usize) -> Result<StepReport> {
+        DistributedOptimizer::step(self, params, grads, batch_size)
+    }
+
+    fn gather(&self, params: &mut [f32]) -> Result<()> {
+        self.gather_params(params)
+    }
+
+    fn params_in_sync(&self) -> bool {
+        true
+    }
+
+    fn finish(&mut self, params: &mut [f32]) -> Result<()> {
+        self.gather_params(params)
+    }
+
+    fn save(
+        &self,
+        root: &std::path::Path,
+        params: &[f32],
+        counters: std::collections::BTreeMap<String, u64>,
+        options: &crate::checkpoint::SaveOptions,
+    ) -> Result<(crate::checkpoint::Manifest, std::path::PathBuf)> {
+        crate::checkpoint::save(root, self, params, &counters, options)
+    }
+
+    fn load(&mut self, path: &std::path::Path, params: &mut [f32]) -> Result<crate::checkpoint::Manifest> {
+        crate::checkpoint::load(path, self, params)
     }
 }

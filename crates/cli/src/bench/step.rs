@@ -53,13 +53,11 @@ pub fn run(args: StepArgs) -> Result<()> {
 }
 
 fn strategy(name: &str) -> Result<Strategy> {
-    Ok(match name {
-        "ddp" => Strategy::Ddp,
-        "zero1" => Strategy::Zero1,
-        "zero2" => Strategy::Zero2,
-        "zero3" => Strategy::Zero3,
-        other => bail!("unknown strategy {other:?} (ddp, zero1, zero2, zero3)"),
-    })
+    let s: Strategy = name.parse()?;
+    if !s.is_synchronous() {
+        bail!("bench step measures the synchronous strategies (ddp, zero1, zero2, zero3), not {s}");
+    }
+    Ok(s)
 }
 
 fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
@@ -124,6 +122,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
                     comm.all_gather(&mut params)?;
                 }
                 Strategy::Zero3 => comm.reduce_scatter(&mut grads, ReduceOp::Avg)?,
+                Strategy::PostLocalSgd | Strategy::Diloco => bail!("bench step measures the synchronous strategies, not {s}"),
             }
             Ok(())
         })?;
@@ -175,7 +174,7 @@ fn traffic(s: Strategy, n: usize, own: usize, w: usize) -> (f64, f64) {
         Strategy::Ddp => reduce_scatter + gather,
         Strategy::Zero1 => reduce_scatter + 2.0 * gather,
         Strategy::Zero2 => reduce_scatter + gather,
-        Strategy::Zero3 => reduce_scatter,
+        Strategy::Zero3 | Strategy::PostLocalSgd | Strategy::Diloco => reduce_scatter,
     };
     // Mean: the collective divides and the norm is measured on the blocks it writes.
     (collective + 7.0 * own, collective + 7.0 * own)

@@ -15,7 +15,6 @@
 //! Rank 0 shows the progress and writes `metrics.csv`, `metrics.json` and `plot.svg` into
 //! `--out`.
 
-mod algorithm;
 mod data;
 mod metrics;
 mod model;
@@ -32,13 +31,12 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
 use distoptim::checkpoint::SaveOptions;
-use distoptim::{verify_replicas, ClipConfig, DilocoConfig, LocalSgdConfig};
+use distoptim::{data_parallel, verify_replicas, ClipConfig, DataParallel, DataParallelConfig, DilocoConfig, LocalSgdConfig, Strategy};
 use distoptim_candle::FlatParams;
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip::NormType;
 use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
 
-use algorithm::{Algorithm, AlgorithmConfig};
 use data::{Dataset, Sampler};
 use metrics::Row;
 use model::Mlp;
@@ -226,7 +224,8 @@ struct Trainer {
     /// The flat gradient buffer, in shared memory where the backend has it, so the
     /// reduction reads the peers' gradients in place.
     grads: SharedBuf<f32>,
-    algorithm: Algorithm,
+    /// The data-parallel algorithm `--strategy` names.
+    algorithm: Box<dyn DataParallel>,
     total_steps: u64,
     /// "MLP 64-128-128-10 on the handwritten digits", for the banner.
     description: String,
@@ -273,20 +272,21 @@ impl Trainer {
             other => bail!("unknown --schedule {other:?} (constant, linear or cosine)"),
         };
         let clip = (args.clip > 0.0).then_some(ClipConfig { max_norm: args.clip, norm: NormType::P(2.0), error_if_nonfinite: false });
-        let config = AlgorithmConfig {
-            strategy: args.strategy.clone(),
-            clip,
-            local_sgd: LocalSgdConfig { warmup_steps: args.local_sgd_warmup, period: args.local_sgd_period },
-            diloco: DilocoConfig {
+        // Batch-weighted (the default): the uneven last batch of an epoch, and a rank with
+        // no sample of it, count by their sizes, so every world size takes the same step.
+        let config = DataParallelConfig::new()
+            .with_clip(clip)
+            .with_local_sgd(LocalSgdConfig { warmup_steps: args.local_sgd_warmup, period: args.local_sgd_period })
+            .with_diloco(DilocoConfig {
                 inner_steps: args.diloco_inner_steps,
                 outer_lr: args.outer_lr,
                 outer_momentum: args.outer_momentum,
                 nesterov: true,
-            },
-        };
+            });
         let groups = param_groups(&layout, &args)?;
         let grads = comm.alloc::<f32>(layout.numel())?;
-        let algorithm = Algorithm::new(comm.clone(), layout, groups, Some(schedule), &config, &params)?;
+        let strategy: Strategy = args.strategy.parse()?;
+        let algorithm = data_parallel(strategy, comm.clone(), layout, groups, Some(schedule), &config, &params)?;
         Ok(Trainer {
             comm,
             args,
@@ -364,10 +364,7 @@ impl Trainer {
     /// Restores a checkpoint named by `--resume`; returns the step to continue from.
     fn resume(&mut self) -> Result<u64> {
         let Some(dir) = self.args.resume.clone() else { return Ok(0) };
-        let manifest = self
-            .algorithm
-            .load(&dir, &self.comm, self.flat.layout(), &mut self.params)
-            .with_context(|| format!("resuming from {}", dir.display()))?;
+        let manifest = self.algorithm.load(&dir, &mut self.params).with_context(|| format!("resuming from {}", dir.display()))?;
         for (name, ours) in [("seed", self.args.seed), ("batch_size", self.args.batch_size as u64), ("total_steps", self.total_steps)] {
             if let Some(&theirs) = manifest.counters.get(name) {
                 ensure!(theirs == ours, "--resume {}: the checkpoint was written with {name} {theirs}, this run has {ours}; the data order and schedule would differ", dir.display());
@@ -466,7 +463,7 @@ impl Trainer {
         if let Some(keep) = self.args.keep {
             options = options.with_keep(keep as usize);
         }
-        self.algorithm.save(&dir, &self.comm, &self.params, counters, &options).with_context(|| format!("checkpoint at step {step}"))?;
+        self.algorithm.save(&dir, &self.params, counters, &options).with_context(|| format!("checkpoint at step {step}"))?;
         Ok(())
     }
 

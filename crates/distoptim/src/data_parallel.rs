@@ -1,0 +1,153 @@
+//! One interface over the data-parallel algorithms: the synchronous sharded optimizer
+//! (DDP, ZeRO-1/2/3), post-local SGD and DiLoCo. A training loop written against
+//! [`DataParallel`] runs any of them, chosen by a [`Strategy`] at run time:
+//!
+//! ```no_run
+//! # fn main() -> distoptim::Result<()> {
+//! use distoptim::{data_parallel, DataParallelConfig, Strategy};
+//! use distoptim_collective::Communicator;
+//! use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup};
+//!
+//! let comm = Communicator::from_env()?;
+//! let layout = Layout::new([("w", vec![4, 4]), ("b", vec![4])])?;
+//! let groups = vec![ParamGroup { params: vec![0, 1], config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
+//! let mut params = vec![0.1f32; layout.numel()];
+//! let strategy: Strategy = "zero2".parse()?;
+//! let mut dp = data_parallel(strategy, comm, layout, groups, None, &DataParallelConfig::new(), &params)?;
+//! let mut grads = vec![0.01f32; params.len()];
+//! dp.gather(&mut params)?; // complete parameters before the forward pass (ZeRO-3)
+//! let report = dp.step(&mut params, &mut grads, 32)?;
+//! dp.finish(&mut params)?; // the replicas brought together
+//! # let _ = report; Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use distoptim_collective::Communicator;
+use distoptim_optim::{Layout, ParamGroup, Schedule};
+
+use crate::checkpoint::{Manifest, SaveOptions};
+use crate::config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
+use crate::diloco::{Diloco, DilocoConfig};
+use crate::error::Result;
+use crate::local_sgd::{LocalSgdConfig, PostLocalSgd};
+use crate::optimizer::DistributedOptimizer;
+
+/// A data-parallel training algorithm: what a training loop calls, whichever algorithm
+/// runs. Every method is collective over the algorithm's group unless it says otherwise.
+pub trait DataParallel: Send {
+    /// The strategy this is.
+    fn strategy(&self) -> Strategy;
+
+    /// The group the algorithm runs on (not collective).
+    fn comm(&self) -> &Communicator;
+
+    /// The flat layout of the parameters (not collective).
+    fn layout(&self) -> &Layout;
+
+    /// One optimizer step with this rank's gradient (overwritten) of its `batch_size`
+    /// samples; `params` is this rank's full parameter buffer.
+    fn step(&mut self, params: &mut [f32], grads: &mut [f32], batch_size: usize) -> Result<StepReport>;
+
+    /// Makes `params` complete on this rank before a forward pass (ZeRO-3 all-gathers its
+    /// shards; the others hold every element already and do nothing).
+    fn gather(&self, params: &mut [f32]) -> Result<()>;
+
+    /// Whether every rank now holds the same parameters (not collective): always for the
+    /// synchronous strategies, only right after an averaging for the periodic ones.
+    fn params_in_sync(&self) -> bool;
+
+    /// Brings the replicas together at the end of training: post-local SGD averages
+    /// once more, DiLoCo takes the global parameters of its last outer step.
+    fn finish(&mut self, params: &mut [f32]) -> Result<()>;
+
+    /// Saves a checkpoint into the checkpoint root `root` (see [`crate::checkpoint`]),
+    /// with the caller's `counters`. Returns the manifest and the step directory.
+    fn save(&self, root: &Path, params: &[f32], counters: BTreeMap<String, u64>, options: &SaveOptions) -> Result<(Manifest, PathBuf)>;
+
+    /// Restores a checkpoint written by [`save`](Self::save) into `params` and the
+    /// algorithm's state. The synchronous strategies reload at any world size and from
+    /// one another; the periodic ones only at the world size and strategy that saved.
+    fn load(&mut self, path: &Path, params: &mut [f32]) -> Result<Manifest>;
+}
+
+/// What the algorithms need besides the optimizer, with defaults:
+/// `DataParallelConfig::new().with_clip(…)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataParallelConfig {
+    /// How the ranks' gradients are combined (default: batch-weighted, so the step does
+    /// not depend on how a global batch is split).
+    pub reduce: ReduceMode,
+    /// Clipping by the global norm (default: none).
+    pub clip: Option<ClipConfig>,
+    /// Post-local SGD's warm-up and period (default: 50 and 4).
+    pub local_sgd: LocalSgdConfig,
+    /// DiLoCo's inner steps and outer optimizer (default: 10, Nesterov lr 0.7 momentum 0.9).
+    pub diloco: DilocoConfig,
+}
+
+impl Default for DataParallelConfig {
+    fn default() -> Self {
+        DataParallelConfig {
+            reduce: ReduceMode::BatchWeighted,
+            clip: None,
+            local_sgd: LocalSgdConfig { warmup_steps: 50, period: 4 },
+            diloco: DilocoConfig { inner_steps: 10, outer_lr: 0.7, outer_momentum: 0.9, nesterov: true },
+        }
+    }
+}
+
+impl DataParallelConfig {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// With this reduction.
+    pub fn with_reduce(mut self, reduce: ReduceMode) -> Self {
+        self.reduce = reduce;
+        self
+    }
+
+    /// With clipping.
+    pub fn with_clip(mut self, clip: Option<ClipConfig>) -> Self {
+        self.clip = clip;
+        self
+    }
+
+    /// With post-local SGD's warm-up and period.
+    pub fn with_local_sgd(mut self, local_sgd: LocalSgdConfig) -> Self {
+        self.local_sgd = local_sgd;
+        self
+    }
+
+    /// With DiLoCo's settings.
+    pub fn with_diloco(mut self, diloco: DilocoConfig) -> Self {
+        self.diloco = diloco;
+        self
+    }
+}
+
+/// The algorithm `strategy` names, on `comm`. `init`: the initial parameters, the same
+/// on every rank (DiLoCo's first global parameters).
+pub fn data_parallel(
+    strategy: Strategy,
+    comm: Communicator,
+    layout: Layout,
+    groups: Vec<ParamGroup>,
+    schedule: Option<Schedule>,
+    config: &DataParallelConfig,
+    init: &[f32],
+) -> Result<Box<dyn DataParallel>> {
+    Ok(match strategy {
+        Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2 | Strategy::Zero3 => {
+            let step = StepConfig { reduce: config.reduce, clip: config.clip, ..StepConfig::new(strategy) };
+            Box::new(DistributedOptimizer::new(comm, layout, groups, schedule, step)?)
+        }
+        Strategy::PostLocalSgd => {
+            Box::new(PostLocalSgd::new(comm, layout, groups, schedule, config.clip, config.reduce, config.local_sgd)?)
+        }
+        Strategy::Diloco => Box::new(Diloco::new(comm, layout, groups, schedule, config.clip, config.diloco, init)?),
+    })
+}

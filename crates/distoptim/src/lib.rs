@@ -14,6 +14,7 @@
 //! - [`checkpoint`]: crash-safe safetensors checkpoints that reload at any world size.
 //! - [`consolidate()`]: a checkpoint into one `model.safetensors` + `optimizer.safetensors`.
 //! - [`safetensors`]: the file format, read and written by hand.
+//! - [`sampler`]: the distributed sampler and its batch-weighting rule.
 //! - [`step_lbfgs`]: LBFGS whose closure is reduced over the ranks.
 
 mod buckets;
@@ -30,6 +31,7 @@ mod local_sgd;
 mod optimizer;
 mod replicas;
 pub mod safetensors;
+pub mod sampler;
 mod scheduled;
 
 pub use buckets::GradBuckets;

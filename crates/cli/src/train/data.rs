@@ -2,9 +2,8 @@
 //! train/test split and the distributed sampler.
 
 use anyhow::{bail, ensure, Context, Result};
-use distoptim_collective::shard_range;
 
-use super::rng::Rng;
+use distoptim::sampler::SeededRng as Rng;
 
 /// The UCI handwritten digits (see `crates/cli/data/README.md` for the attribution).
 const DIGITS_CSV: &str = include_str!("../../data/digits.csv");
@@ -86,33 +85,6 @@ impl Dataset {
     }
 }
 
-/// A deterministic distributed sampler. Every epoch is a seeded permutation of the
-/// training set cut into global batches of `batch_size` (the last one shorter, not
-/// dropped); rank r takes the contiguous part `shard_range(batch, W, r)` of each. The
-/// union over ranks is the global batch whatever W is, so with batch-weighted gradient
-/// reduction any world size computes the same step, and a run can resume at another.
-pub struct Sampler {
-    pub len: usize,
-    pub batch_size: usize,
-    pub seed: u64,
-}
-
-impl Sampler {
-    pub fn steps_per_epoch(&self) -> u64 {
-        self.len.div_ceil(self.batch_size) as u64
-    }
-
-    /// The epoch of global step `step`, and this rank's sample indices for it.
-    pub fn local_batch(&self, step: u64, world: usize, rank: usize) -> (u64, Vec<usize>) {
-        let epoch = step / self.steps_per_epoch();
-        let mut order: Vec<usize> = (0..self.len).collect();
-        Rng::new(self.seed, 0xE90C ^ epoch.wrapping_mul(0x9E37)).shuffle(&mut order);
-        let start = (step % self.steps_per_epoch()) as usize * self.batch_size;
-        let batch = &order[start..(start + self.batch_size).min(self.len)];
-        (epoch, batch[shard_range(batch.len(), world, rank)].to_vec())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,23 +96,6 @@ mod tests {
         assert!(d.features.iter().all(|&p| (0.0..=1.0).contains(&p)));
         let (train, test) = d.split(0.2, 0).unwrap();
         assert_eq!((train.len(), test.len()), (1438, 359));
-    }
-
-    #[test]
-    fn ranks_partition_every_global_batch_including_the_last() {
-        let s = Sampler { len: 103, batch_size: 16, seed: 3 };
-        assert_eq!(s.steps_per_epoch(), 7);
-        for step in [0u64, 6, 7, 13] {
-            let whole = s.local_batch(step, 1, 0).1;
-            assert_eq!(whole.len(), if step % 7 == 6 { 7 } else { 16 });
-            for world in [2, 3, 5] {
-                let joined: Vec<usize> = (0..world).flat_map(|r| s.local_batch(step, world, r).1).collect();
-                assert_eq!(joined, whole, "step {step} world {world}");
-            }
-        }
-        let epoch0: std::collections::BTreeSet<usize> = (0..7).flat_map(|t| s.local_batch(t, 1, 0).1).collect();
-        assert_eq!(epoch0.len(), 103);
-        assert_ne!(s.local_batch(0, 1, 0).1, s.local_batch(7, 1, 0).1, "epochs are reshuffled");
     }
 
     #[test]

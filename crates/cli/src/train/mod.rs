@@ -19,7 +19,6 @@ mod data;
 mod metrics;
 mod model;
 mod plot;
-mod rng;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -37,7 +36,8 @@ use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip::NormType;
 use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
 
-use data::{Dataset, Sampler};
+use data::Dataset;
+use distoptim::sampler::DistributedSampler;
 use metrics::Row;
 use model::Mlp;
 
@@ -215,7 +215,7 @@ struct Trainer {
     args: TrainArgs,
     train: Dataset,
     test: Dataset,
-    sampler: Sampler,
+    sampler: DistributedSampler,
     model: Mlp,
     /// Keeps the candle variables alive (the model and `flat` share them).
     _varmap: VarMap,
@@ -248,7 +248,7 @@ impl Trainer {
         ensure!(args.batch_size > 0, "--batch-size must be at least 1");
         let (train, test) = data.split(args.test_fraction, args.seed)?;
         ensure!(train.len() > 0, "the training split is empty");
-        let sampler = Sampler { len: train.len(), batch_size: args.batch_size, seed: args.seed };
+        let sampler = DistributedSampler::new(train.len(), args.batch_size, args.seed)?;
         let epochs = args.epochs.unwrap_or(if args.model == "digits" { 20 } else { 1 });
         let total_steps = args.steps.unwrap_or(epochs * sampler.steps_per_epoch());
         ensure!(total_steps > 0, "nothing to do: 0 steps");

@@ -6,7 +6,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use distoptim_optim::Layout;
 
-use super::rng::Rng;
+use distoptim::sampler::SeededRng as Rng;
 
 /// Layers `fc0, fc1, …` of sizes `dims[0] → dims[1] → … → dims[n]`, ReLU between.
 pub struct Mlp {

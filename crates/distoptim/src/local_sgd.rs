@@ -147,25 +147,15 @@ impl crate::DataParallel for PostLocalSgd {
         &self,
         root: &std::path::Path,
         params: &[f32],
-        counters: std::collections::BTreeMap<String, u64>,
+        counters: BTreeMap<String, u64>,
         options: &crate::checkpoint::SaveOptions,
     ) -> Result<(crate::checkpoint::Manifest, std::path::PathBuf)> {
-        let mut state = self.replica_state();
-        state.counters.extend(counters);
-        crate::checkpoint::save_replicas(root, &self.comm, STRATEGY.name(), params, &state, options)
+        crate::checkpoint::save_per_rank(root, &self.comm, STRATEGY, params, self.replica_state(), counters, options)
     }
 
     fn load(&mut self, path: &std::path::Path, params: &mut [f32]) -> Result<crate::checkpoint::Manifest> {
         let layout = crate::DataParallel::layout(self).clone();
-        let (m, state) = crate::checkpoint::load_replicas(path, &self.comm, &layout, params)?;
-        if m.strategy != STRATEGY.name() {
-            return Err(DistError::Checkpoint(format!(
-                "{} holds a {} run; resume it with --strategy {}",
-                path.display(),
-                m.strategy,
-                m.strategy
-            )));
-        }
+        let (m, state) = crate::checkpoint::load_per_rank(path, &self.comm, STRATEGY, &layout, params)?;
         self.load_replica_state(&state)?;
         Ok(m)
     }

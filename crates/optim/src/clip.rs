@@ -104,36 +104,30 @@ struct SumLanes<const P2: bool, const P1: bool> {
 }
 
 impl<const P2: bool, const P1: bool> SumLanes<P2, P1> {
-    fn add_at(&mut self, lane: usize, g: f32) {
-        let norm = if P2 {
+    /// Monomorphic for the common norms, so the term folds to g² or |g|.
+    #[inline(always)]
+    fn norm(&self) -> NormType {
+        if P2 {
             NormType::P(2.0)
         } else if P1 {
             NormType::P(1.0)
         } else {
             NormType::P(self.p)
-        };
-        self.lanes[lane] += norm.term(g);
+        }
     }
 }
 
 impl<const P2: bool, const P1: bool> Lanes for SumLanes<P2, P1> {
     #[inline(always)]
     fn add(&mut self, block: &[f32]) {
-        // Monomorphic for the common norms, so the term folds to g² or |g|.
-        let norm = if P2 {
-            NormType::P(2.0)
-        } else if P1 {
-            NormType::P(1.0)
-        } else {
-            NormType::P(self.p)
-        };
+        let norm = self.norm();
         for (acc, &g) in self.lanes.iter_mut().zip(block) {
             *acc += norm.term(g);
         }
     }
 
     fn add_one(&mut self, lane: usize, g: f32) {
-        self.add_at(lane, g);
+        self.lanes[lane] += self.norm().term(g);
     }
 
     fn finish(self) -> f64 {

@@ -430,6 +430,42 @@ fn step_counts(path: &Path, metadata: &BTreeMap<String, String>, params: usize) 
     Ok(steps)
 }
 
+/// `DataParallel::save` of an algorithm whose ranks hold their own models (post-local
+/// SGD, DiLoCo): its replica state with the caller's counters, through [`save_replicas`].
+pub(crate) fn save_per_rank(
+    root: &Path,
+    comm: &Communicator,
+    strategy: crate::Strategy,
+    params: &[f32],
+    mut state: ReplicaState,
+    counters: BTreeMap<String, u64>,
+    options: &SaveOptions,
+) -> Result<(Manifest, PathBuf)> {
+    state.counters.extend(counters);
+    save_replicas(root, comm, strategy.name(), params, &state, options)
+}
+
+/// `DataParallel::load` of such an algorithm: [`load_replicas`], refusing another
+/// strategy's checkpoint by name.
+pub(crate) fn load_per_rank(
+    path: &Path,
+    comm: &Communicator,
+    strategy: crate::Strategy,
+    layout: &Layout,
+    params: &mut [f32],
+) -> Result<(Manifest, ReplicaState)> {
+    let (m, state) = load_replicas(path, comm, layout, params)?;
+    if m.strategy != strategy.name() {
+        return Err(DistError::Checkpoint(format!(
+            "{} holds a {} run; resume it with --strategy {}",
+            path.display(),
+            m.strategy,
+            m.strategy
+        )));
+    }
+    Ok((m, state))
+}
+
 /// Loads what [`save_replicas`] wrote: this rank's file into `params` and the returned
 /// state. The world size and layout must be those that saved. Collective over `comm`;
 /// nothing is returned unless every rank's file checks out.

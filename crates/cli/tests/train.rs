@@ -189,6 +189,7 @@ fn a_killed_worker_fails_the_run_fast_naming_its_rank() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert!(lines.any(|l| l.is_ok_and(|l| l.starts_with("step 5 "))), "training did not start");
     let pid = rank_pid(child.id(), 1).expect("rank 1 is a child of the launcher");
+    // SAFETY: kill(2) on the pid of a rank this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let killed = Instant::now();
     std::thread::spawn(move || lines.for_each(drop));

@@ -197,6 +197,7 @@ int_acc!(u8);
 
 macro_rules! identity_element {
     ($t:ty, $d:expr) => {
+        // SAFETY: a plain number type: no padding, every bit pattern valid, Copy.
         unsafe impl Element for $t {
             const DTYPE: Dtype = $d;
             type Acc = $t;
@@ -219,6 +220,7 @@ identity_element!(u8, Dtype::U8);
 
 macro_rules! half_element {
     ($t:ty, $d:expr) => {
+        // SAFETY: half's 16-bit floats: no padding, every bit pattern valid, Copy.
         unsafe impl Element for $t {
             const DTYPE: Dtype = $d;
             type Acc = f32;

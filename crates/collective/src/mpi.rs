@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 struct Universe(#[allow(dead_code)] mpi::environment::Universe);
 // SAFETY: MPI runs in SERIALIZED mode and every call goes through a communicator's lock.
 unsafe impl Send for Universe {}
+// SAFETY: as for Send: no MPI call is made through a shared reference without the lock.
 unsafe impl Sync for Universe {}
 
 static INITIALISED: Mutex<bool> = Mutex::new(false);
@@ -352,9 +353,11 @@ impl MpiEngine {
             None => unsafe { ffi::RSMPI_UNDEFINED },
             Some(c) => c_int::try_from(c).map_err(|_| CommError::invalid("split", format!("color {c} does not fit MPI's int")))?,
         };
-        // SAFETY: reading a constant, then an out-pointer to a local.
+        // SAFETY: reading a constant.
         let mut new = unsafe { ffi::RSMPI_COMM_NULL };
+        // SAFETY: a live communicator, and an out-pointer to a local.
         check(unsafe { ffi::MPI_Comm_split(self.comm, color, key, &mut new) }, "MPI_Comm_split")?;
+        // SAFETY: reading a constant.
         if color == unsafe { ffi::RSMPI_UNDEFINED } {
             return Ok(None);
         }

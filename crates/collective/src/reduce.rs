@@ -15,7 +15,8 @@ const BLOCK: usize = 1024;
 /// or `dst` during the call. `dst` may equal a source pointer (the whole block is read
 /// before it is written) but must not partially overlap one.
 pub(crate) unsafe fn reduce_raw<T: Element>(dst: *mut T, srcs: &[*const T], len: usize, op: ReduceOp, divisor: usize) {
-    reduce_raw_observed(dst, srcs, len, op, divisor, &mut |_| {})
+    // SAFETY: the same contract, passed on.
+    unsafe { reduce_raw_observed(dst, srcs, len, op, divisor, &mut |_| {}) }
 }
 
 /// [`reduce_raw`] that hands each finished block of `dst` to `observe` while it is still
@@ -38,12 +39,14 @@ pub(crate) unsafe fn reduce_raw_observed<T: Element>(
         let n = BLOCK.min(len - start);
         let acc = &mut acc[..n];
         {
-            let first = std::slice::from_raw_parts(srcs[0].add(start), n);
+            // SAFETY: every source is valid for len elements and start + n <= len.
+            let first = unsafe { std::slice::from_raw_parts(srcs[0].add(start), n) };
             match srcs.get(1) {
                 // The first two sources in one pass: the common two-rank case is then a
                 // single read of each input and one write.
                 Some(second) => {
-                    let second = std::slice::from_raw_parts(second.add(start), n);
+                    // SAFETY: as for the first source.
+                    let second = unsafe { std::slice::from_raw_parts(second.add(start), n) };
                     combine_into(acc, first, second, op);
                 }
                 None => {
@@ -53,11 +56,14 @@ pub(crate) unsafe fn reduce_raw_observed<T: Element>(
                 }
             }
             for src in srcs.iter().skip(2) {
-                let s = std::slice::from_raw_parts(src.add(start), n);
+                // SAFETY: as for the first source.
+                let s = unsafe { std::slice::from_raw_parts(src.add(start), n) };
                 accumulate(acc, s, op);
             }
         }
-        let out = std::slice::from_raw_parts_mut(dst.add(start), n);
+        // SAFETY: dst is valid for len elements and nobody else writes it; the block's
+        // sources were read into `acc` above, so an aliasing source is no longer read.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(start), n) };
         if op == ReduceOp::Avg {
             for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = T::from_acc(finish(*a, op, divisor));
@@ -122,6 +128,7 @@ mod tests {
             let expect = reference_reduce(&[&a, &b], op);
             let mut out = b.clone();
             let srcs = [a.as_ptr(), out.as_ptr()];
+            // SAFETY: both sources and out are live vectors of out.len() elements.
             unsafe { reduce_raw(out.as_mut_ptr(), &srcs, out.len(), op, 2) };
             assert_eq!(out, expect, "{op}");
         }
@@ -134,6 +141,7 @@ mod tests {
         let parts = [vec![bf16::from_f32(256.0)], vec![bf16::from_f32(1.0)], vec![bf16::from_f32(1.0)]];
         let mut out = vec![bf16::ZERO];
         let srcs: Vec<*const bf16> = parts.iter().map(|p| p.as_ptr()).collect();
+        // SAFETY: every source and out are live one-element buffers.
         unsafe { reduce_raw(out.as_mut_ptr(), &srcs, 1, ReduceOp::Sum, 3) };
         assert_eq!(out[0].to_f32(), 258.0);
     }

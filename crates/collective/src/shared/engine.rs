@@ -441,6 +441,7 @@ impl SharedEngine {
             let mine = shard_range(len, n, me);
             if e.is_small::<T>(len) {
                 let p = e.next_parity();
+                // SAFETY: len fits the slot (is_small); slots of this parity are free (round invariant).
                 unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(mine.start), e.slot::<T>(me, p).add(mine.start), mine.len()) };
                 e.announce_and_check(fp, None)?;
                 let slots = e.slot_ptrs_mut::<T>(p);
@@ -457,6 +458,8 @@ impl SharedEngine {
             for window in windows(len, e.chunk_elems::<T>()) {
                 let p = e.next_parity();
                 let part = intersect(&mine, &window);
+                // SAFETY: the part lies inside the window, which fits a slot; slots of this
+                // parity are free (round invariant).
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         buf.as_ptr().add(part.start),
@@ -480,10 +483,12 @@ impl SharedEngine {
             if e.is_small::<T>(len) {
                 let p = e.next_parity();
                 if me == root {
+                    // SAFETY: len fits the slot (is_small); slots of this parity are free.
                     unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), e.slot::<T>(me, p), len) };
                 }
                 e.announce_and_check(fp, None)?;
                 if me != root {
+                    // SAFETY: the root's slot holds len elements of this round and nobody writes it now.
                     unsafe { std::ptr::copy_nonoverlapping(e.slot::<T>(root, p), buf.as_mut_ptr(), len) };
                 }
                 return Ok(());
@@ -501,10 +506,12 @@ impl SharedEngine {
             for window in windows(len, e.chunk_elems::<T>()) {
                 let p = e.next_parity();
                 if me == root {
+                    // SAFETY: the window fits a slot; slots of this parity are free (round invariant).
                     unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(window.start), e.slot::<T>(me, p), window.len()) };
                 }
                 e.arrive_and_wait(&fp)?;
                 if me != root {
+                    // SAFETY: the root's slot holds this window after the barrier; nobody writes it now.
                     unsafe { std::ptr::copy_nonoverlapping(e.slot::<T>(root, p), buf.as_mut_ptr().add(window.start), window.len()) };
                 }
             }

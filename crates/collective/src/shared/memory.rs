@@ -22,6 +22,7 @@ pub(crate) struct Region {
 // SAFETY: the region is plain shared memory; every access goes through raw pointers
 // and atomics under the protocol of the engine.
 unsafe impl Send for Region {}
+// SAFETY: as for Send: no access bypasses the engine's protocol.
 unsafe impl Sync for Region {}
 
 impl Region {
@@ -71,7 +72,10 @@ struct HeapBlock {
     layout: std::alloc::Layout,
 }
 
+// SAFETY: a HeapBlock owns its allocation (freed once, in Drop); the memory is shared by
+// the threads of one group only through the engine's protocol, like a Region.
 unsafe impl Send for HeapBlock {}
+// SAFETY: as for Send.
 unsafe impl Sync for HeapBlock {}
 
 impl Drop for HeapBlock {

@@ -143,7 +143,9 @@ impl Segment {
 /// # Safety
 /// `ptr` must be 8-byte aligned and point into a live mapping.
 unsafe fn atomic<'a>(ptr: *mut u8) -> &'a AtomicU64 {
-    &*(ptr as *const AtomicU64)
+    // SAFETY: the caller guarantees alignment and a live mapping; AtomicU64 has the
+    // layout of u64 and any bit pattern is valid.
+    unsafe { &*(ptr as *const AtomicU64) }
 }
 
 /// 64-bit FNV-1a of the job token: the header stores the hash, never the token.

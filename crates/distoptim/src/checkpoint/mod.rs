@@ -128,10 +128,11 @@ fn all_ok<T>(comm: &Communicator, local: Result<T>, what: &str) -> Result<T> {
 
 /// The checkpoint `path` names (a root or a step directory), with its checked manifest.
 pub fn resolve(path: &Path) -> Result<(PathBuf, Manifest, Found)> {
-    let complete = |dir: &Path| manifest::read(dir).and_then(|m| m.check_files(dir));
-    let (dir, found) = store::resolve(path, complete)?;
-    let m = manifest::read(&dir)?;
-    Ok((dir, m, found))
+    store::resolve(path, |dir| {
+        let m = manifest::read(dir)?;
+        m.check_files(dir)?;
+        Ok(m)
+    })
 }
 
 /// Reads and checks the manifest of the checkpoint `path` names (a root or a step

@@ -306,10 +306,11 @@ pub enum Found {
 
 /// The checkpoint that `path` names: `path` itself if it holds a manifest, else the step
 /// directory `path/latest` points to, else the newest complete step directory in `path`.
-/// `complete` decides whether a candidate directory is a whole checkpoint.
-pub fn resolve(path: &Path, complete: impl Fn(&Path) -> Result<()>) -> Result<(PathBuf, Found)> {
+/// `open` reads a candidate directory and fails unless it is a whole checkpoint; its value
+/// for the chosen directory is returned, so nothing is read twice.
+pub fn resolve<T>(path: &Path, open: impl Fn(&Path) -> Result<T>) -> Result<(PathBuf, T, Found)> {
     if fs::symlink_metadata(path.join("manifest.json")).is_ok() {
-        return Ok((path.to_path_buf(), Found::Direct));
+        return Ok((path.to_path_buf(), open(path)?, Found::Direct));
     }
     if !path.is_dir() {
         return Err(DistError::Checkpoint(format!("{}: no such checkpoint directory", path.display())));
@@ -319,14 +320,16 @@ pub fn resolve(path: &Path, complete: impl Fn(&Path) -> Result<()>) -> Result<(P
         let name = name.trim_end_matches('\n');
         parse_step_dir(name).map(|_| path.join(name))
     });
-    if let Some(dir) = pointer.filter(|d| complete(d).is_ok()) {
-        return Ok((dir, Found::Latest));
+    if let Some(dir) = pointer {
+        if let Ok(value) = open(&dir) {
+            return Ok((dir, value, Found::Latest));
+        }
     }
     let mut reasons = Vec::new();
     for (_, _, name) in step_dirs(path)? {
         let dir = path.join(&name);
-        match complete(&dir) {
-            Ok(()) => return Ok((dir, Found::Scan)),
+        match open(&dir) {
+            Ok(value) => return Ok((dir, value, Found::Scan)),
             Err(e) => reasons.push(e.to_string()),
         }
     }

@@ -3,6 +3,8 @@
 
 use distoptim_optim::clip::NormType;
 
+use crate::precision::Precision;
+
 /// The data-parallel algorithm: how the replicas share the work of a step. One type for
 /// all of them; `"zero2".parse::<Strategy>()` reads the names the CLI and checkpoints use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -98,11 +100,13 @@ pub struct StepConfig {
     pub clip: Option<ClipConfig>,
     /// DDP bucket size in MiB of f32 gradients (torch's `bucket_cap_mb`, default 25).
     pub bucket_cap_mb: f64,
+    /// The working and reduction types, and loss scaling (default: all f32).
+    pub precision: Precision,
 }
 
 impl StepConfig {
     pub fn new(strategy: Strategy) -> StepConfig {
-        StepConfig { strategy, reduce: ReduceMode::Mean, clip: None, bucket_cap_mb: 25.0 }
+        StepConfig { strategy, reduce: ReduceMode::Mean, clip: None, bucket_cap_mb: 25.0, precision: Precision::f32() }
     }
 
     pub(crate) fn bucket_elems(&self) -> usize {
@@ -117,4 +121,7 @@ pub struct StepReport {
     pub lrs: Vec<f64>,
     /// The global gradient norm before clipping (when clipping).
     pub grad_norm: Option<f32>,
+    /// The step found a non-finite gradient under loss scaling and changed nothing but
+    /// the scale (torch's `GradScaler` skipping `optimizer.step`).
+    pub skipped: bool,
 }

@@ -15,9 +15,9 @@
 //! let strategy: Strategy = "zero2".parse()?;
 //! let mut dp = data_parallel(strategy, comm, layout, groups, None, &DataParallelConfig::new(), &params)?;
 //! let mut grads = vec![0.01f32; params.len()];
-//! dp.gather(&mut params)?; // complete parameters before the forward pass (ZeRO-3)
-//! let report = dp.step(&mut params, &mut grads, 32)?;
-//! dp.finish(&mut params)?; // the replicas brought together
+//! dp.gather((&mut params).into())?; // complete parameters before the forward pass (ZeRO-3)
+//! let report = dp.step((&mut params).into(), (&mut grads).into(), 32)?;
+//! dp.finish((&mut params).into())?; // the replicas brought together
 //! # let _ = report; Ok(()) }
 //! ```
 
@@ -32,7 +32,8 @@ use crate::config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
 use crate::diloco::{Diloco, DilocoConfig};
 use crate::error::Result;
 use crate::local_sgd::{LocalSgdConfig, PostLocalSgd};
-use crate::optimizer::DistributedOptimizer;
+use crate::optimizer::{DistributedOptimizer, MemoryLedger};
+use crate::precision::{Flat, FlatMut, Precision};
 
 /// A data-parallel training algorithm: what a training loop calls, whichever algorithm
 /// runs. Every method is collective over the algorithm's group unless it says otherwise.
@@ -47,12 +48,13 @@ pub trait DataParallel: Send {
     fn layout(&self) -> &Layout;
 
     /// One optimizer step with this rank's gradient (overwritten) of its `batch_size`
-    /// samples; `params` is this rank's full parameter buffer.
-    fn step(&mut self, params: &mut [f32], grads: &mut [f32], batch_size: usize) -> Result<StepReport>;
+    /// samples; `params` is this rank's full parameter buffer. Both are of the working
+    /// type of the precision policy (`&mut Vec<f32>` and friends convert with `.into()`).
+    fn step(&mut self, params: FlatMut<'_>, grads: FlatMut<'_>, batch_size: usize) -> Result<StepReport>;
 
     /// Makes `params` complete on this rank before a forward pass (ZeRO-3 all-gathers its
     /// shards; the others hold every element already and do nothing).
-    fn gather(&self, params: &mut [f32]) -> Result<()>;
+    fn gather(&self, params: FlatMut<'_>) -> Result<()>;
 
     /// Whether every rank now holds the same parameters (not collective): always for the
     /// synchronous strategies, only right after an averaging for the periodic ones.
@@ -60,16 +62,26 @@ pub trait DataParallel: Send {
 
     /// Brings the replicas together at the end of training: post-local SGD averages
     /// once more, DiLoCo takes the global parameters of its last outer step.
-    fn finish(&mut self, params: &mut [f32]) -> Result<()>;
+    fn finish(&mut self, params: FlatMut<'_>) -> Result<()>;
 
     /// Saves a checkpoint into the checkpoint root `root` (see [`crate::checkpoint`]),
-    /// with the caller's `counters`. Returns the manifest and the step directory.
-    fn save(&self, root: &Path, params: &[f32], counters: BTreeMap<String, u64>, options: &SaveOptions) -> Result<(Manifest, PathBuf)>;
+    /// with the caller's `counters`. Returns the manifest and the step directory. Under
+    /// mixed precision the f32 master is saved, not the rounded parameters.
+    fn save(&self, root: &Path, params: Flat<'_>, counters: BTreeMap<String, u64>, options: &SaveOptions) -> Result<(Manifest, PathBuf)>;
 
     /// Restores a checkpoint written by [`save`](Self::save) into `params` and the
     /// algorithm's state. The synchronous strategies reload at any world size and from
     /// one another; the periodic ones only at the world size and strategy that saved.
-    fn load(&mut self, path: &Path, params: &mut [f32]) -> Result<Manifest>;
+    fn load(&mut self, path: &Path, params: FlatMut<'_>) -> Result<Manifest>;
+
+    /// The bytes this rank holds, by category (not collective).
+    fn memory(&self) -> MemoryLedger;
+
+    /// What to multiply the loss by before the backward pass: the loss scale under
+    /// dynamic loss scaling, else 1 (not collective).
+    fn loss_scale(&self) -> f32 {
+        1.0
+    }
 }
 
 /// What the algorithms need besides the optimizer, with defaults:
@@ -85,6 +97,8 @@ pub struct DataParallelConfig {
     pub local_sgd: LocalSgdConfig,
     /// DiLoCo's inner steps and outer optimizer (default: 10, Nesterov lr 0.7 momentum 0.9).
     pub diloco: DilocoConfig,
+    /// Working and reduction types (default: all f32). DDP and ZeRO only.
+    pub precision: Precision,
 }
 
 impl Default for DataParallelConfig {
@@ -94,6 +108,7 @@ impl Default for DataParallelConfig {
             clip: None,
             local_sgd: LocalSgdConfig { warmup_steps: 50, period: 4 },
             diloco: DilocoConfig { inner_steps: 10, outer_lr: 0.7, outer_momentum: 0.9, nesterov: true },
+            precision: Precision::f32(),
         }
     }
 }
@@ -122,6 +137,12 @@ impl DataParallelConfig {
         self
     }
 
+    /// With this precision policy (DDP and ZeRO only).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
     /// With DiLoCo's settings.
     pub fn with_diloco(mut self, diloco: DilocoConfig) -> Self {
         self.diloco = diloco;
@@ -142,8 +163,13 @@ pub fn data_parallel(
 ) -> Result<Box<dyn DataParallel>> {
     Ok(match strategy {
         Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2 | Strategy::Zero3 => {
-            let step = StepConfig { reduce: config.reduce, clip: config.clip, ..StepConfig::new(strategy) };
+            let step = StepConfig { reduce: config.reduce, clip: config.clip, precision: config.precision, ..StepConfig::new(strategy) };
             Box::new(DistributedOptimizer::new(comm, layout, groups, schedule, step)?)
+        }
+        _ if config.precision != Precision::f32() => {
+            return Err(crate::DistError::Invalid(format!(
+                "{strategy} keeps a model per rank in f32: mixed precision needs ddp or zero1/2/3"
+            )))
         }
         Strategy::PostLocalSgd => {
             Box::new(PostLocalSgd::new(comm, layout, groups, schedule, config.clip, config.reduce, config.local_sgd)?)

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use crate::checkpoint::ReplicaState;
 use crate::config::{ClipConfig, StepReport};
 use crate::error::{DistError, Result};
+use crate::optimizer::MemoryLedger;
+use crate::precision::{Flat, FlatMut};
 use crate::scheduled::Scheduled;
 use distoptim_collective::{Communicator, ReduceOp};
 use distoptim_optim::{Layout, Optimizer, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
@@ -144,11 +146,12 @@ impl crate::DataParallel for Diloco {
 
     /// DiLoCo's inner steps are local and unweighted: `batch_size` is not used, and a
     /// rank without samples steps with a zero gradient, as torch's join would have it do.
-    fn step(&mut self, params: &mut [f32], grads: &mut [f32], _batch_size: usize) -> Result<StepReport> {
+    fn step(&mut self, params: FlatMut<'_>, grads: FlatMut<'_>, _batch_size: usize) -> Result<StepReport> {
+        let (params, grads) = (params.into_f32(STRATEGY.name())?, grads.into_f32(STRATEGY.name())?);
         Diloco::step(self, params, grads)
     }
 
-    fn gather(&self, _params: &mut [f32]) -> Result<()> {
+    fn gather(&self, _params: FlatMut<'_>) -> Result<()> {
         Ok(())
     }
 
@@ -156,7 +159,8 @@ impl crate::DataParallel for Diloco {
         Diloco::params_in_sync(self)
     }
 
-    fn finish(&mut self, params: &mut [f32]) -> Result<()> {
+    fn finish(&mut self, params: FlatMut<'_>) -> Result<()> {
+        let params = params.into_f32(STRATEGY.name())?;
         params.copy_from_slice(self.global_params());
         Ok(())
     }
@@ -164,17 +168,40 @@ impl crate::DataParallel for Diloco {
     fn save(
         &self,
         root: &std::path::Path,
-        params: &[f32],
+        params: Flat<'_>,
         counters: BTreeMap<String, u64>,
         options: &crate::checkpoint::SaveOptions,
     ) -> Result<(crate::checkpoint::Manifest, std::path::PathBuf)> {
-        crate::checkpoint::save_per_rank(root, &self.comm, STRATEGY, params, self.replica_state(), counters, options)
+        crate::checkpoint::save_per_rank(
+            root,
+            &self.comm,
+            STRATEGY,
+            params.into_f32(STRATEGY.name())?,
+            self.replica_state(),
+            counters,
+            options,
+        )
     }
 
-    fn load(&mut self, path: &std::path::Path, params: &mut [f32]) -> Result<crate::checkpoint::Manifest> {
+    fn load(&mut self, path: &std::path::Path, params: FlatMut<'_>) -> Result<crate::checkpoint::Manifest> {
+        let params = params.into_f32(STRATEGY.name())?;
         let layout = crate::DataParallel::layout(self).clone();
         let (m, state) = crate::checkpoint::load_per_rank(path, &self.comm, STRATEGY, &layout, params)?;
         self.load_replica_state(&state)?;
         Ok(m)
+    }
+
+    fn memory(&self) -> MemoryLedger {
+        let numel = self.global.len() as u64;
+        let inner: u64 = self.inner.optimizer().buffers().map(|(_, b)| b.len() as u64 * 4).sum();
+        let outer: u64 = self.outer.buffers().map(|(_, b)| b.len() as u64 * 4).sum();
+        // Γ (the global parameters) is DiLoCo's master copy; the scratch buffer averages.
+        MemoryLedger {
+            working_params: numel * 4,
+            grads: numel * 4,
+            master: numel * 4,
+            optimizer_state: inner + outer,
+            comm_buffers: self.scratch.capacity() as u64 * 4,
+        }
     }
 }

@@ -10,7 +10,8 @@
 
 use crate::config::ReduceMode;
 use crate::error::{DistError, Result};
-use distoptim_collective::{Communicator, ReduceOp};
+use crate::precision::{widen_into, FloatDtype, Working};
+use distoptim_collective::{bf16, shard_range, Communicator, ReduceOp};
 
 /// Multiplies the local gradient by its weight; returns the divisor once the group's
 /// weights are known.
@@ -82,4 +83,98 @@ pub(crate) fn divide(grads: &mut [f32], divisor: f32) {
     if divisor != 1.0 {
         grads.iter_mut().for_each(|g| *g /= divisor);
     }
+}
+
+/// The mixed-precision reduction: this rank's working-type gradient `grads`, weighted and
+/// summed over the group in `reduce_dtype`, divided, into `out` as f32 — over the whole
+/// buffer (`sharded` false: DDP) or over this rank's range `shard_range(numel, W, rank)`
+/// (ZeRO). It runs in chunks of about `chunk` elements, so no rank ever holds a full f32
+/// copy of the gradient: under ZeRO each chunk gathers the next `chunk / W` elements of
+/// every rank's range into one staging buffer and reduce-scatters it (Megatron pads its
+/// buckets to a multiple of the data-parallel size for the same reason).
+///
+/// `reduce_dtype` f32 gives Σ w_r·g_r / d exactly as the f32 step does. bf16 is DDP's
+/// `bf16_compress_hook`: each rank's c_r = bf(g_r) is pre-divided by W (`mean`) or
+/// multiplied by its batch size (`batch_weighted`) and rounded, the collective sums the
+/// bf16 values (accumulating in f32, one rounding at the end) and the result is widened.
+pub(crate) fn reduce_working<T: Working>(
+    comm: &Communicator,
+    grads: &[T],
+    mode: ReduceMode,
+    batch_size: usize,
+    reduce_dtype: FloatDtype,
+    sharded: bool,
+    chunk: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let w = local_weight(mode, batch_size);
+    let d = divisor(comm, mode, batch_size)?;
+    let size = comm.size() as f32;
+    match reduce_dtype {
+        FloatDtype::F32 => {
+            let op = if mode == ReduceMode::Mean { ReduceOp::Avg } else { ReduceOp::Sum };
+            reduce_chunks::<T, f32>(comm, grads, sharded, chunk, op, |g| g.to_f32() * w, out)?;
+            if mode == ReduceMode::BatchWeighted {
+                divide(out, d);
+            }
+        }
+        FloatDtype::Bf16 | FloatDtype::F16 => {
+            let compress = move |g: T| {
+                let c = bf16::from_f32(g.to_f32());
+                match mode {
+                    ReduceMode::Mean => bf16::from_f32(c.to_f32() / size),
+                    ReduceMode::BatchWeighted => bf16::from_f32(c.to_f32() * w),
+                    ReduceMode::Sum => c,
+                }
+            };
+            reduce_chunks::<T, bf16>(comm, grads, sharded, chunk, ReduceOp::Sum, compress, out)?;
+            if mode == ReduceMode::BatchWeighted {
+                divide(out, d);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`reduce_working`]'s chunked collective: converts with `convert` into staging buffers
+/// of type `R`, reduces with `op`, widens the result into `out`.
+fn reduce_chunks<T: Working, R: Working>(
+    comm: &Communicator,
+    grads: &[T],
+    sharded: bool,
+    chunk: usize,
+    op: ReduceOp,
+    convert: impl Fn(T) -> R,
+    out: &mut [f32],
+) -> Result<()> {
+    let (size, me, n) = (comm.size(), comm.rank(), grads.len());
+    let chunk = chunk.max(1);
+    if !sharded {
+        let mut staging = vec![R::default(); chunk.min(n)];
+        for start in (0..n).step_by(chunk) {
+            let end = (start + chunk).min(n);
+            let s = &mut staging[..end - start];
+            s.iter_mut().zip(&grads[start..end]).for_each(|(s, g)| *s = convert(*g));
+            comm.all_reduce(s, op)?;
+            widen_into(s, &mut out[start..end]);
+        }
+        return Ok(());
+    }
+    let ranges: Vec<_> = (0..size).map(|r| shard_range(n, size, r)).collect();
+    let longest = ranges.iter().map(|r| r.len()).max().unwrap_or(0);
+    let block = (chunk / size).max(1).min(longest.max(1));
+    let mut staging = vec![R::default(); size * block];
+    for k in (0..longest).step_by(block) {
+        for (r, range) in ranges.iter().enumerate() {
+            let src = (range.start + k).min(range.end)..(range.start + k + block).min(range.end);
+            let dst = &mut staging[r * block..(r + 1) * block];
+            let len = src.len();
+            dst[..len].iter_mut().zip(&grads[src]).for_each(|(s, g)| *s = convert(*g));
+            dst[len..].fill(R::default());
+        }
+        comm.reduce_scatter(&mut staging, op)?;
+        let mine = (ranges[me].len().saturating_sub(k)).min(block);
+        widen_into(&staging[me * block..me * block + mine], &mut out[k..k + mine]);
+    }
+    Ok(())
 }

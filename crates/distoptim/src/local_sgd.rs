@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use crate::checkpoint::ReplicaState;
 use crate::error::{DistError, Result};
 use crate::grad_sync;
+use crate::optimizer::MemoryLedger;
+use crate::precision::{Flat, FlatMut};
 use crate::scheduled::Scheduled;
 use distoptim_collective::{Communicator, ReduceOp};
 use distoptim_optim::{Layout, ParamGroup, Schedule};
@@ -124,11 +126,12 @@ impl crate::DataParallel for PostLocalSgd {
         self.opt.optimizer().layout()
     }
 
-    fn step(&mut self, params: &mut [f32], grads: &mut [f32], batch_size: usize) -> Result<StepReport> {
+    fn step(&mut self, params: FlatMut<'_>, grads: FlatMut<'_>, batch_size: usize) -> Result<StepReport> {
+        let (params, grads) = (params.into_f32(STRATEGY.name())?, grads.into_f32(STRATEGY.name())?);
         PostLocalSgd::step(self, params, grads, batch_size)
     }
 
-    fn gather(&self, _params: &mut [f32]) -> Result<()> {
+    fn gather(&self, _params: FlatMut<'_>) -> Result<()> {
         Ok(())
     }
 
@@ -136,7 +139,8 @@ impl crate::DataParallel for PostLocalSgd {
         PostLocalSgd::params_in_sync(self)
     }
 
-    fn finish(&mut self, params: &mut [f32]) -> Result<()> {
+    fn finish(&mut self, params: FlatMut<'_>) -> Result<()> {
+        let params = params.into_f32(STRATEGY.name())?;
         if !PostLocalSgd::params_in_sync(self) {
             self.average_params(params)?;
         }
@@ -146,17 +150,32 @@ impl crate::DataParallel for PostLocalSgd {
     fn save(
         &self,
         root: &std::path::Path,
-        params: &[f32],
+        params: Flat<'_>,
         counters: BTreeMap<String, u64>,
         options: &crate::checkpoint::SaveOptions,
     ) -> Result<(crate::checkpoint::Manifest, std::path::PathBuf)> {
-        crate::checkpoint::save_per_rank(root, &self.comm, STRATEGY, params, self.replica_state(), counters, options)
+        crate::checkpoint::save_per_rank(
+            root,
+            &self.comm,
+            STRATEGY,
+            params.into_f32(STRATEGY.name())?,
+            self.replica_state(),
+            counters,
+            options,
+        )
     }
 
-    fn load(&mut self, path: &std::path::Path, params: &mut [f32]) -> Result<crate::checkpoint::Manifest> {
+    fn load(&mut self, path: &std::path::Path, params: FlatMut<'_>) -> Result<crate::checkpoint::Manifest> {
+        let params = params.into_f32(STRATEGY.name())?;
         let layout = crate::DataParallel::layout(self).clone();
         let (m, state) = crate::checkpoint::load_per_rank(path, &self.comm, STRATEGY, &layout, params)?;
         self.load_replica_state(&state)?;
         Ok(m)
+    }
+
+    fn memory(&self) -> MemoryLedger {
+        let numel = self.opt.optimizer().layout().numel() as u64;
+        let state = self.opt.optimizer().buffers().map(|(_, b)| b.len() as u64 * 4).sum();
+        MemoryLedger { working_params: numel * 4, grads: numel * 4, master: 0, optimizer_state: state, comm_buffers: 0 }
     }
 }

@@ -17,18 +17,26 @@
 //! Guarantee: whatever the strategy and world size, the parameters after each step are
 //! those of one process stepping with the reduced gradient (to the bit on the embedded
 //! backends), and every rank holds the same values.
+//!
+//! **Mixed precision** ([`Precision`]): parameters and gradients come in a working type
+//! (bf16, f16 or f32); the optimizer keeps an f32 master copy of exactly its range and
+//! f32 state, reduces in `reduce_dtype` chunk by chunk (ZeRO: reduce-scatter, so no rank
+//! holds a full f32 gradient), unscales and checks for overflow under loss scaling,
+//! clips on f32 values, steps the master and rounds it back (see [`crate::precision`]).
 
 use crate::buckets::GradBuckets;
 use crate::config::{StepConfig, StepReport, Strategy};
 use crate::dist_clip::{self, TensorParallel};
 use crate::error::{DistError, Result};
 use crate::grad_sync;
+use crate::precision::{round_into, widen_into, Flat, FlatMut, FloatDtype, LossScaler, Precision, Working};
 use crate::scheduled::Scheduled;
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip;
 use distoptim_optim::{Layout, OptimizerConfig, OptimizerStateDict, ParamGroup, Schedule};
 use std::ops::Range;
 
+/// DDP and ZeRO-1/2/3 over one flat buffer (see the module docs).
 pub struct DistributedOptimizer {
     comm: Communicator,
     config: StepConfig,
@@ -38,6 +46,37 @@ pub struct DistributedOptimizer {
     steps: u64,
     /// Tensor parallelism: the tp group and each parameter's placement (for the clip).
     tp: Option<TensorParallel>,
+    /// The f32 master weights over `owned`, when the working type is 16-bit (filled from
+    /// the first step's parameters unless set by [`set_master`](Self::set_master)).
+    master: Option<Vec<f32>>,
+    /// The reduced f32 gradient over `owned` of a mixed-precision step, kept between steps.
+    reduced: Vec<f32>,
+    /// Dynamic loss scaling, when the policy asks for it.
+    scaler: Option<LossScaler>,
+}
+
+/// The bytes one rank holds, by what they are for: what `train` prints beside the peak
+/// RSS and `distoptim estimate` predicts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryLedger {
+    /// The working-type parameter buffer the step reads and writes (all of it, also
+    /// under ZeRO-3, where the caller's buffer is the all-gather's destination).
+    pub working_params: u64,
+    /// The working-type gradient buffer.
+    pub grads: u64,
+    /// The f32 master weights (only with a 16-bit working type).
+    pub master: u64,
+    /// Optimizer state (Adam's moments, SGD's momentum) over the owned range.
+    pub optimizer_state: u64,
+    /// The reduced f32 gradient of the owned range and the collectives' staging buffers.
+    pub comm_buffers: u64,
+}
+
+impl MemoryLedger {
+    /// Everything together.
+    pub fn total(&self) -> u64 {
+        self.working_params + self.grads + self.master + self.optimizer_state + self.comm_buffers
+    }
 }
 
 impl DistributedOptimizer {
@@ -64,10 +103,99 @@ impl DistributedOptimizer {
                 config.strategy
             )));
         }
+        config.precision.validate()?;
         let numel = layout.numel();
         let owned = if config.strategy.shards_state() { shard_range(numel, comm.size(), comm.rank()) } else { 0..numel };
         let opt = Scheduled::new(layout, groups, owned.clone(), schedule)?;
-        Ok(DistributedOptimizer { comm, config, owned, opt, steps: 0, tp: None })
+        let scaler = config.precision.loss_scale.map(LossScaler::new);
+        Ok(DistributedOptimizer { comm, config, owned, opt, steps: 0, tp: None, master: None, reduced: Vec::new(), scaler })
+    }
+
+    /// The precision policy.
+    pub fn precision(&self) -> Precision {
+        self.config.precision
+    }
+
+    /// Sets the f32 master weights from the full f32 parameters `full` (the values the
+    /// model was initialised with, before rounding to the working type). Without this
+    /// the first step takes the master from the working parameters, widened.
+    pub fn set_master(&mut self, full: &[f32]) -> Result<()> {
+        let numel = self.layout().numel();
+        if full.len() != numel {
+            return Err(DistError::Invalid(format!("master has {} elements, the layout has {numel}", full.len())));
+        }
+        if self.config.precision.has_master() {
+            self.master = Some(full[self.owned.clone()].to_vec());
+        }
+        Ok(())
+    }
+
+    /// The f32 master weights over [`owned`](Self::owned), once they exist (16-bit
+    /// working types only).
+    pub fn master(&self) -> Option<&[f32]> {
+        self.master.as_deref()
+    }
+
+    /// The full f32 master weights, all-gathered from every rank's range (collective):
+    /// `None` when the working type is f32 (the parameters are the master) or before the
+    /// master exists.
+    pub fn gather_master(&self) -> Result<Option<Vec<f32>>> {
+        let mut has = [i32::from(self.master.is_some())];
+        self.comm.all_reduce(&mut has, ReduceOp::Min)?;
+        let Some(master) = self.master.as_ref().filter(|_| has[0] == 1) else { return Ok(None) };
+        let mut full = vec![0.0f32; self.layout().numel()];
+        full[self.owned.clone()].copy_from_slice(master);
+        if self.config.strategy.shards_state() {
+            self.comm.all_gather(&mut full)?;
+        }
+        Ok(Some(full))
+    }
+
+    /// The loss scaler's state, under loss scaling: multiply the loss by `scale` before
+    /// the backward pass.
+    pub fn loss_scaler(&self) -> Option<&LossScaler> {
+        self.scaler.as_ref()
+    }
+
+    /// The scale to multiply the loss by (1 without loss scaling).
+    pub fn loss_scale(&self) -> f32 {
+        self.scaler.map_or(1.0, |s| s.scale)
+    }
+
+    /// Restores a loss scaler's state (from a checkpoint).
+    pub(crate) fn set_loss_scaler(&mut self, scale: f32, growth_tracker: u64) {
+        if let Some(s) = self.scaler.as_mut() {
+            s.scale = scale;
+            s.growth_tracker = growth_tracker;
+        }
+    }
+
+    /// The bytes this rank holds by category, for parameters and gradients of the
+    /// policy's working type.
+    pub fn memory(&self) -> MemoryLedger {
+        let numel = self.layout().numel() as u64;
+        let working = self.config.precision.param_dtype.size() as u64;
+        let state: u64 = self.opt.optimizer().buffers().map(|(_, b)| b.len() as u64 * 4).sum();
+        let master = self.master.as_ref().map_or(0, |m| m.len() as u64 * 4);
+        let staging = if self.mixed() {
+            let chunk = self.config.bucket_elems().min(self.layout().numel()) as u64;
+            chunk * self.config.precision.reduce_dtype.size() as u64
+        } else {
+            0
+        };
+        MemoryLedger {
+            working_params: numel * working,
+            grads: numel * working,
+            master,
+            optimizer_state: state,
+            comm_buffers: self.reduced.capacity() as u64 * 4 + staging,
+        }
+    }
+
+    /// Whether steps take the mixed-precision path (anything but the all-f32 policy).
+    fn mixed(&self) -> bool {
+        let p = &self.config.precision;
+        p.param_dtype != FloatDtype::F32 || p.reduce_dtype != FloatDtype::F32 || self.scaler.is_some()
     }
 
     /// For 3-D parallelism: this optimizer's group is the data-parallel one (dp×cp) and its
@@ -126,14 +254,40 @@ impl DistributedOptimizer {
     /// One step. `grads` is this rank's local gradient (micro-batches already summed:
     /// accumulate locally and call `step` once, DDP's `no_sync`); it is overwritten.
     /// `params` is the full parameter buffer (ZeRO-3: only the owned range is read and
-    /// written). Every rank of the group must call it.
-    pub fn step(&mut self, params: &mut [f32], grads: &mut [f32], batch_size: usize) -> Result<StepReport> {
+    /// written), of the policy's `param_dtype`. `grads` is of the same type, or f32
+    /// (gradients accumulated in f32, Megatron's `accumulate_allreduce_grads_in_fp32`).
+    /// Every rank of the group must call it.
+    pub fn step<P: Working, G: Working>(&mut self, params: &mut [P], grads: &mut [G], batch_size: usize) -> Result<StepReport> {
         let numel = self.opt.optimizer().layout().numel();
         for (what, len) in [("params", params.len()), ("grads", grads.len())] {
             if len != numel {
                 return Err(DistError::Invalid(format!("{what} has {len} elements, the layout has {numel}")));
             }
         }
+        let param_dtype = self.config.precision.param_dtype;
+        if <P as Working>::DTYPE != param_dtype {
+            return Err(DistError::Invalid(format!(
+                "params are {}, the precision policy's param_dtype is {param_dtype}",
+                <P as Working>::DTYPE
+            )));
+        }
+        if ![param_dtype, FloatDtype::F32].contains(&<G as Working>::DTYPE) {
+            return Err(DistError::Invalid(format!(
+                "grads are {}: they must be of param_dtype ({param_dtype}) or f32",
+                <G as Working>::DTYPE
+            )));
+        }
+        if self.mixed() {
+            return self.step_mixed(params, grads, batch_size);
+        }
+        match (P::as_f32_mut(params), G::as_f32_mut(grads)) {
+            (Some(p), Some(g)) => self.step_f32(p, g, batch_size),
+            _ => Err(DistError::Invalid("the all-f32 step needs f32 buffers".into())),
+        }
+    }
+
+    /// The all-f32 step: the parameters are their own master.
+    fn step_f32(&mut self, params: &mut [f32], grads: &mut [f32], batch_size: usize) -> Result<StepReport> {
         let divisor = grad_sync::weigh(&self.comm, grads, self.config.reduce, batch_size)?;
         let (op, divisor) = grad_sync::reduction(self.config.reduce, divisor);
         // When the collective leaves nothing to divide, the clip's norm is measured on the
@@ -192,10 +346,19 @@ impl DistributedOptimizer {
     /// the owned range), to be divided by `divisor`. `measured`: this rank's partial of the
     /// clip's norm, when the collective already measured its part of the result.
     fn apply(&mut self, params: &mut [f32], grads: &mut [f32], divisor: f32, measured: Option<f64>) -> Result<StepReport> {
-        // Only the owned elements are finished: divided, measured, clipped (the clip
-        // coefficient is applied by the optimizer as it reads each gradient).
         let owned = self.owned.clone();
-        let mine = &mut grads[owned.clone()];
+        let report = self.clip_and_step(&mut params[owned.clone()], &mut grads[owned], divisor, measured)?;
+        if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
+            self.comm.all_gather(params)?;
+        }
+        Ok(report)
+    }
+
+    /// Finishes the owned elements: divides, measures, clips (the clip coefficient is
+    /// applied by the optimizer as it reads each gradient) and steps `params` (the owned
+    /// range, f32).
+    fn clip_and_step(&mut self, params: &mut [f32], mine: &mut [f32], divisor: f32, measured: Option<f64>) -> Result<StepReport> {
+        let owned = self.owned.clone();
         let (grad_norm, scale) = match &self.config.clip {
             None => {
                 grad_sync::divide(mine, divisor);
@@ -231,9 +394,69 @@ impl DistributedOptimizer {
                 (Some(total), clip::clip_coefficient(c.max_norm, total))
             }
         };
-        let report = StepReport { lrs: self.opt.lrs(), grad_norm };
-        self.opt.step_scaled(&mut params[owned], mine, scale)?;
+        let report = StepReport { lrs: self.opt.lrs(), grad_norm, skipped: false };
+        self.opt.step_scaled(params, mine, scale)?;
         self.steps += 1;
+        Ok(report)
+    }
+
+    /// The mixed-precision step (see the module docs).
+    fn step_mixed<T: Working, G: Working>(&mut self, params: &mut [T], grads: &mut [G], batch_size: usize) -> Result<StepReport> {
+        if self.tp.is_some() {
+            return Err(DistError::Invalid("mixed precision is not supported with tensor parallelism".into()));
+        }
+        let owned = self.owned.clone();
+        let mut reduced = std::mem::take(&mut self.reduced);
+        reduced.resize(owned.len(), 0.0);
+        let sharded = self.config.strategy.shards_state();
+        let p = self.config.precision;
+        grad_sync::reduce_working(
+            &self.comm,
+            grads,
+            self.config.reduce,
+            batch_size,
+            p.reduce_dtype,
+            sharded,
+            self.config.bucket_elems(),
+            &mut reduced,
+        )?;
+        if let Some(scaler) = self.scaler.as_mut() {
+            // GradScaler.unscale_: multiply by the f32 reciprocal, then look for inf/NaN
+            // over the whole gradient (every rank's range).
+            let inv = scaler.inv_scale();
+            let mut found = [i32::from(reduced.iter_mut().fold(false, |bad, g| {
+                *g *= inv;
+                bad | !g.is_finite()
+            }))];
+            if sharded {
+                self.comm.all_reduce(&mut found, ReduceOp::Max)?;
+            }
+            if found[0] != 0 {
+                scaler.update(true);
+                self.reduced = reduced;
+                return Ok(StepReport { lrs: self.opt.lrs(), grad_norm: None, skipped: true });
+            }
+            scaler.update(false);
+        }
+        let report = if p.has_master() {
+            let mut master = match self.master.take() {
+                Some(m) => m,
+                None => {
+                    let mut m = vec![0.0f32; owned.len()];
+                    widen_into(&params[owned.clone()], &mut m);
+                    m
+                }
+            };
+            let report = self.clip_and_step(&mut master, &mut reduced, 1.0, None);
+            round_into(&master, &mut params[owned.clone()]);
+            self.master = Some(master);
+            report
+        } else {
+            let full = T::as_f32_mut(params).ok_or_else(|| DistError::Invalid("f32 parameters expected".into()))?;
+            self.clip_and_step(&mut full[owned.clone()], &mut reduced, 1.0, None)
+        };
+        self.reduced = reduced;
+        let report = report?;
         if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
             self.comm.all_gather(params)?;
         }
@@ -242,7 +465,7 @@ impl DistributedOptimizer {
 
     /// All-gathers the parameters every rank owns into `params` (ZeRO-3's on-demand
     /// gather before a forward pass; a no-op for the others, whose params are complete).
-    pub fn gather_params(&self, params: &mut [f32]) -> Result<()> {
+    pub fn gather_params<T: Working>(&self, params: &mut [T]) -> Result<()> {
         if self.config.strategy == Strategy::Zero3 {
             self.comm.all_gather(params)?;
         }
@@ -336,6 +559,17 @@ impl DistributedOptimizer {
     }
 }
 
+/// Runs `$body` with `$v` bound to the typed slice inside a [`FlatMut`].
+macro_rules! with_flat {
+    ($flat:expr, $v:ident => $body:expr) => {
+        match $flat {
+            FlatMut::F32($v) => $body,
+            FlatMut::Bf16($v) => $body,
+            FlatMut::F16($v) => $body,
+        }
+    };
+}
+
 impl crate::DataParallel for DistributedOptimizer {
     fn strategy(&self) -> Strategy {
         self.config.strategy
@@ -349,33 +583,45 @@ impl crate::DataParallel for DistributedOptimizer {
         self.opt.optimizer().layout()
     }
 
-    fn step(&mut self, params: &mut [f32], grads: &mut [f32], batch_size: usize) -> Result<StepReport> {
-        DistributedOptimizer::step(self, params, grads, batch_size)
+    fn step(&mut self, params: FlatMut<'_>, grads: FlatMut<'_>, batch_size: usize) -> Result<StepReport> {
+        with_flat!(params, p => with_flat!(grads, g => DistributedOptimizer::step(self, p, g, batch_size)))
     }
 
-    fn gather(&self, params: &mut [f32]) -> Result<()> {
-        self.gather_params(params)
+    fn gather(&self, params: FlatMut<'_>) -> Result<()> {
+        with_flat!(params, p => self.gather_params(p))
     }
 
     fn params_in_sync(&self) -> bool {
         true
     }
 
-    fn finish(&mut self, params: &mut [f32]) -> Result<()> {
-        self.gather_params(params)
+    fn finish(&mut self, params: FlatMut<'_>) -> Result<()> {
+        with_flat!(params, p => self.gather_params(p))
     }
 
     fn save(
         &self,
         root: &std::path::Path,
-        params: &[f32],
+        params: Flat<'_>,
         counters: std::collections::BTreeMap<String, u64>,
         options: &crate::checkpoint::SaveOptions,
     ) -> Result<(crate::checkpoint::Manifest, std::path::PathBuf)> {
-        crate::checkpoint::save(root, self, params, &counters, options)
+        match params {
+            Flat::F32(p) => crate::checkpoint::save(root, self, p, &counters, options),
+            Flat::Bf16(p) => crate::checkpoint::save(root, self, p, &counters, options),
+            Flat::F16(p) => crate::checkpoint::save(root, self, p, &counters, options),
+        }
     }
 
-    fn load(&mut self, path: &std::path::Path, params: &mut [f32]) -> Result<crate::checkpoint::Manifest> {
-        crate::checkpoint::load(path, self, params)
+    fn load(&mut self, path: &std::path::Path, params: FlatMut<'_>) -> Result<crate::checkpoint::Manifest> {
+        with_flat!(params, p => crate::checkpoint::load(path, self, p))
+    }
+
+    fn memory(&self) -> MemoryLedger {
+        DistributedOptimizer::memory(self)
+    }
+
+    fn loss_scale(&self) -> f32 {
+        DistributedOptimizer::loss_scale(self)
     }
 }

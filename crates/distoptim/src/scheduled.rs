@@ -52,7 +52,7 @@ impl Scheduled {
     /// A rank stepping alone: clip its own gradient, record the lrs, step.
     pub(crate) fn step_local(&mut self, params: &mut [f32], grads: &mut [f32], clip: Option<&ClipConfig>) -> Result<StepReport> {
         let grad_norm = clip.map(|c| dist_clip::clip_owned(grads, c, None)).transpose()?;
-        let report = StepReport { lrs: self.lrs(), grad_norm };
+        let report = StepReport { lrs: self.lrs(), grad_norm, skipped: false };
         self.step(params, grads)?;
         Ok(report)
     }

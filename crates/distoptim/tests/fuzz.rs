@@ -101,6 +101,7 @@ fn manifest_bytes() -> Vec<u8> {
         schedule_step: Some(3),
         counters: BTreeMap::new(),
         per_rank: false,
+        precision: None,
         files: (0..2)
             .map(|r| FileEntry {
                 name: format!("rank-{r:05}.safetensors"),

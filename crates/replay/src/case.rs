@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use distoptim::{FloatDtype, Precision};
 use distoptim_optim::config::{AdamConfig, LbfgsConfig, LineSearch, OptimizerConfig, SgdConfig};
 use distoptim_optim::schedule::{Curve, Schedule, SCHEDULE_NAMES};
 use distoptim_optim::{Layout, NormType, ParamGroup};
@@ -148,6 +149,8 @@ pub struct Case {
     pub objective: Option<Objective>,
     pub num_steps: usize,
     pub steps: Vec<Step>,
+    /// Mixed precision (the gradients in `steps` are already rounded to `param_dtype`).
+    pub precision: Option<Precision>,
 }
 
 type Result<T> = std::result::Result<T, ReplayError>;
@@ -244,6 +247,7 @@ const CASE_KEYS: &[&str] = &[
     "local_sgd",
     "diloco",
     "reshard",
+    "precision",
     "objective",
     "num_steps",
     "steps",
@@ -332,7 +336,13 @@ impl Case {
             return invalid(format!("reshard is for ddp and zero strategies, not {}", strategy.name()));
         }
 
-        let (objective, num_steps, steps) = if lbfgs {
+        let precision = top.get("precision").filter(|p| !p.is_null()).map(parse_precision).transpose()?;
+        if precision.is_some() && (lbfgs || !strategy.reduces()) {
+            let what = if lbfgs { "lbfgs" } else { strategy.name() };
+            return invalid(format!("precision is for single, ddp and zero strategies with first-order optimizers, not {what}"));
+        }
+
+        let (objective, num_steps, mut steps) = if lbfgs {
             if ws != 1 {
                 return err(ErrorClass::InvalidWorldSize, format!("lbfgs cases run on one rank, got world_size {ws}"));
             }
@@ -363,8 +373,16 @@ impl Case {
             (None, steps.len(), steps)
         };
 
+        if let Some(p) = precision.filter(|p| p.param_dtype != FloatDtype::F32) {
+            // Each gradient entry is the model's gradient, of the working type.
+            for step in &mut steps {
+                step.micro_grads.iter_mut().flatten().flatten().for_each(|g| *g = p.param_dtype.round(*g));
+            }
+        }
+
         Ok(Case {
             name,
+            precision,
             world_size: ws,
             strategy,
             grad_reduce,
@@ -617,6 +635,28 @@ fn parse_strategy_field<T>(
         (Some(_), false) => invalid(format!("'{key}' does not apply to this strategy")),
         (None, false) => Ok(None),
     }
+}
+
+/// `precision`: `param_dtype` f32/bf16/f16 and `reduce_dtype` f32/bf16 (missing: f32).
+fn parse_precision(v: &Value) -> Result<Precision> {
+    let m = object(v, "precision")?;
+    check_keys(m, &["param_dtype", "reduce_dtype"], "precision")?;
+    let dtype = |key: &str, allowed: &[FloatDtype]| -> Result<FloatDtype> {
+        match m.get(key) {
+            None | Some(Value::Null) => Ok(FloatDtype::F32),
+            Some(Value::String(name)) => match name.parse::<FloatDtype>() {
+                Ok(d) if allowed.contains(&d) => Ok(d),
+                _ => {
+                    let names: Vec<&str> = allowed.iter().map(|d| d.name()).collect();
+                    invalid(format!("precision.{key} '{name}' is not one of {}", names.join(", ")))
+                }
+            },
+            Some(other) => invalid(format!("precision.{key} must be a dtype name, got {other}")),
+        }
+    };
+    let param_dtype = dtype("param_dtype", &FloatDtype::ALL)?;
+    let reduce_dtype = dtype("reduce_dtype", &[FloatDtype::F32, FloatDtype::Bf16])?;
+    Ok(Precision { param_dtype, reduce_dtype, loss_scale: None })
 }
 
 fn parse_local_sgd(m: &Map<String, Value>) -> Result<LocalSgd> {

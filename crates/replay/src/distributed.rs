@@ -13,7 +13,9 @@ use distoptim_collective::{CommConfig, Communicator};
 
 use crate::case::{Case, GradReduce, Strategy};
 use crate::error::{ErrorClass, ReplayError};
-use crate::run::{named, Output, StepReport};
+use crate::run::{model_params, named, Output, StepReport};
+use distoptim::{FloatDtype, Working};
+use distoptim_collective::{bf16, f16};
 
 type Result<T> = std::result::Result<T, ReplayError>;
 
@@ -87,7 +89,12 @@ fn run_reducing(case: &Case) -> Result<Output> {
         Strategy::Zero2 => distoptim::Strategy::Zero2,
         _ => distoptim::Strategy::Zero3,
     };
-    let step_config = StepConfig { reduce: reduce_mode(case), clip: clip(case), ..StepConfig::new(strategy) };
+    let step_config = StepConfig {
+        reduce: reduce_mode(case),
+        clip: clip(case),
+        precision: case.precision.unwrap_or_default(),
+        ..StepConfig::new(strategy)
+    };
     let total = case.steps.len();
     let phases = match &case.reshard {
         Some(r) => vec![(0..r.after_step.min(total), case.world_size), (r.after_step.min(total)..total, r.world_size)],
@@ -101,26 +108,12 @@ fn run_reducing(case: &Case) -> Result<Output> {
         for (phase, (steps, w)) in phases.into_iter().enumerate() {
             let (resume, save) = (phase > 0, phase + 1 < count);
             let outs = on_ranks(w, |comm| {
-                let at = |e: DistError| (steps.start, e);
-                let r = comm.rank();
-                let mut opt =
-                    DistributedOptimizer::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), step_config.clone())
-                        .map_err(at)?;
-                let mut params = case.init.clone();
-                if resume {
-                    checkpoint::load(&dir, &mut opt, &mut params).map_err(at)?;
+                let ctx = Phase { case, step_config: &step_config, steps: steps.clone(), resume, save, dir: &dir };
+                match case.precision.map_or(FloatDtype::F32, |p| p.param_dtype) {
+                    FloatDtype::F32 => run_phase::<f32>(comm, &ctx),
+                    FloatDtype::Bf16 => run_phase::<bf16>(comm, &ctx),
+                    FloatDtype::F16 => run_phase::<f16>(comm, &ctx),
                 }
-                let mut reports = Vec::with_capacity(steps.len());
-                for t in steps.clone() {
-                    let (mut g, b) = local(case, t, r);
-                    reports.push(opt.step(&mut params, &mut g, b).map_err(|e| (t, e))?);
-                }
-                opt.gather_params(&mut params).map_err(at)?;
-                if save {
-                    checkpoint::save(&dir, &opt, &params, &Default::default(), &checkpoint::SaveOptions::new())
-                        .map_err(|e| (steps.end, e))?;
-                }
-                Ok(RankOut { params, reports, state_elems: opt.state_elems(), global: None })
             })?;
             per_step.extend(outs[0].reports.iter().map(|r| StepReport { lr: r.lrs.clone(), grad_norm: r.grad_norm, ..Default::default() }));
             last = outs;
@@ -131,7 +124,53 @@ fn run_reducing(case: &Case) -> Result<Output> {
     let (per_step, last) = outcome?;
     let params = last.first().map(|o| o.params.clone()).unwrap_or_else(|| case.init.clone());
     let state_elems = strategy.shards_state().then(|| last.iter().map(|o| o.state_elems).collect());
-    Ok(Output { params: named(case, &params), per_step, optimizer_state_elems_per_rank: state_elems, ..Default::default() })
+    Ok(Output {
+        params: named(case, &params),
+        model_params: model_params(case, &params),
+        per_step,
+        optimizer_state_elems_per_rank: state_elems,
+        ..Default::default()
+    })
+}
+
+/// One phase (the steps between reshards) of a reducing case, on one rank.
+struct Phase<'a> {
+    case: &'a Case,
+    step_config: &'a StepConfig,
+    steps: std::ops::Range<usize>,
+    resume: bool,
+    save: bool,
+    dir: &'a std::path::Path,
+}
+
+/// Runs a phase on this rank with parameters of the working type `P`: the master starts
+/// at the case's f32 values, the model holds them rounded, gradients arrive in f32
+/// (micro-batches summed in f32). Returns the final master as `params`.
+fn run_phase<P: Working>(comm: Communicator, ctx: &Phase<'_>) -> std::result::Result<RankOut, (usize, DistError)> {
+    let case = ctx.case;
+    let at = |e: DistError| (ctx.steps.start, e);
+    let r = comm.rank();
+    let mut opt = DistributedOptimizer::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), ctx.step_config.clone())
+        .map_err(at)?;
+    let mut params: Vec<P> = case.init.iter().map(|&x| P::from_f32(x)).collect();
+    opt.set_master(&case.init).map_err(at)?;
+    if ctx.resume {
+        checkpoint::load(ctx.dir, &mut opt, &mut params).map_err(at)?;
+    }
+    let mut reports = Vec::with_capacity(ctx.steps.len());
+    for t in ctx.steps.clone() {
+        let (mut g, b) = local(case, t, r);
+        reports.push(opt.step(&mut params, &mut g, b).map_err(|e| (t, e))?);
+    }
+    opt.gather_params(&mut params).map_err(at)?;
+    if ctx.save {
+        checkpoint::save(ctx.dir, &opt, &params, &Default::default(), &checkpoint::SaveOptions::new()).map_err(|e| (ctx.steps.end, e))?;
+    }
+    let master = match opt.gather_master().map_err(at)? {
+        Some(m) => m,
+        None => params.iter().map(|p| p.to_f32()).collect(),
+    };
+    Ok(RankOut { params: master, reports, state_elems: opt.state_elems(), global: None })
 }
 
 /// post_local_sgd and diloco: each rank keeps its own parameters.

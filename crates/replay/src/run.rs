@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::case::{Case, GradReduce, Objective, Step, Strategy};
 use crate::error::ReplayError;
 use crate::objective;
+use distoptim::FloatDtype;
 
 /// One entry of `per_step`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -27,6 +28,9 @@ pub struct StepReport {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Output {
     pub params: BTreeMap<String, Vec<f32>>,
+    /// With `precision`: the model's copy, the master rounded to `param_dtype`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_params: Option<BTreeMap<String, Vec<f32>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub params_per_rank: Option<Vec<BTreeMap<String, Vec<f32>>>>,
     pub per_step: Vec<StepReport>,
@@ -48,6 +52,51 @@ pub fn run(case: &Case) -> Result<Output> {
 /// The gradient the optimizer steps with: the ranks' gradients reduced as FORMAT.md says
 /// (sequentially, in rank order: the one-process reference).
 pub fn reduced_grad(case: &Case, step: &Step) -> Vec<f32> {
+    match case.precision {
+        Some(p) if p.reduce_dtype == FloatDtype::Bf16 => reduced_grad_bf16(case, step),
+        _ => reduced_grad_f32(case, step),
+    }
+}
+
+/// DDP's `bf16_compress_hook` done sequentially: c_r = bf(g_r), pre-divided by W (mean)
+/// or multiplied by b_r (batch_weighted) and rounded; s = bf(s + c_r) in rank order.
+fn reduced_grad_bf16(case: &Case, step: &Step) -> Vec<f32> {
+    let n = case.layout.numel();
+    let w = step.world_size();
+    let bf = |x: f32| FloatDtype::Bf16.round(x);
+    let mut total: Option<Vec<f32>> = None;
+    let mut weight_sum = 0.0f32;
+    for r in 0..w {
+        let b = match (case.grad_reduce, &step.batch_sizes) {
+            (GradReduce::BatchWeighted, Some(b)) => b[r] as f32,
+            _ => 1.0,
+        };
+        weight_sum += b;
+        let c: Vec<f32> = step
+            .rank_grad(r, n)
+            .into_iter()
+            .map(|g| match case.grad_reduce {
+                GradReduce::Mean => bf(bf(g) / w as f32),
+                GradReduce::BatchWeighted => bf(bf(g) * b),
+                GradReduce::Sum => bf(g),
+            })
+            .collect();
+        total = Some(match total {
+            None => c,
+            Some(mut s) => {
+                s.iter_mut().zip(&c).for_each(|(s, c)| *s = bf(*s + c));
+                s
+            }
+        });
+    }
+    let mut total = total.unwrap_or_else(|| vec![0.0; n]);
+    if case.grad_reduce == GradReduce::BatchWeighted {
+        total.iter_mut().for_each(|t| *t /= weight_sum);
+    }
+    total
+}
+
+fn reduced_grad_f32(case: &Case, step: &Step) -> Vec<f32> {
     let n = case.layout.numel();
     let w = step.world_size();
     let mut total = vec![0.0f32; n];
@@ -110,7 +159,14 @@ pub fn run_reference(case: &Case) -> Result<Output> {
             opt.set_lrs(&s.advance())?;
         }
     }
-    Ok(Output { params: named(case, &params), per_step, ..Default::default() })
+    Ok(Output { params: named(case, &params), model_params: model_params(case, &params), per_step, ..Default::default() })
+}
+
+/// With `precision`: the model's copy of the final master, q(params).
+pub(crate) fn model_params(case: &Case, master: &[f32]) -> Option<BTreeMap<String, Vec<f32>>> {
+    let p = case.precision?;
+    let q: Vec<f32> = master.iter().map(|&x| p.param_dtype.round(x)).collect();
+    Some(named(case, &q))
 }
 
 /// LBFGS: `num_steps` calls of `step(closure)` on the case's objective.

@@ -336,13 +336,13 @@ impl Trainer {
             step += 1;
             samples += batch;
             if step % eval_every == 0 || step == stop {
-                self.algorithm.gather(&mut self.params)?;
+                self.algorithm.gather((&mut self.params).into())?;
                 let (loss, accuracy) = self.evaluate()?;
                 row.test_loss = Some(loss);
                 row.test_accuracy = Some(accuracy);
             }
             if self.args.verify_every > 0 && step % self.args.verify_every == 0 && self.algorithm.params_in_sync() {
-                self.algorithm.gather(&mut self.params)?;
+                self.algorithm.gather((&mut self.params).into())?;
                 verify_replicas(&self.comm, self.flat.layout(), &self.params)
                     .with_context(|| format!("replica check after step {step}"))?;
             }
@@ -364,7 +364,7 @@ impl Trainer {
     /// Restores a checkpoint named by `--resume`; returns the step to continue from.
     fn resume(&mut self) -> Result<u64> {
         let Some(dir) = self.args.resume.clone() else { return Ok(0) };
-        let manifest = self.algorithm.load(&dir, &mut self.params).with_context(|| format!("resuming from {}", dir.display()))?;
+        let manifest = self.algorithm.load(&dir, (&mut self.params).into()).with_context(|| format!("resuming from {}", dir.display()))?;
         for (name, ours) in [("seed", self.args.seed), ("batch_size", self.args.batch_size as u64), ("total_steps", self.total_steps)] {
             if let Some(&theirs) = manifest.counters.get(name) {
                 ensure!(theirs == ours, "--resume {}: the checkpoint was written with {name} {theirs}, this run has {ours}; the data order and schedule would differ", dir.display());
@@ -377,7 +377,7 @@ impl Trainer {
             dir.display(),
             self.total_steps
         );
-        self.algorithm.gather(&mut self.params)?;
+        self.algorithm.gather((&mut self.params).into())?;
         self.rows = metrics::earlier(&self.args.out, step);
         if self.rank0() {
             println!("resumed from {} at step {step} (written by {} ranks with {})", dir.display(), manifest.world_size, manifest.strategy);
@@ -389,7 +389,7 @@ impl Trainer {
     /// distributed optimizer step. Returns the metrics row and the global batch size.
     fn step(&mut self, step: u64) -> Result<(Row, u64)> {
         let (epoch, indices) = self.sampler.local_batch(step, self.comm.size(), self.comm.rank());
-        self.algorithm.gather(&mut self.params)?;
+        self.algorithm.gather((&mut self.params).into())?;
         let t = Instant::now();
         self.flat.write_params(&self.params)?;
         let mut copy = t.elapsed();
@@ -413,7 +413,7 @@ impl Trainer {
         }
 
         let t = Instant::now();
-        let report = self.algorithm.step(&mut self.params, &mut self.grads, indices.len())?;
+        let report = self.algorithm.step((&mut self.params).into(), (&mut self.grads).into(), indices.len())?;
         let step_time = t.elapsed();
 
         let mut stats = [loss_sum, indices.len() as f64, correct];
@@ -452,7 +452,7 @@ impl Trainer {
 
     fn checkpoint(&mut self, step: u64) -> Result<()> {
         let Some(dir) = self.args.checkpoint_dir.clone() else { return Ok(()) };
-        self.algorithm.gather(&mut self.params)?;
+        self.algorithm.gather((&mut self.params).into())?;
         let counters = BTreeMap::from([
             ("train_step".to_string(), step),
             ("seed".to_string(), self.args.seed),
@@ -463,7 +463,7 @@ impl Trainer {
         if let Some(keep) = self.args.keep {
             options = options.with_keep(keep as usize);
         }
-        self.algorithm.save(&dir, &self.params, counters, &options).with_context(|| format!("checkpoint at step {step}"))?;
+        self.algorithm.save(&dir, (&self.params).into(), counters, &options).with_context(|| format!("checkpoint at step {step}"))?;
         Ok(())
     }
 
@@ -477,7 +477,7 @@ impl Trainer {
         if self.args.checkpoint_dir.is_some() {
             self.checkpoint(step)?;
         }
-        self.algorithm.finish(&mut self.params)?;
+        self.algorithm.finish((&mut self.params).into())?;
         verify_replicas(&self.comm, self.flat.layout(), &self.params).context("replica check at the end")?;
         let (test_loss, accuracy) = self.evaluate()?;
         if let Some(last) = self.rows.last_mut() {

@@ -37,6 +37,20 @@ pub struct FileEntry {
     pub crc32: String,
 }
 
+/// The mixed-precision part of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrecisionRecord {
+    /// `bf16`, `f16` or `f32`: the working type of the run that saved.
+    pub param_dtype: String,
+    /// `f32` or `bf16`.
+    pub reduce_dtype: String,
+    /// The loss scale, under dynamic loss scaling.
+    pub loss_scale: Option<f32>,
+    /// Steps since the scale last changed.
+    pub growth_tracker: u64,
+}
+
 /// What a checkpoint holds. Written last, so a directory with a valid manifest is whole.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +75,10 @@ pub struct Manifest {
     /// ([`super::save_replicas`]) instead of its range of a shared one.
     #[serde(default)]
     pub per_rank: bool,
+    /// The precision policy that wrote it and the loss scaler's state; absent for all-f32
+    /// runs. The files hold the f32 master either way, so any policy can resume from any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<PrecisionRecord>,
     /// One entry per rank, in rank order.
     pub files: Vec<FileEntry>,
     /// CRC-32 of this manifest serialised with `checksum` empty, hex: an edited field is
@@ -114,6 +132,17 @@ impl Manifest {
         {
             if v > MAX_COUNTER {
                 return Err(bad(path, format!("{name} {v} is over {MAX_COUNTER}")));
+            }
+        }
+        if let Some(p) = &self.precision {
+            for d in [&p.param_dtype, &p.reduce_dtype] {
+                d.parse::<crate::FloatDtype>().map_err(|e| bad(path, format!("precision: {e}")))?;
+            }
+            if p.loss_scale.is_some_and(|s| !(s.is_finite() && s > 0.0)) || p.growth_tracker > MAX_COUNTER {
+                return Err(bad(
+                    path,
+                    format!("precision: loss scale {:?} / growth tracker {} out of range", p.loss_scale, p.growth_tracker),
+                ));
             }
         }
         for g in &self.groups {

@@ -35,9 +35,11 @@ use distoptim_optim::{Layout, OptimizerStateDict};
 
 use crate::error::{DistError, Result};
 use crate::optimizer::DistributedOptimizer;
+use crate::precision::{round_into, Precision, Working};
 use crate::safetensors;
+use std::borrow::Cow;
 
-pub use manifest::{FileEntry, Manifest, FORMAT_VERSION};
+pub use manifest::{FileEntry, Manifest, PrecisionRecord, FORMAT_VERSION};
 pub use store::{write_atomic, Found};
 
 use store::io;
@@ -141,19 +143,36 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
     resolve(path).map(|(_, m, _)| m)
 }
 
-/// Saves `params` (the full buffer; ZeRO-3: gather first) and the optimizer as a new
-/// step directory in `root`. Collective over the optimizer's group. Returns the manifest
-/// and the published directory.
-pub fn save(
+/// Saves `params` (the full buffer, of the working type; ZeRO-3: gather first) and the
+/// optimizer as a new step directory in `root`. Under mixed precision each rank writes
+/// its range of the f32 master instead of the rounded parameters. Collective over the
+/// optimizer's group. Returns the manifest and the published directory.
+pub fn save<T: Working>(
     root: &Path,
     opt: &DistributedOptimizer,
-    params: &[f32],
+    params: &[T],
     counters: &BTreeMap<String, u64>,
     options: &SaveOptions,
 ) -> Result<(Manifest, PathBuf)> {
     let comm = opt.comm();
     let numel = opt.layout().numel();
+    if params.len() != numel {
+        return Err(DistError::Invalid(format!("params has {} elements, the layout has {numel}", params.len())));
+    }
     let range = shard_range(numel, comm.size(), comm.rank());
+    let owned = opt.owned();
+    let values: Cow<'_, [f32]> = match (opt.master(), T::as_f32(params)) {
+        (Some(master), _) => Cow::Borrowed(&master[range.start - owned.start..range.end - owned.start]),
+        (None, Some(p)) => Cow::Borrowed(&p[range.clone()]),
+        (None, None) => Cow::Owned(params[range.clone()].iter().map(|v| v.to_f32()).collect()),
+    };
+    let precision = opt.precision();
+    let record = (precision != Precision::f32()).then(|| PrecisionRecord {
+        param_dtype: precision.param_dtype.name().into(),
+        reduce_dtype: precision.reduce_dtype.name().into(),
+        loss_scale: opt.loss_scaler().map(|s| s.scale),
+        growth_tracker: opt.loss_scaler().map_or(0, |s| s.growth_tracker),
+    });
     let state = opt.state_dict();
     let part = if state.shard == range { Ok(state) } else { state.restrict(range.clone()).map_err(DistError::from) };
     let spec = Manifest {
@@ -166,10 +185,11 @@ pub fn save(
         schedule_step: opt.schedule_step(),
         counters: counters.clone(),
         per_rank: false,
+        precision: record,
         files: Vec::new(),
         checksum: String::new(),
     };
-    write(root, comm, spec, params, part, &BTreeMap::new(), options)
+    write(root, comm, spec, &values, part, &BTreeMap::new(), options)
 }
 
 /// What a rank of an algorithm whose ranks hold different models (post-local SGD
@@ -208,6 +228,7 @@ pub fn save_replicas(
         schedule_step: state.schedule_step,
         counters: state.counters.clone(),
         per_rank: true,
+        precision: None,
         files: Vec::new(),
         checksum: String::new(),
         layout,
@@ -215,8 +236,9 @@ pub fn save_replicas(
     write(root, comm, spec, params, Ok(state.optimizer.clone()), &state.extra, options)
 }
 
-/// The part of the file of one rank: its range of the parameters, of the optimizer
-/// state (`state` covers the range) and of the extra buffers (which cover the layout).
+/// The part of the file of one rank: its range of the parameters (`params` holds exactly
+/// the range), of the optimizer state (`state` covers the range) and of the extra
+/// buffers (which cover the layout).
 fn encode_part(
     layout: &Layout,
     range: Range<usize>,
@@ -225,8 +247,11 @@ fn encode_part(
     extra: &BTreeMap<String, Vec<f32>>,
 ) -> Result<Vec<u8>> {
     let numel = layout.numel();
-    if params.len() != numel || extra.values().any(|v| v.len() != numel) {
-        return Err(DistError::Invalid(format!("params and extra buffers must have the layout's {numel} elements")));
+    if params.len() != range.len() || extra.values().any(|v| v.len() != numel) {
+        return Err(DistError::Invalid(format!(
+            "params must have the range's {} elements and extra buffers the layout's {numel}",
+            range.len()
+        )));
     }
     let mut tensors: Vec<(String, &[f32])> = Vec::new();
     let mut metadata = BTreeMap::from([("range".to_string(), format!("{},{}", range.start, range.end))]);
@@ -236,7 +261,7 @@ fn encode_part(
     }
     for (i, piece) in layout.overlapping(range.clone()) {
         let p = layout.param(i);
-        tensors.push((p.name.clone(), &params[piece.clone()]));
+        tensors.push((p.name.clone(), &params[piece.start - range.start..piece.end - range.start]));
         for (buffer, values) in &state.buffers {
             tensors.push((format!("{buffer}/{}", p.name), &values[piece.start - range.start..piece.end - range.start]));
         }
@@ -252,6 +277,7 @@ fn encode_part(
 
 /// Writes every rank's file into a staging directory that rank 0 created, then rank 0
 /// writes the manifest (`spec` with the files filled in) and publishes the directory.
+/// `params`: this rank's range of the parameters.
 fn write(
     root: &Path,
     comm: &Communicator,
@@ -343,12 +369,14 @@ fn fresh_nonce() -> u64 {
 /// Loads a checkpoint written by [`save`] on any number of ranks into `params` (the full
 /// buffer) and `opt` (its own range of the state), whatever its strategy and group size.
 /// Every rank calls it; nothing is changed unless everything checks out.
-pub fn load(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) -> Result<Manifest> {
+/// Under mixed precision the master takes the saved f32 values and `params` (of the
+/// working type) their rounding; the loss scaler continues where it was.
+pub fn load<T: Working>(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [T]) -> Result<Manifest> {
     let loaded = load_local(dir, opt, params);
     all_ok(opt.comm(), loaded, &format!("load {}", dir.display()))
 }
 
-fn load_local(path: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) -> Result<Manifest> {
+fn load_local<T: Working>(path: &Path, opt: &mut DistributedOptimizer, params: &mut [T]) -> Result<Manifest> {
     let (dir, m, _) = resolve(path)?;
     let dir = dir.as_path();
     if m.per_rank {
@@ -393,7 +421,11 @@ fn load_local(path: &Path, opt: &mut DistributedOptimizer, params: &mut [f32]) -
     let sd = OptimizerStateDict { layout: layout.clone(), shard: owned.clone(), groups: m.groups.clone(), steps, buffers };
     opt.load_state_dict(&sd)?;
     opt.restore_counters(m.step, m.schedule_step)?;
-    params.copy_from_slice(&full);
+    opt.set_master(&full)?;
+    if let Some(scale) = m.precision.as_ref().and_then(|p| p.loss_scale) {
+        opt.set_loss_scaler(scale, m.precision.as_ref().map_or(0, |p| p.growth_tracker));
+    }
+    round_into(&full, params);
     Ok(m)
 }
 

@@ -8,7 +8,7 @@
 //! pass over memory; for `batch_weighted` the division is left to the caller, which fuses
 //! it with the clip's norm pass over the elements it owns.
 
-use crate::config::ReduceMode;
+use crate::config::{ReduceMode, StepConfig};
 use crate::error::{DistError, Result};
 use crate::precision::{widen_into, FloatDtype, Working};
 use distoptim_collective::{bf16, shard_range, Communicator, ReduceOp};
@@ -86,10 +86,10 @@ pub(crate) fn divide(grads: &mut [f32], divisor: f32) {
 }
 
 /// The mixed-precision reduction: this rank's working-type gradient `grads`, weighted and
-/// summed over the group in `reduce_dtype`, divided, into `out` as f32 — over the whole
-/// buffer (`sharded` false: DDP) or over this rank's range `shard_range(numel, W, rank)`
-/// (ZeRO). It runs in chunks of about `chunk` elements, so no rank ever holds a full f32
-/// copy of the gradient: under ZeRO each chunk gathers the next `chunk / W` elements of
+/// summed over the group in `reduce_dtype`, divided, into `out` as f32 (per `config`): over the whole
+/// buffer (DDP) or over this rank's range `shard_range(numel, W, rank)`
+/// (ZeRO). It runs in chunks of about a bucket, so no rank ever holds a full f32
+/// copy of the gradient: under ZeRO each chunk gathers the next bucket/W elements of
 /// every rank's range into one staging buffer and reduce-scatters it (Megatron pads its
 /// buckets to a multiple of the data-parallel size for the same reason).
 ///
@@ -100,13 +100,12 @@ pub(crate) fn divide(grads: &mut [f32], divisor: f32) {
 pub(crate) fn reduce_working<T: Working>(
     comm: &Communicator,
     grads: &[T],
-    mode: ReduceMode,
+    config: &StepConfig,
     batch_size: usize,
-    reduce_dtype: FloatDtype,
-    sharded: bool,
-    chunk: usize,
     out: &mut [f32],
 ) -> Result<()> {
+    let (mode, reduce_dtype) = (config.reduce, config.precision.reduce_dtype);
+    let (sharded, chunk) = (config.strategy.shards_state(), config.bucket_elems());
     let w = local_weight(mode, batch_size);
     let d = divisor(comm, mode, batch_size)?;
     let size = comm.size() as f32;

@@ -410,16 +410,7 @@ impl DistributedOptimizer {
         reduced.resize(owned.len(), 0.0);
         let sharded = self.config.strategy.shards_state();
         let p = self.config.precision;
-        grad_sync::reduce_working(
-            &self.comm,
-            grads,
-            self.config.reduce,
-            batch_size,
-            p.reduce_dtype,
-            sharded,
-            self.config.bucket_elems(),
-            &mut reduced,
-        )?;
+        grad_sync::reduce_working(&self.comm, grads, &self.config, batch_size, &mut reduced)?;
         if let Some(scaler) = self.scaler.as_mut() {
             // GradScaler.unscale_: multiply by the f32 reciprocal, then look for inf/NaN
             // over the whole gradient (every rank's range).

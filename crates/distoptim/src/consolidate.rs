@@ -2,10 +2,13 @@
 //! `optimizer.safetensors`, for tools that know nothing of ranks (Python's
 //! `safetensors`, `torch.load_state_dict`, HF).
 //!
-//! - `model.safetensors`: every parameter whole, with its name and shape, in layout order;
+//! - `model.safetensors`: every parameter whole, with its name and shape, in layout order,
+//!   in the run's working type (`BF16`/`F16` for a mixed-precision run: the master
+//!   rounded, which is what the model held);
 //! - `optimizer.safetensors`: every state buffer per parameter (`exp_avg/fc.weight`,
-//!   `momentum_buffer/fc.weight`…, the parameter's shape), with the per-parameter step
-//!   counts, the param groups and the run's step in `__metadata__`.
+//!   `momentum_buffer/fc.weight`…, the parameter's shape), for a mixed-precision run the
+//!   f32 master weights as `master/fc.weight`, with the per-parameter step counts, the
+//!   param groups and the run's step (and precision) in `__metadata__`.
 //!
 //! It streams: each file is checked against the manifest's checksum in blocks, the
 //! headers are written first, and each tensor is assembled from the ranks' pieces and
@@ -19,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{resolve, verify_file, Manifest};
 use crate::error::{DistError, Result};
+use crate::precision::FloatDtype;
 use crate::safetensors::{self, Reader};
 
 /// What [`consolidate`] wrote.
@@ -63,40 +67,59 @@ pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
         .fold(vec![0u64; m.layout.len()], |acc, s| acc.iter().zip(s.iter().chain(std::iter::repeat(&0))).map(|(a, b)| *a.max(b)).collect());
     fs::create_dir_all(out).map_err(|e| err(out, e))?;
 
-    let params: Vec<(String, usize)> = m.layout.params().iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+    let param_dtype = match &m.precision {
+        Some(p) => p.param_dtype.parse::<FloatDtype>()?,
+        None => FloatDtype::F32,
+    };
+    let params: Vec<Tensor> = m.layout.params().iter().enumerate().map(|(i, p)| (p.name.clone(), p.name.clone(), i)).collect();
     let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let model = write_streamed(&out.join("model.safetensors"), &m, &params, &model_meta, &mut readers)?;
+    let model = write_streamed(&out.join("model.safetensors"), &m, &params, param_dtype, &model_meta, &mut readers)?;
 
-    let state: Vec<(String, usize)> =
-        m.layout.params().iter().enumerate().flat_map(|(i, p)| buffers.iter().map(move |b| (format!("{b}/{}", p.name), i))).collect();
+    let mut state: Vec<Tensor> = m
+        .layout
+        .params()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| buffers.iter().map(move |b| (format!("{b}/{}", p.name), format!("{b}/{}", p.name), i)))
+        .collect();
+    if param_dtype != FloatDtype::F32 {
+        state.extend(m.layout.params().iter().enumerate().map(|(i, p)| (format!("master/{}", p.name), p.name.clone(), i)));
+    }
     let groups = serde_json::to_string(&m.groups).map_err(|e| DistError::Checkpoint(e.to_string()))?;
-    let optimizer_meta = BTreeMap::from([
+    let mut optimizer_meta = BTreeMap::from([
         ("steps".to_string(), serde_json::to_string(&steps).unwrap_or_default()),
         ("step".to_string(), m.step.to_string()),
         ("strategy".to_string(), m.strategy.clone()),
         ("param_groups".to_string(), groups),
     ]);
-    let optimizer = write_streamed(&out.join("optimizer.safetensors"), &m, &state, &optimizer_meta, &mut readers)?;
+    if let Some(p) = &m.precision {
+        optimizer_meta.insert("precision".into(), serde_json::to_string(p).unwrap_or_default());
+    }
+    let optimizer = write_streamed(&out.join("optimizer.safetensors"), &m, &state, FloatDtype::F32, &optimizer_meta, &mut readers)?;
     let largest = m.layout.params().iter().map(|p| p.numel()).max().unwrap_or(0);
     Ok(Consolidated { model, optimizer, tensors: params.len() + state.len(), largest })
 }
 
-/// Writes the tensors `(name in the output, parameter index)` to `path`, each assembled from
-/// the pieces the rank files hold of it (named the same as in the output).
+/// A tensor to write: its name in the output, its name in the rank files, the parameter.
+type Tensor = (String, String, usize);
+
+/// Writes the tensors to `path` as `dtype`, each assembled from the pieces the rank files
+/// hold of it.
 fn write_streamed(
     path: &Path,
     m: &Manifest,
-    tensors: &[(String, usize)],
+    tensors: &[Tensor],
+    dtype: FloatDtype,
     metadata: &BTreeMap<String, String>,
     readers: &mut [(Reader, PathBuf, std::ops::Range<usize>)],
 ) -> Result<PathBuf> {
-    let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(name, i)| (name.clone(), m.layout.param(*i).shape.clone())).collect();
-    let (header, _) = safetensors::header(&shapes, metadata);
+    let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(name, _, i)| (name.clone(), m.layout.param(*i).shape.clone())).collect();
+    let (header, _) = safetensors::header(&shapes, dtype, metadata);
     let tmp = path.with_extension("safetensors.tmp");
     let mut file = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&tmp).map_err(|e| err(&tmp, e))?);
     file.write_all(&header).map_err(|e| err(&tmp, e))?;
     let (mut values, mut bytes) = (Vec::new(), Vec::new());
-    for (name, i) in tensors {
+    for (_, name, i) in tensors {
         let spec = m.layout.param(*i);
         values.clear();
         values.resize(spec.numel(), 0f32);
@@ -107,7 +130,7 @@ fn write_streamed(
             }
         }
         bytes.clear();
-        safetensors::push_f32(&mut bytes, &values);
+        safetensors::push_as(&mut bytes, &values, dtype);
         file.write_all(&bytes).map_err(|e| err(&tmp, e))?;
     }
     let file = file.into_inner().map_err(|e| err(&tmp, e.error()))?;
@@ -181,6 +204,45 @@ mod tests {
         let e = consolidate(&dir, &base.join("out2")).unwrap_err().to_string();
         assert!(e.contains("rank-00001.safetensors") && e.contains("checksum"), "{e}");
         assert!(!base.join("out2").join("model.safetensors").exists());
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_bf16_run_consolidates_to_a_bf16_model_and_its_f32_master() {
+        use crate::{FloatDtype, Precision};
+        use distoptim_collective::bf16;
+        let base = std::env::temp_dir().join(format!("distoptim-consolidate-bf16-{}", std::process::id()));
+        let (dir, out) = (base.join("ckpt"), base.join("out"));
+        let masters = Communicator::run_threads(3, &CommConfig::default(), |comm| {
+            let numel = layout().numel();
+            let groups = vec![ParamGroup { params: vec![0, 1, 2], config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
+            let config = StepConfig { precision: Precision::new(FloatDtype::Bf16), ..StepConfig::new(Strategy::Zero2) };
+            let mut opt = DistributedOptimizer::new(comm.clone(), layout(), groups, None, config).unwrap();
+            let init: Vec<f32> = (0..numel).map(|i| i as f32 * 0.1 + 0.003).collect();
+            opt.set_master(&init).unwrap();
+            let mut params: Vec<bf16> = init.iter().map(|&x| bf16::from_f32(x)).collect();
+            for step in 0..2 {
+                let mut grads: Vec<bf16> = (0..numel).map(|i| bf16::from_f32(((i * 7 + comm.rank() + step) % 5) as f32 - 2.0)).collect();
+                opt.step(&mut params, &mut grads, 1).unwrap();
+            }
+            checkpoint::save(&dir, &opt, &params, &BTreeMap::new(), &checkpoint::SaveOptions::new()).unwrap();
+            opt.gather_master().unwrap().unwrap()
+        })
+        .unwrap();
+        let master = &masters[0];
+        let c = consolidate(&dir, &out).unwrap();
+        let model_bytes = fs::read(&c.model).unwrap();
+        let header = String::from_utf8_lossy(&model_bytes[8..200]).to_string();
+        assert!(header.contains("\"dtype\":\"BF16\""), "{header}");
+        let model = safetensors::decode(&model_bytes).unwrap();
+        let opt = safetensors::decode(&fs::read(&c.optimizer).unwrap()).unwrap();
+        for p in layout().params() {
+            let rounded: Vec<f32> = master[p.range()].iter().map(|&x| FloatDtype::Bf16.round(x)).collect();
+            assert_eq!(model.tensors[&p.name], rounded, "{}: the model is the master rounded", p.name);
+            assert_eq!(opt.tensors[&format!("master/{}", p.name)], master[p.range()], "{}: the f32 master", p.name);
+        }
+        assert!(master.iter().any(|&x| FloatDtype::Bf16.round(x) != x), "the master keeps bits bf16 cannot");
+        assert!(opt.metadata["precision"].contains("\"param_dtype\":\"bf16\""), "{:?}", opt.metadata);
         let _ = fs::remove_dir_all(&base);
     }
 }

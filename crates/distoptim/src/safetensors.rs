@@ -1,7 +1,8 @@
 //! The safetensors file format, written and read by hand (it is a u64 header length, a
 //! JSON header naming each tensor's dtype, shape and byte range, then the raw data), so
 //! the files open in Python's `safetensors` without this crate depending on anything.
-//! Only f32 tensors are written; the header's `__metadata__` carries strings.
+//! Tensors are written as f32, bf16 or f16 (one type per file) and read as f32; the
+//! header's `__metadata__` carries strings.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -10,16 +11,19 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
+use crate::precision::FloatDtype;
+use distoptim_collective::{bf16, f16};
+
 /// The bytes before the data: the header length (u64 LE) and the JSON header, padded
 /// with spaces so the data starts 8-byte aligned, as the reference writer does.
-/// `tensors` are (name, shape); the data follows in the same order. Returns the prefix
-/// and the data's length in bytes.
-pub fn header(tensors: &[(String, Vec<usize>)], metadata: &BTreeMap<String, String>) -> (Vec<u8>, usize) {
+/// `tensors` are (name, shape), all of type `dtype`; the data follows in the same order.
+/// Returns the prefix and the data's length in bytes.
+pub fn header(tensors: &[(String, Vec<usize>)], dtype: FloatDtype, metadata: &BTreeMap<String, String>) -> (Vec<u8>, usize) {
     let mut header = Map::new();
     let mut offset = 0usize;
     for (name, shape) in tensors {
-        let end = offset + shape.iter().product::<usize>() * 4;
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}));
+        let end = offset + shape.iter().product::<usize>() * dtype.size();
+        header.insert(name.clone(), json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [offset, end]}));
         offset = end;
     }
     if !metadata.is_empty() {
@@ -43,10 +47,19 @@ pub fn push_f32(out: &mut Vec<u8>, values: &[f32]) {
     }
 }
 
+/// Appends `values` rounded to `dtype` (nearest even), little-endian.
+pub fn push_as(out: &mut Vec<u8>, values: &[f32], dtype: FloatDtype) {
+    match dtype {
+        FloatDtype::F32 => push_f32(out, values),
+        FloatDtype::Bf16 => values.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
+        FloatDtype::F16 => values.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
+    }
+}
+
 /// Encodes named 1-D f32 tensors (in the given order) and metadata.
 pub fn encode(tensors: &[(String, &[f32])], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, d)| (n.clone(), vec![d.len()])).collect();
-    let (mut out, len) = header(&shapes, metadata);
+    let (mut out, len) = header(&shapes, FloatDtype::F32, metadata);
     out.reserve(len);
     for (_, data) in tensors {
         push_f32(&mut out, data);
@@ -59,6 +72,8 @@ pub fn encode(tensors: &[(String, &[f32])], metadata: &BTreeMap<String, String>)
 pub struct Header {
     pub tensors: BTreeMap<String, (usize, usize)>,
     pub shapes: BTreeMap<String, Vec<usize>>,
+    /// Each tensor's element type (read back as f32).
+    pub dtypes: BTreeMap<String, FloatDtype>,
     pub metadata: BTreeMap<String, String>,
     /// Where the data starts in the file.
     pub data_start: usize,
@@ -81,23 +96,26 @@ fn parse_header(bytes: &[u8], file_len: usize) -> Result<Header, String> {
             }
             continue;
         }
-        if entry["dtype"] != "F32" {
-            return Err(format!("tensor '{name}' is {}, only F32 is supported", entry["dtype"]));
-        }
+        let dtype = FloatDtype::ALL
+            .into_iter()
+            .find(|d| entry["dtype"] == d.safetensors_name())
+            .ok_or_else(|| format!("tensor '{name}' is {}, only F32, BF16 and F16 are supported", entry["dtype"]))?;
+        let size = dtype.size();
         let offsets =
             entry["data_offsets"].as_array().filter(|a| a.len() == 2).ok_or_else(|| format!("tensor '{name}' has no data_offsets"))?;
         let (a, b) = (offsets[0].as_u64().unwrap_or(u64::MAX) as usize, offsets[1].as_u64().unwrap_or(u64::MAX) as usize);
-        if a > b || (b - a) % 4 != 0 || b > file_len - end {
+        if a > b || (b - a) % size != 0 || b > file_len - end {
             return Err(format!("tensor '{name}' lies outside the data"));
         }
         let shape: Vec<usize> = entry["shape"]
             .as_array()
             .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
             .ok_or_else(|| format!("tensor '{name}' has no shape"))?;
-        if shape.iter().try_fold(4usize, |n, &d| n.checked_mul(d)) != Some(b - a) {
+        if shape.iter().try_fold(size, |n, &d| n.checked_mul(d)) != Some(b - a) {
             return Err(format!("tensor '{name}': shape {shape:?} does not match its {} bytes", b - a));
         }
         out.shapes.insert(name.clone(), shape);
+        out.dtypes.insert(name.clone(), dtype);
         out.tensors.insert(name, (a, b));
     }
     Ok(out)
@@ -111,15 +129,21 @@ pub struct Decoded {
     pub metadata: BTreeMap<String, String>,
 }
 
-fn to_f32(raw: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+/// Little-endian values of type `dtype`, widened to f32.
+fn to_f32(raw: &[u8], dtype: FloatDtype) -> Box<dyn Iterator<Item = f32> + '_> {
+    match dtype {
+        FloatDtype::F32 => Box::new(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        FloatDtype::Bf16 => Box::new(raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        FloatDtype::F16 => Box::new(raw.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+    }
 }
 
 /// Decodes a whole file held in memory.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
     let h = parse_header(bytes, bytes.len())?;
     let data = &bytes[h.data_start..];
-    let tensors = h.tensors.into_iter().map(|(name, (a, b))| (name, to_f32(&data[a..b]).collect())).collect();
+    let dtypes = &h.dtypes;
+    let tensors = h.tensors.iter().map(|(name, &(a, b))| (name.clone(), to_f32(&data[a..b], dtypes[name]).collect())).collect();
     Ok(Decoded { tensors, shapes: h.shapes, metadata: h.metadata })
 }
 
@@ -151,15 +175,16 @@ impl Reader {
     /// Reads tensor `name` into `out`, whose length must be the tensor's.
     pub fn read(&mut self, name: &str, out: &mut [f32]) -> Result<(), String> {
         let &(a, b) = self.header.tensors.get(name).ok_or_else(|| format!("no tensor '{name}'"))?;
-        if b - a != out.len() * 4 {
-            return Err(format!("tensor '{name}' has {} elements, expected {}", (b - a) / 4, out.len()));
+        let dtype = self.header.dtypes.get(name).copied().unwrap_or(FloatDtype::F32);
+        if b - a != out.len() * dtype.size() {
+            return Err(format!("tensor '{name}' has {} elements, expected {}", (b - a) / dtype.size(), out.len()));
         }
         let mut raw = vec![0u8; b - a];
         self.file
             .seek(SeekFrom::Start((self.header.data_start + a) as u64))
             .and_then(|_| self.file.read_exact(&mut raw))
             .map_err(|e| e.to_string())?;
-        out.iter_mut().zip(to_f32(&raw)).for_each(|(o, v)| *o = v);
+        out.iter_mut().zip(to_f32(&raw, dtype)).for_each(|(o, v)| *o = v);
         Ok(())
     }
 }
@@ -187,7 +212,7 @@ mod tests {
 
     #[test]
     fn reader_reads_single_tensors_with_their_shapes() {
-        let (mut bytes, len) = header(&[("w".into(), vec![2, 3]), ("b".into(), vec![2])], &BTreeMap::new());
+        let (mut bytes, len) = header(&[("w".into(), vec![2, 3]), ("b".into(), vec![2])], FloatDtype::F32, &BTreeMap::new());
         assert_eq!(len, 32);
         push_f32(&mut bytes, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         push_f32(&mut bytes, &[7.0, 8.0]);

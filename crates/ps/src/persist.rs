@@ -85,7 +85,7 @@ pub(crate) fn save(state: &WorkerState, dir: &Path) -> Result<PathBuf> {
     // Real shapes for the parameters (Python sees `param/w` as [out, in]); flat state.
     let list: Vec<(String, Vec<usize>)> =
         tensors.iter().map(|(n, v)| (n.clone(), shapes.get(n).cloned().unwrap_or_else(|| vec![v.len()]))).collect();
-    let (mut bytes, len) = safetensors::header(&list, &metadata);
+    let (mut bytes, len) = safetensors::header(&list, distoptim::FloatDtype::F32, &metadata);
     bytes.reserve(len);
     for values in tensors.values() {
         safetensors::push_f32(&mut bytes, values);

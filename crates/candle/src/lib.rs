@@ -1,7 +1,9 @@
 //! # distoptim-candle
 //!
 //! Binds a [candle](https://github.com/huggingface/candle) model's variables to the one
-//! flat `f32` buffer that distoptim's optimizers, collectives and checkpoints work on.
+//! flat buffer that distoptim's optimizers, collectives and checkpoints work on, in the
+//! model's working type (f32, bf16 or f16: one type for all variables, as Megatron keeps
+//! one buffer per dtype).
 //!
 //! ```text
 //!   loss.backward() ──► GradStore ──read_grads──► flat grads ──► DistributedOptimizer::step
@@ -14,12 +16,15 @@
 //! the variables' own storage by an in-place op. `Tensor::from_slice` + `Var::set`
 //! allocates a new tensor per variable per step, which is several times slower.
 //!
-//! Only CPU `f32` variables are supported, which is what candle's CPU backend trains in.
+//! Only CPU variables are supported. Gradients may be read into a buffer of the
+//! variables' type or into f32 (accumulation in f32).
 
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp1, Storage, Tensor, Var};
 use candle_nn::VarMap;
+use distoptim::{FloatDtype, Working};
+use distoptim_collective::{bf16, f16};
 use distoptim_optim::{Layout, OptimError};
 use thiserror::Error;
 
@@ -31,8 +36,61 @@ pub enum BindError {
     Layout(#[from] OptimError),
     #[error("{what} has {got} elements, the layout has {expected}")]
     Length { what: &'static str, got: usize, expected: usize },
-    #[error("variable '{name}': {problem} (only contiguous CPU f32 variables are supported)")]
+    #[error("variable '{name}': {problem} (contiguous CPU f32, bf16 or f16 variables of one type are supported)")]
     Unsupported { name: String, problem: String },
+}
+
+/// The element types candle stores that distoptim works in: how to find a slice of one
+/// in a `CpuStorage`.
+pub trait CandleElement: Working {
+    /// candle's name of the type.
+    const CANDLE: candle_core::DType;
+    /// The storage's elements, if it holds this type.
+    fn slice(storage: &CpuStorage) -> Option<&[Self]>;
+    /// The storage's elements, mutably, if it holds this type.
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+macro_rules! candle_element {
+    ($t:ty, $variant:ident) => {
+        impl CandleElement for $t {
+            const CANDLE: candle_core::DType = candle_core::DType::$variant;
+            fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+                match storage {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+                match storage {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+candle_element!(f32, F32);
+candle_element!(bf16, BF16);
+candle_element!(f16, F16);
+
+/// The distoptim type of a candle dtype, if it is one.
+pub fn float_dtype(dtype: candle_core::DType) -> Option<FloatDtype> {
+    match dtype {
+        candle_core::DType::F32 => Some(FloatDtype::F32),
+        candle_core::DType::BF16 => Some(FloatDtype::Bf16),
+        candle_core::DType::F16 => Some(FloatDtype::F16),
+        _ => None,
+    }
+}
+
+/// The candle dtype of a distoptim type.
+pub fn candle_dtype(dtype: FloatDtype) -> candle_core::DType {
+    match dtype {
+        FloatDtype::F32 => candle_core::DType::F32,
+        FloatDtype::Bf16 => candle_core::DType::BF16,
+        FloatDtype::F16 => candle_core::DType::F16,
+    }
 }
 
 pub type Result<T, E = BindError> = std::result::Result<T, E>;
@@ -41,6 +99,7 @@ pub type Result<T, E = BindError> = std::result::Result<T, E>;
 pub struct FlatParams {
     vars: Vec<Var>,
     layout: Layout,
+    dtype: FloatDtype,
 }
 
 impl FlatParams {
@@ -48,14 +107,17 @@ impl FlatParams {
     pub fn new(named: impl IntoIterator<Item = (String, Var)>) -> Result<Self> {
         let mut layout = Layout::default();
         let mut vars = Vec::new();
+        let mut dtype = None;
         for (name, var) in named {
-            if var.dtype() != candle_core::DType::F32 || !var.device().is_cpu() {
+            let d = float_dtype(var.dtype()).filter(|d| var.device().is_cpu() && dtype.is_none_or(|first| first == *d));
+            let Some(d) = d else {
                 return Err(BindError::Unsupported { name, problem: format!("{:?} on {:?}", var.dtype(), var.device().location()) });
-            }
+            };
+            dtype = Some(d);
             layout.push(name, var.dims().to_vec())?;
             vars.push(var);
         }
-        Ok(FlatParams { vars, layout })
+        Ok(FlatParams { vars, layout, dtype: dtype.unwrap_or_default() })
     }
 
     /// Binds every variable of a `VarMap`, sorted by name.
@@ -74,30 +136,45 @@ impl FlatParams {
         &self.vars
     }
 
-    /// Copies the variables' values into `out` (`layout().numel()` elements).
-    pub fn read_params(&self, out: &mut [f32]) -> Result<()> {
+    /// The variables' element type (f32 when there are none).
+    pub fn dtype(&self) -> FloatDtype {
+        self.dtype
+    }
+
+    /// Bytes the variables hold (their values; candle allocates as many again for the
+    /// gradients during a backward pass).
+    pub fn bytes(&self) -> u64 {
+        self.layout.numel() as u64 * self.dtype.size() as u64
+    }
+
+    /// Copies the variables' values into `out` (`layout().numel()` elements, of the
+    /// variables' type).
+    pub fn read_params<T: CandleElement>(&self, out: &mut [T]) -> Result<()> {
         self.check("params", out.len())?;
         for (i, var) in self.vars.iter().enumerate() {
             let spec = self.layout.param(i);
-            with_f32(var.as_tensor(), &spec.name, |v| out[spec.range()].copy_from_slice(v))?;
+            with_slice::<T>(var.as_tensor(), &spec.name, |v| out[spec.range()].copy_from_slice(v))?;
         }
         Ok(())
     }
 
-    /// Copies each variable's gradient from `grads` into `out`; a variable the loss did
-    /// not reach gets zeros (as torch's `zero_grad(set_to_none=False)` would leave).
-    pub fn read_grads(&self, grads: &GradStore, out: &mut [f32]) -> Result<()> {
-        self.visit_grads(grads, out, |dst, src| dst.copy_from_slice(src), |dst| dst.fill(0.0))
+    /// Copies each variable's gradient from `grads` into `out` (of the variables' type,
+    /// or f32); a variable the loss did not reach gets zeros (as torch's
+    /// `zero_grad(set_to_none=False)` would leave).
+    pub fn read_grads<G: Working>(&self, grads: &GradStore, out: &mut [G]) -> Result<()> {
+        self.visit_grads(grads, out, false)
     }
 
-    /// Adds each variable's gradient into `out`: micro-batches accumulate locally and the
-    /// optimizer synchronises once per step (DDP's `no_sync`).
-    pub fn accumulate_grads(&self, grads: &GradStore, out: &mut [f32]) -> Result<()> {
-        self.visit_grads(grads, out, |dst, src| dst.iter_mut().zip(src).for_each(|(d, s)| *d += s), |_| {})
+    /// Adds each variable's gradient into `out` (in `G`'s arithmetic: pass an f32 buffer
+    /// to accumulate in f32): micro-batches accumulate locally and the optimizer
+    /// synchronises once per step (DDP's `no_sync`).
+    pub fn accumulate_grads<G: Working>(&self, grads: &GradStore, out: &mut [G]) -> Result<()> {
+        self.visit_grads(grads, out, true)
     }
 
-    /// Writes `values` (`layout().numel()` elements) into the variables, in place.
-    pub fn write_params(&self, values: &[f32]) -> Result<()> {
+    /// Writes `values` (`layout().numel()` elements, of the variables' type) into the
+    /// variables, in place.
+    pub fn write_params<T: CandleElement>(&self, values: &[T]) -> Result<()> {
         self.check("params", values.len())?;
         for (i, var) in self.vars.iter().enumerate() {
             var.as_tensor().inplace_op1(&CopyIn(&values[self.layout.param(i).range()]))?;
@@ -114,14 +191,18 @@ impl FlatParams {
         }
     }
 
-    fn visit_grads(
-        &self,
-        grads: &GradStore,
-        out: &mut [f32],
-        present: impl Fn(&mut [f32], &[f32]),
-        absent: impl Fn(&mut [f32]),
-    ) -> Result<()> {
+    /// Copies (or adds) each variable's gradient into its part of `out`, converting from
+    /// the variables' type to `G`; a variable without a gradient gets zeros when copying.
+    fn visit_grads<G: Working>(&self, grads: &GradStore, out: &mut [G], accumulate: bool) -> Result<()> {
         self.check("grads", out.len())?;
+        match self.dtype {
+            FloatDtype::F32 => self.visit::<f32, G>(grads, out, accumulate),
+            FloatDtype::Bf16 => self.visit::<bf16, G>(grads, out, accumulate),
+            FloatDtype::F16 => self.visit::<f16, G>(grads, out, accumulate),
+        }
+    }
+
+    fn visit<S: CandleElement, G: Working>(&self, grads: &GradStore, out: &mut [G], accumulate: bool) -> Result<()> {
         for (i, var) in self.vars.iter().enumerate() {
             let spec = self.layout.param(i);
             let dst = &mut out[spec.range()];
@@ -129,8 +210,13 @@ impl FlatParams {
                 Some(g) if g.elem_count() != spec.numel() => {
                     return Err(BindError::Unsupported { name: spec.name.clone(), problem: format!("gradient of shape {:?}", g.dims()) })
                 }
-                Some(g) => with_f32(g, &spec.name, |src| present(dst, src))?,
-                None => absent(dst),
+                Some(g) if accumulate => with_slice::<S>(g, &spec.name, |src| {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d = G::from_f32(d.to_f32() + s.to_f32()))
+                })?,
+                // Exact: G is S or wider.
+                Some(g) => with_slice::<S>(g, &spec.name, |src| dst.iter_mut().zip(src).for_each(|(d, s)| *d = G::from_f32(s.to_f32())))?,
+                None if accumulate => {}
+                None => dst.fill(G::default()),
             }
         }
         Ok(())
@@ -139,47 +225,48 @@ impl FlatParams {
 
 /// Runs `f` on the tensor's elements in row-major order, without copying them out
 /// (a non-contiguous tensor is made contiguous first).
-fn with_f32(t: &Tensor, name: &str, f: impl FnOnce(&[f32])) -> Result<()> {
+fn with_slice<T: CandleElement>(t: &Tensor, name: &str, f: impl FnOnce(&[T])) -> Result<()> {
+    let wrong = |dtype: candle_core::DType| BindError::Unsupported { name: name.into(), problem: format!("{dtype:?} storage, {:?} expected", T::CANDLE) };
     {
         let (storage, layout) = t.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => {
-                f(&v[start..end]);
-                return Ok(());
-            }
-            (Storage::Cpu(CpuStorage::F32(_)), None) => {}
-            (other, _) => return Err(BindError::Unsupported { name: name.into(), problem: format!("{:?} storage", other.dtype()) }),
+        let Storage::Cpu(cpu) = &*storage else { return Err(wrong(t.dtype())) };
+        let values = T::slice(cpu).ok_or_else(|| wrong(cpu.dtype()))?;
+        if let Some((start, end)) = layout.contiguous_offsets() {
+            f(&values[start..end]);
+            return Ok(());
         }
     }
     let contiguous = t.contiguous()?;
     let (storage, layout) = contiguous.storage_and_layout();
     match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => {
-            f(&v[start..end]);
+        (Storage::Cpu(cpu), Some((start, end))) => {
+            let values = T::slice(cpu).ok_or_else(|| wrong(cpu.dtype()))?;
+            f(&values[start..end]);
             Ok(())
         }
         _ => Err(BindError::Unsupported { name: name.into(), problem: "not contiguous after contiguous()".into() }),
     }
 }
 
-/// Overwrites a contiguous f32 tensor's elements with a slice, in its own storage.
-struct CopyIn<'a>(&'a [f32]);
+/// Overwrites a contiguous tensor's elements with a slice of its type, in its own storage.
+struct CopyIn<'a, T>(&'a [T]);
 
-impl InplaceOp1 for CopyIn<'_> {
+impl<T: CandleElement> InplaceOp1 for CopyIn<'_, T> {
     fn name(&self) -> &'static str {
         "distoptim-copy-in"
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
-        match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((start, end))) if end - start == self.0.len() => {
+        let dtype = storage.dtype();
+        match (T::slice_mut(storage), layout.contiguous_offsets()) {
+            (Some(v), Some((start, end))) if end - start == self.0.len() => {
                 v[start..end].copy_from_slice(self.0);
                 Ok(())
             }
-            (CpuStorage::F32(_), _) => {
+            (Some(_), _) => {
                 Err(candle_core::Error::Msg(format!("in-place copy of {} values into a non-contiguous or resized variable", self.0.len())))
             }
-            (other, _) => Err(candle_core::Error::Msg(format!("in-place copy into a {:?} variable (f32 only)", other.dtype()))),
+            (None, _) => Err(candle_core::Error::Msg(format!("in-place copy of {:?} values into a {dtype:?} variable", T::CANDLE))),
         }
     }
 }
@@ -252,5 +339,33 @@ mod tests {
         let var = Var::zeros((2, 2), DType::F64, &Device::Cpu).unwrap();
         let err = FlatParams::new([("w".to_string(), var)]).err().unwrap().to_string();
         assert!(err.contains("variable 'w'") && err.contains("F64"), "{err}");
+    }
+
+    #[test]
+    fn bf16_variables_bind_and_their_gradients_read_into_bf16_or_f32() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::BF16, &Device::Cpu);
+        let a = candle_nn::linear(3, 4, vb.pp("a")).unwrap();
+        let flat = FlatParams::from_varmap(&varmap).unwrap();
+        assert_eq!((flat.dtype(), flat.bytes()), (FloatDtype::Bf16, 16 * 2));
+        let values: Vec<bf16> = (0..16).map(|i| bf16::from_f32(i as f32 * 0.25 - 2.0)).collect();
+        flat.write_params(&values).unwrap();
+        let mut back = vec![bf16::ZERO; 16];
+        flat.read_params(&mut back).unwrap();
+        assert_eq!(back, values);
+        let x = Tensor::new(&[[1.0f32, -2.0, 0.5]], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let grads = a.forward(&x).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let (mut g16, mut g32) = (vec![bf16::ZERO; 16], vec![0f32; 16]);
+        flat.read_grads(&grads, &mut g16).unwrap();
+        flat.read_grads(&grads, &mut g32).unwrap();
+        assert!(g16.iter().zip(&g32).all(|(a, b)| a.to_f32() == *b) && g32.iter().any(|&g| g != 0.0));
+        flat.accumulate_grads(&grads, &mut g32).unwrap();
+        assert!(g16.iter().zip(&g32).all(|(a, b)| 2.0 * a.to_f32() == *b));
+        // An f32 buffer is not a bf16 model's parameter buffer.
+        let err = flat.write_params(&[0f32; 16]).unwrap_err().to_string();
+        assert!(err.contains("F32 values into a BF16 variable"), "{err}");
+        let mixed = [("a".to_string(), Var::zeros(2, DType::BF16, &Device::Cpu).unwrap()), ("b".to_string(), Var::zeros(2, DType::F32, &Device::Cpu).unwrap())];
+        let err = FlatParams::new(mixed).err().unwrap().to_string();
+        assert!(err.contains("variable 'b'") && err.contains("of one type"), "{err}");
     }
 }

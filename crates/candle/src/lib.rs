@@ -226,7 +226,10 @@ impl FlatParams {
 /// Runs `f` on the tensor's elements in row-major order, without copying them out
 /// (a non-contiguous tensor is made contiguous first).
 fn with_slice<T: CandleElement>(t: &Tensor, name: &str, f: impl FnOnce(&[T])) -> Result<()> {
-    let wrong = |dtype: candle_core::DType| BindError::Unsupported { name: name.into(), problem: format!("{dtype:?} storage, {:?} expected", T::CANDLE) };
+    let wrong = |dtype: candle_core::DType| BindError::Unsupported {
+        name: name.into(),
+        problem: format!("{dtype:?} storage, {:?} expected", T::CANDLE),
+    };
     {
         let (storage, layout) = t.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else { return Err(wrong(t.dtype())) };
@@ -364,7 +367,10 @@ mod tests {
         // An f32 buffer is not a bf16 model's parameter buffer.
         let err = flat.write_params(&[0f32; 16]).unwrap_err().to_string();
         assert!(err.contains("F32 values into a BF16 variable"), "{err}");
-        let mixed = [("a".to_string(), Var::zeros(2, DType::BF16, &Device::Cpu).unwrap()), ("b".to_string(), Var::zeros(2, DType::F32, &Device::Cpu).unwrap())];
+        let mixed = [
+            ("a".to_string(), Var::zeros(2, DType::BF16, &Device::Cpu).unwrap()),
+            ("b".to_string(), Var::zeros(2, DType::F32, &Device::Cpu).unwrap()),
+        ];
         let err = FlatParams::new(mixed).err().unwrap().to_string();
         assert!(err.contains("variable 'b'") && err.contains("of one type"), "{err}");
     }

@@ -56,6 +56,13 @@ pub trait DataParallel: Send {
     /// shards; the others hold every element already and do nothing).
     fn gather(&self, params: FlatMut<'_>) -> Result<()>;
 
+    /// ZeRO-3: the range of the parameters a rank needs to keep between steps; `step`
+    /// takes just that range and `gather` fills a full buffer from it (not collective).
+    /// `None`: every rank keeps and steps the full buffer.
+    fn param_shard(&self) -> Option<std::ops::Range<usize>> {
+        None
+    }
+
     /// Whether every rank now holds the same parameters (not collective): always for the
     /// synchronous strategies, only right after an averaging for the periodic ones.
     fn params_in_sync(&self) -> bool;
@@ -150,8 +157,9 @@ impl DataParallelConfig {
     }
 }
 
-/// The algorithm `strategy` names, on `comm`. `init`: the initial parameters, the same
-/// on every rank (DiLoCo's first global parameters).
+/// The algorithm `strategy` names, on `comm`. `init`: the initial parameters in f32, the
+/// same on every rank (DiLoCo's first global parameters; the f32 master under mixed
+/// precision).
 pub fn data_parallel(
     strategy: Strategy,
     comm: Communicator,
@@ -164,7 +172,10 @@ pub fn data_parallel(
     Ok(match strategy {
         Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2 | Strategy::Zero3 => {
             let step = StepConfig { reduce: config.reduce, clip: config.clip, precision: config.precision, ..StepConfig::new(strategy) };
-            Box::new(DistributedOptimizer::new(comm, layout, groups, schedule, step)?)
+            let mut opt = DistributedOptimizer::new(comm, layout, groups, schedule, step)?;
+            // The master starts at the f32 values, not at their rounding.
+            opt.set_master(init)?;
+            Box::new(opt)
         }
         _ if config.precision != Precision::f32() => {
             return Err(crate::DistError::Invalid(format!(

@@ -105,7 +105,7 @@ pub(crate) fn reduce_working<T: Working>(
     out: &mut [f32],
 ) -> Result<()> {
     let (mode, reduce_dtype) = (config.reduce, config.precision.reduce_dtype);
-    let (sharded, chunk) = (config.strategy.shards_state(), config.bucket_elems());
+    let (sharded, chunk) = (config.strategy.shards_state(), staging_elems(config));
     let w = local_weight(mode, batch_size);
     let d = divisor(comm, mode, batch_size)?;
     let size = comm.size() as f32;
@@ -133,6 +133,11 @@ pub(crate) fn reduce_working<T: Working>(
         }
     }
     Ok(())
+}
+
+/// Elements of [`reduce_working`]'s staging buffer: a bucket, at most 4 MiB.
+pub(crate) fn staging_elems(config: &StepConfig) -> usize {
+    config.bucket_elems().min((4 << 20) / config.precision.reduce_dtype.size()).max(1)
 }
 
 /// [`reduce_working`]'s chunked collective: converts with `convert` into staging buffers

@@ -49,8 +49,6 @@ pub struct DistributedOptimizer {
     /// The f32 master weights over `owned`, when the working type is 16-bit (filled from
     /// the first step's parameters unless set by [`set_master`](Self::set_master)).
     master: Option<Vec<f32>>,
-    /// The reduced f32 gradient over `owned` of a mixed-precision step, kept between steps.
-    reduced: Vec<f32>,
     /// Dynamic loss scaling, when the policy asks for it.
     scaler: Option<LossScaler>,
 }
@@ -59,8 +57,9 @@ pub struct DistributedOptimizer {
 /// RSS and `distoptim estimate` predicts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryLedger {
-    /// The working-type parameter buffer the step reads and writes (all of it, also
-    /// under ZeRO-3, where the caller's buffer is the all-gather's destination).
+    /// The working-type parameter buffer the step reads and writes: all of it, or the
+    /// shard under ZeRO-3 (whose full buffer, the all-gather's destination, the caller
+    /// needs only while it copies the parameters into its model).
     pub working_params: u64,
     /// The working-type gradient buffer.
     pub grads: u64,
@@ -68,7 +67,8 @@ pub struct MemoryLedger {
     pub master: u64,
     /// Optimizer state (Adam's moments, SGD's momentum) over the owned range.
     pub optimizer_state: u64,
-    /// The reduced f32 gradient of the owned range and the collectives' staging buffers.
+    /// The reduced f32 gradient of the owned range and the collectives' staging buffers,
+    /// while a mixed-precision step runs (they are freed after it).
     pub comm_buffers: u64,
 }
 
@@ -108,7 +108,7 @@ impl DistributedOptimizer {
         let owned = if config.strategy.shards_state() { shard_range(numel, comm.size(), comm.rank()) } else { 0..numel };
         let opt = Scheduled::new(layout, groups, owned.clone(), schedule)?;
         let scaler = config.precision.loss_scale.map(LossScaler::new);
-        Ok(DistributedOptimizer { comm, config, owned, opt, steps: 0, tp: None, master: None, reduced: Vec::new(), scaler })
+        Ok(DistributedOptimizer { comm, config, owned, opt, steps: 0, tp: None, master: None, scaler })
     }
 
     /// The precision policy.
@@ -177,19 +177,16 @@ impl DistributedOptimizer {
         let working = self.config.precision.param_dtype.size() as u64;
         let state: u64 = self.opt.optimizer().buffers().map(|(_, b)| b.len() as u64 * 4).sum();
         let master = self.master.as_ref().map_or(0, |m| m.len() as u64 * 4);
-        let staging = if self.mixed() {
-            let chunk = self.config.bucket_elems().min(self.layout().numel()) as u64;
-            chunk * self.config.precision.reduce_dtype.size() as u64
+        // During a mixed-precision step: the reduced f32 gradient of the owned range and
+        // one staging chunk (both freed after the step).
+        let transient = if self.mixed() {
+            let chunk = grad_sync::staging_elems(&self.config).min(self.layout().numel()) as u64;
+            chunk * self.config.precision.reduce_dtype.size() as u64 + self.owned.len() as u64 * 4
         } else {
             0
         };
-        MemoryLedger {
-            working_params: numel * working,
-            grads: numel * working,
-            master,
-            optimizer_state: state,
-            comm_buffers: self.reduced.capacity() as u64 * 4 + staging,
-        }
+        let kept = self.param_shard().map_or(numel, |r| r.len() as u64);
+        MemoryLedger { working_params: kept * working, grads: numel * working, master, optimizer_state: state, comm_buffers: transient }
     }
 
     /// Whether steps take the mixed-precision path (anything but the all-f32 policy).
@@ -254,15 +251,21 @@ impl DistributedOptimizer {
     /// One step. `grads` is this rank's local gradient (micro-batches already summed:
     /// accumulate locally and call `step` once, DDP's `no_sync`); it is overwritten.
     /// `params` is the full parameter buffer (ZeRO-3: only the owned range is read and
-    /// written), of the policy's `param_dtype`. `grads` is of the same type, or f32
+    /// written, and `params` may be just that range, [`param_shard`](Self::param_shard)),
+    /// of the policy's `param_dtype`. `grads` is of the same type, or f32
     /// (gradients accumulated in f32, Megatron's `accumulate_allreduce_grads_in_fp32`).
     /// Every rank of the group must call it.
     pub fn step<P: Working, G: Working>(&mut self, params: &mut [P], grads: &mut [G], batch_size: usize) -> Result<StepReport> {
         let numel = self.opt.optimizer().layout().numel();
-        for (what, len) in [("params", params.len()), ("grads", grads.len())] {
-            if len != numel {
-                return Err(DistError::Invalid(format!("{what} has {len} elements, the layout has {numel}")));
-            }
+        if grads.len() != numel {
+            return Err(DistError::Invalid(format!("grads has {} elements, the layout has {numel}", grads.len())));
+        }
+        if params.len() != numel && !(self.param_shard().is_some() && params.len() == self.owned.len()) {
+            return Err(DistError::Invalid(format!(
+                "params has {} elements, the layout has {numel}{}",
+                params.len(),
+                if self.param_shard().is_some() { format!(" (or this rank's shard, {})", self.owned.len()) } else { String::new() }
+            )));
         }
         let param_dtype = self.config.precision.param_dtype;
         if <P as Working>::DTYPE != param_dtype {
@@ -347,7 +350,7 @@ impl DistributedOptimizer {
     /// clip's norm, when the collective already measured its part of the result.
     fn apply(&mut self, params: &mut [f32], grads: &mut [f32], divisor: f32, measured: Option<f64>) -> Result<StepReport> {
         let owned = self.owned.clone();
-        let report = self.clip_and_step(&mut params[owned.clone()], &mut grads[owned], divisor, measured)?;
+        let report = self.clip_and_step(self.owned_params(params), &mut grads[owned], divisor, measured)?;
         if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
             self.comm.all_gather(params)?;
         }
@@ -406,8 +409,9 @@ impl DistributedOptimizer {
             return Err(DistError::Invalid("mixed precision is not supported with tensor parallelism".into()));
         }
         let owned = self.owned.clone();
-        let mut reduced = std::mem::take(&mut self.reduced);
-        reduced.resize(owned.len(), 0.0);
+        // Allocated for the step and freed after it, so the backward pass that follows
+        // does not find it resident.
+        let mut reduced = vec![0.0f32; owned.len()];
         let sharded = self.config.strategy.shards_state();
         let p = self.config.precision;
         grad_sync::reduce_working(&self.comm, grads, &self.config, batch_size, &mut reduced)?;
@@ -424,7 +428,6 @@ impl DistributedOptimizer {
             }
             if found[0] != 0 {
                 scaler.update(true);
-                self.reduced = reduced;
                 return Ok(StepReport { lrs: self.opt.lrs(), grad_norm: None, skipped: true });
             }
             scaler.update(false);
@@ -434,19 +437,20 @@ impl DistributedOptimizer {
                 Some(m) => m,
                 None => {
                     let mut m = vec![0.0f32; owned.len()];
-                    widen_into(&params[owned.clone()], &mut m);
+                    widen_into(self.owned_params(params), &mut m);
                     m
                 }
             };
             let report = self.clip_and_step(&mut master, &mut reduced, 1.0, None);
-            round_into(&master, &mut params[owned.clone()]);
+            round_into(&master, self.owned_params(params));
             self.master = Some(master);
             report
         } else {
             let full = T::as_f32_mut(params).ok_or_else(|| DistError::Invalid("f32 parameters expected".into()))?;
-            self.clip_and_step(&mut full[owned.clone()], &mut reduced, 1.0, None)
+            let mine = if full.len() == self.layout().numel() { &mut full[owned.clone()] } else { full };
+            self.clip_and_step(mine, &mut reduced, 1.0, None)
         };
-        self.reduced = reduced;
+        drop(reduced);
         let report = report?;
         if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
             self.comm.all_gather(params)?;
@@ -456,11 +460,32 @@ impl DistributedOptimizer {
 
     /// All-gathers the parameters every rank owns into `params` (ZeRO-3's on-demand
     /// gather before a forward pass; a no-op for the others, whose params are complete).
+    /// Under mixed precision ZeRO-3 takes its range from the master (rounded), so the
+    /// buffer may be a fresh one: between steps a rank need hold only its shard.
     pub fn gather_params<T: Working>(&self, params: &mut [T]) -> Result<()> {
         if self.config.strategy == Strategy::Zero3 {
+            if let Some(master) = &self.master {
+                round_into(master, &mut params[self.owned.clone()]);
+            }
             self.comm.all_gather(params)?;
         }
         Ok(())
+    }
+
+    /// ZeRO-3: the range of the parameters this rank keeps between steps (a step may be
+    /// given just that range; [`gather_params`](Self::gather_params) makes a full buffer
+    /// from it). `None` for the others, which step the full buffer.
+    pub fn param_shard(&self) -> Option<Range<usize>> {
+        (self.config.strategy == Strategy::Zero3).then(|| self.owned.clone())
+    }
+
+    /// The owned range of `params`: `params` itself when it is the shard.
+    fn owned_params<'a, T>(&self, params: &'a mut [T]) -> &'a mut [T] {
+        if params.len() == self.owned.len() && self.param_shard().is_some() {
+            params
+        } else {
+            &mut params[self.owned.clone()]
+        }
     }
 
     /// This rank's optimizer state (its range only, for ZeRO).
@@ -580,6 +605,10 @@ impl crate::DataParallel for DistributedOptimizer {
 
     fn gather(&self, params: FlatMut<'_>) -> Result<()> {
         with_flat!(params, p => self.gather_params(p))
+    }
+
+    fn param_shard(&self) -> Option<Range<usize>> {
+        DistributedOptimizer::param_shard(self)
     }
 
     fn params_in_sync(&self) -> bool {

@@ -101,6 +101,10 @@ pub trait Working: Element + Copy + Default + Send + Sync + sealed::Sealed + 'st
     fn to_f32(self) -> f32;
     /// The slice itself when this is f32 (whose parameters are their own master).
     fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
+    /// The slice as a typed buffer view.
+    fn flat_mut(s: &mut [Self]) -> FlatMut<'_>;
+    /// The slice as a typed buffer view.
+    fn flat(s: &[Self]) -> Flat<'_>;
     /// The slice itself when this is f32.
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
 }
@@ -126,6 +130,12 @@ impl Working for f32 {
     fn as_f32(s: &[Self]) -> Option<&[f32]> {
         Some(s)
     }
+    fn flat_mut(s: &mut [Self]) -> FlatMut<'_> {
+        FlatMut::F32(s)
+    }
+    fn flat(s: &[Self]) -> Flat<'_> {
+        Flat::F32(s)
+    }
 }
 
 impl Working for bf16 {
@@ -142,6 +152,12 @@ impl Working for bf16 {
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
     }
+    fn flat_mut(s: &mut [Self]) -> FlatMut<'_> {
+        FlatMut::Bf16(s)
+    }
+    fn flat(s: &[Self]) -> Flat<'_> {
+        Flat::Bf16(s)
+    }
 }
 
 impl Working for f16 {
@@ -157,6 +173,12 @@ impl Working for f16 {
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    fn flat_mut(s: &mut [Self]) -> FlatMut<'_> {
+        FlatMut::F16(s)
+    }
+    fn flat(s: &[Self]) -> Flat<'_> {
+        Flat::F16(s)
     }
 }
 
@@ -388,38 +410,35 @@ impl<'a> Flat<'a> {
     }
 }
 
-macro_rules! flat_from {
-    ($t:ty, $variant:ident) => {
-        impl<'a> From<&'a mut [$t]> for FlatMut<'a> {
-            fn from(v: &'a mut [$t]) -> Self {
-                FlatMut::$variant(v)
-            }
-        }
-        impl<'a> From<&'a mut Vec<$t>> for FlatMut<'a> {
-            fn from(v: &'a mut Vec<$t>) -> Self {
-                FlatMut::$variant(v.as_mut_slice())
-            }
-        }
-        impl<'a> From<&'a [$t]> for Flat<'a> {
-            fn from(v: &'a [$t]) -> Self {
-                Flat::$variant(v)
-            }
-        }
-        impl<'a> From<&'a Vec<$t>> for Flat<'a> {
-            fn from(v: &'a Vec<$t>) -> Self {
-                Flat::$variant(v.as_slice())
-            }
-        }
-        impl<'a> From<&'a mut distoptim_collective::SharedBuf<$t>> for FlatMut<'a> {
-            fn from(v: &'a mut distoptim_collective::SharedBuf<$t>) -> Self {
-                FlatMut::$variant(&mut v[..])
-            }
-        }
-    };
+impl<'a, T: Working> From<&'a mut [T]> for FlatMut<'a> {
+    fn from(v: &'a mut [T]) -> Self {
+        T::flat_mut(v)
+    }
 }
-flat_from!(f32, F32);
-flat_from!(bf16, Bf16);
-flat_from!(f16, F16);
+
+impl<'a, T: Working> From<&'a mut Vec<T>> for FlatMut<'a> {
+    fn from(v: &'a mut Vec<T>) -> Self {
+        T::flat_mut(v)
+    }
+}
+
+impl<'a, T: Working> From<&'a mut distoptim_collective::SharedBuf<T>> for FlatMut<'a> {
+    fn from(v: &'a mut distoptim_collective::SharedBuf<T>) -> Self {
+        T::flat_mut(v)
+    }
+}
+
+impl<'a, T: Working> From<&'a [T]> for Flat<'a> {
+    fn from(v: &'a [T]) -> Self {
+        T::flat(v)
+    }
+}
+
+impl<'a, T: Working> From<&'a Vec<T>> for Flat<'a> {
+    fn from(v: &'a Vec<T>) -> Self {
+        T::flat(v)
+    }
+}
 
 /// Rounds every element of `src` into `dst` (same length).
 pub fn round_into<T: Working>(src: &[f32], dst: &mut [T]) {

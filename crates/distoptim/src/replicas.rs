@@ -4,15 +4,16 @@
 //! every N steps: one pass over the buffer and one tiny collective.
 
 use crate::error::{DistError, Result};
+use crate::precision::Working;
 use distoptim_collective::Communicator;
 use distoptim_optim::Layout;
 
 /// 64-bit FNV-1a over the bit patterns (so -0.0 ≠ 0.0 and NaN payloads count: a replica
-/// check must see every difference).
-fn hash(values: &[f32]) -> i64 {
+/// check must see every difference); 16-bit values are widened exactly first.
+fn hash<T: Working>(values: &[T]) -> i64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for v in values {
-        for b in v.to_bits().to_le_bytes() {
+        for b in v.to_f32().to_bits().to_le_bytes() {
             h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
     }
@@ -21,7 +22,7 @@ fn hash(values: &[f32]) -> i64 {
 
 /// Errors unless every rank of `group` (the ranks that should hold identical values,
 /// e.g. the dp×cp group) has bit-identical `params`. Collective over `group`.
-pub fn verify_replicas(group: &Communicator, layout: &Layout, params: &[f32]) -> Result<()> {
+pub fn verify_replicas<T: Working>(group: &Communicator, layout: &Layout, params: &[T]) -> Result<()> {
     if params.len() != layout.numel() {
         return Err(DistError::Invalid(format!("params has {} elements, the layout has {}", params.len(), layout.numel())));
     }

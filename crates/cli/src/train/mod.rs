@@ -31,7 +31,9 @@ use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
 use distoptim::checkpoint::SaveOptions;
 use distoptim::{data_parallel, verify_replicas, ClipConfig, DataParallel, DataParallelConfig, DilocoConfig, LocalSgdConfig, Strategy};
-use distoptim_candle::FlatParams;
+use distoptim::{FloatDtype, Precision};
+use distoptim_candle::{CandleElement, FlatParams};
+use distoptim_collective::{bf16, f16};
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip::NormType;
 use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
@@ -60,6 +62,13 @@ pub struct TrainArgs {
     /// The optimizer.
     #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw"])]
     optimizer: String,
+    /// The model's parameters and gradients: f32, or bf16/f16 with an f32 master copy
+    /// and f32 optimizer state (f16 with dynamic loss scaling). ddp and zero* only.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    precision: String,
+    /// What gradients are summed in across ranks: f32, or bf16 (half the bytes).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    reduce_dtype: String,
     /// Peak learning rate (default: 3e-3 for adam/adamw, 0.05 for sgd).
     #[arg(long, allow_negative_numbers = true, value_parser = positive)]
     lr: Option<f64>,
@@ -190,8 +199,27 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", (cores / local.max(1)).max(1).to_string());
     }
+    release_large_frees();
     let comm = Communicator::from_env()?;
-    Trainer::new(comm, args)?.train()
+    match args.precision.parse::<FloatDtype>()? {
+        FloatDtype::F32 => Trainer::<f32>::new(comm, args)?.train(),
+        FloatDtype::Bf16 => Trainer::<bf16>::new(comm, args)?.train(),
+        FloatDtype::F16 => Trainer::<f16>::new(comm, args)?.train(),
+    }
+}
+
+/// Makes glibc return every freed block of 1 MiB or more to the system at once. Its
+/// default raises the mmap threshold to the size of the largest block freed so far (up
+/// to 32 MiB), after which the per-step buffers of a large model (candle's backward
+/// temporaries, the optimizer's reduction buffer) come from the heap and stay resident
+/// once freed; the peak RSS then counts yesterday's garbage.
+fn release_large_frees() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before this process
+    // starts any thread that allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 /// Time spent per phase, one entry per step (medians are reported: the first step's
@@ -210,7 +238,8 @@ fn median_ms(times: &[Duration]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-struct Trainer {
+/// The training loop, with the model in the working type `T`.
+struct Trainer<T: CandleElement> {
     comm: Communicator,
     args: TrainArgs,
     train: Dataset,
@@ -220,10 +249,13 @@ struct Trainer {
     /// Keeps the candle variables alive (the model and `flat` share them).
     _varmap: VarMap,
     flat: FlatParams,
-    params: Vec<f32>,
+    /// The parameters this rank keeps: all of them, or under ZeRO-3 only its shard
+    /// (`shard`), from which a full buffer is gathered when one is needed.
+    params: Vec<T>,
+    shard: Option<std::ops::Range<usize>>,
     /// The flat gradient buffer, in shared memory where the backend has it, so the
     /// reduction reads the peers' gradients in place.
-    grads: SharedBuf<f32>,
+    grads: SharedBuf<T>,
     /// The data-parallel algorithm `--strategy` names.
     algorithm: Box<dyn DataParallel>,
     total_steps: u64,
@@ -233,8 +265,8 @@ struct Trainer {
     timings: Timings,
 }
 
-impl Trainer {
-    fn new(comm: Communicator, args: TrainArgs) -> Result<Trainer> {
+impl<T: CandleElement> Trainer<T> {
+    fn new(comm: Communicator, args: TrainArgs) -> Result<Trainer<T>> {
         let (data, dims) = match args.model.as_str() {
             "digits" => {
                 let d = Dataset::digits()?;
@@ -257,12 +289,13 @@ impl Trainer {
         let source = if args.model == "digits" { "the handwritten digits" } else { "synthetic data" };
         let description = format!("MLP {} on {source}", dims_text.join("-"));
         let varmap = VarMap::new();
-        let model = Mlp::new(&VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &dims)?;
+        let model = Mlp::new(&VarBuilder::from_varmap(&varmap, T::CANDLE, &Device::Cpu), &dims)?;
         let flat = FlatParams::from_varmap(&varmap)?;
         let layout = flat.layout().clone();
-        let mut params = vec![0.0f32; layout.numel()];
-        model::init_params(&layout, args.seed, &mut params);
-        comm.broadcast(&mut params, 0)?;
+        let mut init = vec![0.0f32; layout.numel()];
+        model::init_params(&layout, args.seed, &mut init);
+        comm.broadcast(&mut init, 0)?;
+        let params: Vec<T> = init.iter().map(|&x| T::from_f32(x)).collect();
 
         let warmup = args.warmup_steps.unwrap_or(total_steps / 20);
         let schedule = match args.schedule.as_str() {
@@ -274,8 +307,10 @@ impl Trainer {
         let clip = (args.clip > 0.0).then_some(ClipConfig { max_norm: args.clip, norm: NormType::P(2.0), error_if_nonfinite: false });
         // Batch-weighted (the default): the uneven last batch of an epoch, and a rank with
         // no sample of it, count by their sizes, so every world size takes the same step.
+        let precision = Precision::new(<T as distoptim::Working>::DTYPE).with_reduce_dtype(args.reduce_dtype.parse()?);
         let config = DataParallelConfig::new()
             .with_clip(clip)
+            .with_precision(precision)
             .with_local_sgd(LocalSgdConfig { warmup_steps: args.local_sgd_warmup, period: args.local_sgd_period })
             .with_diloco(DilocoConfig {
                 inner_steps: args.diloco_inner_steps,
@@ -284,9 +319,15 @@ impl Trainer {
                 nesterov: true,
             });
         let groups = param_groups(&layout, &args)?;
-        let grads = comm.alloc::<f32>(layout.numel())?;
+        let grads = comm.alloc::<T>(layout.numel())?;
         let strategy: Strategy = args.strategy.parse()?;
-        let algorithm = data_parallel(strategy, comm.clone(), layout, groups, Some(schedule), &config, &params)?;
+        let algorithm = data_parallel(strategy, comm.clone(), layout, groups, Some(schedule), &config, &init)?;
+        drop(init);
+        let shard = algorithm.param_shard();
+        let params = match &shard {
+            Some(range) => params[range.clone()].to_vec(),
+            None => params,
+        };
         Ok(Trainer {
             comm,
             args,
@@ -297,6 +338,7 @@ impl Trainer {
             _varmap: varmap,
             flat,
             params,
+            shard,
             grads,
             algorithm,
             total_steps,
@@ -315,14 +357,15 @@ impl Trainer {
         let stop = self.args.stop_at.unwrap_or(self.total_steps).min(self.total_steps);
         if self.rank0() {
             println!(
-                "distoptim train: {} ({} train / {} test samples), {} parameters, {} ranks, {}, {}, global batch {}, {} steps",
+                "distoptim train: {} ({} train / {} test samples), {} parameters, {} ranks, {}, {}, {}, global batch {}, {} steps",
                 self.description,
                 self.train.len(),
                 self.test.len(),
-                self.params.len(),
+                self.flat.layout().numel(),
                 self.comm.size(),
                 self.args.strategy,
                 self.args.optimizer,
+                self.args.precision,
                 self.args.batch_size,
                 self.total_steps
             );
@@ -336,14 +379,12 @@ impl Trainer {
             step += 1;
             samples += batch;
             if step % eval_every == 0 || step == stop {
-                self.algorithm.gather((&mut self.params).into())?;
                 let (loss, accuracy) = self.evaluate()?;
                 row.test_loss = Some(loss);
                 row.test_accuracy = Some(accuracy);
             }
             if self.args.verify_every > 0 && step % self.args.verify_every == 0 && self.algorithm.params_in_sync() {
-                self.algorithm.gather((&mut self.params).into())?;
-                verify_replicas(&self.comm, self.flat.layout(), &self.params)
+                self.with_full(|t, full| Ok(verify_replicas(&t.comm, t.flat.layout(), full)?))
                     .with_context(|| format!("replica check after step {step}"))?;
             }
             let rate = samples as f64 / started.elapsed().as_secs_f64();
@@ -364,7 +405,16 @@ impl Trainer {
     /// Restores a checkpoint named by `--resume`; returns the step to continue from.
     fn resume(&mut self) -> Result<u64> {
         let Some(dir) = self.args.resume.clone() else { return Ok(0) };
-        let manifest = self.algorithm.load(&dir, (&mut self.params).into()).with_context(|| format!("resuming from {}", dir.display()))?;
+        let manifest = match self.shard.clone() {
+            None => self.algorithm.load(&dir, (&mut self.params).into()),
+            Some(range) => {
+                let mut full = vec![T::default(); self.flat.layout().numel()];
+                let m = self.algorithm.load(&dir, (&mut full).into());
+                self.params = full[range].to_vec();
+                m
+            }
+        }
+        .with_context(|| format!("resuming from {}", dir.display()))?;
         for (name, ours) in [("seed", self.args.seed), ("batch_size", self.args.batch_size as u64), ("total_steps", self.total_steps)] {
             if let Some(&theirs) = manifest.counters.get(name) {
                 ensure!(theirs == ours, "--resume {}: the checkpoint was written with {name} {theirs}, this run has {ours}; the data order and schedule would differ", dir.display());
@@ -377,7 +427,6 @@ impl Trainer {
             dir.display(),
             self.total_steps
         );
-        self.algorithm.gather((&mut self.params).into())?;
         self.rows = metrics::earlier(&self.args.out, step);
         if self.rank0() {
             println!("resumed from {} at step {step} (written by {} ranks with {})", dir.display(), manifest.world_size, manifest.strategy);
@@ -389,9 +438,8 @@ impl Trainer {
     /// distributed optimizer step. Returns the metrics row and the global batch size.
     fn step(&mut self, step: u64) -> Result<(Row, u64)> {
         let (epoch, indices) = self.sampler.local_batch(step, self.comm.size(), self.comm.rank());
-        self.algorithm.gather((&mut self.params).into())?;
         let t = Instant::now();
-        self.flat.write_params(&self.params)?;
+        self.with_full(|t, full| Ok(t.flat.write_params(full)?))?;
         let mut copy = t.elapsed();
 
         let t = Instant::now();
@@ -399,9 +447,11 @@ impl Trainer {
         let mut backward = Duration::ZERO;
         if !indices.is_empty() {
             let (xs, ys) = batch(&self.train, &indices)?;
-            let logits = self.model.forward(&xs)?;
+            // The loss (a softmax) in f32, as autocast keeps it; f16 scales it first.
+            let logits = self.model.forward(&xs.to_dtype(T::CANDLE)?)?.to_dtype(DType::F32)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
-            let store = loss.backward()?;
+            let scale = self.algorithm.loss_scale();
+            let store = if scale == 1.0 { loss.backward()? } else { (&loss * f64::from(scale))?.backward()? };
             backward = t.elapsed();
             let c = Instant::now();
             self.flat.read_grads(&store, &mut self.grads)?;
@@ -409,7 +459,7 @@ impl Trainer {
             loss_sum = f64::from(loss.to_scalar::<f32>()?) * indices.len() as f64;
             correct = count_correct(&logits, &ys)?;
         } else {
-            self.grads.fill(0.0);
+            self.grads.fill(T::default());
         }
 
         let t = Instant::now();
@@ -436,12 +486,12 @@ impl Trainer {
 
     /// Mean loss and accuracy on the test set, each rank evaluating its shard.
     fn evaluate(&mut self) -> Result<(f64, f64)> {
-        self.flat.write_params(&self.params)?;
+        self.with_full(|t, full| Ok(t.flat.write_params(full)?))?;
         let mine: Vec<usize> = shard_range(self.test.len(), self.comm.size(), self.comm.rank()).collect();
         let mut stats = [0.0f64; 3];
         for chunk in mine.chunks(512) {
             let (xs, ys) = batch(&self.test, chunk)?;
-            let logits = self.model.forward(&xs)?;
+            let logits = self.model.forward(&xs.to_dtype(T::CANDLE)?)?.to_dtype(DType::F32)?;
             stats[0] += f64::from(candle_nn::loss::cross_entropy(&logits, &ys)?.to_scalar::<f32>()?) * chunk.len() as f64;
             stats[1] += chunk.len() as f64;
             stats[2] += count_correct(&logits, &ys)?;
@@ -452,7 +502,6 @@ impl Trainer {
 
     fn checkpoint(&mut self, step: u64) -> Result<()> {
         let Some(dir) = self.args.checkpoint_dir.clone() else { return Ok(()) };
-        self.algorithm.gather((&mut self.params).into())?;
         let counters = BTreeMap::from([
             ("train_step".to_string(), step),
             ("seed".to_string(), self.args.seed),
@@ -463,12 +512,61 @@ impl Trainer {
         if let Some(keep) = self.args.keep {
             options = options.with_keep(keep as usize);
         }
-        self.algorithm.save(&dir, (&self.params).into(), counters, &options).with_context(|| format!("checkpoint at step {step}"))?;
+        self.with_full(|t, full| Ok(t.algorithm.save(&dir, (&*full).into(), counters, &options)?))
+            .with_context(|| format!("checkpoint at step {step}"))?;
         Ok(())
     }
 
+    /// Runs `f` on the complete parameters: the buffer this rank keeps (gathered first),
+    /// or under ZeRO-3 a full buffer gathered from the shard for the occasion and freed
+    /// afterwards, so the full copy is never resident next to the model's own during a
+    /// backward pass.
+    fn with_full<R>(&mut self, f: impl FnOnce(&mut Self, &mut [T]) -> Result<R>) -> Result<R> {
+        match self.shard.clone() {
+            None => {
+                self.algorithm.gather((&mut self.params).into())?;
+                let mut params = std::mem::take(&mut self.params);
+                let result = f(self, &mut params);
+                self.params = params;
+                result
+            }
+            Some(range) => {
+                let mut full = vec![T::default(); self.flat.layout().numel()];
+                full[range].copy_from_slice(&self.params);
+                self.algorithm.gather((&mut full).into())?;
+                f(self, &mut full)
+            }
+        }
+    }
+
     fn title(&self) -> String {
-        format!("distoptim train: {} · {} · {} ranks · {}", self.args.model, self.args.strategy, self.comm.size(), self.args.optimizer)
+        format!(
+            "distoptim train: {} · {} · {} ranks · {} · {}",
+            self.args.model,
+            self.args.strategy,
+            self.comm.size(),
+            self.args.optimizer,
+            self.args.precision
+        )
+    }
+
+    /// Rank 0's memory by category: what distoptim holds (its ledger) and the copies
+    /// candle keeps (the variables, and as many bytes again for the gradients of a
+    /// backward pass).
+    fn ledger(&self) -> String {
+        let m = self.algorithm.memory();
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let framework = 2 * self.flat.bytes();
+        format!(
+            "memory on rank 0 (MiB): working params {:.1}, grads {:.1}, f32 master {:.1}, optimizer state {:.1}, communication buffers {:.1}, candle variables + gradients {:.1}; total {:.1}",
+            mib(m.working_params),
+            mib(m.grads),
+            mib(m.master),
+            mib(m.optimizer_state),
+            mib(m.comm_buffers),
+            mib(framework),
+            mib(m.total() + framework)
+        )
     }
 
     fn finish(mut self, step: u64, samples: u64, wall: Duration) -> Result<()> {
@@ -477,8 +575,11 @@ impl Trainer {
         if self.args.checkpoint_dir.is_some() {
             self.checkpoint(step)?;
         }
-        self.algorithm.finish((&mut self.params).into())?;
-        verify_replicas(&self.comm, self.flat.layout(), &self.params).context("replica check at the end")?;
+        self.with_full(|t, full| {
+            t.algorithm.finish(full.into())?;
+            Ok(verify_replicas(&t.comm, t.flat.layout(), full)?)
+        })
+        .context("replica check at the end")?;
         let (test_loss, accuracy) = self.evaluate()?;
         if let Some(last) = self.rows.last_mut() {
             last.test_loss = Some(test_loss);
@@ -501,6 +602,7 @@ impl Trainer {
             median_ms(&self.timings.step)
         );
         println!("peak RSS per rank: {} MiB", rss.join(", "));
+        println!("{}", self.ledger());
         println!("wrote {}/metrics.csv, metrics.json and plot.svg", self.args.out.display());
         Ok(())
     }

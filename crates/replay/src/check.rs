@@ -26,6 +26,9 @@ pub fn judge(case: &Value, got: Result<&Value, &str>) -> Vec<String> {
     if let Some(exp) = expected.get("params") {
         compare_named("params", &got["params"], exp, rtol, atol, &mut errors);
     }
+    if let Some(exp) = expected.get("model_params") {
+        check_model_params(case, got, exp, rtol, atol, &mut errors);
+    }
     if let Some(exp) = expected.get("params_per_rank").and_then(Value::as_array) {
         match got.get("params_per_rank").and_then(Value::as_array) {
             Some(ranks) if ranks.len() == exp.len() => {
@@ -60,6 +63,40 @@ pub fn judge(case: &Value, got: Result<&Value, &str>) -> Vec<String> {
         check_state_bound(case, got, &mut errors);
     }
     errors
+}
+
+/// `model_params[i]` must be q(`params[i]`) exactly, and q of some value within
+/// tolerance of the expected master (q is monotonic, so: between q(e - tol) and
+/// q(e + tol)).
+fn check_model_params(case: &Value, got: &Value, exp: &Value, rtol: f64, atol: f64, errors: &mut Vec<String>) {
+    let dtype = case["precision"]["param_dtype"].as_str().unwrap_or("f32").parse::<distoptim::FloatDtype>().unwrap_or_default();
+    let (Some(model), Some(params), Some(exp)) = (got["model_params"].as_object(), got["params"].as_object(), exp.as_object()) else {
+        errors.push("model_params: missing".into());
+        return;
+    };
+    let exp_params = &case["expected"]["params"];
+    for name in exp.keys() {
+        let f = |v: &Value| -> Vec<f32> { v.as_array().into_iter().flatten().map(|x| x.as_f64().unwrap_or(f64::NAN) as f32).collect() };
+        let (m, p, e) =
+            (f(&model.get(name).cloned().unwrap_or_default()), f(&params.get(name).cloned().unwrap_or_default()), f(&exp_params[name]));
+        if m.len() != e.len() || p.len() != e.len() {
+            errors.push(format!("model_params.{name}: expected {} values", e.len()));
+            continue;
+        }
+        for i in 0..e.len() {
+            let tol = (atol + rtol * f64::from(e[i]).abs()) as f32;
+            let (lo, hi) = (dtype.round(e[i] - tol), dtype.round(e[i] + tol));
+            if m[i].to_bits() != dtype.round(p[i]).to_bits() || !(lo <= m[i] && m[i] <= hi) {
+                errors.push(format!(
+                    "model_params.{name}[{i}] = {}, params {} rounds to {}, expected within [{lo}, {hi}]",
+                    m[i],
+                    p[i],
+                    dtype.round(p[i])
+                ));
+                break;
+            }
+        }
+    }
 }
 
 fn close(a: &Value, e: &Value, rtol: f64, atol: f64) -> bool {

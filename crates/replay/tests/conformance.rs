@@ -51,7 +51,8 @@ fn replay_passes_every_public_case() {
 /// The strategies shard state, not arithmetic: every reducing case, rerun as each of
 /// ddp/zero1/zero2/zero3 on its ranks, gives the
 /// one-process reference's parameters, to the bit when nothing is clipped (clipping sums
-/// partial norms in another grouping, so there the last bit may differ).
+/// partial norms in another grouping, so there the last bit may differ; a bf16 sum over
+/// three or more ranks rounds once, the reference after every addition).
 #[test]
 fn every_reducing_strategy_equals_the_reference_at_any_world_size() {
     let mut checked = 0;
@@ -65,10 +66,22 @@ fn every_reducing_strategy_equals_the_reference_at_any_world_size() {
             let mut case = base.clone();
             case.strategy = distoptim_replay::case::Strategy::parse(strategy).unwrap();
             let got = run(&case).unwrap_or_else(|e| panic!("{name} as {strategy}: {e}"));
+            // A bf16 sum over 3 or more ranks rounds in an implementation-defined order
+            // (FORMAT.md): the reference rounds after every addition, the collective once.
+            let bf16_sum = case.precision.is_some_and(|p| p.reduce_dtype == distoptim::FloatDtype::Bf16)
+                && (case.world_size >= 3 || case.reshard.as_ref().is_some_and(|r| r.world_size >= 3));
+            let (rtol, atol) =
+                (v["tolerance"]["rtol"].as_f64().unwrap_or(0.0) as f32, v["tolerance"]["atol"].as_f64().unwrap_or(0.0) as f32);
             for (param, w) in &want.params {
                 let g = &got.params[param];
                 for (i, (a, b)) in g.iter().zip(w).enumerate() {
-                    let ok = if case.clip.is_none() { a.to_bits() == b.to_bits() } else { (a - b).abs() <= 1e-6 * b.abs().max(1e-3) };
+                    let ok = if bf16_sum {
+                        (a - b).abs() <= atol + rtol * b.abs()
+                    } else if case.clip.is_none() {
+                        a.to_bits() == b.to_bits()
+                    } else {
+                        (a - b).abs() <= 1e-6 * b.abs().max(1e-3)
+                    };
                     assert!(ok, "{name} as {strategy}: {param}[{i}] = {a}, reference {b}");
                 }
             }

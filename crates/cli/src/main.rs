@@ -12,6 +12,7 @@
 //! - `selftest`: the collective conformance suite on a backend (CI runs it under mpirun).
 
 mod bench;
+mod estimate;
 mod launch;
 mod ps;
 mod selftest;
@@ -70,6 +71,9 @@ enum Command {
     },
     /// Runs the collective layer's conformance suite on a backend.
     Selftest(selftest::SelftestArgs),
+    /// Plans a job: bytes per rank by category, bytes sent per step and the predicted
+    /// optimizer-step time, per strategy, precision and world size.
+    Estimate(estimate::EstimateArgs),
     /// Benchmarks, each next to its reference measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         Command::Ps { what } => report("ps", ps::run(what)),
         Command::Selftest(args) => report("selftest", selftest::run(args)),
         Command::Bench { what } => report("bench", bench::run(what)),
+        Command::Estimate(args) => report("estimate", estimate::run(args)),
     }
 }
 

@@ -11,7 +11,7 @@
 use crate::config::{ReduceMode, StepConfig};
 use crate::error::{DistError, Result};
 use crate::precision::{widen_into, FloatDtype, Working};
-use distoptim_collective::{bf16, shard_range, Communicator, ReduceOp};
+use distoptim_collective::{bf16, shard_range, Communicator, ReduceOp, SharedBuf};
 
 /// Multiplies the local gradient by its weight; returns the divisor once the group's
 /// weights are known.
@@ -97,22 +97,34 @@ pub(crate) fn divide(grads: &mut [f32], divisor: f32) {
 /// `bf16_compress_hook`: each rank's c_r = bf(g_r) is pre-divided by W (`mean`) or
 /// multiplied by its batch size (`batch_weighted`) and rounded, the collective sums the
 /// bf16 values (accumulating in f32, one rounding at the end) and the result is widened.
+///
+/// `observe` sees each finished chunk of `out` (for the clip's norm; over the whole
+/// buffer each rank sees its balanced part of every chunk, so partials sum over the
+/// group) unless a division is left (`batch_weighted`), which the caller then applies
+/// and measures itself; the return value says whether it did.
 pub(crate) fn reduce_working<T: Working>(
     comm: &Communicator,
     grads: &[T],
     config: &StepConfig,
     batch_size: usize,
+    staging: &mut Staging,
     out: &mut [f32],
-) -> Result<()> {
+    observe: &mut dyn FnMut(&[f32]),
+) -> Result<bool> {
     let (mode, reduce_dtype) = (config.reduce, config.precision.reduce_dtype);
-    let (sharded, chunk) = (config.strategy.shards_state(), staging_elems(config));
+    let sharded = config.strategy.shards_state();
     let w = local_weight(mode, batch_size);
     let d = divisor(comm, mode, batch_size)?;
     let size = comm.size() as f32;
+    let observed = mode != ReduceMode::BatchWeighted;
+    let mut none = |_: &[f32]| {};
+    let observe: &mut dyn FnMut(&[f32]) = if observed { observe } else { &mut none };
+    let len = (staging_bytes(config, comm.size()) / reduce_dtype.size() as u64) as usize;
     match reduce_dtype {
         FloatDtype::F32 => {
             let op = if mode == ReduceMode::Mean { ReduceOp::Avg } else { ReduceOp::Sum };
-            reduce_chunks::<T, f32>(comm, grads, sharded, chunk, op, |g| g.to_f32() * w, out)?;
+            let buf = staging.f32(comm, len)?;
+            reduce_chunks::<T, f32>(comm, grads, sharded, buf, op, |g| g.to_f32() * w, out, observe)?;
             if mode == ReduceMode::BatchWeighted {
                 divide(out, d);
             }
@@ -126,48 +138,86 @@ pub(crate) fn reduce_working<T: Working>(
                     ReduceMode::Sum => c,
                 }
             };
-            reduce_chunks::<T, bf16>(comm, grads, sharded, chunk, ReduceOp::Sum, compress, out)?;
+            let buf = staging.bf16(comm, len)?;
+            reduce_chunks::<T, bf16>(comm, grads, sharded, buf, ReduceOp::Sum, compress, out, observe)?;
             if mode == ReduceMode::BatchWeighted {
                 divide(out, d);
             }
         }
     }
-    Ok(())
+    Ok(observed)
 }
 
-/// Elements of [`reduce_working`]'s staging buffer: a bucket, at most 4 MiB.
+/// The staging buffers of [`reduce_working`], from the group's shared memory (so the
+/// collective reads peers' chunks in place), allocated at the first mixed-precision step
+/// (collectively: every rank steps) and kept.
+#[derive(Default)]
+pub(crate) struct Staging {
+    f32: Option<SharedBuf<f32>>,
+    bf16: Option<SharedBuf<bf16>>,
+}
+
+impl Staging {
+    fn f32(&mut self, comm: &Communicator, len: usize) -> Result<&mut [f32]> {
+        if self.f32.as_ref().is_none_or(|b| b.len() != len) {
+            self.f32 = Some(comm.alloc(len)?);
+        }
+        Ok(self.f32.as_mut().map_or(&mut [][..], |b| &mut b[..]))
+    }
+
+    fn bf16(&mut self, comm: &Communicator, len: usize) -> Result<&mut [bf16]> {
+        if self.bf16.as_ref().is_none_or(|b| b.len() != len) {
+            self.bf16 = Some(comm.alloc(len)?);
+        }
+        Ok(self.bf16.as_mut().map_or(&mut [][..], |b| &mut b[..]))
+    }
+}
+
+/// Elements of [`reduce_working`]'s staging chunk: a bucket, at most 4 MiB.
 pub(crate) fn staging_elems(config: &StepConfig) -> usize {
     config.bucket_elems().min((4 << 20) / config.precision.reduce_dtype.size()).max(1)
 }
 
+/// Bytes of the staging buffer [`reduce_working`] allocates on a group of `size` ranks.
+pub(crate) fn staging_bytes(config: &StepConfig, size: usize) -> u64 {
+    let chunk = staging_elems(config);
+    let len = if config.strategy.shards_state() { chunk / size * size } else { chunk }.max(size);
+    len as u64 * config.precision.reduce_dtype.size() as u64
+}
+
 /// [`reduce_working`]'s chunked collective: converts with `convert` into staging buffers
 /// of type `R`, reduces with `op`, widens the result into `out`.
+#[allow(clippy::too_many_arguments)]
 fn reduce_chunks<T: Working, R: Working>(
     comm: &Communicator,
     grads: &[T],
     sharded: bool,
-    chunk: usize,
+    staging: &mut [R],
     op: ReduceOp,
     convert: impl Fn(T) -> R,
     out: &mut [f32],
+    observe: &mut dyn FnMut(&[f32]),
 ) -> Result<()> {
     let (size, me, n) = (comm.size(), comm.rank(), grads.len());
-    let chunk = chunk.max(1);
     if !sharded {
-        let mut staging = vec![R::default(); chunk.min(n)];
+        let chunk = staging.len().max(1);
         for start in (0..n).step_by(chunk) {
             let end = (start + chunk).min(n);
             let s = &mut staging[..end - start];
             s.iter_mut().zip(&grads[start..end]).for_each(|(s, g)| *s = convert(*g));
             comm.all_reduce(s, op)?;
             widen_into(s, &mut out[start..end]);
+            // Every rank holds the whole chunk: each observes its balanced part of it, so
+            // the partial norms sum to the chunk's once.
+            let part = shard_range(end - start, size, me);
+            observe(&out[start + part.start..start + part.end]);
         }
         return Ok(());
     }
     let ranges: Vec<_> = (0..size).map(|r| shard_range(n, size, r)).collect();
     let longest = ranges.iter().map(|r| r.len()).max().unwrap_or(0);
-    let block = (chunk / size).max(1).min(longest.max(1));
-    let mut staging = vec![R::default(); size * block];
+    let block = (staging.len() / size).max(1).min(longest.max(1));
+    let staging = &mut staging[..size * block];
     for k in (0..longest).step_by(block) {
         for (r, range) in ranges.iter().enumerate() {
             let src = (range.start + k).min(range.end)..(range.start + k + block).min(range.end);
@@ -176,9 +226,10 @@ fn reduce_chunks<T: Working, R: Working>(
             dst[..len].iter_mut().zip(&grads[src]).for_each(|(s, g)| *s = convert(*g));
             dst[len..].fill(R::default());
         }
-        comm.reduce_scatter(&mut staging, op)?;
+        comm.reduce_scatter(staging, op)?;
         let mine = (ranges[me].len().saturating_sub(k)).min(block);
         widen_into(&staging[me * block..me * block + mine], &mut out[k..k + mine]);
+        observe(&out[k..k + mine]);
     }
     Ok(())
 }

@@ -15,6 +15,8 @@
 //! - [`consolidate()`]: a checkpoint into one `model.safetensors` + `optimizer.safetensors`.
 //! - [`safetensors`]: the file format, read and written by hand.
 //! - [`sampler`]: the distributed sampler and its batch-weighting rule.
+//! - [`precision`]: working types (bf16, f16, f32), the precision policy and loss scaling.
+//! - [`estimate`]: memory, bytes sent and step time of a plan, before running it.
 //! - [`step_lbfgs`]: LBFGS whose closure is reduced over the ranks.
 
 mod buckets;
@@ -25,6 +27,7 @@ mod data_parallel;
 mod diloco;
 pub mod dist_clip;
 mod error;
+pub mod estimate;
 mod grad_sync;
 mod lbfgs;
 mod local_sgd;

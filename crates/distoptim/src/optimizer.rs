@@ -51,6 +51,8 @@ pub struct DistributedOptimizer {
     master: Option<Vec<f32>>,
     /// Dynamic loss scaling, when the policy asks for it.
     scaler: Option<LossScaler>,
+    /// The mixed-precision reduction's staging buffers (shared memory).
+    staging: grad_sync::Staging,
 }
 
 /// The bytes one rank holds, by what they are for: what `train` prints beside the peak
@@ -108,7 +110,7 @@ impl DistributedOptimizer {
         let owned = if config.strategy.shards_state() { shard_range(numel, comm.size(), comm.rank()) } else { 0..numel };
         let opt = Scheduled::new(layout, groups, owned.clone(), schedule)?;
         let scaler = config.precision.loss_scale.map(LossScaler::new);
-        Ok(DistributedOptimizer { comm, config, owned, opt, steps: 0, tp: None, master: None, scaler })
+        Ok(DistributedOptimizer { comm, config, owned, opt, steps: 0, tp: None, master: None, scaler, staging: Default::default() })
     }
 
     /// The precision policy.
@@ -177,14 +179,10 @@ impl DistributedOptimizer {
         let working = self.config.precision.param_dtype.size() as u64;
         let state: u64 = self.opt.optimizer().buffers().map(|(_, b)| b.len() as u64 * 4).sum();
         let master = self.master.as_ref().map_or(0, |m| m.len() as u64 * 4);
-        // During a mixed-precision step: the reduced f32 gradient of the owned range and
-        // one staging chunk (both freed after the step).
-        let transient = if self.mixed() {
-            let chunk = grad_sync::staging_elems(&self.config).min(self.layout().numel()) as u64;
-            chunk * self.config.precision.reduce_dtype.size() as u64 + self.owned.len() as u64 * 4
-        } else {
-            0
-        };
+        // A mixed-precision step: the staging chunk (kept) and the reduced f32 gradient
+        // of the owned range (freed after the step).
+        let transient =
+            if self.mixed() { grad_sync::staging_bytes(&self.config, self.comm.size()) + self.owned.len() as u64 * 4 } else { 0 };
         let kept = self.param_shard().map_or(numel, |r| r.len() as u64);
         MemoryLedger { working_params: kept * working, grads: numel * working, master, optimizer_state: state, comm_buffers: transient }
     }
@@ -414,7 +412,20 @@ impl DistributedOptimizer {
         let mut reduced = vec![0.0f32; owned.len()];
         let sharded = self.config.strategy.shards_state();
         let p = self.config.precision;
-        grad_sync::reduce_working(&self.comm, grads, &self.config, batch_size, &mut reduced)?;
+        // The clip's norm is measured on each chunk as the reduction finishes it (not under
+        // loss scaling, which unscales after the reduction).
+        let mut measure = match (&self.config.clip, &self.scaler) {
+            (Some(c), None) => Some(clip::NormAccumulator::new(c.norm)),
+            _ => None,
+        };
+        let mut observe = |piece: &[f32]| {
+            if let Some(m) = measure.as_mut() {
+                m.add(piece);
+            }
+        };
+        let observed =
+            grad_sync::reduce_working(&self.comm, grads, &self.config, batch_size, &mut self.staging, &mut reduced, &mut observe)?;
+        let measured = measure.filter(|_| observed).map(clip::NormAccumulator::finish);
         if let Some(scaler) = self.scaler.as_mut() {
             // GradScaler.unscale_: multiply by the f32 reciprocal, then look for inf/NaN
             // over the whole gradient (every rank's range).
@@ -441,14 +452,14 @@ impl DistributedOptimizer {
                     m
                 }
             };
-            let report = self.clip_and_step(&mut master, &mut reduced, 1.0, None);
+            let report = self.clip_and_step(&mut master, &mut reduced, 1.0, measured);
             round_into(&master, self.owned_params(params));
             self.master = Some(master);
             report
         } else {
             let full = T::as_f32_mut(params).ok_or_else(|| DistError::Invalid("f32 parameters expected".into()))?;
             let mine = if full.len() == self.layout().numel() { &mut full[owned.clone()] } else { full };
-            self.clip_and_step(mine, &mut reduced, 1.0, None)
+            self.clip_and_step(mine, &mut reduced, 1.0, measured)
         };
         drop(reduced);
         let report = report?;

@@ -4,10 +4,11 @@
 
 use distoptim::checkpoint::{self, SaveOptions};
 use distoptim::{
-    data_parallel, DataParallelConfig, DistributedOptimizer, FloatDtype, LossScaleConfig, Precision, ReduceMode, StepConfig, Strategy,
-    Working,
+    data_parallel, ClipConfig, DataParallelConfig, DistributedOptimizer, FloatDtype, LossScaleConfig, Precision, ReduceMode, StepConfig,
+    Strategy, Working,
 };
 use distoptim_collective::{bf16, f16, CommConfig, Communicator};
+use distoptim_optim::clip::NormType;
 use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, ParamGroup, Schedule};
 
 const STRATEGIES: [Strategy; 4] = [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3];
@@ -42,7 +43,7 @@ fn config() -> CommConfig {
 /// One process: the ranks' gradients reduced as the policy says (bf16: compressed per
 /// rank, summed in f32 in rank order, rounded once, which is what the embedded
 /// collective does), then an f32 step of the master. Returns the master after each step.
-fn reference(p: Precision, w: usize, batch: &[usize], mode: ReduceMode, steps: usize) -> Vec<Vec<f32>> {
+fn reference(p: Precision, w: usize, batch: &[usize], mode: ReduceMode, steps: usize, clip: Option<ClipConfig>) -> Vec<Vec<f32>> {
     let layout = layout();
     let n = layout.numel();
     let mut master = init(n);
@@ -71,6 +72,9 @@ fn reference(p: Precision, w: usize, batch: &[usize], mode: ReduceMode, steps: u
             _ => 1.0,
         };
         total.iter_mut().for_each(|x| *x /= d);
+        if let Some(c) = clip {
+            distoptim_optim::clip::clip_grad_norm(&mut total, c.max_norm, c.norm, false).unwrap();
+        }
         opt.step(&mut master, &total).unwrap();
         out.push(master.clone());
     }
@@ -86,13 +90,14 @@ fn distributed<T: Working>(
     batch: &[usize],
     mode: ReduceMode,
     steps: usize,
+    clip: Option<ClipConfig>,
 ) -> Vec<Vec<(Vec<f32>, Vec<f32>)>> {
     Communicator::run_threads(w, &config(), |comm| {
         let layout = layout();
         let n = layout.numel();
         let r = comm.rank();
         // Buckets of 16 elements: the chunked reduction runs several rounds.
-        let step_config = StepConfig { reduce: mode, precision: p, bucket_cap_mb: 64.0 / 1048576.0, ..StepConfig::new(strategy) };
+        let step_config = StepConfig { reduce: mode, precision: p, clip, bucket_cap_mb: 64.0 / 1048576.0, ..StepConfig::new(strategy) };
         let mut opt = DistributedOptimizer::new(comm.clone(), layout, groups(), None, step_config).unwrap();
         let start = init(n);
         opt.set_master(&start).unwrap();
@@ -120,14 +125,41 @@ fn check<T: Working>(p: Precision) {
         let batch: Vec<usize> = (0..w).map(|r| [3, 0, 5, 1, 2][r]).collect();
         for mode in [ReduceMode::Mean, ReduceMode::BatchWeighted, ReduceMode::Sum] {
             let batch = if mode == ReduceMode::BatchWeighted && w == 1 { vec![4] } else { batch.clone() };
-            let want = reference(p, w, &batch, mode, 3);
+            let want = reference(p, w, &batch, mode, 3, None);
             for strategy in STRATEGIES {
-                for (r, steps) in distributed::<T>(strategy, p, w, &batch, mode, 3).into_iter().enumerate() {
+                for (r, steps) in distributed::<T>(strategy, p, w, &batch, mode, 3, None).into_iter().enumerate() {
                     for (t, (params, master)) in steps.into_iter().enumerate() {
                         let what = format!("{strategy} {p:?} {mode:?} W={w} rank {r} step {t}");
                         assert!(same_bits(&master, &want[t]), "master differs: {what}");
                         let rounded: Vec<f32> = want[t].iter().map(|&x| p.param_dtype.round(x)).collect();
                         assert!(same_bits(&params, &rounded), "working params are not q(master): {what}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn clipping_under_mixed_precision_counts_every_element_once() {
+    let p = Precision::new(FloatDtype::Bf16);
+    for norm in [NormType::P(2.0), NormType::Inf, NormType::P(1.0)] {
+        let clip = Some(ClipConfig { max_norm: 0.05, norm, error_if_nonfinite: false });
+        for w in [1, 2, 3, 5] {
+            for mode in [ReduceMode::Mean, ReduceMode::BatchWeighted] {
+                let batch: Vec<usize> = (0..w).map(|r| [3, 0, 5, 1, 2][r]).collect();
+                let batch = if mode == ReduceMode::BatchWeighted && w == 1 { vec![4] } else { batch };
+                let want = reference(p, w, &batch, mode, 3, clip);
+                for strategy in STRATEGIES {
+                    for steps in distributed::<bf16>(strategy, p, w, &batch, mode, 3, clip) {
+                        for (t, (_, master)) in steps.iter().enumerate() {
+                            for (a, b) in master.iter().zip(&want[t]) {
+                                assert!(
+                                    (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                                    "{strategy} {norm:?} W={w} {mode:?} step {t}: {a} vs {b}"
+                                );
+                            }
+                        }
                     }
                 }
             }

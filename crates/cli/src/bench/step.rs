@@ -12,12 +12,25 @@
 //! owned element (g, p, m, v read; p, m, v written). "minimum" is the same without the
 //! norm: what the kernels must move.
 //!
+//! ZeRO-3's step includes the all-gather of the parameters before the next forward pass
+//! (its per-iteration cost), so every strategy's row is one training iteration's
+//! optimizer work.
+//!
+//! `--precision bf16,f16` adds mixed-precision rows (parameters and gradients of that
+//! type, f32 master and state, reduction in `--reduce-dtype`), each with its time next to
+//! the f32 row of the same strategy. Every row also shows `distoptim estimate`'s
+//! prediction for it, from an alpha-beta fit of this run's own all-reduce and the AdamW
+//! kernel's measured bandwidth, and the prediction's error; the ledger of the live
+//! optimizer is checked against the estimate's (it must be equal).
+//!
 //! Like `bench collectives`, it launches itself on `--nproc` processes (shm backend);
 //! each process uses one optimizer thread so ranks do not fight over cores.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use distoptim::{ClipConfig, DistributedOptimizer, StepConfig, Strategy};
+use distoptim::estimate::{estimate, Machine, Plan};
+use distoptim::{ClipConfig, DistributedOptimizer, FloatDtype, Precision, StepConfig, Strategy, Working};
+use distoptim_collective::{bf16, f16};
 use distoptim_collective::{Communicator, ReduceOp};
 use distoptim_optim::clip::NormType;
 use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, ParamGroup};
@@ -41,6 +54,13 @@ pub struct StepArgs {
     /// Optimizer threads per rank.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Working types of the parameters and gradients to measure (f32 is always run, as
+    /// the reference of the others).
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["f32".to_string()], value_parser = ["f32", "bf16", "f16"])]
+    precision: Vec<String>,
+    /// What the mixed-precision rows sum gradients in.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    reduce_dtype: String,
 }
 
 pub fn run(args: StepArgs) -> Result<()> {
@@ -67,7 +87,18 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
     let groups = vec![ParamGroup { params: vec![0], config: adamw }];
     let clip = Some(ClipConfig { max_norm: 1.0, norm: NormType::P(2.0), error_if_nonfinite: false });
     let out = comm.rank() == 0;
+    let (alpha, beta) = crate::estimate::measure_network(comm)?;
+    let machine = Machine { alpha, beta, memory_bandwidth: crate::estimate::measure_kernel()? };
+    let predict = |s: Strategy, precision: Precision| {
+        estimate(&Plan { params: n, world_size: comm.size(), strategy: s, precision, state_buffers: 2 }, &machine)
+    };
     if out {
+        println!(
+            "# estimate's machine, fitted in this run: latency {:.2} us/step, {:.2} GB/s per rank, AdamW kernel {:.1} GB/s",
+            alpha * 1e6,
+            beta / 1e9,
+            machine.memory_bandwidth / 1e9
+        );
         println!(
             "# distoptim bench step: {} ranks (shm), {n} f32 params, AdamW + clip (L2, 1.0), {} optimizer thread(s) per rank, median of {}",
             comm.size(),
@@ -76,7 +107,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
         );
         println!("# parts: the strategy's collectives alone + AdamW over the owned elements alone, same run, same buffers; norm (own): a separate read of the owned gradients, for reference (the step measures the norm inside the collective)");
         println!(
-            "{:<7} {:>10} {:>12} {:>12} {:>10} {:>9} {:>11} {:>16} {:>10} {:>10}",
+            "{:<7} {:>10} {:>12} {:>12} {:>10} {:>9} {:>11} {:>16} {:>10} {:>10} {:>10} {:>7}",
             "step",
             "ms/step",
             "collectives",
@@ -86,9 +117,12 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
             "norm (own)",
             "state MB / rank",
             "MB moved",
-            "minimum"
+            "minimum",
+            "predicted",
+            "error"
         );
     }
+    let mut f32_times = Vec::new();
     for name in &args.strategies {
         let s = strategy(name)?;
         let config = StepConfig { clip, ..StepConfig::new(s) };
@@ -107,6 +141,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
             },
             || {
                 opt.step(&mut params, &mut shared.borrow_mut(), 1)?;
+                opt.gather_params(&mut params)?;
                 Ok(())
             },
         )?;
@@ -121,7 +156,10 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
                     comm.reduce_scatter(&mut grads, ReduceOp::Avg)?;
                     comm.all_gather(&mut params)?;
                 }
-                Strategy::Zero3 => comm.reduce_scatter(&mut grads, ReduceOp::Avg)?,
+                Strategy::Zero3 => {
+                    comm.reduce_scatter(&mut grads, ReduceOp::Avg)?;
+                    comm.all_gather(&mut params)?;
+                }
                 Strategy::PostLocalSgd | Strategy::Diloco => bail!("bench step measures the synchronous strategies, not {s}"),
             }
             Ok(())
@@ -138,9 +176,12 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
         })?;
         let parts = collectives + adam;
         let (moved, minimum) = traffic(s, n, owned.len(), comm.size());
+        let predicted = predict(s, Precision::f32());
+        check_ledger(&opt, &predicted.memory)?;
+        f32_times.push((s, step));
         if out {
             println!(
-                "{:<7} {:>10.2} {:>12.2} {:>12.2} {:>10.2} {:>8.0}% {:>11.2} {:>16.1} {:>10.0} {:>10.0}",
+                "{:<7} {:>10.2} {:>12.2} {:>12.2} {:>10.2} {:>8.0}% {:>11.2} {:>16.1} {:>10.0} {:>10.0} {:>10.2} {:>6.0}%",
                 name,
                 step * 1e3,
                 collectives * 1e3,
@@ -150,11 +191,95 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
                 norm * 1e3,
                 (opt.state_elems() * 8) as f64 / 1e6,
                 moved / 1e6,
-                minimum / 1e6
+                minimum / 1e6,
+                predicted.step_seconds() * 1e3,
+                100.0 * (predicted.step_seconds() / step - 1.0)
             );
         }
     }
+    let mixed: Vec<FloatDtype> = args.precision.iter().map(|p| p.parse()).collect::<distoptim::Result<_>>()?;
+    let reduce_dtype: FloatDtype = args.reduce_dtype.parse()?;
+    let mixed: Vec<FloatDtype> = mixed.into_iter().filter(|&d| d != FloatDtype::F32 || reduce_dtype != FloatDtype::F32).collect();
+    if !mixed.is_empty() && out {
+        println!("# mixed precision: parameters and gradients of the working type, f32 master and state, reduced in {reduce_dtype}; bytes sent per rank per step as the ring model counts them");
+        println!(
+            "{:<7} {:>6} {:>10} {:>9} {:>12} {:>16} {:>10} {:>7} {:>16}",
+            "step", "dtype", "ms/step", "vs f32", "sent MB", "f32 sent MB", "predicted", "error", "state+master MB"
+        );
+    }
+    for dtype in mixed {
+        let precision = Precision::new(dtype).with_reduce_dtype(reduce_dtype);
+        for (s, f32_step) in f32_times.clone() {
+            let (step, opt_bytes) = match dtype {
+                FloatDtype::F32 => mixed_step::<f32>(comm, s, precision, &layout, &groups, clip, args.iters)?,
+                FloatDtype::Bf16 => mixed_step::<bf16>(comm, s, precision, &layout, &groups, clip, args.iters)?,
+                FloatDtype::F16 => mixed_step::<f16>(comm, s, precision, &layout, &groups, clip, args.iters)?,
+            };
+            let predicted = predict(s, precision);
+            let reference = predict(s, Precision::f32());
+            if out {
+                println!(
+                    "{:<7} {:>6} {:>10.2} {:>8.2}x {:>12.1} {:>16.1} {:>10.2} {:>6.0}% {:>16.1}",
+                    s.name(),
+                    dtype.name(),
+                    step * 1e3,
+                    step / f32_step,
+                    predicted.sent_bytes / 1e6,
+                    reference.sent_bytes / 1e6,
+                    predicted.step_seconds() * 1e3,
+                    100.0 * (predicted.step_seconds() / step - 1.0),
+                    opt_bytes as f64 / 1e6
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// The live optimizer's ledger must be the estimate's: a mismatch is a bug in one of them.
+fn check_ledger(opt: &DistributedOptimizer, predicted: &distoptim::MemoryLedger) -> Result<()> {
+    let live = opt.memory();
+    if &live != predicted {
+        bail!("the optimizer's ledger {live:?} differs from the estimate's {predicted:?}");
+    }
+    Ok(())
+}
+
+/// The median mixed-precision step (and, for ZeRO-3, the gather after it) with working
+/// type `T`; returns it and the bytes of optimizer state and master this rank holds.
+fn mixed_step<T: Working>(
+    comm: &Communicator,
+    s: Strategy,
+    precision: Precision,
+    layout: &Layout,
+    groups: &[ParamGroup],
+    clip: Option<ClipConfig>,
+    iters: usize,
+) -> Result<(f64, u64)> {
+    let n = layout.numel();
+    let config = StepConfig { clip, precision, ..StepConfig::new(s) };
+    let mut opt = DistributedOptimizer::new(comm.clone(), layout.clone(), groups.to_vec(), None, config)?;
+    let init: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
+    opt.set_master(&init)?;
+    let mut params: Vec<T> = init.iter().map(|&x| T::from_f32(x)).collect();
+    drop(init);
+    let mut grads = vec![T::default(); n];
+    let shared = std::cell::RefCell::new(&mut grads);
+    let step = timed_ranks_after(
+        comm,
+        iters,
+        || {
+            shared.borrow_mut().iter_mut().enumerate().for_each(|(i, x)| *x = T::from_f32(((i % 89) as f32 - 44.0) * 1e-4));
+            Ok(())
+        },
+        || {
+            opt.step(&mut params, &mut shared.borrow_mut(), 1)?;
+            opt.gather_params(&mut params)?;
+            Ok(())
+        },
+    )?;
+    let m = opt.memory();
+    Ok((step, m.optimizer_state + m.master))
 }
 
 /// Bytes this rank moves through memory per step (see the module docs): the modelled
@@ -174,7 +299,8 @@ fn traffic(s: Strategy, n: usize, own: usize, w: usize) -> (f64, f64) {
         Strategy::Ddp => reduce_scatter + gather,
         Strategy::Zero1 => reduce_scatter + 2.0 * gather,
         Strategy::Zero2 => reduce_scatter + gather,
-        Strategy::Zero3 | Strategy::PostLocalSgd | Strategy::Diloco => reduce_scatter,
+        Strategy::Zero3 => reduce_scatter + gather,
+        Strategy::PostLocalSgd | Strategy::Diloco => reduce_scatter,
     };
     // Mean: the collective divides and the norm is measured on the blocks it writes.
     (collective + 7.0 * own, collective + 7.0 * own)

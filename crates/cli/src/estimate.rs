@@ -1,0 +1,236 @@
+//! `distoptim estimate`: the bytes per rank by category, the bytes each rank sends per
+//! step and a predicted optimizer-step time, for a model size, world sizes, strategies
+//! and precisions (see `distoptim::estimate` for the model).
+//!
+//! The network and memory figures default to a calibration on this host, run first: the
+//! shared-memory engine's all-reduce at 4 KiB (latency) and 64 MiB (bandwidth) on each
+//! world size asked for, and the AdamW kernel over 8M elements (memory bandwidth as the
+//! kernel achieves it). `--latency-us`, `--bandwidth-gbs` and `--memory-gbs` replace them
+//! to plan a job on another network (a multi-host one, say).
+
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use distoptim::estimate::{estimate, Machine, Plan};
+use distoptim::{FloatDtype, Precision, Strategy};
+use distoptim_collective::{CommConfig, Communicator, ReduceOp};
+use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig};
+
+#[derive(Args, Debug)]
+pub struct EstimateArgs {
+    /// Parameters of the model: a number with an optional K, M or B suffix (25M, 1.3B).
+    #[arg(long, value_parser = parse_count, conflicts_with = "layers")]
+    params: Option<usize>,
+    /// Or the model's tensors as shapes, e.g. `2048x4096,4096,4096x4096,4096,4096x10,10`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
+    layers: Vec<usize>,
+    /// World sizes.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [1usize, 2, 4, 8], value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    nproc: Vec<usize>,
+    /// Strategies.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["ddp".to_string(), "zero1".into(), "zero2".into(), "zero3".into()], value_parser = ["ddp", "zero1", "zero2", "zero3"])]
+    strategy: Vec<String>,
+    /// Working types of the parameters and gradients.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["f32".to_string(), "bf16".into()], value_parser = ["f32", "bf16", "f16"])]
+    precision: Vec<String>,
+    /// What gradients are summed in.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    reduce_dtype: String,
+    /// The optimizer (its f32 state buffers per parameter: adam/adamw 2, sgd 1).
+    #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw"])]
+    optimizer: String,
+    /// Latency per collective step, in microseconds (default: calibrated on this host).
+    #[arg(long, value_parser = positive)]
+    latency_us: Option<f64>,
+    /// Bytes per second a rank sends, in GB/s (default: calibrated on this host).
+    #[arg(long, value_parser = positive)]
+    bandwidth_gbs: Option<f64>,
+    /// Memory bandwidth of one rank's optimizer kernel, in GB/s (default: calibrated).
+    #[arg(long, value_parser = positive)]
+    memory_gbs: Option<f64>,
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("must be a positive number, got {s:?}")),
+    }
+}
+
+/// `25M`, `1.3B`, `4096`: a count of at most 2^48.
+pub fn parse_count(s: &str) -> Result<usize, String> {
+    let (digits, scale) = match s.trim().chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1e3),
+        Some('M') => (&s[..s.len() - 1], 1e6),
+        Some('B') | Some('G') => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    match digits.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 1.0 && v * scale <= (1u64 << 48) as f64 => Ok((v * scale).round() as usize),
+        _ => Err(format!("{s:?} is not a parameter count (a number >= 1 with an optional K, M or B suffix, at most 2^48)")),
+    }
+}
+
+/// `4096x2048` → 8388608 elements.
+fn parse_shape(s: &str) -> Result<usize, String> {
+    s.split('x').try_fold(1usize, |n, d| {
+        let d: usize = d.trim().parse().map_err(|_| format!("{s:?} is not a shape like 4096x2048"))?;
+        n.checked_mul(d).filter(|&n| n <= 1 << 48).ok_or_else(|| format!("{s:?} has too many elements"))
+    })
+}
+
+/// The alpha-beta figures of `comm`'s all-reduce (collective): the latency per ring step
+/// from 4 KiB, the bandwidth per rank from 64 MiB (medians, the slowest rank's).
+pub fn measure_network(comm: &Communicator) -> Result<(f64, f64)> {
+    let w = comm.size();
+    if w == 1 {
+        return Ok((0.0, f64::INFINITY));
+    }
+    let median = |len: usize, reps: usize| -> Result<f64> {
+        let mut buf = vec![1.0f32; len];
+        let mut t = Vec::new();
+        for i in 0..reps + 2 {
+            comm.barrier()?;
+            let start = Instant::now();
+            comm.all_reduce(&mut buf, ReduceOp::Sum)?;
+            if i >= 2 {
+                t.push(start.elapsed().as_secs_f64());
+            }
+        }
+        t.sort_by(f64::total_cmp);
+        let mut all = [t[t.len() / 2]];
+        comm.all_reduce(&mut all, ReduceOp::Max)?;
+        Ok(all[0])
+    };
+    let (small, large) = (median(1024, 50)?, median(16 << 20, 5)?);
+    let steps = 2.0 * (w as f64 - 1.0);
+    let alpha = small / steps;
+    let bytes = steps / w as f64 * (64u64 << 20) as f64;
+    Ok((alpha, bytes / (large - steps * alpha).max(1e-9)))
+}
+
+/// Bytes per second the AdamW kernel moves on one thread of this host (8M elements, 7
+/// f32 accesses each, median of 5).
+pub fn measure_kernel() -> Result<f64> {
+    let n = 8 << 20;
+    let layout = Layout::new([("w", vec![n])])?;
+    let mut opt = Optimizer::new(layout, OptimizerConfig::Adam(AdamConfig::adamw()))?;
+    let (mut p, g) = (vec![0.5f32; n], vec![0.01f32; n]);
+    let mut t = Vec::new();
+    for i in 0..7 {
+        let start = Instant::now();
+        opt.step(&mut p, &g)?;
+        if i >= 2 {
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(7.0 * 4.0 * n as f64 / t[t.len() / 2])
+}
+
+/// The host's figures, measured: (W, alpha, beta) per world size (threads on the
+/// shared-memory engine) and the kernel bandwidth.
+fn calibrate(sizes: &[usize]) -> Result<(Vec<(usize, f64, f64)>, f64)> {
+    let config = CommConfig::default().with_timeout(std::time::Duration::from_secs(60));
+    let mut network = Vec::new();
+    for &w in sizes.iter().filter(|&&w| w > 1 && w <= 64) {
+        let fits = Communicator::run_threads(w, &config, |comm| measure_network(&comm))?;
+        let (alpha, beta) = fits.into_iter().next().context("no rank")??;
+        network.push((w, alpha, beta));
+    }
+    // One kernel thread per rank, as the ranks of a job share the cores.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().context("building a one-thread pool")?;
+    Ok((network, pool.install(measure_kernel)?))
+}
+
+pub fn run(args: EstimateArgs) -> Result<()> {
+    let params = match (args.params, args.layers.is_empty()) {
+        (Some(p), _) => p,
+        (None, false) => args.layers.iter().sum(),
+        (None, true) => bail!("give the model size with --params (25M, 1.3B) or --layers (4096x2048,4096,…)"),
+    };
+    ensure!(params > 0, "the model has no parameters");
+    let state_buffers = if args.optimizer == "sgd" { 1 } else { 2 };
+    let reduce_dtype: FloatDtype = args.reduce_dtype.parse()?;
+    let given = (args.latency_us, args.bandwidth_gbs);
+    let (network, memory) = if given.0.is_some() && given.1.is_some() && args.memory_gbs.is_some() {
+        (Vec::new(), 0.0)
+    } else {
+        println!("# calibrating on this host (shared-memory all-reduce at 4 KiB and 64 MiB per world size, AdamW over 8M elements)…");
+        calibrate(&args.nproc)?
+    };
+    let machine_for = |w: usize| -> Machine {
+        let measured = network.iter().find(|(n, _, _)| *n == w).map_or((0.0, f64::INFINITY), |&(_, a, b)| (a, b));
+        Machine {
+            alpha: args.latency_us.map_or(measured.0, |us| us * 1e-6),
+            beta: args.bandwidth_gbs.map_or(measured.1, |g| g * 1e9),
+            memory_bandwidth: args.memory_gbs.map_or(memory, |g| g * 1e9),
+        }
+    };
+    println!(
+        "# distoptim estimate: {params} parameters, {} ({} f32 state buffers per parameter), reduce in {reduce_dtype}",
+        args.optimizer, state_buffers
+    );
+    for &w in &args.nproc {
+        let m = machine_for(w);
+        if w > 1 {
+            println!(
+                "# W={w}: latency {:.2} us per step, bandwidth {:.2} GB/s per rank, optimizer kernel {:.1} GB/s{}",
+                m.alpha * 1e6,
+                m.beta / 1e9,
+                m.memory_bandwidth / 1e9,
+                if given.0.is_some() || given.1.is_some() { " (given)" } else { " (measured here)" }
+            );
+        }
+    }
+    println!(
+        "{:<6} {:>4} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} | {:>10} {:>10} {:>10}",
+        "strat", "W", "prec", "params", "grads", "master", "state", "comm", "total MiB", "bytes/par", "sent MB", "comm ms", "step ms"
+    );
+    for name in &args.strategy {
+        let strategy: Strategy = name.parse()?;
+        for dtype in &args.precision {
+            let precision = Precision::new(dtype.parse()?).with_reduce_dtype(reduce_dtype);
+            for &w in &args.nproc {
+                let plan = Plan { params, world_size: w, strategy, precision, state_buffers };
+                let e = estimate(&plan, &machine_for(w));
+                let mib = |b: u64| b as f64 / 1048576.0;
+                let m = e.memory;
+                println!(
+                    "{:<6} {:>4} {:>6} | {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>10.2} | {:>10.1} {:>10.2} {:>10.2}",
+                    name,
+                    w,
+                    dtype,
+                    mib(m.working_params),
+                    mib(m.grads),
+                    mib(m.master),
+                    mib(m.optimizer_state),
+                    mib(m.comm_buffers),
+                    mib(m.total()),
+                    m.total() as f64 / params as f64,
+                    e.sent_bytes / 1e6,
+                    e.comm_seconds * 1e3,
+                    e.step_seconds() * 1e3
+                );
+            }
+        }
+    }
+    println!("# memory: what distoptim holds per rank (the framework's own copies of the model and its gradients come on top); step: the optimizer step (collectives + kernel), not forward/backward");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_shapes_parse_with_checks() {
+        assert_eq!(parse_count("25M"), Ok(25_000_000));
+        assert_eq!(parse_count("1.3b"), Ok(1_300_000_000));
+        assert_eq!(parse_count("4096"), Ok(4096));
+        assert!(parse_count("0").is_err() && parse_count("1e30").is_err() && parse_count("x").is_err());
+        assert_eq!(parse_shape("4096x2048"), Ok(8_388_608));
+        assert!(parse_shape("99999999x99999999x99999").is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! Planning a job before running it: the bytes each rank holds by category (the same
+//! ledger [`DistributedOptimizer::memory`](crate::DistributedOptimizer::memory) reports
+//! for a live run), the bytes each rank sends per step, and a predicted step time from an
+//! alpha-beta network model and the optimizer's memory traffic.
+//!
+//! The network model charges each collective over W ranks `steps · alpha + bytes / beta`,
+//! with the ring algorithm's counts: a reduce-scatter or all-gather of `B` bytes takes
+//! W-1 steps and sends (W-1)/W · B per rank; an all-reduce twice that. A step is:
+//!
+//! | strategy | gradient collective (`reduce_dtype`) | parameter collective (`param_dtype`) |
+//! |---|---|---|
+//! | ddp   | all-reduce | – |
+//! | zero1 | all-reduce (f32) or reduce-scatter (mixed) | all-gather |
+//! | zero2 | reduce-scatter | all-gather |
+//! | zero3 | reduce-scatter | all-gather (before the next forward pass) |
+//!
+//! plus the optimizer kernel over the owned elements at the host's memory bandwidth.
+
+use crate::config::{StepConfig, Strategy};
+use crate::optimizer::MemoryLedger;
+use crate::precision::{FloatDtype, Precision};
+use distoptim_collective::shard_range;
+
+/// What is being planned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Parameters of the model.
+    pub params: usize,
+    /// Data-parallel ranks.
+    pub world_size: usize,
+    /// DDP or ZeRO-1/2/3.
+    pub strategy: Strategy,
+    /// Working and reduction types.
+    pub precision: Precision,
+    /// f32 state buffers per parameter: 2 for Adam/AdamW, 3 with amsgrad, 1 for SGD
+    /// with momentum.
+    pub state_buffers: usize,
+}
+
+/// The network and host the plan runs on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Machine {
+    /// Seconds per collective step (latency).
+    pub alpha: f64,
+    /// Bytes per second a rank sends.
+    pub beta: f64,
+    /// Bytes per second one rank's optimizer kernel moves through memory.
+    pub memory_bandwidth: f64,
+}
+
+/// The plan's prediction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Estimate {
+    /// Bytes rank 0 holds by category (the largest shard: rank 0's is never smaller).
+    pub memory: MemoryLedger,
+    /// Bytes each rank sends per step.
+    pub sent_bytes: f64,
+    /// Predicted seconds in collectives per step.
+    pub comm_seconds: f64,
+    /// Predicted seconds in the optimizer kernel per step.
+    pub optimizer_seconds: f64,
+}
+
+impl Estimate {
+    /// Predicted seconds per optimizer step (communication plus the kernel; the forward
+    /// and backward passes are the model's and not counted).
+    pub fn step_seconds(&self) -> f64 {
+        self.comm_seconds + self.optimizer_seconds
+    }
+}
+
+/// One collective of a step: ring steps and bytes sent per rank.
+fn ring(w: usize, bytes: f64, all_reduce: bool) -> (f64, f64) {
+    let w = w as f64;
+    let k = if all_reduce { 2.0 } else { 1.0 };
+    (k * (w - 1.0), k * (w - 1.0) / w * bytes)
+}
+
+/// The estimate of `plan` on `machine`.
+pub fn estimate(plan: &Plan, machine: &Machine) -> Estimate {
+    let (n, w) = (plan.params, plan.world_size.max(1));
+    let p = plan.precision;
+    let config = StepConfig { precision: p, ..StepConfig::new(plan.strategy) };
+    let mixed = p.param_dtype != FloatDtype::F32 || p.reduce_dtype != FloatDtype::F32 || p.loss_scale.is_some();
+    let owned = if plan.strategy.shards_state() { shard_range(n, w, 0).len() } else { n };
+    let (psize, rsize) = (p.param_dtype.size() as u64, p.reduce_dtype.size() as u64);
+    let kept = if plan.strategy == Strategy::Zero3 { owned } else { n };
+    let transient = if mixed { crate::grad_sync::staging_bytes(&config, w) + owned as u64 * 4 } else { 0 };
+    let memory = MemoryLedger {
+        working_params: kept as u64 * psize,
+        grads: n as u64 * psize,
+        master: if p.has_master() { owned as u64 * 4 } else { 0 },
+        optimizer_state: (owned * plan.state_buffers) as u64 * 4,
+        comm_buffers: transient,
+    };
+    let grad_bytes = (n as u64 * rsize) as f64;
+    let param_bytes = (n as u64 * psize) as f64;
+    let collectives: Vec<(f64, f64)> = if w == 1 {
+        Vec::new()
+    } else {
+        match plan.strategy {
+            Strategy::Ddp => vec![ring(w, grad_bytes, true)],
+            Strategy::Zero1 if !mixed => vec![ring(w, grad_bytes, true), ring(w, param_bytes, false)],
+            _ => vec![ring(w, grad_bytes, false), ring(w, param_bytes, false)],
+        }
+    };
+    let comm_seconds = collectives.iter().fold(0.0, |t, (steps, bytes)| t + steps * machine.alpha + bytes / machine.beta);
+    let sent_bytes = collectives.iter().fold(0.0, |t, (_, b)| t + b);
+    // The kernel reads g, p and each state buffer and writes p and each state buffer (a
+    // mixed step also reads the gradient in the working type and writes the rounded copy).
+    let per_elem = 4.0 * (3.0 + 2.0 * plan.state_buffers as f64)
+        + if mixed { (p.param_dtype.size() + p.reduce_dtype.size()) as f64 + 4.0 } else { 0.0 };
+    let optimizer_seconds = owned as f64 * per_elem / machine.memory_bandwidth;
+    Estimate { memory, sent_bytes, comm_seconds, optimizer_seconds }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DistributedOptimizer;
+    use distoptim_collective::{CommConfig, Communicator};
+    use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup};
+
+    /// The plan's ledger is what a live optimizer reports after a step, for every
+    /// strategy, precision and world size.
+    #[test]
+    fn the_estimate_is_the_live_ledger() {
+        let n = 1001;
+        let layout = Layout::new([("w", vec![n])]).unwrap();
+        let groups = vec![ParamGroup { params: vec![0], config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
+        let machine = Machine { alpha: 1e-6, beta: 1e9, memory_bandwidth: 1e10 };
+        for w in [1, 3, 4] {
+            for strategy in [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3] {
+                for precision in [Precision::f32(), Precision::new(FloatDtype::Bf16).with_reduce_dtype(FloatDtype::Bf16)] {
+                    let live = Communicator::run_threads(w, &CommConfig::default(), |comm| {
+                        let config = StepConfig { precision, ..StepConfig::new(strategy) };
+                        let mut opt = DistributedOptimizer::new(comm, layout.clone(), groups.clone(), None, config).unwrap();
+                        let full = vec![0.5f32; n];
+                        opt.set_master(&full).unwrap();
+                        if precision.param_dtype == FloatDtype::F32 {
+                            opt.step(&mut full.clone(), &mut vec![0.1f32; n], 1).unwrap();
+                        } else {
+                            let mut p = vec![distoptim_collective::bf16::from_f32(0.5); n];
+                            opt.step(&mut p, &mut vec![distoptim_collective::bf16::from_f32(0.1); n], 1).unwrap();
+                        }
+                        opt.memory()
+                    })
+                    .unwrap();
+                    let plan = Plan { params: n, world_size: w, strategy, precision, state_buffers: 2 };
+                    assert_eq!(estimate(&plan, &machine).memory, live[0], "{strategy} W={w} {precision:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_sent_follow_the_ring_counts() {
+        let machine = Machine { alpha: 0.0, beta: 1.0, memory_bandwidth: 1e30 };
+        let plan = |strategy, precision| Plan { params: 1000, world_size: 4, strategy, precision, state_buffers: 2 };
+        // DDP f32: an all-reduce of 4000 bytes sends 2·3/4 of them.
+        assert_eq!(estimate(&plan(Strategy::Ddp, Precision::f32()), &machine).sent_bytes, 6000.0);
+        // ZeRO-2 bf16/bf16: a reduce-scatter and an all-gather of 2000 bytes each.
+        let bf16 = Precision::new(FloatDtype::Bf16).with_reduce_dtype(FloatDtype::Bf16);
+        assert_eq!(estimate(&plan(Strategy::Zero2, bf16), &machine).sent_bytes, 3000.0);
+        assert_eq!(estimate(&plan(Strategy::Zero2, bf16), &machine).comm_seconds, 3000.0);
+    }
+}

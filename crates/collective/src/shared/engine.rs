@@ -194,7 +194,10 @@ impl SharedEngine {
                 std::hint::spin_loop();
                 continue;
             }
-            if self.seg.state(peer).load(Ordering::Acquire) == STATE_LEFT {
+            // A peer may arrive, finish the call and leave between two of our checks: it
+            // left *this* call only if it has not arrived (its arrival is ordered before
+            // its leaving, so reading the count after the state sees it).
+            if self.seg.state(peer).load(Ordering::Acquire) == STATE_LEFT && self.seg.arrived(peer).load(Ordering::Acquire) < target {
                 return Err(CommError::PeerLeft { rank: peer, op: *fp });
             }
             let now = Instant::now();

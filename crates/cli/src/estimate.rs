@@ -2,10 +2,10 @@
 //! step and a predicted optimizer-step time, for a model size, world sizes, strategies
 //! and precisions (see `distoptim::estimate` for the model).
 //!
-//! The network and memory figures default to a calibration on this host, run first: the
-//! shared-memory engine's all-reduce at 4 KiB (latency) and 64 MiB (bandwidth) on each
-//! world size asked for, and the AdamW kernel over 8M elements (memory bandwidth as the
-//! kernel achieves it). `--latency-us`, `--bandwidth-gbs` and `--memory-gbs` replace them
+//! The network and memory figures default to a calibration on this host, run first for
+//! each world size asked for: the shared-memory engine's all-reduce at 4 KiB (latency)
+//! and 64 MiB (bandwidth), and the AdamW kernel over 4M elements on every rank at once
+//! (memory bandwidth per rank as the kernel achieves it while the ranks share the host). `--latency-us`, `--bandwidth-gbs` and `--memory-gbs` replace them
 //! to plan a job on another network (a multi-host one, say).
 
 use std::time::Instant;
@@ -81,14 +81,16 @@ fn parse_shape(s: &str) -> Result<usize, String> {
 }
 
 /// The alpha-beta figures of `comm`'s all-reduce (collective): the latency per ring step
-/// from 4 KiB, the bandwidth per rank from 64 MiB (medians, the slowest rank's).
+/// from 4 KiB, the bandwidth per rank from 64 MiB (medians, the slowest rank's), on a
+/// buffer from the communicator, as distoptim's gradient and staging buffers are.
 pub fn measure_network(comm: &Communicator) -> Result<(f64, f64)> {
     let w = comm.size();
     if w == 1 {
         return Ok((0.0, f64::INFINITY));
     }
     let median = |len: usize, reps: usize| -> Result<f64> {
-        let mut buf = vec![1.0f32; len];
+        let mut buf = comm.alloc::<f32>(len)?;
+        buf.fill(1.0);
         let mut t = Vec::new();
         for i in 0..reps + 2 {
             comm.barrier()?;
@@ -110,38 +112,69 @@ pub fn measure_network(comm: &Communicator) -> Result<(f64, f64)> {
     Ok((alpha, bytes / (large - steps * alpha).max(1e-9)))
 }
 
-/// Bytes per second the AdamW kernel moves on one thread of this host (8M elements, 7
-/// f32 accesses each, median of 5).
-pub fn measure_kernel() -> Result<f64> {
-    let n = 8 << 20;
+/// Bytes per second each rank of `comm` can fault fresh memory in while every rank does
+/// (collective; 64 MiB, median of 3): what a buffer allocated per step costs.
+pub fn measure_first_touch(comm: &Communicator) -> Result<f64> {
+    let n = 64 << 20;
+    let mut t = Vec::new();
+    for _ in 0..3 {
+        comm.barrier()?;
+        let start = Instant::now();
+        let mut fresh = vec![0u8; n];
+        fresh.iter_mut().step_by(4096).for_each(|b| *b = 1);
+        std::hint::black_box(&fresh);
+        drop(fresh);
+        let mut took = [start.elapsed().as_secs_f64()];
+        comm.all_reduce(&mut took, ReduceOp::Max)?;
+        t.push(took[0]);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(n as f64 / t[1])
+}
+
+/// Bytes per second the AdamW kernel moves on each rank of `comm` while every rank runs
+/// it at once, as in a step (collective; 4M elements, 7 f32 accesses each, the median of
+/// the slowest rank's times over 5 runs after 3 warm-ups).
+pub fn measure_kernel(comm: &Communicator) -> Result<f64> {
+    let n = 4 << 20;
     let layout = Layout::new([("w", vec![n])])?;
     let mut opt = Optimizer::new(layout, OptimizerConfig::Adam(AdamConfig::adamw()))?;
     let (mut p, g) = (vec![0.5f32; n], vec![0.01f32; n]);
     let mut t = Vec::new();
-    for i in 0..7 {
+    for i in 0..8 {
+        comm.barrier()?;
         let start = Instant::now();
         opt.step(&mut p, &g)?;
-        if i >= 2 {
-            t.push(start.elapsed().as_secs_f64());
+        let mut took = [start.elapsed().as_secs_f64()];
+        comm.all_reduce(&mut took, ReduceOp::Max)?;
+        if i >= 3 {
+            t.push(took[0]);
         }
     }
     t.sort_by(f64::total_cmp);
     Ok(7.0 * 4.0 * n as f64 / t[t.len() / 2])
 }
 
-/// The host's figures, measured: (W, alpha, beta) per world size (threads on the
-/// shared-memory engine) and the kernel bandwidth.
-fn calibrate(sizes: &[usize]) -> Result<(Vec<(usize, f64, f64)>, f64)> {
+/// Every figure of [`Machine`], measured on `comm`'s ranks (collective).
+pub fn measure_machine(comm: &Communicator) -> Result<Machine> {
+    let (alpha, beta) = measure_network(comm)?;
+    Ok(Machine { alpha, beta, memory_bandwidth: measure_kernel(comm)?, first_touch: measure_first_touch(comm)? })
+}
+
+/// The host's figures for each world size, measured with that many threads on the
+/// shared-memory engine, each with one kernel thread (the ranks of a job share the
+/// cores).
+fn calibrate(sizes: &[usize]) -> Result<Vec<(usize, Machine)>> {
     let config = CommConfig::default().with_timeout(std::time::Duration::from_secs(60));
-    let mut network = Vec::new();
-    for &w in sizes.iter().filter(|&&w| w > 1 && w <= 64) {
-        let fits = Communicator::run_threads(w, &config, |comm| measure_network(&comm))?;
-        let (alpha, beta) = fits.into_iter().next().context("no rank")??;
-        network.push((w, alpha, beta));
+    let mut out = Vec::new();
+    for &w in sizes.iter().filter(|&&w| w <= 64) {
+        let fits = Communicator::run_threads(w, &config, |comm| -> Result<Machine> {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().context("building a one-thread pool")?;
+            pool.install(|| measure_machine(&comm))
+        })?;
+        out.push((w, fits.into_iter().next().context("no rank")??));
     }
-    // One kernel thread per rank, as the ranks of a job share the cores.
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().context("building a one-thread pool")?;
-    Ok((network, pool.install(measure_kernel)?))
+    Ok(out)
 }
 
 pub fn run(args: EstimateArgs) -> Result<()> {
@@ -154,18 +187,22 @@ pub fn run(args: EstimateArgs) -> Result<()> {
     let state_buffers = if args.optimizer == "sgd" { 1 } else { 2 };
     let reduce_dtype: FloatDtype = args.reduce_dtype.parse()?;
     let given = (args.latency_us, args.bandwidth_gbs);
-    let (network, memory) = if given.0.is_some() && given.1.is_some() && args.memory_gbs.is_some() {
-        (Vec::new(), 0.0)
+    let measured = if given.0.is_some() && given.1.is_some() && args.memory_gbs.is_some() {
+        Vec::new()
     } else {
-        println!("# calibrating on this host (shared-memory all-reduce at 4 KiB and 64 MiB per world size, AdamW over 8M elements)…");
+        println!("# calibrating on this host: per world size, the shared-memory all-reduce at 4 KiB and 64 MiB and AdamW over 4M elements on every rank at once…");
         calibrate(&args.nproc)?
     };
     let machine_for = |w: usize| -> Machine {
-        let measured = network.iter().find(|(n, _, _)| *n == w).map_or((0.0, f64::INFINITY), |&(_, a, b)| (a, b));
+        let m = measured
+            .iter()
+            .find(|(n, _)| *n == w)
+            .map_or(Machine { alpha: 0.0, beta: f64::INFINITY, memory_bandwidth: f64::INFINITY, first_touch: f64::INFINITY }, |(_, m)| *m);
         Machine {
-            alpha: args.latency_us.map_or(measured.0, |us| us * 1e-6),
-            beta: args.bandwidth_gbs.map_or(measured.1, |g| g * 1e9),
-            memory_bandwidth: args.memory_gbs.map_or(memory, |g| g * 1e9),
+            alpha: args.latency_us.map_or(m.alpha, |us| us * 1e-6),
+            beta: args.bandwidth_gbs.map_or(m.beta, |g| g * 1e9),
+            memory_bandwidth: args.memory_gbs.map_or(m.memory_bandwidth, |g| g * 1e9),
+            first_touch: args.memory_gbs.map_or(m.first_touch, |g| g * 1e9 / 4.0),
         }
     };
     println!(
@@ -174,13 +211,14 @@ pub fn run(args: EstimateArgs) -> Result<()> {
     );
     for &w in &args.nproc {
         let m = machine_for(w);
-        if w > 1 {
+        {
             println!(
-                "# W={w}: latency {:.2} us per step, bandwidth {:.2} GB/s per rank, optimizer kernel {:.1} GB/s{}",
+                "# W={w}: latency {:.2} us per step, bandwidth {:.2} GB/s per rank, optimizer kernel {:.1} GB/s per rank, fresh memory {:.1} GB/s{}",
                 m.alpha * 1e6,
                 m.beta / 1e9,
                 m.memory_bandwidth / 1e9,
-                if given.0.is_some() || given.1.is_some() { " (given)" } else { " (measured here)" }
+                m.first_touch / 1e9,
+                if given.0.is_some() || given.1.is_some() || args.memory_gbs.is_some() { " (flags where given, else measured here)" } else { " (measured here)" }
             );
         }
     }

@@ -14,7 +14,8 @@
 //! | zero2 | reduce-scatter | all-gather |
 //! | zero3 | reduce-scatter | all-gather (before the next forward pass) |
 //!
-//! plus the optimizer kernel over the owned elements at the host's memory bandwidth.
+//! plus the optimizer kernel over the owned elements (and, under mixed precision, the
+//! conversions between types) at the host's memory bandwidth.
 
 use crate::config::{StepConfig, Strategy};
 use crate::optimizer::MemoryLedger;
@@ -46,6 +47,9 @@ pub struct Machine {
     pub beta: f64,
     /// Bytes per second one rank's optimizer kernel moves through memory.
     pub memory_bandwidth: f64,
+    /// Bytes per second a rank faults freshly allocated memory in (what a buffer
+    /// allocated anew each step costs: ZeRO-3's reduction buffer).
+    pub first_touch: f64,
 }
 
 /// The plan's prediction.
@@ -106,11 +110,20 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Estimate {
     };
     let comm_seconds = collectives.iter().fold(0.0, |t, (steps, bytes)| t + steps * machine.alpha + bytes / machine.beta);
     let sent_bytes = collectives.iter().fold(0.0, |t, (_, b)| t + b);
-    // The kernel reads g, p and each state buffer and writes p and each state buffer (a
-    // mixed step also reads the gradient in the working type and writes the rounded copy).
-    let per_elem = 4.0 * (3.0 + 2.0 * plan.state_buffers as f64)
-        + if mixed { (p.param_dtype.size() + p.reduce_dtype.size()) as f64 + 4.0 } else { 0.0 };
-    let optimizer_seconds = owned as f64 * per_elem / machine.memory_bandwidth;
+    // The kernel reads g, p and each state buffer and writes p and each state buffer. A
+    // mixed step also converts the whole working-type gradient into the staging chunks
+    // (read it, write the reduction type), widens the owned result into a freshly zeroed
+    // f32 buffer, and rounds the master into the working parameters.
+    let kernel = owned as f64 * 4.0 * (3.0 + 2.0 * plan.state_buffers as f64);
+    let conversions = if mixed {
+        let (ps, rs) = (psize as f64, rsize as f64);
+        n as f64 * (ps + rs) + owned as f64 * (rs + 4.0 + 4.0 + 4.0 + ps)
+    } else {
+        0.0
+    };
+    // ZeRO-3 allocates its reduction buffer anew each step.
+    let fresh = if mixed && plan.strategy == Strategy::Zero3 { owned as f64 * 4.0 / machine.first_touch } else { 0.0 };
+    let optimizer_seconds = (kernel + conversions) / machine.memory_bandwidth + fresh;
     Estimate { memory, sent_bytes, comm_seconds, optimizer_seconds }
 }
 
@@ -128,7 +141,7 @@ mod tests {
         let n = 1001;
         let layout = Layout::new([("w", vec![n])]).unwrap();
         let groups = vec![ParamGroup { params: vec![0], config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
-        let machine = Machine { alpha: 1e-6, beta: 1e9, memory_bandwidth: 1e10 };
+        let machine = Machine { alpha: 1e-6, beta: 1e9, memory_bandwidth: 1e10, first_touch: 1e9 };
         for w in [1, 3, 4] {
             for strategy in [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3] {
                 for precision in [Precision::f32(), Precision::new(FloatDtype::Bf16).with_reduce_dtype(FloatDtype::Bf16)] {
@@ -155,7 +168,7 @@ mod tests {
 
     #[test]
     fn bytes_sent_follow_the_ring_counts() {
-        let machine = Machine { alpha: 0.0, beta: 1.0, memory_bandwidth: 1e30 };
+        let machine = Machine { alpha: 0.0, beta: 1.0, memory_bandwidth: 1e30, first_touch: 1e30 };
         let plan = |strategy, precision| Plan { params: 1000, world_size: 4, strategy, precision, state_buffers: 2 };
         // DDP f32: an all-reduce of 4000 bytes sends 2·3/4 of them.
         assert_eq!(estimate(&plan(Strategy::Ddp, Precision::f32()), &machine).sent_bytes, 6000.0);

@@ -53,6 +53,9 @@ pub struct DistributedOptimizer {
     scaler: Option<LossScaler>,
     /// The mixed-precision reduction's staging buffers (shared memory).
     staging: grad_sync::Staging,
+    /// The reduced f32 gradient over `owned` of a mixed-precision step (kept between
+    /// steps except under ZeRO-3).
+    reduced: Vec<f32>,
 }
 
 /// The bytes one rank holds, by what they are for: what `train` prints beside the peak
@@ -69,8 +72,8 @@ pub struct MemoryLedger {
     pub master: u64,
     /// Optimizer state (Adam's moments, SGD's momentum) over the owned range.
     pub optimizer_state: u64,
-    /// The reduced f32 gradient of the owned range and the collectives' staging buffers,
-    /// while a mixed-precision step runs (they are freed after it).
+    /// The reduced f32 gradient of the owned range and the collectives' staging buffers
+    /// of a mixed-precision step (ZeRO-3 frees the former after each step).
     pub comm_buffers: u64,
 }
 
@@ -110,7 +113,18 @@ impl DistributedOptimizer {
         let owned = if config.strategy.shards_state() { shard_range(numel, comm.size(), comm.rank()) } else { 0..numel };
         let opt = Scheduled::new(layout, groups, owned.clone(), schedule)?;
         let scaler = config.precision.loss_scale.map(LossScaler::new);
-        Ok(DistributedOptimizer { comm, config, owned, opt, steps: 0, tp: None, master: None, scaler, staging: Default::default() })
+        Ok(DistributedOptimizer {
+            comm,
+            config,
+            owned,
+            opt,
+            steps: 0,
+            tp: None,
+            master: None,
+            scaler,
+            staging: Default::default(),
+            reduced: Vec::new(),
+        })
     }
 
     /// The precision policy.
@@ -179,8 +193,8 @@ impl DistributedOptimizer {
         let working = self.config.precision.param_dtype.size() as u64;
         let state: u64 = self.opt.optimizer().buffers().map(|(_, b)| b.len() as u64 * 4).sum();
         let master = self.master.as_ref().map_or(0, |m| m.len() as u64 * 4);
-        // A mixed-precision step: the staging chunk (kept) and the reduced f32 gradient
-        // of the owned range (freed after the step).
+        // A mixed-precision step: the staging chunk and the reduced f32 gradient of the
+        // owned range (ZeRO-3 frees the latter after each step).
         let transient =
             if self.mixed() { grad_sync::staging_bytes(&self.config, self.comm.size()) + self.owned.len() as u64 * 4 } else { 0 };
         let kept = self.param_shard().map_or(numel, |r| r.len() as u64);
@@ -407,9 +421,12 @@ impl DistributedOptimizer {
             return Err(DistError::Invalid("mixed precision is not supported with tensor parallelism".into()));
         }
         let owned = self.owned.clone();
-        // Allocated for the step and freed after it, so the backward pass that follows
-        // does not find it resident.
-        let mut reduced = vec![0.0f32; owned.len()];
+        // Kept between steps (page-faulting a fresh buffer in costs more than the
+        // reduction), except under ZeRO-3, which keeps nothing but its shards: there it
+        // is freed after the step, so the backward pass that follows does not find it
+        // resident.
+        let mut reduced = std::mem::take(&mut self.reduced);
+        reduced.resize(owned.len(), 0.0);
         let sharded = self.config.strategy.shards_state();
         let p = self.config.precision;
         // The clip's norm is measured on each chunk as the reduction finishes it (not under
@@ -439,6 +456,7 @@ impl DistributedOptimizer {
             }
             if found[0] != 0 {
                 scaler.update(true);
+                self.keep_reduced(reduced);
                 return Ok(StepReport { lrs: self.opt.lrs(), grad_norm: None, skipped: true });
             }
             scaler.update(false);
@@ -461,7 +479,7 @@ impl DistributedOptimizer {
             let mine = if full.len() == self.layout().numel() { &mut full[owned.clone()] } else { full };
             self.clip_and_step(mine, &mut reduced, 1.0, measured)
         };
-        drop(reduced);
+        self.keep_reduced(reduced);
         let report = report?;
         if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
             self.comm.all_gather(params)?;
@@ -488,6 +506,13 @@ impl DistributedOptimizer {
     /// from it). `None` for the others, which step the full buffer.
     pub fn param_shard(&self) -> Option<Range<usize>> {
         (self.config.strategy == Strategy::Zero3).then(|| self.owned.clone())
+    }
+
+    /// Keeps the reduction buffer for the next step (not under ZeRO-3).
+    fn keep_reduced(&mut self, reduced: Vec<f32>) {
+        if self.config.strategy != Strategy::Zero3 {
+            self.reduced = reduced;
+        }
     }
 
     /// The owned range of `params`: `params` itself when it is the shard.

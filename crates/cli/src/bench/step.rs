@@ -28,7 +28,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use distoptim::estimate::{estimate, Machine, Plan};
+use distoptim::estimate::{estimate, Plan};
 use distoptim::{ClipConfig, DistributedOptimizer, FloatDtype, Precision, StepConfig, Strategy, Working};
 use distoptim_collective::{bf16, f16};
 use distoptim_collective::{Communicator, ReduceOp};
@@ -87,17 +87,17 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
     let groups = vec![ParamGroup { params: vec![0], config: adamw }];
     let clip = Some(ClipConfig { max_norm: 1.0, norm: NormType::P(2.0), error_if_nonfinite: false });
     let out = comm.rank() == 0;
-    let (alpha, beta) = crate::estimate::measure_network(comm)?;
-    let machine = Machine { alpha, beta, memory_bandwidth: crate::estimate::measure_kernel()? };
+    let machine = crate::estimate::measure_machine(comm)?;
     let predict = |s: Strategy, precision: Precision| {
         estimate(&Plan { params: n, world_size: comm.size(), strategy: s, precision, state_buffers: 2 }, &machine)
     };
     if out {
         println!(
-            "# estimate's machine, fitted in this run: latency {:.2} us/step, {:.2} GB/s per rank, AdamW kernel {:.1} GB/s",
-            alpha * 1e6,
-            beta / 1e9,
-            machine.memory_bandwidth / 1e9
+            "# estimate's machine, fitted in this run: latency {:.2} us/step, {:.2} GB/s per rank, AdamW kernel {:.1} GB/s, fresh memory {:.1} GB/s",
+            machine.alpha * 1e6,
+            machine.beta / 1e9,
+            machine.memory_bandwidth / 1e9,
+            machine.first_touch / 1e9
         );
         println!(
             "# distoptim bench step: {} ranks (shm), {n} f32 params, AdamW + clip (L2, 1.0), {} optimizer thread(s) per rank, median of {}",

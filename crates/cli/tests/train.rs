@@ -220,3 +220,45 @@ fn bad_options_are_refused_once_before_any_rank_starts() {
         assert!(t.elapsed() < Duration::from_secs(5), "{args:?} took {:?}", t.elapsed());
     }
 }
+
+/// bf16 and f16 (with loss scaling) train the digits model to >= 90%, close to the f32
+/// curve; a bf16 run checkpointed on 3 ranks with ZeRO-3 resumes on 2 with ZeRO-1 on the
+/// curve of an uninterrupted run, and DiLoCo refuses a 16-bit model by name.
+#[test]
+fn mixed_precision_learns_follows_f32_and_resumes_elsewhere() {
+    let dirs: Vec<PathBuf> = ["f32", "bf16", "f16", "whole", "split", "ckpt"].iter().map(|n| scratch(&format!("mp-{n}"))).collect();
+    let [f32_out, bf16_out, f16_out, whole, split, ckpt] = &dirs[..] else { unreachable!() };
+    let accuracy = |out: &Output| -> f64 {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().find(|l| l.starts_with("test accuracy")).unwrap_or_else(|| panic!("{stdout}"));
+        line.split_whitespace().nth(2).unwrap().trim_end_matches('%').parse().unwrap()
+    };
+    train(&["--out", f32_out.to_str().unwrap()]);
+    let bf16 = train(&["--precision", "bf16", "--out", bf16_out.to_str().unwrap()]);
+    let f16 = train(&["--precision", "f16", "--strategy", "zero3", "--nproc", "3", "--out", f16_out.to_str().unwrap()]);
+    assert!(accuracy(&bf16) >= 90.0 && accuracy(&f16) >= 90.0, "bf16 {} f16 {}", accuracy(&bf16), accuracy(&f16));
+    assert!(String::from_utf8_lossy(&bf16.stdout).contains("f32 master"), "the ledger is printed");
+    let (a, b) = (curve(f32_out), curve(bf16_out));
+    let gap = a.iter().zip(&b).map(|(x, y)| (x.1 - y.1).abs()).sum::<f64>() / a.len() as f64;
+    assert!(gap < 0.01, "bf16 loss is {gap} from f32's on average");
+
+    let common = ["--steps", "40", "--eval-every", "20", "--precision", "bf16"];
+    train(&[&["--nproc", "2", "--out", whole.to_str().unwrap()][..], &common].concat());
+    let c = ckpt.to_str().unwrap();
+    let s = split.to_str().unwrap();
+    train(&[&["--nproc", "3", "--strategy", "zero3", "--stop-at", "20", "--checkpoint-dir", c, "--out", s][..], &common].concat());
+    train(&[&["--nproc", "2", "--strategy", "zero1", "--resume", c, "--out", s][..], &common].concat());
+    // Each rank's forward and backward run in bf16 on its share of the batch, so another
+    // world size rounds differently: the curves agree to bf16's precision, not to f32's.
+    let (w, p) = (curve(whole), curve(split));
+    assert_eq!(w.len(), p.len());
+    for (x, y) in w.iter().zip(&p) {
+        assert!((x.1 - y.1).abs() <= 0.02 * x.1, "step {}: loss {} vs {}", x.0, x.1, y.1);
+    }
+
+    let err = train_fails(&["--precision", "bf16", "--strategy", "diloco"]);
+    assert!(err.contains("diloco keeps a model per rank in f32"), "{err}");
+    dirs.iter().for_each(|d| {
+        let _ = std::fs::remove_dir_all(d);
+    });
+}

@@ -89,7 +89,7 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Estimate {
     let owned = if plan.strategy.shards_state() { shard_range(n, w, 0).len() } else { n };
     let (psize, rsize) = (p.param_dtype.size() as u64, p.reduce_dtype.size() as u64);
     let kept = if plan.strategy == Strategy::Zero3 { owned } else { n };
-    let transient = if mixed { crate::grad_sync::staging_bytes(&config, w) + owned as u64 * 4 } else { 0 };
+    let transient = if mixed { crate::grad_sync::staging_bytes(&config, w, n) + owned as u64 * 4 } else { 0 };
     let memory = MemoryLedger {
         working_params: kept as u64 * psize,
         grads: n as u64 * psize,

@@ -119,7 +119,7 @@ pub(crate) fn reduce_working<T: Working>(
     let observed = mode != ReduceMode::BatchWeighted;
     let mut none = |_: &[f32]| {};
     let observe: &mut dyn FnMut(&[f32]) = if observed { observe } else { &mut none };
-    let len = (staging_bytes(config, comm.size()) / reduce_dtype.size() as u64) as usize;
+    let len = (staging_bytes(config, comm.size(), grads.len()) / reduce_dtype.size() as u64) as usize;
     match reduce_dtype {
         FloatDtype::F32 => {
             let op = if mode == ReduceMode::Mean { ReduceOp::Avg } else { ReduceOp::Sum };
@@ -178,9 +178,10 @@ pub(crate) fn staging_elems(config: &StepConfig) -> usize {
     config.bucket_elems().min((4 << 20) / config.precision.reduce_dtype.size()).max(1)
 }
 
-/// Bytes of the staging buffer [`reduce_working`] allocates on a group of `size` ranks.
-pub(crate) fn staging_bytes(config: &StepConfig, size: usize) -> u64 {
-    let chunk = staging_elems(config);
+/// Bytes of the staging buffer [`reduce_working`] allocates on a group of `size` ranks
+/// for `numel` elements.
+pub(crate) fn staging_bytes(config: &StepConfig, size: usize, numel: usize) -> u64 {
+    let chunk = staging_elems(config).min(numel.div_ceil(size) * size);
     let len = if config.strategy.shards_state() { chunk / size * size } else { chunk }.max(size);
     len as u64 * config.precision.reduce_dtype.size() as u64
 }

@@ -195,8 +195,11 @@ impl DistributedOptimizer {
         let master = self.master.as_ref().map_or(0, |m| m.len() as u64 * 4);
         // A mixed-precision step: the staging chunk and the reduced f32 gradient of the
         // owned range (ZeRO-3 frees the latter after each step).
-        let transient =
-            if self.mixed() { grad_sync::staging_bytes(&self.config, self.comm.size()) + self.owned.len() as u64 * 4 } else { 0 };
+        let transient = if self.mixed() {
+            grad_sync::staging_bytes(&self.config, self.comm.size(), self.layout().numel()) + self.owned.len() as u64 * 4
+        } else {
+            0
+        };
         let kept = self.param_shard().map_or(numel, |r| r.len() as u64);
         MemoryLedger { working_params: kept * working, grads: numel * working, master, optimizer_state: state, comm_buffers: transient }
     }

@@ -555,10 +555,10 @@ impl<T: CandleElement> Trainer<T> {
     /// backward pass).
     fn ledger(&self) -> String {
         let m = self.algorithm.memory();
-        let mib = |b: u64| b as f64 / 1048576.0;
+        let mib = |b: u64| if b < 1 << 20 { format!("{:.1} KiB", b as f64 / 1024.0) } else { format!("{:.1} MiB", b as f64 / 1048576.0) };
         let framework = 2 * self.flat.bytes();
         format!(
-            "memory on rank 0 (MiB): working params {:.1}, grads {:.1}, f32 master {:.1}, optimizer state {:.1}, communication buffers {:.1}, candle variables + gradients {:.1}; total {:.1}",
+            "memory on rank 0: working params {}, grads {}, f32 master {}, optimizer state {}, communication buffers {}, candle variables + gradients {}; total {}",
             mib(m.working_params),
             mib(m.grads),
             mib(m.master),

@@ -135,13 +135,45 @@ fn bench_collectives_prints_checked_rows_with_the_memcpy_reference() {
 
 #[test]
 fn bench_step_prints_every_strategy_next_to_its_parts() {
-    let out = distoptim(&["bench", "step", "--nproc", "2", "--params", "200000", "--iters", "2"]);
+    let out = distoptim(&["bench", "step", "--nproc", "2", "--params", "200000", "--iters", "2", "--precision", "bf16"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     for s in ["ddp", "zero1", "zero2", "zero3"] {
-        assert!(stdout.lines().any(|l| l.starts_with(s) && l.split_whitespace().count() == 10), "{s}: {stdout}");
+        // The f32 row (with the estimate's prediction and error) and the bf16 row.
+        assert!(stdout.lines().any(|l| l.starts_with(s) && l.split_whitespace().count() == 12), "{s}: {stdout}");
+        assert!(stdout.lines().any(|l| l.starts_with(s) && l.contains(" bf16 ") && l.split_whitespace().count() == 9), "{s}: {stdout}");
     }
-    assert!(stdout.contains("MB moved") && stdout.contains("median of 2"), "{stdout}");
+    assert!(stdout.contains("MB moved") && stdout.contains("median of 2") && stdout.contains("predicted"), "{stdout}");
+}
+
+#[test]
+fn estimate_prints_the_ledger_and_takes_a_network() {
+    let out = distoptim(&[
+        "estimate",
+        "--params",
+        "25M",
+        "--nproc",
+        "2,4",
+        "--strategy",
+        "zero3",
+        "--precision",
+        "bf16",
+        "--latency-us",
+        "5",
+        "--bandwidth-gbs",
+        "10",
+        "--memory-gbs",
+        "20",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("calibrating"), "every figure was given: {stdout}");
+    let row =
+        stdout.lines().find(|l| l.starts_with("zero3") && l.split_whitespace().nth(1) == Some("4")).unwrap_or_else(|| panic!("{stdout}"));
+    // 25M bf16 parameters on 4 ranks: a 6.25M shard, 2 bytes each, is 11.9 MiB.
+    assert_eq!(row.split_whitespace().nth(4), Some("11.9"), "{row}");
+    let err = String::from_utf8_lossy(&distoptim(&["estimate", "--params", "lots"]).stderr).into_owned();
+    assert!(err.contains("is not a parameter count"), "{err}");
 }
 
 #[test]

@@ -105,6 +105,65 @@ impl LbfgsConfig {
     }
 }
 
+/// How Muon scales its learning rate by the matrix shape A×B (torch's `adjust_lr_fn`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdjustLr {
+    /// lr·sqrt(max(1, A/B)) (torch's default, `None` or `"original"`).
+    Original,
+    /// lr·0.2·sqrt(max(A, B)): the update's RMS of AdamW's.
+    MatchRmsAdamw,
+    /// lr·sqrt(A/B).
+    SpectralUnclamped,
+}
+
+/// `torch.optim.Muon` (2-D parameters only).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MuonConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    /// (a, b, c) of the quintic Newton–Schulz iteration.
+    pub ns_coefficients: [f64; 3],
+    pub eps: f64,
+    pub ns_steps: u64,
+    pub adjust_lr: AdjustLr,
+}
+
+impl Default for MuonConfig {
+    fn default() -> Self {
+        MuonConfig {
+            lr: 1e-3,
+            weight_decay: 0.1,
+            momentum: 0.95,
+            nesterov: true,
+            ns_coefficients: [3.4445, -4.775, 2.0315],
+            eps: 1e-7,
+            ns_steps: 5,
+            adjust_lr: AdjustLr::Original,
+        }
+    }
+}
+
+/// `torch.optim.Adafactor`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdafactorConfig {
+    pub lr: f64,
+    pub beta2_decay: f64,
+    /// eps1 (`None`: f32's machine epsilon, 2^-23) and eps2.
+    pub eps: (Option<f64>, f64),
+    pub d: f64,
+    pub weight_decay: f64,
+    pub maximize: bool,
+}
+
+impl Default for AdafactorConfig {
+    fn default() -> Self {
+        AdafactorConfig { lr: 1e-2, beta2_decay: -0.8, eps: (None, 1e-3), d: 1.0, weight_decay: 0.0, maximize: false }
+    }
+}
+
 /// One optimizer's hyperparameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "algorithm", rename_all = "lowercase")]
@@ -112,6 +171,8 @@ pub enum OptimizerConfig {
     Sgd(SgdConfig),
     Adam(AdamConfig),
     Lbfgs(LbfgsConfig),
+    Muon(MuonConfig),
+    Adafactor(AdafactorConfig),
 }
 
 impl OptimizerConfig {
@@ -122,7 +183,15 @@ impl OptimizerConfig {
             OptimizerConfig::Adam(c) if c.decoupled_weight_decay => "adamw",
             OptimizerConfig::Adam(_) => "adam",
             OptimizerConfig::Lbfgs(_) => "lbfgs",
+            OptimizerConfig::Muon(_) => "muon",
+            OptimizerConfig::Adafactor(_) => "adafactor",
         }
+    }
+
+    /// Whether the update of each element depends only on that element (so a shard may
+    /// cut a parameter anywhere): not for Muon and Adafactor, which need whole matrices.
+    pub fn elementwise(&self) -> bool {
+        !matches!(self, OptimizerConfig::Muon(_) | OptimizerConfig::Adafactor(_))
     }
 
     pub fn lr(&self) -> f64 {
@@ -130,6 +199,8 @@ impl OptimizerConfig {
             OptimizerConfig::Sgd(c) => c.lr,
             OptimizerConfig::Adam(c) => c.lr,
             OptimizerConfig::Lbfgs(c) => c.lr,
+            OptimizerConfig::Muon(c) => c.lr,
+            OptimizerConfig::Adafactor(c) => c.lr,
         }
     }
 
@@ -138,6 +209,8 @@ impl OptimizerConfig {
             OptimizerConfig::Sgd(c) => c.lr = lr,
             OptimizerConfig::Adam(c) => c.lr = lr,
             OptimizerConfig::Lbfgs(c) => c.lr = lr,
+            OptimizerConfig::Muon(c) => c.lr = lr,
+            OptimizerConfig::Adafactor(c) => c.lr = lr,
         }
     }
 
@@ -177,6 +250,40 @@ impl OptimizerConfig {
                 }
                 if !non_negative(c.weight_decay) {
                     return bad(format!("invalid weight_decay value: {}", c.weight_decay));
+                }
+            }
+            OptimizerConfig::Muon(c) => {
+                if !non_negative(c.weight_decay) {
+                    return bad(format!("invalid weight decay value: {}", c.weight_decay));
+                }
+                if !non_negative(c.momentum) {
+                    return bad(format!("invalid momentum value: {}", c.momentum));
+                }
+                if !non_negative(c.eps) {
+                    return bad(format!("invalid epsilon value: {}", c.eps));
+                }
+                if c.ns_steps >= 100 {
+                    return bad(format!("number of steps must be less than 100 for computational efficiency, got {}", c.ns_steps));
+                }
+                if c.nesterov && c.momentum <= 0.0 {
+                    return bad("nesterov momentum requires a momentum".into());
+                }
+                if c.ns_coefficients.iter().any(|x| !x.is_finite()) {
+                    return bad(format!("ns_coefficients must be finite, got {:?}", c.ns_coefficients));
+                }
+            }
+            OptimizerConfig::Adafactor(c) => {
+                if c.beta2_decay > 0.0 || c.beta2_decay.is_nan() {
+                    return bad(format!("beta2_decay should be <= 0 but is: {}", c.beta2_decay));
+                }
+                if !(c.d >= 1.0) {
+                    return bad(format!("clipping threshold d should be >= 1 but is: {}", c.d));
+                }
+                if c.eps.0.is_some_and(|e| !non_negative(e)) || !non_negative(c.eps.1) {
+                    return bad(format!("epsilon values should be >= 0 but are: {:?}", c.eps));
+                }
+                if !non_negative(c.weight_decay) {
+                    return bad(format!("weight_decay should be >= 0 but is: {}", c.weight_decay));
                 }
             }
             OptimizerConfig::Lbfgs(c) => {

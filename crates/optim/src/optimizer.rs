@@ -101,7 +101,6 @@ impl OptimizerStateDict {
         let old = std::mem::take(&mut self.buffers);
         self.buffers = buffer_names(&groups)
             .into_iter()
-            .flatten()
             .map(|name| {
                 let mut b = old.get(name).cloned().unwrap_or_default();
                 b.resize(shard.len(), 0.0);
@@ -114,7 +113,9 @@ impl OptimizerStateDict {
     }
 }
 
-/// SGD, Adam or AdamW over the elements `shard` of a layout.
+/// Param groups of any first-order rules (SGD, Adam/AdamW, Muon, Adafactor; several may
+/// share one optimizer, as Muon for the matrices and AdamW for the rest) over the elements
+/// `shard` of a layout.
 #[derive(Debug)]
 pub struct Optimizer {
     layout: Layout,
@@ -122,9 +123,10 @@ pub struct Optimizer {
     groups: Vec<ParamGroup>,
     group_of: Vec<usize>,
     steps: Vec<u64>,
-    /// `[exp_avg, exp_avg_sq, max_exp_avg_sq]` for Adam, `[momentum_buffer, -, -]` for SGD;
-    /// unused ones are empty.
-    state: [Vec<f32>; 3],
+    /// The named state buffers the groups' rules use (torch's names: `exp_avg`,
+    /// `momentum_buffer`, `row_var`…), each over the whole shard; a parameter's elements
+    /// in a buffer its rule does not use stay zero.
+    state: Vec<(&'static str, Vec<f32>)>,
 }
 
 /// A run of neighbouring parameters with the same group and step count.
@@ -153,8 +155,7 @@ impl Optimizer {
                 layout.numel()
             )));
         }
-        let names = buffer_names(&groups);
-        let state = std::array::from_fn(|i| if names[i].is_some() { vec![0.0; shard.len()] } else { Vec::new() });
+        let state = buffer_names(&groups).into_iter().map(|n| (n, vec![0.0; shard.len()])).collect();
         let steps = vec![0; layout.len()];
         Ok(Optimizer { layout, shard, groups, group_of, steps, state })
     }
@@ -191,7 +192,7 @@ impl Optimizer {
     /// How many parameter elements this optimizer holds state for (whatever the number of
     /// state buffers).
     pub fn state_elems(&self) -> usize {
-        if self.state.iter().any(|s| !s.is_empty()) {
+        if !self.state.is_empty() {
             self.shard.len()
         } else {
             0
@@ -205,7 +206,7 @@ impl Optimizer {
 
     /// The state buffers over the shard, by torch's names.
     pub fn buffers(&self) -> impl Iterator<Item = (&'static str, &[f32])> {
-        buffer_names(&self.groups).into_iter().zip(&self.state).filter_map(|(n, b)| n.map(|n| (n, b.as_slice())))
+        self.state.iter().map(|(n, b)| (*n, b.as_slice()))
     }
 
     /// One optimizer step over the shard: `params` and `grads` hold exactly the shard's
@@ -222,12 +223,15 @@ impl Optimizer {
         self.layout.check_len("the gradient buffer", grads.len(), &self.shard)?;
         for seg in segments(&self.layout, &self.group_of, &self.steps, self.shard.clone()) {
             let local = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
-            let [a, b, c] = &mut self.state;
-            let bufs = Buffers {
-                params: &mut params[local.clone()],
-                grads: &grads[local.clone()],
-                state: [state_slice(a, &local), state_slice(b, &local), state_slice(c, &local)],
-            };
+            // The rule's slots, by name; a slot it does not use is empty.
+            let slots = rule_buffers(&self.groups[seg.group].config);
+            let mut picked: [&mut [f32]; 3] = [&mut [], &mut [], &mut []];
+            for (name, buffer) in self.state.iter_mut() {
+                if let Some(k) = slots.iter().position(|s| *s == Some(*name)) {
+                    picked[k] = &mut buffer[local.clone()];
+                }
+            }
+            let bufs = Buffers { params: &mut params[local.clone()], grads: &grads[local.clone()], state: picked };
             match &self.groups[seg.group].config {
                 OptimizerConfig::Sgd(c) => {
                     let s = SgdStep::new(c, seg.step == 1).with_grad_scale(grad_scale);
@@ -242,6 +246,43 @@ impl Optimizer {
                         let [m, v, vmax] = b.state;
                         kernels::adam::update(&s, b.params, b.grads, m, v, vmax)
                     });
+                }
+                OptimizerConfig::Muon(c) => {
+                    let start = seg.range.start;
+                    let [buf, _, _] = bufs.state;
+                    for (i, r) in self.layout.overlapping(seg.range.clone()) {
+                        let spec = self.layout.param(i);
+                        if r != spec.range() {
+                            return Err(cut(&spec.name, &self.shard));
+                        }
+                        let l = r.start - start..r.end - start;
+                        kernels::muon::update(c, spec.shape[0], spec.shape[1], &mut bufs.params[l.clone()], &bufs.grads[l.clone()], &mut buf[l], grad_scale);
+                    }
+                }
+                OptimizerConfig::Adafactor(c) => {
+                    let start = seg.range.start;
+                    let [row, col, var] = bufs.state;
+                    for (i, r) in self.layout.overlapping(seg.range.clone()) {
+                        let spec = self.layout.param(i);
+                        if r != spec.range() {
+                            return Err(cut(&spec.name, &self.shard));
+                        }
+                        // The factored statistics are kept at the start of the parameter's
+                        // own range in each buffer.
+                        let [nr, nc, nv] = kernels::adafactor::state_sizes(&spec.shape);
+                        let l = r.start - start..r.end - start;
+                        kernels::adafactor::update(
+                            c,
+                            &spec.shape,
+                            seg.step,
+                            &mut bufs.params[l.clone()],
+                            &bufs.grads[l.clone()],
+                            &mut row[l.start..l.start + nr],
+                            &mut col[l.start..l.start + nc],
+                            &mut var[l.start..l.start + nv],
+                            grad_scale,
+                        );
+                    }
                 }
                 OptimizerConfig::Lbfgs(_) => unreachable!("rejected by assign_groups"),
             }
@@ -288,6 +329,7 @@ impl Optimizer {
         }
         if sd.groups.len() != self.groups.len()
             || sd.groups.iter().zip(&self.groups).any(|(a, b)| a.params != b.params || !a.config.same_algorithm(&b.config))
+            || buffer_names(&sd.groups) != buffer_names(&self.groups)
         {
             return mismatch("param groups differ (parameters or algorithm)".into());
         }
@@ -298,24 +340,21 @@ impl Optimizer {
             g.config.validate()?;
         }
         let names = buffer_names(&sd.groups);
-        for name in names.iter() {
-            let got = name.and_then(|n| sd.buffers.get(n));
-            match (name, got) {
-                (Some(n), Some(b)) if b.len() != self.shard.len() => {
+        for n in &names {
+            match sd.buffers.get(*n) {
+                Some(b) if b.len() != self.shard.len() => {
                     return mismatch(format!("buffer '{n}' has {} elements, expected {}", b.len(), self.shard.len()))
                 }
-                (Some(n), None) => return mismatch(format!("buffer '{n}' is missing")),
+                None => return mismatch(format!("buffer '{n}' is missing")),
                 _ => {}
             }
         }
-        if let Some(extra) = sd.buffers.keys().find(|k| !names.contains(&Some(k.as_str()))) {
+        if let Some(extra) = sd.buffers.keys().find(|k| !names.contains(&k.as_str())) {
             return mismatch(format!("unexpected buffer '{extra}'"));
         }
         self.groups = sd.groups.clone();
         self.steps = sd.steps.clone();
-        for (slot, name) in self.state.iter_mut().zip(names) {
-            *slot = name.map(|n| sd.buffers[n].clone()).unwrap_or_default();
-        }
+        self.state = names.into_iter().map(|n| (n, sd.buffers[n].clone())).collect();
         Ok(())
     }
 }
@@ -344,46 +383,53 @@ fn segments<'a>(layout: &'a Layout, group_of: &'a [usize], steps: &'a [u64], sha
     })
 }
 
-fn state_slice<'a>(buf: &'a mut [f32], local: &Range<usize>) -> &'a mut [f32] {
-    if buf.is_empty() {
-        buf
-    } else {
-        &mut buf[local.clone()]
+/// The error for a whole-matrix rule whose parameter `name` the shard cuts.
+fn cut(name: &str, shard: &Range<usize>) -> OptimError {
+    OptimError::InvalidConfig(format!(
+        "parameter '{name}' is cut by this optimizer's shard {shard:?}: muon and adafactor need whole parameters (use ddp, or shards on parameter boundaries)"
+    ))
+}
+
+/// The state buffers a rule keeps, in the slot order its kernel takes them (torch's
+/// names; `None`: a slot this configuration does not use). Registering a rule is one arm
+/// here and one in [`Optimizer::step_scaled`].
+fn rule_buffers(config: &OptimizerConfig) -> [Option<&'static str>; 3] {
+    match config {
+        OptimizerConfig::Adam(a) => [Some("exp_avg"), Some("exp_avg_sq"), a.amsgrad.then_some("max_exp_avg_sq")],
+        OptimizerConfig::Sgd(s) => [(s.momentum != 0.0).then_some("momentum_buffer"), None, None],
+        OptimizerConfig::Muon(_) => [Some("momentum_buffer"), None, None],
+        OptimizerConfig::Adafactor(_) => [Some("row_var"), Some("col_var"), Some("variance")],
+        OptimizerConfig::Lbfgs(_) => [None, None, None],
     }
 }
 
-/// torch's state buffer names in slot order, `None` for slots these groups do not use.
-fn buffer_names(groups: &[ParamGroup]) -> [Option<&'static str>; 3] {
-    let any = |f: &dyn Fn(&OptimizerConfig) -> bool| groups.iter().any(|g| f(&g.config));
-    match groups.first().map(|g| &g.config) {
-        Some(OptimizerConfig::Adam(_)) => {
-            [Some("exp_avg"), Some("exp_avg_sq"), any(&|c| matches!(c, OptimizerConfig::Adam(a) if a.amsgrad)).then_some("max_exp_avg_sq")]
-        }
-        Some(OptimizerConfig::Sgd(_)) => {
-            [any(&|c| matches!(c, OptimizerConfig::Sgd(s) if s.momentum != 0.0)).then_some("momentum_buffer"), None, None]
-        }
-        _ => [None, None, None],
-    }
+/// Every buffer the groups use, each once, in a fixed (sorted) order.
+fn buffer_names(groups: &[ParamGroup]) -> Vec<&'static str> {
+    let names: std::collections::BTreeSet<&'static str> = groups.iter().flat_map(|g| rule_buffers(&g.config)).flatten().collect();
+    names.into_iter().collect()
 }
 
-/// Checks the groups (valid configs, one algorithm, every parameter in exactly one group)
+/// Checks the groups (valid configs, no LBFGS, every parameter in exactly one group)
 /// and returns the group of each parameter.
 fn assign_groups(layout: &Layout, groups: &[ParamGroup]) -> Result<Vec<usize>> {
-    let first = groups.first().ok_or_else(|| OptimError::InvalidConfig("an optimizer needs at least one param group".into()))?;
+    if groups.is_empty() {
+        return Err(OptimError::InvalidConfig("an optimizer needs at least one param group".into()));
+    }
     let mut group_of = vec![usize::MAX; layout.len()];
     for (gi, g) in groups.iter().enumerate() {
         g.config.validate()?;
         if matches!(g.config, OptimizerConfig::Lbfgs(_)) {
             return Err(OptimError::InvalidConfig("LBFGS needs a closure: use distoptim_optim::Lbfgs".into()));
         }
-        if !g.config.same_algorithm(&first.config) {
-            return Err(OptimError::InvalidConfig(format!(
-                "param group {gi} is {} but group 0 is {}: one optimizer, one algorithm",
-                g.config.name(),
-                first.config.name()
-            )));
-        }
         for &p in &g.params {
+            if let (OptimizerConfig::Muon(_), Some(spec)) = (&g.config, layout.params().get(p)) {
+                if spec.shape.len() != 2 {
+                    return Err(OptimError::InvalidConfig(format!(
+                        "muon only supports 2-D parameters, '{}' has shape {:?}: give it to another optimizer (adamw)",
+                        spec.name, spec.shape
+                    )));
+                }
+            }
             let Some(slot) = group_of.get_mut(p) else {
                 return Err(OptimError::InvalidConfig(format!("param group {gi} names parameter #{p}, the layout has {}", layout.len())));
             };
@@ -659,9 +705,9 @@ mod add_param_group_tests {
         let layout = Layout::new([("w", vec![10])]).unwrap();
         let mut opt = Optimizer::new(layout.clone(), OptimizerConfig::Adam(AdamConfig::adam())).unwrap();
         let before = opt.state_dict();
-        let sgd = OptimizerConfig::Sgd(SgdConfig::default());
+        let sgd = OptimizerConfig::Sgd(SgdConfig { lr: -1.0, ..SgdConfig::default() });
         let err = opt.add_param_group(vec![("x".into(), vec![2])], sgd).unwrap_err().to_string();
-        assert!(err.contains("one algorithm"), "{err}");
+        assert!(err.contains("invalid learning rate"), "{err}");
         let err = opt.add_param_group(vec![("w".into(), vec![2])], OptimizerConfig::Adam(AdamConfig::adam())).unwrap_err().to_string();
         assert!(err.contains("appears twice"), "{err}");
         assert_eq!(opt.state_dict(), before);

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use distoptim::{FloatDtype, Precision};
-use distoptim_optim::config::{AdamConfig, LbfgsConfig, LineSearch, OptimizerConfig, SgdConfig};
+use distoptim_optim::config::{AdafactorConfig, AdamConfig, AdjustLr, LbfgsConfig, LineSearch, MuonConfig, OptimizerConfig, SgdConfig};
 use distoptim_optim::schedule::{Curve, Schedule, SCHEDULE_NAMES};
 use distoptim_optim::{Layout, NormType, ParamGroup};
 use serde_json::{Map, Value};
@@ -242,6 +242,7 @@ const CASE_KEYS: &[&str] = &[
     "params",
     "param_groups",
     "optimizer",
+    "optimizers",
     "scheduler",
     "clip_grad_norm",
     "local_sgd",
@@ -289,17 +290,6 @@ impl Case {
             return err(ErrorClass::InvalidWorldSize, format!("strategy 'single' needs world_size 1, got {ws}"));
         }
 
-        let opt = object(top.get("optimizer").unwrap_or(&Value::Null), "optimizer")?;
-        let opt_name = opt.get("name").and_then(Value::as_str).unwrap_or("");
-        let mut optimizer = match opt_name {
-            "sgd" => OptimizerConfig::Sgd(SgdConfig::default()),
-            "adam" => OptimizerConfig::Adam(AdamConfig::adam()),
-            "adamw" => OptimizerConfig::Adam(AdamConfig::adamw()),
-            "lbfgs" => OptimizerConfig::Lbfgs(LbfgsConfig::default()),
-            other => {
-                return err(ErrorClass::UnknownOptimizer, format!("unknown optimizer '{other}' (sgd, adam, adamw, lbfgs)"));
-            }
-        };
         let sched_value = top.get("scheduler").filter(|s| !s.is_null());
         if let Some(s) = sched_value {
             let sname = object(s, "scheduler")?.get("name").and_then(Value::as_str).unwrap_or("");
@@ -307,21 +297,43 @@ impl Case {
                 return err(ErrorClass::UnknownScheduler, format!("unknown scheduler '{sname}' ({})", SCHEDULE_NAMES.join(", ")));
             }
         }
-
-        let (layout, init) = parse_params(top.get("params"))?;
-        if opt_name == "adamw" && opt.contains_key("decoupled_weight_decay") {
-            return invalid("adamw always decouples weight decay: use adam with decoupled_weight_decay");
-        }
-        for (k, val) in opt.iter().filter(|(k, _)| k.as_str() != "name") {
-            apply_key(&mut optimizer, k, val, "optimizer")?;
-        }
-        optimizer.validate()?;
-        let groups = parse_groups(top.get("param_groups"), &layout, &optimizer)?;
+        let (optimizer, groups, layout, init, schedule) = match top.get("optimizers").filter(|v| !v.is_null()) {
+            Some(list) => {
+                if top.contains_key("optimizer") || top.contains_key("param_groups") {
+                    return invalid("a case gives either optimizers or optimizer (with param_groups), not both");
+                }
+                // Names are checked before the params, as torch builds the optimizers after the model.
+                let list = list.as_array().filter(|l| !l.is_empty()).map_or_else(|| invalid("optimizers must be a non-empty list"), Ok)?;
+                for (oi, entry) in list.iter().enumerate() {
+                    let name = object(entry, &format!("optimizers[{oi}]"))?.get("name").and_then(Value::as_str).unwrap_or("");
+                    new_optimizer(name)?;
+                }
+                let (layout, init) = parse_params(top.get("params"))?;
+                let (optimizer, groups, schedule) = parse_optimizers(list, &layout, sched_value)?;
+                (optimizer, groups, layout, init, schedule)
+            }
+            None => {
+                let opt = object(top.get("optimizer").unwrap_or(&Value::Null), "optimizer")?;
+                let opt_name = opt.get("name").and_then(Value::as_str).unwrap_or("");
+                let mut optimizer = new_optimizer(opt_name)?;
+                let (layout, init) = parse_params(top.get("params"))?;
+                if opt_name == "adamw" && opt.contains_key("decoupled_weight_decay") {
+                    return invalid("adamw always decouples weight decay: use adam with decoupled_weight_decay");
+                }
+                for (k, val) in opt.iter().filter(|(k, _)| k.as_str() != "name") {
+                    apply_key(&mut optimizer, k, val, "optimizer")?;
+                }
+                optimizer.validate()?;
+                let groups = parse_groups(top.get("param_groups"), &layout, &optimizer)?;
+                if matches!(optimizer, OptimizerConfig::Lbfgs(_)) && groups.len() != 1 {
+                    return invalid("LBFGS doesn't support per-parameter options (parameter groups)");
+                }
+                let schedule = sched_value.map(|s| parse_schedule(s, optimizer.lr())).transpose()?;
+                (optimizer, groups, layout, init, schedule)
+            }
+        };
+        check_shapes(&layout, &groups)?;
         let lbfgs = matches!(optimizer, OptimizerConfig::Lbfgs(_));
-        if lbfgs && groups.len() != 1 {
-            return invalid("LBFGS doesn't support per-parameter options (parameter groups)");
-        }
-        let schedule = sched_value.map(|s| parse_schedule(s, optimizer.lr())).transpose()?;
 
         let grad_reduce = match top.get("grad_reduce").map(|g| g.as_str()) {
             None | Some(Some("mean")) => GradReduce::Mean,
@@ -439,6 +451,97 @@ fn parse_params(v: Option<&Value>) -> Result<(Layout, Vec<f32>)> {
     Ok((layout, init))
 }
 
+/// A config with torch's defaults for the optimizer `name`.
+fn new_optimizer(name: &str) -> Result<OptimizerConfig> {
+    Ok(match name {
+        "sgd" => OptimizerConfig::Sgd(SgdConfig::default()),
+        "adam" => OptimizerConfig::Adam(AdamConfig::adam()),
+        "adamw" => OptimizerConfig::Adam(AdamConfig::adamw()),
+        "lbfgs" => OptimizerConfig::Lbfgs(LbfgsConfig::default()),
+        "muon" => OptimizerConfig::Muon(MuonConfig::default()),
+        "adafactor" => OptimizerConfig::Adafactor(AdafactorConfig::default()),
+        other => return err(ErrorClass::UnknownOptimizer, format!("unknown optimizer '{other}' (sgd, adam, adamw, lbfgs, muon, adafactor)")),
+    })
+}
+
+/// Muon takes 2-D parameters only (torch refuses the others when it is built).
+fn check_shapes(layout: &Layout, groups: &[ParamGroup]) -> Result<()> {
+    for g in groups.iter().filter(|g| matches!(g.config, OptimizerConfig::Muon(_))) {
+        if let Some(p) = g.params.iter().map(|&i| layout.param(i)).find(|p| p.shape.len() != 2) {
+            return invalid(format!("muon only supports 2-D parameters, '{}' has shape {:?}", p.name, p.shape));
+        }
+    }
+    Ok(())
+}
+
+/// `optimizers`: each entry a torch optimizer over its own params (or param groups), all
+/// merged into one list of groups in entry order (the order their lrs are reported in).
+/// Each entry has its own LambdaLR; the schedule's λ may depend on the entry's lr (`L`),
+/// which then must be the same for all entries.
+fn parse_optimizers(list: &[Value], layout: &Layout, sched: Option<&Value>) -> Result<(OptimizerConfig, Vec<ParamGroup>, Option<Schedule>)> {
+    let mut seen = BTreeSet::new();
+    let mut groups = Vec::new();
+    let mut schedules = Vec::new();
+    let mut first = None;
+    for (oi, entry) in list.iter().enumerate() {
+        let what = format!("optimizers[{oi}]");
+        let m = object(entry, &what)?;
+        let name = m.get("name").and_then(Value::as_str).unwrap_or("");
+        let mut config = new_optimizer(name)?;
+        if matches!(config, OptimizerConfig::Lbfgs(_)) {
+            return invalid(format!("{what}: lbfgs cannot be one of several optimizers (it needs a closure)"));
+        }
+        let (params_key, groups_key) = (m.get("params"), m.get("param_groups"));
+        if params_key.is_some() == groups_key.is_some() {
+            return invalid(format!("{what} needs exactly one of params and param_groups"));
+        }
+        for (k, val) in m.iter().filter(|(k, _)| !["name", "params", "param_groups"].contains(&k.as_str())) {
+            apply_key(&mut config, k, val, &what)?;
+        }
+        config.validate()?;
+        let group_list: Vec<Value> = match (params_key, groups_key) {
+            (Some(p), _) => vec![serde_json::json!({ "params": p })],
+            (_, Some(g)) => g.as_array().filter(|l| !l.is_empty()).cloned().map_or_else(|| invalid(format!("{what}.param_groups must be a non-empty list")), Ok)?,
+            _ => Vec::new(),
+        };
+        for (gi, g) in group_list.iter().enumerate() {
+            let gm = object(g, &format!("{what}.param_groups[{gi}]"))?;
+            let Some(names) = gm.get("params").and_then(Value::as_array) else {
+                return invalid(format!("{what}.param_groups[{gi}] has no params list"));
+            };
+            let mut params = Vec::new();
+            for n in names {
+                let Some(i) = n.as_str().and_then(|n| layout.index_of(n)) else {
+                    return invalid(format!("{what} names {n}, which is not a param of the case"));
+                };
+                if !seen.insert(i) {
+                    return invalid(format!("param '{}' is in two optimizers or groups", layout.param(i).name));
+                }
+                params.push(i);
+            }
+            let mut gc = config.clone();
+            for (k, val) in gm.iter().filter(|(k, _)| k.as_str() != "params") {
+                apply_key(&mut gc, k, val, &what)?;
+            }
+            gc.validate()?;
+            groups.push(ParamGroup { params, config: gc });
+        }
+        schedules.push(sched.map(|s| parse_schedule(s, config.lr())).transpose()?);
+        first.get_or_insert(config);
+    }
+    if let Some(missing) = (0..layout.len()).find(|i| !seen.contains(i)) {
+        return invalid(format!("param '{}' is in no optimizer", layout.param(missing).name));
+    }
+    if schedules.windows(2).any(|w| w[0] != w[1]) {
+        return err(
+            ErrorClass::Unsupported,
+            "the schedule's lambda depends on each optimizer's lr (lr_end, min_lr) and they differ: one shared schedule is supported",
+        );
+    }
+    let optimizer = first.map_or_else(|| invalid("optimizers must be a non-empty list"), Ok)?;
+    Ok((optimizer, groups, schedules.into_iter().next().flatten()))
+}
+
 /// Applies one optimizer key (from the optimizer or a param group) onto a config.
 fn apply_key(cfg: &mut OptimizerConfig, key: &str, v: &Value, what: &str) -> Result<()> {
     let w = format!("{what}.{key}");
@@ -481,6 +584,43 @@ fn apply_key(cfg: &mut OptimizerConfig, key: &str, v: &Value, what: &str) -> Res
                 }
             }
             _ => return invalid(format!("unknown lbfgs option '{key}' in {what}")),
+        },
+        OptimizerConfig::Muon(c) => match key {
+            "lr" => c.lr = number(v, &w)?,
+            "weight_decay" => c.weight_decay = number(v, &w)?,
+            "momentum" => c.momentum = number(v, &w)?,
+            "nesterov" => c.nesterov = boolean(v, &w)?,
+            "eps" => c.eps = number(v, &w)?,
+            "ns_steps" => c.ns_steps = uint(v, &w, ErrorClass::InvalidConfig)?,
+            "ns_coefficients" => {
+                let Some(list) = v.as_array().filter(|l| l.len() == 3) else { return invalid(format!("{w} must be a list of three numbers")) };
+                for (slot, x) in c.ns_coefficients.iter_mut().zip(list) {
+                    *slot = number(x, &w)?;
+                }
+            }
+            "adjust_lr_fn" => {
+                c.adjust_lr = match v {
+                    Value::Null => AdjustLr::Original,
+                    Value::String(s) if s == "original" => AdjustLr::Original,
+                    Value::String(s) if s == "match_rms_adamw" => AdjustLr::MatchRmsAdamw,
+                    Value::String(s) if s == "spectral_unclamped" => AdjustLr::SpectralUnclamped,
+                    _ => return invalid(format!("{w}: unknown adjust_lr_fn {v} (null, original, match_rms_adamw, spectral_unclamped)")),
+                }
+            }
+            _ => return invalid(format!("unknown muon option '{key}' in {what}")),
+        },
+        OptimizerConfig::Adafactor(c) => match key {
+            "lr" => c.lr = number(v, &w)?,
+            "beta2_decay" => c.beta2_decay = number(v, &w)?,
+            "eps" => {
+                let Some(list) = v.as_array().filter(|l| l.len() == 2) else { return invalid(format!("{w} must be a list [eps1 or null, eps2]")) };
+                let eps1 = if list[0].is_null() { None } else { Some(number(&list[0], &w)?) };
+                c.eps = (eps1, number(&list[1], &w)?);
+            }
+            "d" => c.d = number(v, &w)?,
+            "weight_decay" => c.weight_decay = number(v, &w)?,
+            "maximize" => c.maximize = boolean(v, &w)?,
+            _ => return invalid(format!("unknown adafactor option '{key}' in {what}")),
         },
     }
     Ok(())

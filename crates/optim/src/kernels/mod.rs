@@ -5,7 +5,9 @@
 //! the result is the same bits whatever the split: [`par_for_each`] cuts the buffers into
 //! [`CHUNK`]-aligned pieces and hands them to rayon, so 1 and N threads agree exactly.
 
+pub mod adafactor;
 pub mod adam;
+pub mod muon;
 pub mod sgd;
 
 /// Elements per piece of work: five buffers of 128 KiB stay in a core's L2 cache.

@@ -1,0 +1,156 @@
+//! Muon (torch 2.15's `torch.optim.Muon`): momentum, then the update orthogonalised by a
+//! quintic Newton–Schulz iteration run in bf16, scaled by the matrix shape.
+//!
+//! For a parameter p of shape A×B with gradient g and momentum buffer `buf` (zero at
+//! first), momentum μ:
+//!
+//! ```text
+//! buf = lerp(buf, g, 1 - μ)                       (μ·buf + (1-μ)·g)
+//! U   = lerp(g, buf, μ) if nesterov else buf
+//! O   = NS(U)                                     (bf16, see `newton_schulz`)
+//! p  *= 1 - lr·wd
+//! p  -= lr'·O,   lr' = lr·sqrt(max(1, A/B))  | lr·0.2·sqrt(max(A, B))  | lr·sqrt(A/B)
+//! ```
+//!
+//! The update needs the whole matrix, so it runs on whole parameters.
+
+use half::bf16;
+
+use crate::config::{AdjustLr, MuonConfig};
+
+/// torch's `lerp` on f32: `start + w·(end - start)` for |w| < 0.5, else
+/// `end - (end - start)·(1 - w)` (the form torch's kernel uses for accuracy).
+pub fn lerp(start: f32, end: f32, w: f32) -> f32 {
+    if w.abs() < 0.5 {
+        start + w * (end - start)
+    } else {
+        end - (end - start) * (1.0 - w)
+    }
+}
+
+fn bf(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// `X·Yᵀ` of row-major `x` (m×k) and `y` (n×k), each product exact in f32 (bf16 values)
+/// and summed in f32, as torch's bf16 matmul accumulates.
+fn mul_transposed(x: &[f32], y: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+    for i in 0..m {
+        for j in 0..n {
+            let (a, b) = (&x[i * k..(i + 1) * k], &y[j * k..(j + 1) * k]);
+            out[i * n + j] = a.iter().zip(b).fold(0.0f32, |s, (p, q)| s + p * q);
+        }
+    }
+}
+
+/// `NS(U)` for U of shape `rows`×`cols`, torch's `_zeropower_via_newtonschulz`: X = bf(U)
+/// (transposed if rows > cols), X = bf(X / bf(max(bf(‖X‖_F), eps))), then `ns_steps` times
+/// S = bf(X·Xᵀ), T = bf(b·S + c·S·S), X = bf(a·X + T·X), each op rounded once.
+pub fn newton_schulz(u: &[f32], rows: usize, cols: usize, c: &MuonConfig) -> Vec<f32> {
+    let transpose = rows > cols;
+    let (m, n) = if transpose { (cols, rows) } else { (rows, cols) };
+    let mut x: Vec<f32> = if transpose {
+        (0..m).flat_map(|i| (0..n).map(move |j| (i, j))).map(|(i, j)| bf(u[j * cols + i])).collect()
+    } else {
+        u.iter().map(|&v| bf(v)).collect()
+    };
+    let norm = bf(x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt() as f32);
+    let denom = bf(norm.max(c.eps as f32));
+    x.iter_mut().for_each(|v| *v = bf(*v / denom));
+    let [a, b, cc] = c.ns_coefficients.map(|v| v as f32);
+    let (mut s, mut ss, mut t, mut tx) = (vec![0f32; m * m], vec![0f32; m * m], vec![0f32; m * m], vec![0f32; m * n]);
+    let mut xt = vec![0f32; n * m];
+    for _ in 0..c.ns_steps {
+        mul_transposed(&x, &x, m, m, n, &mut s);
+        s.iter_mut().for_each(|v| *v = bf(*v));
+        // S is symmetric: S·S = S·Sᵀ.
+        mul_transposed(&s, &s, m, m, m, &mut ss);
+        t.iter_mut().zip(s.iter().zip(&ss)).for_each(|(t, (s, ss))| *t = bf(b * s + cc * ss));
+        // T·X = T·(Xᵀ)ᵀ.
+        for i in 0..m {
+            for j in 0..n {
+                xt[j * m + i] = x[i * n + j];
+            }
+        }
+        mul_transposed(&t, &xt, m, n, m, &mut tx);
+        x.iter_mut().zip(&tx).for_each(|(x, tx)| *x = bf(a * *x + tx));
+    }
+    if transpose {
+        (0..rows).flat_map(|i| (0..cols).map(move |j| (i, j))).map(|(i, j)| x[j * rows + i]).collect()
+    } else {
+        x
+    }
+}
+
+/// The learning rate for a `rows`×`cols` matrix.
+pub fn adjusted_lr(c: &MuonConfig, rows: usize, cols: usize) -> f64 {
+    let (a, b) = (rows as f64, cols as f64);
+    c.lr * match c.adjust_lr {
+        AdjustLr::Original => (a / b).max(1.0).sqrt(),
+        AdjustLr::MatchRmsAdamw => 0.2 * a.max(b).sqrt(),
+        AdjustLr::SpectralUnclamped => (a / b).sqrt(),
+    }
+}
+
+/// One Muon step of a whole `rows`×`cols` parameter; gradients are multiplied by
+/// `grad_scale` as they are read (the clip coefficient).
+pub fn update(c: &MuonConfig, rows: usize, cols: usize, p: &mut [f32], g: &[f32], buf: &mut [f32], grad_scale: f32) {
+    let mu = c.momentum as f32;
+    let scaled = |x: f32| if grad_scale == 1.0 { x } else { x * grad_scale };
+    let u: Vec<f32> = buf
+        .iter_mut()
+        .zip(g)
+        .map(|(b, &g)| {
+            let g = scaled(g);
+            *b = lerp(*b, g, 1.0 - mu);
+            if c.nesterov {
+                lerp(g, *b, mu)
+            } else {
+                *b
+            }
+        })
+        .collect();
+    let o = newton_schulz(&u, rows, cols, c);
+    let decay = (1.0 - c.lr * c.weight_decay) as f32;
+    let step = -adjusted_lr(c, rows, cols) as f32;
+    p.iter_mut().zip(&o).for_each(|(p, o)| {
+        *p *= decay;
+        *p += step * o;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NS pushes the singular values into Muon's band around 1 (about 0.7 to 1.2 for these
+    /// coefficients): the result's Gram matrix is near I.
+    #[test]
+    fn newton_schulz_orthogonalises() {
+        let (r, c) = (3, 5);
+        let u: Vec<f32> = (0..r * c).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
+        let o = newton_schulz(&u, r, c, &MuonConfig::default());
+        for i in 0..r {
+            for j in 0..r {
+                let dot: f32 = (0..c).map(|k| o[i * c + k] * o[j * c + k]).sum();
+                let ok = if i == j { (0.4..1.5).contains(&dot) } else { dot.abs() < 0.3 };
+                assert!(ok, "({i},{j}) = {dot}");
+            }
+        }
+        // Transposed shapes give the transpose.
+        let ut: Vec<f32> = (0..c).flat_map(|j| (0..r).map(move |i| (i, j))).map(|(i, j)| u[i * c + j]).collect();
+        let ot = newton_schulz(&ut, c, r, &MuonConfig::default());
+        for i in 0..r {
+            for j in 0..c {
+                assert_eq!(ot[j * r + i], o[i * c + j]);
+            }
+        }
+    }
+
+    #[test]
+    fn lerp_is_torchs() {
+        assert_eq!(lerp(1.0, 3.0, 0.25), 1.5);
+        assert_eq!(lerp(1.0, 3.0, 0.75), 2.5);
+        assert_eq!(adjusted_lr(&MuonConfig { lr: 1.0, ..Default::default() }, 8, 2), 2.0);
+    }
+}

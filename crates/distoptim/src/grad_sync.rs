@@ -12,6 +12,8 @@ use crate::config::{ReduceMode, StepConfig};
 use crate::error::{DistError, Result};
 use crate::precision::{widen_into, FloatDtype, Working};
 use distoptim_collective::{bf16, shard_range, Communicator, ReduceOp, SharedBuf};
+use distoptim_optim::{Layout, ParamGroup};
+use std::ops::Range;
 
 /// Multiplies the local gradient by its weight; returns the divisor once the group's
 /// weights are known.
@@ -102,10 +104,12 @@ pub(crate) fn divide(grads: &mut [f32], divisor: f32) {
 /// buffer each rank sees its balanced part of every chunk, so partials sum over the
 /// group) unless a division is left (`batch_weighted`), which the caller then applies
 /// and measures itself; the return value says whether it did.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn reduce_working<T: Working>(
     comm: &Communicator,
     grads: &[T],
     config: &StepConfig,
+    ranges: &[Range<usize>],
     batch_size: usize,
     staging: &mut Staging,
     out: &mut [f32],
@@ -124,7 +128,7 @@ pub(crate) fn reduce_working<T: Working>(
         FloatDtype::F32 => {
             let op = if mode == ReduceMode::Mean { ReduceOp::Avg } else { ReduceOp::Sum };
             let buf = staging.f32(comm, len)?;
-            reduce_chunks::<T, f32>(comm, grads, sharded, buf, op, |g| g.to_f32() * w, out, observe)?;
+            reduce_chunks::<T, f32>(comm, grads, sharded.then_some(ranges), buf, op, |g| g.to_f32() * w, out, observe)?;
             if mode == ReduceMode::BatchWeighted {
                 divide(out, d);
             }
@@ -139,7 +143,7 @@ pub(crate) fn reduce_working<T: Working>(
                 }
             };
             let buf = staging.bf16(comm, len)?;
-            reduce_chunks::<T, bf16>(comm, grads, sharded, buf, ReduceOp::Sum, compress, out, observe)?;
+            reduce_chunks::<T, bf16>(comm, grads, sharded.then_some(ranges), buf, ReduceOp::Sum, compress, out, observe)?;
             if mode == ReduceMode::BatchWeighted {
                 divide(out, d);
             }
@@ -173,6 +177,54 @@ impl Staging {
     }
 }
 
+/// The ranges of a sharded layout, one per rank, contiguous and in rank order: the
+/// balanced `shard_range`s, with every boundary that would cut a parameter of a
+/// whole-matrix rule (Muon, Adafactor) moved to that parameter's end. A rank then holds at
+/// most a balanced share plus the largest parameter.
+pub(crate) fn partition(layout: &Layout, groups: &[ParamGroup], size: usize) -> Vec<Range<usize>> {
+    let n = layout.numel();
+    let mut whole = vec![false; layout.len()];
+    for g in groups.iter().filter(|g| !g.config.elementwise()) {
+        for &i in &g.params {
+            if let Some(w) = whole.get_mut(i) {
+                *w = true;
+            }
+        }
+    }
+    let mut bounds: Vec<usize> = (0..size).map(|r| shard_range(n, size, r).start).collect();
+    bounds.push(n);
+    for b in bounds.iter_mut().skip(1) {
+        if let Some(p) = layout.params().iter().enumerate().find(|(i, p)| whole[*i] && p.range().start < *b && *b < p.range().end) {
+            *b = p.1.range().end;
+        }
+    }
+    for r in 1..bounds.len() {
+        bounds[r] = bounds[r].max(bounds[r - 1]);
+    }
+    bounds.windows(2).map(|w| w[0]..w[1]).collect()
+}
+
+/// All-gathers `buf` whose ranges `ranges[r]` rank r holds (contiguous, tiling the
+/// buffer), through equal staging blocks (the collective's own partition is balanced).
+pub(crate) fn all_gather_ranges<T: Working>(comm: &Communicator, buf: &mut [T], ranges: &[Range<usize>]) -> Result<()> {
+    let (size, me) = (comm.size(), comm.rank());
+    let longest = ranges.iter().map(|r| r.len()).max().unwrap_or(0);
+    let block = ((1usize << 20) / size).max(1).min(longest.max(1));
+    let mut staging = vec![T::default(); size * block];
+    for k in (0..longest).step_by(block) {
+        let mine = (ranges[me].start + k).min(ranges[me].end)..(ranges[me].start + k + block).min(ranges[me].end);
+        let len = mine.len();
+        staging[me * block..me * block + len].copy_from_slice(&buf[mine]);
+        comm.all_gather(&mut staging)?;
+        for (r, range) in ranges.iter().enumerate() {
+            let theirs = (range.start + k).min(range.end)..(range.start + k + block).min(range.end);
+            let len = theirs.len();
+            buf[theirs].copy_from_slice(&staging[r * block..r * block + len]);
+        }
+    }
+    Ok(())
+}
+
 /// Elements of [`reduce_working`]'s staging chunk: a bucket, at most 4 MiB.
 pub(crate) fn staging_elems(config: &StepConfig) -> usize {
     config.bucket_elems().min((4 << 20) / config.precision.reduce_dtype.size()).max(1)
@@ -187,12 +239,13 @@ pub(crate) fn staging_bytes(config: &StepConfig, size: usize, numel: usize) -> u
 }
 
 /// [`reduce_working`]'s chunked collective: converts with `convert` into staging buffers
-/// of type `R`, reduces with `op`, widens the result into `out`.
+/// of type `R`, reduces with `op`, widens the result into `out`: the whole buffer, or
+/// with `ranges` (one contiguous range per rank, tiling the buffer) this rank's range.
 #[allow(clippy::too_many_arguments)]
 fn reduce_chunks<T: Working, R: Working>(
     comm: &Communicator,
     grads: &[T],
-    sharded: bool,
+    ranges: Option<&[Range<usize>]>,
     staging: &mut [R],
     op: ReduceOp,
     convert: impl Fn(T) -> R,
@@ -200,7 +253,7 @@ fn reduce_chunks<T: Working, R: Working>(
     observe: &mut dyn FnMut(&[f32]),
 ) -> Result<()> {
     let (size, me, n) = (comm.size(), comm.rank(), grads.len());
-    if !sharded {
+    let Some(ranges) = ranges else {
         let chunk = staging.len().max(1);
         for start in (0..n).step_by(chunk) {
             let end = (start + chunk).min(n);
@@ -214,8 +267,7 @@ fn reduce_chunks<T: Working, R: Working>(
             observe(&out[start + part.start..start + part.end]);
         }
         return Ok(());
-    }
-    let ranges: Vec<_> = (0..size).map(|r| shard_range(n, size, r)).collect();
+    };
     let longest = ranges.iter().map(|r| r.len()).max().unwrap_or(0);
     let block = (staging.len() / size).max(1).min(longest.max(1));
     let staging = &mut staging[..size * block];
@@ -229,8 +281,10 @@ fn reduce_chunks<T: Working, R: Working>(
         }
         comm.reduce_scatter(staging, op)?;
         let mine = (ranges[me].len().saturating_sub(k)).min(block);
-        widen_into(&staging[me * block..me * block + mine], &mut out[k..k + mine]);
-        observe(&out[k..k + mine]);
+        if mine > 0 {
+            widen_into(&staging[me * block..me * block + mine], &mut out[k..k + mine]);
+            observe(&out[k..k + mine]);
+        }
     }
     Ok(())
 }

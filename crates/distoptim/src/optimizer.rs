@@ -56,6 +56,9 @@ pub struct DistributedOptimizer {
     /// The reduced f32 gradient over `owned` of a mixed-precision step (kept between
     /// steps except under ZeRO-3).
     reduced: Vec<f32>,
+    /// Every rank's range (ZeRO; `owned` is this rank's): the balanced ranges, snapped to
+    /// parameter boundaries where a whole-matrix rule (Muon, Adafactor) would be cut.
+    ranges: Vec<Range<usize>>,
 }
 
 /// The bytes one rank holds, by what they are for: what `train` prints beside the peak
@@ -109,8 +112,8 @@ impl DistributedOptimizer {
             )));
         }
         config.precision.validate()?;
-        let numel = layout.numel();
-        let owned = if config.strategy.shards_state() { shard_range(numel, comm.size(), comm.rank()) } else { 0..numel };
+        let ranges = Self::ranges_for(&config, &layout, &groups, comm.size());
+        let owned = ranges[comm.rank()].clone();
         let opt = Scheduled::new(layout, groups, owned.clone(), schedule)?;
         let scaler = config.precision.loss_scale.map(LossScaler::new);
         Ok(DistributedOptimizer {
@@ -124,7 +127,34 @@ impl DistributedOptimizer {
             scaler,
             staging: Default::default(),
             reduced: Vec::new(),
+            ranges,
         })
+    }
+
+    /// Every rank's range: the whole buffer for DDP, else [`grad_sync::partition`].
+    fn ranges_for(config: &StepConfig, layout: &Layout, groups: &[ParamGroup], size: usize) -> Vec<Range<usize>> {
+        if config.strategy.shards_state() {
+            grad_sync::partition(layout, groups, size)
+        } else {
+            vec![0..layout.numel(); size]
+        }
+    }
+
+    /// Whether the ranges are the balanced ones the collectives partition by (no
+    /// whole-matrix parameter cut), so reduce-scatter and all-gather apply directly.
+    fn balanced(&self) -> bool {
+        !self.config.strategy.shards_state()
+            || self.ranges.iter().enumerate().all(|(r, range)| *range == shard_range(self.layout().numel(), self.comm.size(), r))
+    }
+
+    /// All-gathers a buffer of which every rank holds its range.
+    fn all_gather_owned<T: Working>(&self, buf: &mut [T]) -> Result<()> {
+        if self.balanced() {
+            self.comm.all_gather(buf)?;
+        } else {
+            grad_sync::all_gather_ranges(&self.comm, buf, &self.ranges)?;
+        }
+        Ok(())
     }
 
     /// The precision policy.
@@ -162,7 +192,7 @@ impl DistributedOptimizer {
         let mut full = vec![0.0f32; self.layout().numel()];
         full[self.owned.clone()].copy_from_slice(master);
         if self.config.strategy.shards_state() {
-            self.comm.all_gather(&mut full)?;
+            self.all_gather_owned(&mut full)?;
         }
         Ok(Some(full))
     }
@@ -207,7 +237,7 @@ impl DistributedOptimizer {
     /// Whether steps take the mixed-precision path (anything but the all-f32 policy).
     fn mixed(&self) -> bool {
         let p = &self.config.precision;
-        p.param_dtype != FloatDtype::F32 || p.reduce_dtype != FloatDtype::F32 || self.scaler.is_some()
+        p.param_dtype != FloatDtype::F32 || p.reduce_dtype != FloatDtype::F32 || self.scaler.is_some() || !self.balanced()
     }
 
     /// For 3-D parallelism: this optimizer's group is the data-parallel one (dp×cp) and its
@@ -237,6 +267,12 @@ impl DistributedOptimizer {
 
     pub fn layout(&self) -> &Layout {
         self.opt.optimizer().layout()
+    }
+
+    /// Whether the ranks' ranges are the balanced `shard_range`s (checkpoint files are
+    /// written in those).
+    pub(crate) fn is_balanced(&self) -> bool {
+        self.balanced()
     }
 
     /// The elements this rank updates and keeps state for.
@@ -443,8 +479,16 @@ impl DistributedOptimizer {
                 m.add(piece);
             }
         };
-        let observed =
-            grad_sync::reduce_working(&self.comm, grads, &self.config, batch_size, &mut self.staging, &mut reduced, &mut observe)?;
+        let observed = grad_sync::reduce_working(
+            &self.comm,
+            grads,
+            &self.config,
+            &self.ranges,
+            batch_size,
+            &mut self.staging,
+            &mut reduced,
+            &mut observe,
+        )?;
         let measured = measure.filter(|_| observed).map(clip::NormAccumulator::finish);
         if let Some(scaler) = self.scaler.as_mut() {
             // GradScaler.unscale_: multiply by the f32 reciprocal, then look for inf/NaN
@@ -485,7 +529,7 @@ impl DistributedOptimizer {
         self.keep_reduced(reduced);
         let report = report?;
         if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
-            self.comm.all_gather(params)?;
+            self.all_gather_owned(params)?;
         }
         Ok(report)
     }
@@ -499,7 +543,7 @@ impl DistributedOptimizer {
             if let Some(master) = &self.master {
                 round_into(master, &mut params[self.owned.clone()]);
             }
-            self.comm.all_gather(params)?;
+            self.all_gather_owned(params)?;
         }
         Ok(())
     }
@@ -540,7 +584,7 @@ impl DistributedOptimizer {
     }
 
     /// Every rank's state joined into the full state dict, on every rank (collective).
-    fn gather_state(&self) -> Result<OptimizerStateDict> {
+    pub(crate) fn gather_state(&self) -> Result<OptimizerStateDict> {
         let mine = self.opt.optimizer().state_dict();
         if !self.config.strategy.shards_state() {
             return Ok(mine);
@@ -551,7 +595,7 @@ impl DistributedOptimizer {
         for (name, part) in &mine.buffers {
             let mut full = vec![0f32; numel];
             full[self.owned.clone()].copy_from_slice(part);
-            self.comm.all_gather(&mut full)?;
+            self.all_gather_owned(&mut full)?;
             buffers.insert(name.clone(), full);
         }
         let mut steps: Vec<i64> = mine.steps.iter().map(|&s| s as i64).collect();
@@ -575,10 +619,11 @@ impl DistributedOptimizer {
         }
         let mut full = self.gather_state()?;
         let added = full.add_param_group(params, config)?;
-        let numel = full.layout.numel();
-        let owned = if self.config.strategy.shards_state() { shard_range(numel, self.comm.size(), self.comm.rank()) } else { 0..numel };
+        let ranges = Self::ranges_for(&self.config, &full.layout, &full.groups, self.comm.size());
+        let owned = ranges[self.comm.rank()].clone();
         self.opt.regrow(&full.restrict(owned.clone())?)?;
         self.owned = owned;
+        self.ranges = ranges;
         Ok(added)
     }
 

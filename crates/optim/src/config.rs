@@ -276,7 +276,7 @@ impl OptimizerConfig {
                 if c.beta2_decay > 0.0 || c.beta2_decay.is_nan() {
                     return bad(format!("beta2_decay should be <= 0 but is: {}", c.beta2_decay));
                 }
-                if !(c.d >= 1.0) {
+                if c.d.is_nan() || c.d < 1.0 {
                     return bad(format!("clipping threshold d should be >= 1 but is: {}", c.d));
                 }
                 if c.eps.0.is_some_and(|e| !non_negative(e)) || !non_negative(c.eps.1) {

@@ -256,7 +256,15 @@ impl Optimizer {
                             return Err(cut(&spec.name, &self.shard));
                         }
                         let l = r.start - start..r.end - start;
-                        kernels::muon::update(c, spec.shape[0], spec.shape[1], &mut bufs.params[l.clone()], &bufs.grads[l.clone()], &mut buf[l], grad_scale);
+                        kernels::muon::update(
+                            c,
+                            spec.shape[0],
+                            spec.shape[1],
+                            &mut bufs.params[l.clone()],
+                            &bufs.grads[l.clone()],
+                            &mut buf[l],
+                            grad_scale,
+                        );
                     }
                 }
                 OptimizerConfig::Adafactor(c) => {

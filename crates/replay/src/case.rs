@@ -460,7 +460,9 @@ fn new_optimizer(name: &str) -> Result<OptimizerConfig> {
         "lbfgs" => OptimizerConfig::Lbfgs(LbfgsConfig::default()),
         "muon" => OptimizerConfig::Muon(MuonConfig::default()),
         "adafactor" => OptimizerConfig::Adafactor(AdafactorConfig::default()),
-        other => return err(ErrorClass::UnknownOptimizer, format!("unknown optimizer '{other}' (sgd, adam, adamw, lbfgs, muon, adafactor)")),
+        other => {
+            return err(ErrorClass::UnknownOptimizer, format!("unknown optimizer '{other}' (sgd, adam, adamw, lbfgs, muon, adafactor)"))
+        }
     })
 }
 
@@ -478,7 +480,11 @@ fn check_shapes(layout: &Layout, groups: &[ParamGroup]) -> Result<()> {
 /// merged into one list of groups in entry order (the order their lrs are reported in).
 /// Each entry has its own LambdaLR; the schedule's λ may depend on the entry's lr (`L`),
 /// which then must be the same for all entries.
-fn parse_optimizers(list: &[Value], layout: &Layout, sched: Option<&Value>) -> Result<(OptimizerConfig, Vec<ParamGroup>, Option<Schedule>)> {
+fn parse_optimizers(
+    list: &[Value],
+    layout: &Layout,
+    sched: Option<&Value>,
+) -> Result<(OptimizerConfig, Vec<ParamGroup>, Option<Schedule>)> {
     let mut seen = BTreeSet::new();
     let mut groups = Vec::new();
     let mut schedules = Vec::new();
@@ -501,7 +507,11 @@ fn parse_optimizers(list: &[Value], layout: &Layout, sched: Option<&Value>) -> R
         config.validate()?;
         let group_list: Vec<Value> = match (params_key, groups_key) {
             (Some(p), _) => vec![serde_json::json!({ "params": p })],
-            (_, Some(g)) => g.as_array().filter(|l| !l.is_empty()).cloned().map_or_else(|| invalid(format!("{what}.param_groups must be a non-empty list")), Ok)?,
+            (_, Some(g)) => g
+                .as_array()
+                .filter(|l| !l.is_empty())
+                .cloned()
+                .map_or_else(|| invalid(format!("{what}.param_groups must be a non-empty list")), Ok)?,
             _ => Vec::new(),
         };
         for (gi, g) in group_list.iter().enumerate() {
@@ -593,7 +603,9 @@ fn apply_key(cfg: &mut OptimizerConfig, key: &str, v: &Value, what: &str) -> Res
             "eps" => c.eps = number(v, &w)?,
             "ns_steps" => c.ns_steps = uint(v, &w, ErrorClass::InvalidConfig)?,
             "ns_coefficients" => {
-                let Some(list) = v.as_array().filter(|l| l.len() == 3) else { return invalid(format!("{w} must be a list of three numbers")) };
+                let Some(list) = v.as_array().filter(|l| l.len() == 3) else {
+                    return invalid(format!("{w} must be a list of three numbers"));
+                };
                 for (slot, x) in c.ns_coefficients.iter_mut().zip(list) {
                     *slot = number(x, &w)?;
                 }
@@ -613,7 +625,9 @@ fn apply_key(cfg: &mut OptimizerConfig, key: &str, v: &Value, what: &str) -> Res
             "lr" => c.lr = number(v, &w)?,
             "beta2_decay" => c.beta2_decay = number(v, &w)?,
             "eps" => {
-                let Some(list) = v.as_array().filter(|l| l.len() == 2) else { return invalid(format!("{w} must be a list [eps1 or null, eps2]")) };
+                let Some(list) = v.as_array().filter(|l| l.len() == 2) else {
+                    return invalid(format!("{w} must be a list [eps1 or null, eps2]"));
+                };
                 let eps1 = if list[0].is_null() { None } else { Some(number(&list[0], &w)?) };
                 c.eps = (eps1, number(&list[1], &w)?);
             }

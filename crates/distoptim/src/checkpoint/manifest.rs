@@ -190,3 +190,24 @@ pub fn read(dir: &Path) -> Result<Manifest> {
     m.validate(&path)?;
     Ok(m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distoptim_optim::{AdamConfig, MuonConfig, OptimizerConfig};
+
+    /// The checksum is taken over the manifest serialised again after parsing: every f64
+    /// (a scheduled lr) must parse back to the same bits, or a good checkpoint is refused.
+    #[test]
+    fn every_lr_round_trips_through_json() {
+        for lr in [0.013090169943749475, 0.006545084971874737, 1.0 / 3.0, 2.9e-3, 1e-300] {
+            let groups = vec![
+                ParamGroup { params: vec![0], config: OptimizerConfig::Muon(MuonConfig { lr, ..Default::default() }) },
+                ParamGroup { params: vec![1], config: OptimizerConfig::Adam(AdamConfig { lr, ..AdamConfig::adamw() }) },
+            ];
+            let text = serde_json::to_string(&groups).unwrap();
+            let back: Vec<ParamGroup> = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, groups, "{lr}");
+        }
+    }
+}

@@ -161,7 +161,15 @@ pub fn save<T: Working>(
     }
     let range = shard_range(numel, comm.size(), comm.rank());
     let owned = opt.owned();
+    // Files hold the balanced ranges. A rank whose range was snapped to a whole matrix
+    // (Muon, Adafactor) does not hold exactly its file's part: the state and master are
+    // gathered whole first (collective; every rank takes the same branch).
+    let balanced = opt.is_balanced();
+    let gathered_master = if balanced { None } else { opt.gather_master()? };
     let values: Cow<'_, [f32]> = match (opt.master(), T::as_f32(params)) {
+        (Some(_), _) if gathered_master.is_some() => {
+            Cow::Owned(gathered_master.as_deref().map_or_else(Vec::new, |m| m[range.clone()].to_vec()))
+        }
         (Some(master), _) => Cow::Borrowed(&master[range.start - owned.start..range.end - owned.start]),
         (None, Some(p)) => Cow::Borrowed(&p[range.clone()]),
         (None, None) => Cow::Owned(params[range.clone()].iter().map(|v| v.to_f32()).collect()),
@@ -173,7 +181,7 @@ pub fn save<T: Working>(
         loss_scale: opt.loss_scaler().map(|s| s.scale),
         growth_tracker: opt.loss_scaler().map_or(0, |s| s.growth_tracker),
     });
-    let state = opt.state_dict();
+    let state = if balanced { opt.state_dict() } else { opt.gather_state()? };
     let part = if state.shard == range { Ok(state) } else { state.restrict(range.clone()).map_err(DistError::from) };
     let spec = Manifest {
         format_version: FORMAT_VERSION,

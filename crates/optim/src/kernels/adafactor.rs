@@ -79,9 +79,9 @@ pub fn update(
                 cols[j] = lerp(cols[j], norm * norm / r as f32, omega);
             }
             let mean = ((rows.iter().map(|&x| f64::from(x)).sum::<f64>() / r as f64) as f32).max(eps1);
-            for i in 0..r {
-                for j in 0..cn {
-                    let var = rows[i] * cols[j] / mean;
+            for (i, row_i) in rows.iter().enumerate() {
+                for (j, col_j) in cols.iter().enumerate() {
+                    let var = row_i * col_j / mean;
                     let k = bi * r * cn + i * cn + j;
                     u[k] = 1.0 / var.max(eps1 * eps1).sqrt() * g[k];
                 }

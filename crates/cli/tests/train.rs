@@ -262,3 +262,18 @@ fn mixed_precision_learns_follows_f32_and_resumes_elsewhere() {
         let _ = std::fs::remove_dir_all(d);
     });
 }
+
+/// Muon (AdamW for the biases) and Adafactor train the digits model to >= 90%, with ZeRO
+/// ranges snapped to whole matrices on 3 ranks.
+#[test]
+fn muon_and_adafactor_learn_the_digits() {
+    for optimizer in ["muon", "adafactor"] {
+        let out_dir = scratch(&format!("opt-{optimizer}"));
+        let out = train(&["--optimizer", optimizer, "--strategy", "zero2", "--nproc", "3", "--out", out_dir.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().find(|l| l.starts_with("test accuracy")).unwrap_or_else(|| panic!("{stdout}"));
+        let accuracy: f64 = line.split_whitespace().nth(2).unwrap().trim_end_matches('%').parse().unwrap();
+        assert!(accuracy >= 90.0, "{optimizer}: {line}");
+        let _ = std::fs::remove_dir_all(&out_dir);
+    }
+}

@@ -36,7 +36,7 @@ use distoptim_candle::{CandleElement, FlatParams};
 use distoptim_collective::{bf16, f16};
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip::NormType;
-use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
+use distoptim_optim::{AdafactorConfig, AdamConfig, AdjustLr, Layout, MuonConfig, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
 
 use data::Dataset;
 use distoptim::sampler::DistributedSampler;
@@ -59,8 +59,9 @@ pub struct TrainArgs {
     /// Hidden layer sizes of the digits model (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "128,128", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     hidden: Vec<usize>,
-    /// The optimizer.
-    #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw"])]
+    /// The optimizer. muon: Muon for the weight matrices, AdamW for the biases (as in
+    /// practice; Muon takes 2-D parameters only).
+    #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw", "muon", "adafactor"])]
     optimizer: String,
     /// The model's parameters and gradients: f32, or bf16/f16 with an f32 master copy
     /// and f32 optimizer state (f16 with dynamic loss scaling). ddp and zero* only.
@@ -631,12 +632,25 @@ fn param_groups(layout: &Layout, args: &TrainArgs) -> Result<Vec<ParamGroup>> {
                 ..SgdConfig::default()
             }),
             "adam" => OptimizerConfig::Adam(AdamConfig { lr: args.lr.unwrap_or(3e-3), weight_decay, ..AdamConfig::adam() }),
-            "adamw" => OptimizerConfig::Adam(AdamConfig { lr: args.lr.unwrap_or(3e-3), weight_decay, ..AdamConfig::adamw() }),
-            other => bail!("unknown --optimizer {other:?} (sgd, adam or adamw)"),
+            "adamw" | "muon" => OptimizerConfig::Adam(AdamConfig { lr: args.lr.unwrap_or(3e-3), weight_decay, ..AdamConfig::adamw() }),
+            "adafactor" => {
+                OptimizerConfig::Adafactor(AdafactorConfig { lr: args.lr.unwrap_or(1e-2), weight_decay, ..AdafactorConfig::default() })
+            }
+            other => bail!("unknown --optimizer {other:?} (sgd, adam, adamw, muon or adafactor)"),
         })
     };
     let (biases, weights): (Vec<usize>, Vec<usize>) = (0..layout.len()).partition(|&i| layout.param(i).shape.len() < 2);
-    Ok(vec![ParamGroup { params: weights, config: config(args.weight_decay)? }, ParamGroup { params: biases, config: config(0.0)? }])
+    let weight_config = match args.optimizer.as_str() {
+        // Muon's own lr scale (match_rms_adamw makes AdamW's lr carry over); AdamW for the biases.
+        "muon" => OptimizerConfig::Muon(MuonConfig {
+            lr: args.lr.unwrap_or(3e-3),
+            weight_decay: args.weight_decay,
+            adjust_lr: AdjustLr::MatchRmsAdamw,
+            ..MuonConfig::default()
+        }),
+        _ => config(args.weight_decay)?,
+    };
+    Ok(vec![ParamGroup { params: weights, config: weight_config }, ParamGroup { params: biases, config: config(0.0)? }])
 }
 
 /// This process's peak resident set (VmHWM), in KiB.

@@ -33,12 +33,23 @@ fn bf(x: f32) -> f32 {
 }
 
 /// `X·Yᵀ` of row-major `x` (m×k) and `y` (n×k), each product exact in f32 (bf16 values)
-/// and summed in f32, as torch's bf16 matmul accumulates.
+/// and summed in f32, as torch's bf16 matmul accumulates (in 8 lanes, then across them:
+/// torch's order is its own, and the tolerances of FORMAT.md admit any).
 fn mul_transposed(x: &[f32], y: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
     for i in 0..m {
+        let a = &x[i * k..(i + 1) * k];
         for j in 0..n {
-            let (a, b) = (&x[i * k..(i + 1) * k], &y[j * k..(j + 1) * k]);
-            out[i * n + j] = a.iter().zip(b).fold(0.0f32, |s, (p, q)| s + p * q);
+            let b = &y[j * k..(j + 1) * k];
+            let mut lanes = [0.0f32; 8];
+            let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+            let (ra, rb) = (ca.remainder(), cb.remainder());
+            for (pa, pb) in ca.zip(cb) {
+                for l in 0..8 {
+                    lanes[l] += pa[l] * pb[l];
+                }
+            }
+            let tail: f32 = ra.iter().zip(rb).map(|(p, q)| p * q).sum();
+            out[i * n + j] = lanes.iter().sum::<f32>() + tail;
         }
     }
 }

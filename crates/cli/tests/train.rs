@@ -263,11 +263,11 @@ fn mixed_precision_learns_follows_f32_and_resumes_elsewhere() {
     });
 }
 
-/// Muon (AdamW for the biases) and Adafactor train the digits model to >= 90%, with ZeRO
-/// ranges snapped to whole matrices on 3 ranks.
+/// Muon (AdamW for the biases), Adafactor and Lion train the digits model to >= 90%, with
+/// ZeRO ranges snapped to whole matrices on 3 ranks.
 #[test]
-fn muon_and_adafactor_learn_the_digits() {
-    for optimizer in ["muon", "adafactor"] {
+fn muon_adafactor_and_lion_learn_the_digits() {
+    for optimizer in ["muon", "adafactor", "lion"] {
         let out_dir = scratch(&format!("opt-{optimizer}"));
         let out = train(&["--optimizer", optimizer, "--strategy", "zero2", "--nproc", "3", "--out", out_dir.to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -6,7 +6,9 @@ use distoptim::checkpoint::{self, SaveOptions};
 use distoptim::{ClipConfig, DistributedOptimizer, ReduceMode, StepConfig, Strategy};
 use distoptim_collective::{CommConfig, Communicator};
 use distoptim_optim::clip::{self, NormType};
-use distoptim_optim::{AdafactorConfig, AdamConfig, AdjustLr, Layout, MuonConfig, Optimizer, OptimizerConfig, ParamGroup, Schedule};
+use distoptim_optim::{
+    AdafactorConfig, AdamConfig, AdjustLr, Layout, LionConfig, MuonConfig, Optimizer, OptimizerConfig, ParamGroup, Schedule,
+};
 
 const STRATEGIES: [Strategy; 4] = [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3];
 
@@ -15,10 +17,14 @@ fn layout() -> Layout {
     Layout::new([("a.w", vec![5, 3]), ("a.b", vec![5]), ("b.w", vec![4, 6]), ("b.b", vec![4]), ("c.w", vec![2, 7]), ("s", vec![])]).unwrap()
 }
 
-/// Muon for the matrices, AdamW for the rest (the `optimizers` of practice), or
-/// Adafactor for everything.
-fn groups(hybrid: bool) -> Vec<ParamGroup> {
-    if hybrid {
+/// 0: Muon for the matrices, AdamW for the rest (the `optimizers` of practice); 1:
+/// Adafactor for everything; 2: Lion for everything (elementwise: ranges stay balanced).
+fn groups(which: usize) -> Vec<ParamGroup> {
+    if which == 2 {
+        let lion = LionConfig { lr: 0.01, weight_decay: 0.1, ..LionConfig::default() };
+        return vec![ParamGroup { params: (0..6).collect(), config: OptimizerConfig::Lion(lion) }];
+    }
+    if which == 0 {
         let muon = MuonConfig { lr: 0.02, adjust_lr: AdjustLr::MatchRmsAdamw, ..MuonConfig::default() };
         vec![
             ParamGroup { params: vec![0, 2, 4], config: OptimizerConfig::Muon(muon) },
@@ -42,11 +48,11 @@ fn config() -> CommConfig {
     CommConfig::default().with_timeout(std::time::Duration::from_secs(30)).with_slot_bytes(4096)
 }
 
-fn reference(hybrid: bool, w: usize, steps: usize, clip: Option<ClipConfig>) -> Vec<f32> {
+fn reference(which: usize, w: usize, steps: usize, clip: Option<ClipConfig>) -> Vec<f32> {
     let layout = layout();
     let n = layout.numel();
     let mut p = init(n);
-    let mut opt = Optimizer::with_groups(layout, groups(hybrid), 0..n).unwrap();
+    let mut opt = Optimizer::with_groups(layout, groups(which), 0..n).unwrap();
     for t in 0..steps {
         let mut g = vec![0f32; n];
         for r in 0..w {
@@ -61,13 +67,13 @@ fn reference(hybrid: bool, w: usize, steps: usize, clip: Option<ClipConfig>) -> 
     p
 }
 
-fn distributed(strategy: Strategy, hybrid: bool, w: usize, steps: usize, clip: Option<ClipConfig>) -> (Vec<f32>, Vec<usize>) {
+fn distributed(strategy: Strategy, which: usize, w: usize, steps: usize, clip: Option<ClipConfig>) -> (Vec<f32>, Vec<usize>) {
     let outs = Communicator::run_threads(w, &config(), |comm| {
         let layout = layout();
         let n = layout.numel();
         let r = comm.rank();
         let c = StepConfig { clip, bucket_cap_mb: 64.0 / 1048576.0, ..StepConfig::new(strategy) };
-        let mut opt = DistributedOptimizer::new(comm, layout, groups(hybrid), None, c).unwrap();
+        let mut opt = DistributedOptimizer::new(comm, layout, groups(which), None, c).unwrap();
         let mut p = init(n);
         for t in 0..steps {
             let mut g = grad(n, r, t);
@@ -84,12 +90,12 @@ fn distributed(strategy: Strategy, hybrid: bool, w: usize, steps: usize, clip: O
 fn whole_matrix_rules_equal_one_process_for_every_strategy_and_world_size() {
     let n = layout().numel();
     let largest = 24;
-    for hybrid in [true, false] {
+    for which in [0, 1, 2] {
         for w in 1..=5 {
-            let want = reference(hybrid, w, 4, None);
+            let want = reference(which, w, 4, None);
             for strategy in STRATEGIES {
-                let (got, elems) = distributed(strategy, hybrid, w, 4, None);
-                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "hybrid={hybrid} {strategy} W={w}");
+                let (got, elems) = distributed(strategy, which, w, 4, None);
+                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "rules={which} {strategy} W={w}");
                 if strategy.shards_state() {
                     // Each element's state on one rank, each rank within a balanced share
                     // plus the largest parameter (the conformance checker's bound).
@@ -104,13 +110,13 @@ fn whole_matrix_rules_equal_one_process_for_every_strategy_and_world_size() {
 #[test]
 fn clipping_counts_every_element_once_with_snapped_ranges() {
     let clip = Some(ClipConfig { max_norm: 0.3, norm: NormType::P(2.0), error_if_nonfinite: false });
-    for hybrid in [true, false] {
+    for which in [0, 1, 2] {
         for w in [2, 3, 4] {
-            let want = reference(hybrid, w, 3, clip);
+            let want = reference(which, w, 3, clip);
             for strategy in STRATEGIES {
-                let (got, _) = distributed(strategy, hybrid, w, 3, clip);
+                let (got, _) = distributed(strategy, which, w, 3, clip);
                 for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-2), "hybrid={hybrid} {strategy} W={w}: {a} vs {b}");
+                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-2), "rules={which} {strategy} W={w}: {a} vs {b}");
                 }
             }
         }
@@ -123,12 +129,12 @@ fn a_checkpoint_at_w3_resumes_at_w2_and_equals_an_uninterrupted_run() {
     let layout = layout();
     let n = layout.numel();
     let sched = Schedule::CosineWithWarmup { warmup: 1, total: 6, cycles: 0.5 };
-    for hybrid in [true, false] {
+    for which in [0, 1, 2] {
         let run = |strategy: Strategy, w: usize, steps: std::ops::Range<usize>, root: Option<(&std::path::Path, bool)>| {
             Communicator::run_threads(w, &config(), |comm| {
                 let r = comm.rank();
                 let c = StepConfig { reduce: ReduceMode::Sum, ..StepConfig::new(strategy) };
-                let mut opt = DistributedOptimizer::new(comm, layout.clone(), groups(hybrid), Some(sched.clone()), c).unwrap();
+                let mut opt = DistributedOptimizer::new(comm, layout.clone(), groups(which), Some(sched.clone()), c).unwrap();
                 let mut p = init(n);
                 if let Some((dir, false)) = root {
                     checkpoint::load(dir, &mut opt, &mut p).unwrap();
@@ -148,12 +154,12 @@ fn a_checkpoint_at_w3_resumes_at_w2_and_equals_an_uninterrupted_run() {
         };
         let whole = run(Strategy::Zero2, 3, 0..6, None);
         for second in [Strategy::Zero3, Strategy::Zero1, Strategy::Ddp] {
-            let dir = std::env::temp_dir().join(format!("distoptim-optimizers-{}-{hybrid}-{second}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("distoptim-optimizers-{}-{which}-{second}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             run(Strategy::Zero2, 3, 0..3, Some((&dir, true)));
             let resumed = run(second, 2, 3..6, Some((&dir, false)));
             let _ = std::fs::remove_dir_all(&dir);
-            assert!(resumed.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()), "hybrid={hybrid} zero2 W=3 -> {second} W=2");
+            assert!(resumed.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()), "rules={which} zero2 W=3 -> {second} W=2");
         }
     }
 }

@@ -146,6 +146,22 @@ impl Default for MuonConfig {
     }
 }
 
+/// Lion (Chen et al. 2023): the sign of an interpolated momentum, decoupled weight decay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LionConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub weight_decay: f64,
+    pub maximize: bool,
+}
+
+impl Default for LionConfig {
+    /// The paper's (and lucidrains' lion-pytorch) defaults: lr 1e-4, betas (0.9, 0.99).
+    fn default() -> Self {
+        LionConfig { lr: 1e-4, betas: (0.9, 0.99), weight_decay: 0.0, maximize: false }
+    }
+}
+
 /// `torch.optim.Adafactor`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdafactorConfig {
@@ -173,6 +189,7 @@ pub enum OptimizerConfig {
     Lbfgs(LbfgsConfig),
     Muon(MuonConfig),
     Adafactor(AdafactorConfig),
+    Lion(LionConfig),
 }
 
 impl OptimizerConfig {
@@ -185,6 +202,7 @@ impl OptimizerConfig {
             OptimizerConfig::Lbfgs(_) => "lbfgs",
             OptimizerConfig::Muon(_) => "muon",
             OptimizerConfig::Adafactor(_) => "adafactor",
+            OptimizerConfig::Lion(_) => "lion",
         }
     }
 
@@ -201,6 +219,7 @@ impl OptimizerConfig {
             OptimizerConfig::Lbfgs(c) => c.lr,
             OptimizerConfig::Muon(c) => c.lr,
             OptimizerConfig::Adafactor(c) => c.lr,
+            OptimizerConfig::Lion(c) => c.lr,
         }
     }
 
@@ -211,6 +230,7 @@ impl OptimizerConfig {
             OptimizerConfig::Lbfgs(c) => c.lr = lr,
             OptimizerConfig::Muon(c) => c.lr = lr,
             OptimizerConfig::Adafactor(c) => c.lr = lr,
+            OptimizerConfig::Lion(c) => c.lr = lr,
         }
     }
 
@@ -284,6 +304,15 @@ impl OptimizerConfig {
                 }
                 if !non_negative(c.weight_decay) {
                     return bad(format!("weight_decay should be >= 0 but is: {}", c.weight_decay));
+                }
+            }
+            OptimizerConfig::Lion(c) => {
+                let (b1, b2) = c.betas;
+                if !(0.0..=1.0).contains(&b1) || !(0.0..=1.0).contains(&b2) {
+                    return bad(format!("invalid betas {:?}: each in [0, 1]", c.betas));
+                }
+                if !non_negative(c.weight_decay) {
+                    return bad(format!("invalid weight_decay value: {}", c.weight_decay));
                 }
             }
             OptimizerConfig::Lbfgs(c) => {

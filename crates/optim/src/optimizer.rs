@@ -247,6 +247,13 @@ impl Optimizer {
                         kernels::adam::update(&s, b.params, b.grads, m, v, vmax)
                     });
                 }
+                OptimizerConfig::Lion(c) => {
+                    let c = c.clone();
+                    kernels::par_for_each(bufs, &|b: Buffers<'_>| {
+                        let [m, _, _] = b.state;
+                        kernels::lion::update(&c, b.params, b.grads, m, grad_scale)
+                    });
+                }
                 OptimizerConfig::Muon(c) => {
                     let start = seg.range.start;
                     let [buf, _, _] = bufs.state;
@@ -406,6 +413,7 @@ fn rule_buffers(config: &OptimizerConfig) -> [Option<&'static str>; 3] {
         OptimizerConfig::Adam(a) => [Some("exp_avg"), Some("exp_avg_sq"), a.amsgrad.then_some("max_exp_avg_sq")],
         OptimizerConfig::Sgd(s) => [(s.momentum != 0.0).then_some("momentum_buffer"), None, None],
         OptimizerConfig::Muon(_) => [Some("momentum_buffer"), None, None],
+        OptimizerConfig::Lion(_) => [Some("exp_avg"), None, None],
         OptimizerConfig::Adafactor(_) => [Some("row_var"), Some("col_var"), Some("variance")],
         OptimizerConfig::Lbfgs(_) => [None, None, None],
     }

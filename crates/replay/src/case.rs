@@ -636,6 +636,9 @@ fn apply_key(cfg: &mut OptimizerConfig, key: &str, v: &Value, what: &str) -> Res
             "maximize" => c.maximize = boolean(v, &w)?,
             _ => return invalid(format!("unknown adafactor option '{key}' in {what}")),
         },
+        // Not one of the conformance format's optimizers (no torch reference): `new_optimizer`
+        // never builds it.
+        OptimizerConfig::Lion(_) => return err(ErrorClass::UnknownOptimizer, "lion is not one of the six optimizers of the format"),
     }
     Ok(())
 }

@@ -36,7 +36,9 @@ use distoptim_candle::{CandleElement, FlatParams};
 use distoptim_collective::{bf16, f16};
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip::NormType;
-use distoptim_optim::{AdafactorConfig, AdamConfig, AdjustLr, Layout, MuonConfig, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
+use distoptim_optim::{
+    AdafactorConfig, AdamConfig, AdjustLr, Layout, LionConfig, MuonConfig, OptimizerConfig, ParamGroup, Schedule, SgdConfig,
+};
 
 use data::Dataset;
 use distoptim::sampler::DistributedSampler;
@@ -61,7 +63,7 @@ pub struct TrainArgs {
     hidden: Vec<usize>,
     /// The optimizer. muon: Muon for the weight matrices, AdamW for the biases (as in
     /// practice; Muon takes 2-D parameters only).
-    #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw", "muon", "adafactor"])]
+    #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw", "muon", "adafactor", "lion"])]
     optimizer: String,
     /// The model's parameters and gradients: f32, or bf16/f16 with an f32 master copy
     /// and f32 optimizer state (f16 with dynamic loss scaling). ddp and zero* only.
@@ -636,7 +638,12 @@ fn param_groups(layout: &Layout, args: &TrainArgs) -> Result<Vec<ParamGroup>> {
             "adafactor" => {
                 OptimizerConfig::Adafactor(AdafactorConfig { lr: args.lr.unwrap_or(1e-2), weight_decay, ..AdafactorConfig::default() })
             }
-            other => bail!("unknown --optimizer {other:?} (sgd, adam, adamw, muon or adafactor)"),
+            // The paper's advice: an lr 3-10x smaller than AdamW's (3x here: 96.66% on the
+            // digits, 10x gives 89%), weight decay as much larger.
+            "lion" => {
+                OptimizerConfig::Lion(LionConfig { lr: args.lr.unwrap_or(1e-3), weight_decay: weight_decay * 3.0, ..LionConfig::default() })
+            }
+            other => bail!("unknown --optimizer {other:?} (sgd, adam, adamw, muon, adafactor or lion)"),
         })
     };
     let (biases, weights): (Vec<usize>, Vec<usize>) = (0..layout.len()).partition(|&i| layout.param(i).shape.len() < 2);

@@ -7,6 +7,7 @@
 
 pub mod adafactor;
 pub mod adam;
+pub mod lion;
 pub mod muon;
 pub mod sgd;
 

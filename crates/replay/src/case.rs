@@ -515,26 +515,7 @@ fn parse_optimizers(
             _ => Vec::new(),
         };
         for (gi, g) in group_list.iter().enumerate() {
-            let gm = object(g, &format!("{what}.param_groups[{gi}]"))?;
-            let Some(names) = gm.get("params").and_then(Value::as_array) else {
-                return invalid(format!("{what}.param_groups[{gi}] has no params list"));
-            };
-            let mut params = Vec::new();
-            for n in names {
-                let Some(i) = n.as_str().and_then(|n| layout.index_of(n)) else {
-                    return invalid(format!("{what} names {n}, which is not a param of the case"));
-                };
-                if !seen.insert(i) {
-                    return invalid(format!("param '{}' is in two optimizers or groups", layout.param(i).name));
-                }
-                params.push(i);
-            }
-            let mut gc = config.clone();
-            for (k, val) in gm.iter().filter(|(k, _)| k.as_str() != "params") {
-                apply_key(&mut gc, k, val, &what)?;
-            }
-            gc.validate()?;
-            groups.push(ParamGroup { params, config: gc });
+            groups.push(parse_group(g, &format!("{what}.param_groups[{gi}]"), layout, &config, &mut seen)?);
         }
         schedules.push(sched.map(|s| parse_schedule(s, config.lr())).transpose()?);
         first.get_or_insert(config);
@@ -643,6 +624,31 @@ fn apply_key(cfg: &mut OptimizerConfig, key: &str, v: &Value, what: &str) -> Res
     Ok(())
 }
 
+/// One param group: `{"params": [names], <overrides>}` over `base`; each name must be a
+/// param of the case not already in `seen` (which it joins).
+fn parse_group(g: &Value, what: &str, layout: &Layout, base: &OptimizerConfig, seen: &mut BTreeSet<usize>) -> Result<ParamGroup> {
+    let m = object(g, what)?;
+    let Some(names) = m.get("params").and_then(Value::as_array) else {
+        return invalid(format!("{what} has no params list"));
+    };
+    let mut params = Vec::new();
+    for n in names {
+        let Some(i) = n.as_str().and_then(|n| layout.index_of(n)) else {
+            return invalid(format!("{what} names {n}, which is not a param of the case"));
+        };
+        if !seen.insert(i) {
+            return invalid(format!("param '{}' is in two param groups or optimizers", layout.param(i).name));
+        }
+        params.push(i);
+    }
+    let mut config = base.clone();
+    for (k, val) in m.iter().filter(|(k, _)| k.as_str() != "params") {
+        apply_key(&mut config, k, val, what)?;
+    }
+    config.validate()?;
+    Ok(ParamGroup { params, config })
+}
+
 fn parse_groups(v: Option<&Value>, layout: &Layout, base: &OptimizerConfig) -> Result<Vec<ParamGroup>> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(vec![ParamGroup { params: (0..layout.len()).collect(), config: base.clone() }]);
@@ -653,27 +659,7 @@ fn parse_groups(v: Option<&Value>, layout: &Layout, base: &OptimizerConfig) -> R
     let mut seen = BTreeSet::new();
     let mut groups = Vec::new();
     for (gi, g) in list.iter().enumerate() {
-        let what = format!("param_groups[{gi}]");
-        let m = object(g, &what)?;
-        let Some(names) = m.get("params").and_then(Value::as_array) else {
-            return invalid(format!("{what} has no params list"));
-        };
-        let mut params = Vec::new();
-        for n in names {
-            let Some(i) = n.as_str().and_then(|n| layout.index_of(n)) else {
-                return invalid(format!("{what} names {n}, which is not a param of the case"));
-            };
-            if !seen.insert(i) {
-                return invalid(format!("param '{}' is in two param groups", layout.param(i).name));
-            }
-            params.push(i);
-        }
-        let mut config = base.clone();
-        for (k, val) in m.iter().filter(|(k, _)| k.as_str() != "params") {
-            apply_key(&mut config, k, val, &what)?;
-        }
-        config.validate()?;
-        groups.push(ParamGroup { params, config });
+        groups.push(parse_group(g, &format!("param_groups[{gi}]"), layout, base, &mut seen)?);
     }
     if let Some(missing) = (0..layout.len()).find(|i| !seen.contains(i)) {
         return invalid(format!("param '{}' is in no param group", layout.param(missing).name));

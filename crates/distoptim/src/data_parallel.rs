@@ -81,6 +81,14 @@ pub trait DataParallel: Send {
     /// one another; the periodic ones only at the world size and strategy that saved.
     fn load(&mut self, path: &Path, params: FlatMut<'_>) -> Result<Manifest>;
 
+    /// The parameters to evaluate and ship, from this rank's full `params` into `out`:
+    /// a copy, except for Schedule-Free AdamW, whose buffer holds the gradient point y and
+    /// whose averaged iterate x is what to evaluate (collective under ZeRO).
+    fn eval_params(&self, params: &[f32], out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(params);
+        Ok(())
+    }
+
     /// The bytes this rank holds, by category (not collective).
     fn memory(&self) -> MemoryLedger;
 

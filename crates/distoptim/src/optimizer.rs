@@ -725,6 +725,19 @@ impl crate::DataParallel for DistributedOptimizer {
         DistributedOptimizer::memory(self)
     }
 
+    fn eval_params(&self, params: &[f32], out: &mut [f32]) -> Result<()> {
+        let numel = self.layout().numel();
+        if params.len() != numel || out.len() != numel {
+            return Err(DistError::Invalid(format!("eval_params needs full buffers of {numel} elements")));
+        }
+        let owned = self.owned.clone();
+        self.opt.optimizer().eval_params(&params[owned.clone()], &mut out[owned])?;
+        if self.config.strategy.shards_state() {
+            self.all_gather_owned(out)?;
+        }
+        Ok(())
+    }
+
     fn loss_scale(&self) -> f32 {
         DistributedOptimizer::loss_scale(self)
     }

@@ -8,6 +8,7 @@ use distoptim_collective::{CommConfig, Communicator};
 use distoptim_optim::clip::{self, NormType};
 use distoptim_optim::{
     AdafactorConfig, AdamConfig, AdjustLr, Layout, LionConfig, MuonConfig, Optimizer, OptimizerConfig, ParamGroup, Schedule,
+    ScheduleFreeConfig,
 };
 
 const STRATEGIES: [Strategy; 4] = [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3];
@@ -18,8 +19,13 @@ fn layout() -> Layout {
 }
 
 /// 0: Muon for the matrices, AdamW for the rest (the `optimizers` of practice); 1:
-/// Adafactor for everything; 2: Lion for everything (elementwise: ranges stay balanced).
+/// Adafactor for everything; 2: Lion, 3: Schedule-Free AdamW, for everything (elementwise:
+/// ranges stay balanced; Schedule-Free's group counters travel in the checkpoint).
 fn groups(which: usize) -> Vec<ParamGroup> {
+    if which == 3 {
+        let sf = ScheduleFreeConfig { lr: 0.01, weight_decay: 0.01, warmup_steps: 2, ..ScheduleFreeConfig::default() };
+        return vec![ParamGroup { params: (0..6).collect(), config: OptimizerConfig::ScheduleFreeAdamw(sf) }];
+    }
     if which == 2 {
         let lion = LionConfig { lr: 0.01, weight_decay: 0.1, ..LionConfig::default() };
         return vec![ParamGroup { params: (0..6).collect(), config: OptimizerConfig::Lion(lion) }];
@@ -90,7 +96,7 @@ fn distributed(strategy: Strategy, which: usize, w: usize, steps: usize, clip: O
 fn whole_matrix_rules_equal_one_process_for_every_strategy_and_world_size() {
     let n = layout().numel();
     let largest = 24;
-    for which in [0, 1, 2] {
+    for which in [0, 1, 2, 3] {
         for w in 1..=5 {
             let want = reference(which, w, 4, None);
             for strategy in STRATEGIES {
@@ -110,7 +116,7 @@ fn whole_matrix_rules_equal_one_process_for_every_strategy_and_world_size() {
 #[test]
 fn clipping_counts_every_element_once_with_snapped_ranges() {
     let clip = Some(ClipConfig { max_norm: 0.3, norm: NormType::P(2.0), error_if_nonfinite: false });
-    for which in [0, 1, 2] {
+    for which in [0, 1, 2, 3] {
         for w in [2, 3, 4] {
             let want = reference(which, w, 3, clip);
             for strategy in STRATEGIES {
@@ -129,7 +135,7 @@ fn a_checkpoint_at_w3_resumes_at_w2_and_equals_an_uninterrupted_run() {
     let layout = layout();
     let n = layout.numel();
     let sched = Schedule::CosineWithWarmup { warmup: 1, total: 6, cycles: 0.5 };
-    for which in [0, 1, 2] {
+    for which in [0, 1, 2, 3] {
         let run = |strategy: Strategy, w: usize, steps: std::ops::Range<usize>, root: Option<(&std::path::Path, bool)>| {
             Communicator::run_threads(w, &config(), |comm| {
                 let r = comm.rank();

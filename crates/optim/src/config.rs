@@ -162,6 +162,45 @@ impl Default for LionConfig {
     }
 }
 
+/// Schedule-Free AdamW (Defazio et al. 2024), as `schedulefree.AdamWScheduleFree`. `k`,
+/// `lr_max` and `weight_sum` are the group's running counters (the authors keep them in
+/// the param group too), so state dicts and checkpoints carry them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleFreeConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+    pub r: f64,
+    pub weight_lr_power: f64,
+    /// Steps the group has taken.
+    pub k: u64,
+    /// The largest lr so far.
+    pub lr_max: f64,
+    /// Σ weights so far.
+    pub weight_sum: f64,
+}
+
+impl Default for ScheduleFreeConfig {
+    /// The authors' defaults: lr 0.0025, betas (0.9, 0.999), eps 1e-8, no warm-up, r 0,
+    /// weight_lr_power 2.
+    fn default() -> Self {
+        ScheduleFreeConfig {
+            lr: 0.0025,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            r: 0.0,
+            weight_lr_power: 2.0,
+            k: 0,
+            lr_max: -1.0,
+            weight_sum: 0.0,
+        }
+    }
+}
+
 /// `torch.optim.Adafactor`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdafactorConfig {
@@ -190,6 +229,7 @@ pub enum OptimizerConfig {
     Muon(MuonConfig),
     Adafactor(AdafactorConfig),
     Lion(LionConfig),
+    ScheduleFreeAdamw(ScheduleFreeConfig),
 }
 
 impl OptimizerConfig {
@@ -203,6 +243,7 @@ impl OptimizerConfig {
             OptimizerConfig::Muon(_) => "muon",
             OptimizerConfig::Adafactor(_) => "adafactor",
             OptimizerConfig::Lion(_) => "lion",
+            OptimizerConfig::ScheduleFreeAdamw(_) => "schedule_free_adamw",
         }
     }
 
@@ -220,6 +261,7 @@ impl OptimizerConfig {
             OptimizerConfig::Muon(c) => c.lr,
             OptimizerConfig::Adafactor(c) => c.lr,
             OptimizerConfig::Lion(c) => c.lr,
+            OptimizerConfig::ScheduleFreeAdamw(c) => c.lr,
         }
     }
 
@@ -231,6 +273,7 @@ impl OptimizerConfig {
             OptimizerConfig::Muon(c) => c.lr = lr,
             OptimizerConfig::Adafactor(c) => c.lr = lr,
             OptimizerConfig::Lion(c) => c.lr = lr,
+            OptimizerConfig::ScheduleFreeAdamw(c) => c.lr = lr,
         }
     }
 
@@ -313,6 +356,15 @@ impl OptimizerConfig {
                 }
                 if !non_negative(c.weight_decay) {
                     return bad(format!("invalid weight_decay value: {}", c.weight_decay));
+                }
+            }
+            OptimizerConfig::ScheduleFreeAdamw(c) => {
+                let (b1, b2) = c.betas;
+                if !(b1 > 0.0 && b1 < 1.0) || !(0.0..1.0).contains(&b2) {
+                    return bad(format!("invalid betas {:?}: beta1 in (0, 1), beta2 in [0, 1)", c.betas));
+                }
+                if !non_negative(c.eps) || !non_negative(c.weight_decay) {
+                    return bad(format!("eps ({}) and weight_decay ({}) must be >= 0", c.eps, c.weight_decay));
                 }
             }
             OptimizerConfig::Lbfgs(c) => {

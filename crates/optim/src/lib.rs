@@ -43,7 +43,9 @@ pub mod optimizer;
 pub mod schedule;
 
 pub use clip::{clip_grad_norm, NormType};
-pub use config::{AdafactorConfig, AdamConfig, AdjustLr, LbfgsConfig, LineSearch, LionConfig, MuonConfig, OptimizerConfig, SgdConfig};
+pub use config::{
+    AdafactorConfig, AdamConfig, AdjustLr, LbfgsConfig, LineSearch, LionConfig, MuonConfig, OptimizerConfig, ScheduleFreeConfig, SgdConfig,
+};
 pub use error::OptimError;
 pub use layout::{Layout, ParamSpec};
 pub use lbfgs::Lbfgs;

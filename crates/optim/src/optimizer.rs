@@ -209,6 +209,25 @@ impl Optimizer {
         self.state.iter().map(|(n, b)| (*n, b.as_slice()))
     }
 
+    /// The parameters to evaluate and ship, over the shard: `params` itself, except for
+    /// Schedule-Free groups, whose buffer holds y (where gradients are taken) and whose
+    /// averaged iterate x is `lerp(y, z, 1 - 1/β1)`.
+    pub fn eval_params(&self, params: &[f32], out: &mut [f32]) -> Result<()> {
+        self.layout.check_len("the parameter buffer", params.len(), &self.shard)?;
+        self.layout.check_len("the output buffer", out.len(), &self.shard)?;
+        out.copy_from_slice(params);
+        let z = self.state.iter().find(|(n, _)| *n == "z").map(|(_, b)| b.as_slice());
+        for (i, r) in self.layout.overlapping(self.shard.clone()) {
+            if let (OptimizerConfig::ScheduleFreeAdamw(c), Some(z)) = (&self.groups[self.group_of[i]].config, z) {
+                let l = r.start - self.shard.start..r.end - self.shard.start;
+                if self.steps[i] > 0 {
+                    kernels::schedule_free::eval_view(c, &params[l.clone()], &z[l.clone()], &mut out[l]);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One optimizer step over the shard: `params` and `grads` hold exactly the shard's
     /// elements.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<()> {
@@ -221,6 +240,16 @@ impl Optimizer {
     pub fn step_scaled(&mut self, params: &mut [f32], grads: &[f32], grad_scale: f32) -> Result<()> {
         self.layout.check_len("the parameter buffer", params.len(), &self.shard)?;
         self.layout.check_len("the gradient buffer", grads.len(), &self.shard)?;
+        // Group-level counters (Schedule-Free's k, lr_max, weight_sum) advance once per
+        // step on every rank, whether or not the shard holds the group's elements.
+        let group_steps: Vec<Option<kernels::schedule_free::ScheduleFreeStep>> = self
+            .groups
+            .iter_mut()
+            .map(|g| match &mut g.config {
+                OptimizerConfig::ScheduleFreeAdamw(c) => Some(kernels::schedule_free::advance(c)),
+                _ => None,
+            })
+            .collect();
         for seg in segments(&self.layout, &self.group_of, &self.steps, self.shard.clone()) {
             let local = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
             // The rule's slots, by name; a slot it does not use is empty.
@@ -245,6 +274,14 @@ impl Optimizer {
                     kernels::par_for_each(bufs, &|b: Buffers<'_>| {
                         let [m, v, vmax] = b.state;
                         kernels::adam::update(&s, b.params, b.grads, m, v, vmax)
+                    });
+                }
+                OptimizerConfig::ScheduleFreeAdamw(c) => {
+                    let (c, first) = (c.clone(), seg.step == 1);
+                    let Some(sf) = group_steps[seg.group] else { unreachable!("every schedule-free group advanced above") };
+                    kernels::par_for_each(bufs, &|b: Buffers<'_>| {
+                        let [z, v, _] = b.state;
+                        kernels::schedule_free::update(&c, &sf, first, b.params, b.grads, z, v, grad_scale)
                     });
                 }
                 OptimizerConfig::Lion(c) => {
@@ -414,6 +451,7 @@ fn rule_buffers(config: &OptimizerConfig) -> [Option<&'static str>; 3] {
         OptimizerConfig::Sgd(s) => [(s.momentum != 0.0).then_some("momentum_buffer"), None, None],
         OptimizerConfig::Muon(_) => [Some("momentum_buffer"), None, None],
         OptimizerConfig::Lion(_) => [Some("exp_avg"), None, None],
+        OptimizerConfig::ScheduleFreeAdamw(_) => [Some("z"), Some("exp_avg_sq"), None],
         OptimizerConfig::Adafactor(_) => [Some("row_var"), Some("col_var"), Some("variance")],
         OptimizerConfig::Lbfgs(_) => [None, None, None],
     }

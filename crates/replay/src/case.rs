@@ -619,7 +619,9 @@ fn apply_key(cfg: &mut OptimizerConfig, key: &str, v: &Value, what: &str) -> Res
         },
         // Not one of the conformance format's optimizers (no torch reference): `new_optimizer`
         // never builds it.
-        OptimizerConfig::Lion(_) => return err(ErrorClass::UnknownOptimizer, "lion is not one of the six optimizers of the format"),
+        OptimizerConfig::Lion(_) | OptimizerConfig::ScheduleFreeAdamw(_) => {
+            return err(ErrorClass::UnknownOptimizer, format!("{} is not one of the six optimizers of the format", cfg.name()))
+        }
     }
     Ok(())
 }

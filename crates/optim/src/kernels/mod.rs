@@ -9,6 +9,7 @@ pub mod adafactor;
 pub mod adam;
 pub mod lion;
 pub mod muon;
+pub mod schedule_free;
 pub mod sgd;
 
 /// Elements per piece of work: five buffers of 128 KiB stay in a core's L2 cache.

@@ -1,0 +1,120 @@
+//! Schedule-Free AdamW (Defazio et al. 2024, "The Road Less Scheduled"), as the authors'
+//! `schedulefree.AdamWScheduleFree` computes it. No torch reference exists.
+//!
+//! The parameter buffer holds y, the point gradients are taken at; the state holds z (the
+//! base iterate, starting at y) and v. The averaged iterate x, which is what to evaluate
+//! and ship, is `lerp(y, z, 1 - 1/β1)` ([`eval_view`]). Per step k (0-based, per group):
+//!
+//! ```text
+//! lr_k   = lr · min(1, (k+1)/warmup_steps)         lr_max = max(lr_max, lr_k)
+//! weight = (k+1)^r · lr_max^weight_lr_power        weight_sum += weight
+//! c      = weight / weight_sum                      bc2 = 1 - β2^(k+1)
+//! v      = β2·v + (1-β2)·g²                         ĝ = g / (sqrt(v / bc2) + eps) + wd·y
+//! y      = lerp(y, z, c) + lr_k·(β1·(1-c) - 1)·ĝ     z = z - lr_k·ĝ
+//! ```
+//!
+//! which is the paper's y = (1-β1)·z + β1·x, z -= γ·ĝ, x = (1-c)·x + c·z written on y.
+
+use crate::config::ScheduleFreeConfig;
+use crate::kernels::muon::lerp;
+
+/// The scalars of one step of a group, and the group's running sums after it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScheduleFreeStep {
+    /// This step's lr (after the warm-up).
+    pub lr: f64,
+    /// c: the weight of the new z in the average.
+    pub ckp1: f64,
+    /// 1 - β2^(k+1).
+    pub bias_correction2: f64,
+}
+
+/// Advances the group's counters (`k`, `lr_max`, `weight_sum` in `c`) and returns the
+/// step's scalars: called once per group per step, on every rank.
+pub fn advance(c: &mut ScheduleFreeConfig) -> ScheduleFreeStep {
+    let k = c.k as f64;
+    let sched = if c.k < c.warmup_steps { (k + 1.0) / c.warmup_steps as f64 } else { 1.0 };
+    let lr = c.lr * sched;
+    c.lr_max = c.lr_max.max(lr);
+    let weight = (k + 1.0).powf(c.r) * c.lr_max.powf(c.weight_lr_power);
+    c.weight_sum += weight;
+    let ckp1 = if c.weight_sum > 0.0 { weight / c.weight_sum } else { 0.0 };
+    c.k += 1;
+    ScheduleFreeStep { lr, ckp1, bias_correction2: 1.0 - c.betas.1.powf(k + 1.0) }
+}
+
+/// One step over a range: `y` the parameters, `z` and `v` the state (`first`: the
+/// parameters' first step, where z starts at y). Gradients are multiplied by
+/// `grad_scale` as they are read.
+#[allow(clippy::too_many_arguments)]
+pub fn update(
+    c: &ScheduleFreeConfig,
+    s: &ScheduleFreeStep,
+    first: bool,
+    y: &mut [f32],
+    g: &[f32],
+    z: &mut [f32],
+    v: &mut [f32],
+    grad_scale: f32,
+) {
+    let b2 = c.betas.1 as f32;
+    let (eps, wd, bc2) = (c.eps as f32, c.weight_decay as f32, s.bias_correction2 as f32);
+    let (ckp1, y_lr, z_lr) = (s.ckp1 as f32, (s.lr * (c.betas.0 * (1.0 - s.ckp1) - 1.0)) as f32, s.lr as f32);
+    for (((y, &g), z), v) in y.iter_mut().zip(g).zip(z.iter_mut()).zip(v.iter_mut()) {
+        if first {
+            *z = *y;
+        }
+        let g = g * grad_scale;
+        *v = *v * b2 + (1.0 - b2) * g * g;
+        let mut gn = g / ((*v / bc2).sqrt() + eps);
+        if wd != 0.0 {
+            gn += wd * *y;
+        }
+        *y = lerp(*y, *z, ckp1);
+        *y += y_lr * gn;
+        *z -= z_lr * gn;
+    }
+}
+
+/// x, the averaged iterate, from y and z: what to evaluate and to ship.
+pub fn eval_view(c: &ScheduleFreeConfig, y: &[f32], z: &[f32], out: &mut [f32]) {
+    let w = (1.0 - 1.0 / c.betas.0) as f32;
+    out.iter_mut().zip(y.iter().zip(z)).for_each(|(o, (y, z))| *o = lerp(*y, *z, w));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The paper's form in f64 (x and z kept, y derived) against the kernel's (y and z
+    /// kept), over five steps with warm-up and weight decay.
+    #[test]
+    fn the_kernel_is_the_papers_rule() {
+        let mut c = ScheduleFreeConfig { lr: 0.1, weight_decay: 0.01, warmup_steps: 2, ..Default::default() };
+        let (b1, b2) = c.betas;
+        let grads = [0.5f64, -1.0, 0.25, 2.0, -0.75];
+        let (mut x, mut z, mut v, mut wsum, mut lr_max) = (0.3f64, 0.3f64, 0.0f64, 0.0f64, 0.0f64);
+        let (mut y32, mut z32, mut v32) = ([0.3f32], [0f32], [0f32]);
+        for (k, &g) in grads.iter().enumerate() {
+            // Paper: y = (1-β1) z + β1 x; the gradient is taken at y.
+            let y = (1.0 - b1) * z + b1 * x;
+            let lr = 0.1 * if k < 2 { (k as f64 + 1.0) / 2.0 } else { 1.0 };
+            lr_max = f64::max(lr_max, lr);
+            wsum += lr_max * lr_max;
+            let ck = lr_max * lr_max / wsum;
+            v = b2 * v + (1.0 - b2) * g * g;
+            let gn = g / ((v / (1.0 - b2.powi(k as i32 + 1))).sqrt() + 1e-8) + 0.01 * y;
+            z -= lr * gn;
+            x = (1.0 - ck) * x + ck * z;
+            let s = advance(&mut c);
+            update(&c, &s, k == 0, &mut y32, &[g as f32], &mut z32, &mut v32, 1.0);
+            let y_next = (1.0 - b1) * z + b1 * x;
+            assert!((f64::from(y32[0]) - y_next).abs() < 1e-6, "step {k}: y {} vs {y_next}", y32[0]);
+            assert!((f64::from(z32[0]) - z).abs() < 1e-6, "step {k}: z {} vs {z}", z32[0]);
+            let mut x32 = [0f32];
+            eval_view(&c, &y32, &z32, &mut x32);
+            assert!((f64::from(x32[0]) - x).abs() < 1e-5, "step {k}: x {} vs {x}", x32[0]);
+        }
+        assert_eq!(c.k, 5);
+    }
+}

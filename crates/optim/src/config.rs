@@ -360,7 +360,7 @@ impl OptimizerConfig {
             }
             OptimizerConfig::ScheduleFreeAdamw(c) => {
                 let (b1, b2) = c.betas;
-                if !(b1 > 0.0 && b1 < 1.0) || !(0.0..1.0).contains(&b2) {
+                if !(b1 > 0.0 && b1 < 1.0 && (0.0..1.0).contains(&b2)) {
                     return bad(format!("invalid betas {:?}: beta1 in (0, 1), beta2 in [0, 1)", c.betas));
                 }
                 if !non_negative(c.eps) || !non_negative(c.weight_decay) {

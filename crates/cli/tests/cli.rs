@@ -44,9 +44,10 @@ fn bench_optim_prints_steps_next_to_copy() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("% of copy"), "{text}");
-    // 2 workloads x 2 optimizers x 2 thread counts, each with a positive copy figure.
-    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("sgd_momentum") || l.starts_with("adamw")).collect();
-    assert_eq!(rows.len(), 8, "{text}");
+    // 2 workloads x 4 optimizers x 2 thread counts, each with a positive copy figure.
+    let names = ["sgd_momentum", "adamw", "lion", "schedule_free"];
+    let rows: Vec<&str> = text.lines().filter(|l| names.iter().any(|n| l.starts_with(n))).collect();
+    assert_eq!(rows.len(), 16, "{text}");
     for r in rows {
         let copy: f64 = r.split_whitespace().nth(6).unwrap().parse().unwrap();
         assert!(copy > 0.0, "{r}");

@@ -2,13 +2,14 @@
 //! pool, a plain parallel memory copy moving the same number of bytes. An optimizer step
 //! is memory-bound, so the copy is its roofline: "% of copy" is the figure that matters.
 //! Bytes moved per parameter: AdamW reads p, g, m, v and writes p, m, v (28 B); SGD with
-//! momentum reads p, g, buf and writes p, buf (20 B).
+//! momentum reads p, g, buf and writes p, buf (20 B); Lion reads p, g, m and writes p, m
+//! (20 B); Schedule-Free AdamW reads y, g, z, v and writes y, z, v (28 B).
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, SgdConfig};
+use distoptim_optim::{AdamConfig, Layout, LionConfig, Optimizer, OptimizerConfig, ScheduleFreeConfig, SgdConfig};
 use rayon::prelude::*;
 
 use super::median;
@@ -45,9 +46,15 @@ fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize)
         let layout = Layout::new((0..tensors).map(|i| (format!("t{i}"), vec![10_000])))?;
         workloads.push(Workload { label: format!("{tensors}x10K"), layout });
     }
-    let optimizers: [(&str, OptimizerConfig, usize); 2] = [
+    let optimizers: [(&str, OptimizerConfig, usize); 4] = [
         ("sgd_momentum", OptimizerConfig::Sgd(SgdConfig { lr: 1e-3, momentum: 0.9, ..Default::default() }), 20),
         ("adamw", OptimizerConfig::Adam(AdamConfig::adamw()), 28),
+        ("lion", OptimizerConfig::Lion(LionConfig { weight_decay: 0.1, ..LionConfig::default() }), 20),
+        (
+            "schedule_free",
+            OptimizerConfig::ScheduleFreeAdamw(ScheduleFreeConfig { weight_decay: 0.01, ..ScheduleFreeConfig::default() }),
+            28,
+        ),
     ];
     println!(
         "# distoptim bench optim: median of {iters} steps after one warm-up; copy = parallel memcpy of the same bytes on the same pool"

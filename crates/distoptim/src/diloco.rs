@@ -172,23 +172,11 @@ impl crate::DataParallel for Diloco {
         counters: BTreeMap<String, u64>,
         options: &crate::checkpoint::SaveOptions,
     ) -> Result<(crate::checkpoint::Manifest, std::path::PathBuf)> {
-        crate::checkpoint::save_per_rank(
-            root,
-            &self.comm,
-            STRATEGY,
-            params.into_f32(STRATEGY.name())?,
-            self.replica_state(),
-            counters,
-            options,
-        )
+        crate::checkpoint::save_per_rank(self, root, params, counters, options)
     }
 
     fn load(&mut self, path: &std::path::Path, params: FlatMut<'_>) -> Result<crate::checkpoint::Manifest> {
-        let params = params.into_f32(STRATEGY.name())?;
-        let layout = crate::DataParallel::layout(self).clone();
-        let (m, state) = crate::checkpoint::load_per_rank(path, &self.comm, STRATEGY, &layout, params)?;
-        self.load_replica_state(&state)?;
-        Ok(m)
+        crate::checkpoint::load_per_rank(self, path, params)
     }
 
     fn memory(&self) -> MemoryLedger {
@@ -203,5 +191,25 @@ impl crate::DataParallel for Diloco {
             optimizer_state: inner + outer,
             comm_buffers: self.scratch.capacity() as u64 * 4,
         }
+    }
+}
+
+impl crate::checkpoint::PerRank for Diloco {
+    const STRATEGY: crate::Strategy = STRATEGY;
+
+    fn group(&self) -> &Communicator {
+        &self.comm
+    }
+
+    fn flat_layout(&self) -> &Layout {
+        self.inner.optimizer().layout()
+    }
+
+    fn replica_state(&self) -> ReplicaState {
+        Diloco::replica_state(self)
+    }
+
+    fn load_replica_state(&mut self, state: &ReplicaState) -> Result<()> {
+        Diloco::load_replica_state(self, state)
     }
 }

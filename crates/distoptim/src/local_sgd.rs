@@ -154,28 +154,36 @@ impl crate::DataParallel for PostLocalSgd {
         counters: BTreeMap<String, u64>,
         options: &crate::checkpoint::SaveOptions,
     ) -> Result<(crate::checkpoint::Manifest, std::path::PathBuf)> {
-        crate::checkpoint::save_per_rank(
-            root,
-            &self.comm,
-            STRATEGY,
-            params.into_f32(STRATEGY.name())?,
-            self.replica_state(),
-            counters,
-            options,
-        )
+        crate::checkpoint::save_per_rank(self, root, params, counters, options)
     }
 
     fn load(&mut self, path: &std::path::Path, params: FlatMut<'_>) -> Result<crate::checkpoint::Manifest> {
-        let params = params.into_f32(STRATEGY.name())?;
-        let layout = crate::DataParallel::layout(self).clone();
-        let (m, state) = crate::checkpoint::load_per_rank(path, &self.comm, STRATEGY, &layout, params)?;
-        self.load_replica_state(&state)?;
-        Ok(m)
+        crate::checkpoint::load_per_rank(self, path, params)
     }
 
     fn memory(&self) -> MemoryLedger {
         let numel = self.opt.optimizer().layout().numel() as u64;
         let state = self.opt.optimizer().buffers().map(|(_, b)| b.len() as u64 * 4).sum();
         MemoryLedger { working_params: numel * 4, grads: numel * 4, master: 0, optimizer_state: state, comm_buffers: 0 }
+    }
+}
+
+impl crate::checkpoint::PerRank for PostLocalSgd {
+    const STRATEGY: crate::Strategy = STRATEGY;
+
+    fn group(&self) -> &Communicator {
+        &self.comm
+    }
+
+    fn flat_layout(&self) -> &Layout {
+        self.opt.optimizer().layout()
+    }
+
+    fn replica_state(&self) -> ReplicaState {
+        PostLocalSgd::replica_state(self)
+    }
+
+    fn load_replica_state(&mut self, state: &ReplicaState) -> Result<()> {
+        PostLocalSgd::load_replica_state(self, state)
     }
 }

@@ -471,31 +471,42 @@ fn step_counts(path: &Path, metadata: &BTreeMap<String, String>, params: usize) 
     Ok(steps)
 }
 
-/// `DataParallel::save` of an algorithm whose ranks hold their own models (post-local
-/// SGD, DiLoCo): its replica state with the caller's counters, through [`save_replicas`].
-pub(crate) fn save_per_rank(
+/// An algorithm whose ranks hold their own models between synchronisations (post-local
+/// SGD, DiLoCo): its checkpoints are every rank's whole model and state, reloaded at the
+/// same world size and strategy only.
+pub(crate) trait PerRank {
+    /// The strategy it is (checked on load).
+    const STRATEGY: crate::Strategy;
+    /// The group.
+    fn group(&self) -> &Communicator;
+    /// The layout.
+    fn flat_layout(&self) -> &Layout;
+    /// What the rank needs to continue besides its parameters.
+    fn replica_state(&self) -> ReplicaState;
+    /// Restores it.
+    fn load_replica_state(&mut self, state: &ReplicaState) -> Result<()>;
+}
+
+/// `DataParallel::save` of a [`PerRank`] algorithm: its replica state with the caller's
+/// counters, through [`save_replicas`] (f32 parameters only).
+pub(crate) fn save_per_rank<A: PerRank>(
+    a: &A,
     root: &Path,
-    comm: &Communicator,
-    strategy: crate::Strategy,
-    params: &[f32],
-    mut state: ReplicaState,
+    params: crate::precision::Flat<'_>,
     counters: BTreeMap<String, u64>,
     options: &SaveOptions,
 ) -> Result<(Manifest, PathBuf)> {
+    let mut state = a.replica_state();
     state.counters.extend(counters);
-    save_replicas(root, comm, strategy.name(), params, &state, options)
+    save_replicas(root, a.group(), A::STRATEGY.name(), params.into_f32(A::STRATEGY.name())?, &state, options)
 }
 
-/// `DataParallel::load` of such an algorithm: [`load_replicas`], refusing another
+/// `DataParallel::load` of a [`PerRank`] algorithm: [`load_replicas`], refusing another
 /// strategy's checkpoint by name.
-pub(crate) fn load_per_rank(
-    path: &Path,
-    comm: &Communicator,
-    strategy: crate::Strategy,
-    layout: &Layout,
-    params: &mut [f32],
-) -> Result<(Manifest, ReplicaState)> {
-    let (m, state) = load_replicas(path, comm, layout, params)?;
+pub(crate) fn load_per_rank<A: PerRank>(a: &mut A, path: &Path, params: crate::precision::FlatMut<'_>) -> Result<Manifest> {
+    let strategy = A::STRATEGY;
+    let layout = a.flat_layout().clone();
+    let (m, state) = load_replicas(path, a.group(), &layout, params.into_f32(strategy.name())?)?;
     if m.strategy != strategy.name() {
         return Err(DistError::Checkpoint(format!(
             "{} holds a {} run; resume it with --strategy {}",
@@ -504,7 +515,8 @@ pub(crate) fn load_per_rank(
             m.strategy
         )));
     }
-    Ok((m, state))
+    a.load_replica_state(&state)?;
+    Ok(m)
 }
 
 /// Loads what [`save_replicas`] wrote: this rank's file into `params` and the returned

@@ -130,21 +130,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
         let mut grads = opt.alloc_grads()?;
         let mut params = comm.alloc::<f32>(n)?;
         params.iter_mut().enumerate().for_each(|(i, p)| *p = (i % 97) as f32 * 1e-3);
-        let fill = |g: &mut [f32]| g.iter_mut().enumerate().for_each(|(i, x)| *x = ((i % 89) as f32 - 44.0) * 1e-4);
-        let shared = std::cell::RefCell::new(&mut grads);
-        let step = timed_ranks_after(
-            comm,
-            args.iters,
-            || {
-                fill(&mut shared.borrow_mut());
-                Ok(())
-            },
-            || {
-                opt.step(&mut params, &mut shared.borrow_mut(), 1)?;
-                opt.gather_params(&mut params)?;
-                Ok(())
-            },
-        )?;
+        let step = timed_step(comm, &mut opt, &mut params, &mut grads, args.iters)?;
         let collectives = timed(comm, args.iters, || {
             match s {
                 Strategy::Ddp => comm.all_reduce(&mut grads, ReduceOp::Avg)?,
@@ -264,22 +250,34 @@ fn mixed_step<T: Working>(
     let mut params: Vec<T> = init.iter().map(|&x| T::from_f32(x)).collect();
     drop(init);
     let mut grads = vec![T::default(); n];
-    let shared = std::cell::RefCell::new(&mut grads);
-    let step = timed_ranks_after(
+    let step = timed_step(comm, &mut opt, &mut params, &mut grads, iters)?;
+    let m = opt.memory();
+    Ok((step, m.optimizer_state + m.master))
+}
+
+/// The median step (and, for ZeRO-3, the gather after it), with the gradients refilled
+/// before each one outside the timed region.
+fn timed_step<T: Working>(
+    comm: &Communicator,
+    opt: &mut DistributedOptimizer,
+    params: &mut [T],
+    grads: &mut [T],
+    iters: usize,
+) -> Result<f64> {
+    let grads = std::cell::RefCell::new(grads);
+    timed_ranks_after(
         comm,
         iters,
         || {
-            shared.borrow_mut().iter_mut().enumerate().for_each(|(i, x)| *x = T::from_f32(((i % 89) as f32 - 44.0) * 1e-4));
+            grads.borrow_mut().iter_mut().enumerate().for_each(|(i, x)| *x = T::from_f32(((i % 89) as f32 - 44.0) * 1e-4));
             Ok(())
         },
         || {
-            opt.step(&mut params, &mut shared.borrow_mut(), 1)?;
-            opt.gather_params(&mut params)?;
+            opt.step(params, &mut grads.borrow_mut(), 1)?;
+            opt.gather_params(params)?;
             Ok(())
         },
-    )?;
-    let m = opt.memory();
-    Ok((step, m.optimizer_state + m.master))
+    )
 }
 
 /// Bytes this rank moves through memory per step (see the module docs): the modelled

@@ -141,8 +141,9 @@ impl DistributedOptimizer {
     }
 
     /// Whether the ranges are the balanced ones the collectives partition by (no
-    /// whole-matrix parameter cut), so reduce-scatter and all-gather apply directly.
-    fn balanced(&self) -> bool {
+    /// whole-matrix parameter cut), so reduce-scatter and all-gather apply directly and
+    /// checkpoint files (written in those ranges) hold exactly each rank's part.
+    pub(crate) fn balanced(&self) -> bool {
         !self.config.strategy.shards_state()
             || self.ranges.iter().enumerate().all(|(r, range)| *range == shard_range(self.layout().numel(), self.comm.size(), r))
     }
@@ -267,12 +268,6 @@ impl DistributedOptimizer {
 
     pub fn layout(&self) -> &Layout {
         self.opt.optimizer().layout()
-    }
-
-    /// Whether the ranks' ranges are the balanced `shard_range`s (checkpoint files are
-    /// written in those).
-    pub(crate) fn is_balanced(&self) -> bool {
-        self.balanced()
     }
 
     /// The elements this rank updates and keeps state for.

@@ -292,37 +292,18 @@ impl Optimizer {
                     });
                 }
                 OptimizerConfig::Muon(c) => {
-                    let start = seg.range.start;
                     let [buf, _, _] = bufs.state;
-                    for (i, r) in self.layout.overlapping(seg.range.clone()) {
-                        let spec = self.layout.param(i);
-                        if r != spec.range() {
-                            return Err(cut(&spec.name, &self.shard));
-                        }
-                        let l = r.start - start..r.end - start;
-                        kernels::muon::update(
-                            c,
-                            spec.shape[0],
-                            spec.shape[1],
-                            &mut bufs.params[l.clone()],
-                            &bufs.grads[l.clone()],
-                            &mut buf[l],
-                            grad_scale,
-                        );
+                    for (spec, l) in whole_params(&self.layout, seg.range.clone(), &self.shard)? {
+                        let (p, g) = (&mut bufs.params[l.clone()], &bufs.grads[l.clone()]);
+                        kernels::muon::update(c, spec.shape[0], spec.shape[1], p, g, &mut buf[l], grad_scale);
                     }
                 }
                 OptimizerConfig::Adafactor(c) => {
-                    let start = seg.range.start;
                     let [row, col, var] = bufs.state;
-                    for (i, r) in self.layout.overlapping(seg.range.clone()) {
-                        let spec = self.layout.param(i);
-                        if r != spec.range() {
-                            return Err(cut(&spec.name, &self.shard));
-                        }
+                    for (spec, l) in whole_params(&self.layout, seg.range.clone(), &self.shard)? {
                         // The factored statistics are kept at the start of the parameter's
                         // own range in each buffer.
                         let [nr, nc, nv] = kernels::adafactor::state_sizes(&spec.shape);
-                        let l = r.start - start..r.end - start;
                         kernels::adafactor::update(
                             c,
                             &spec.shape,
@@ -433,6 +414,27 @@ fn segments<'a>(layout: &'a Layout, group_of: &'a [usize], steps: &'a [u64], sha
             None => return pending.take(),
         }
     })
+}
+
+/// The parameters of the segment `range`, each with its range relative to the segment's
+/// start; an error if the shard cuts one (whole-matrix rules need them whole).
+fn whole_params<'a>(
+    layout: &'a Layout,
+    range: Range<usize>,
+    shard: &Range<usize>,
+) -> Result<Vec<(&'a crate::layout::ParamSpec, Range<usize>)>> {
+    let start = range.start;
+    layout
+        .overlapping(range)
+        .map(|(i, r)| {
+            let spec = layout.param(i);
+            if r == spec.range() {
+                Ok((spec, r.start - start..r.end - start))
+            } else {
+                Err(cut(&spec.name, shard))
+            }
+        })
+        .collect()
 }
 
 /// The error for a whole-matrix rule whose parameter `name` the shard cuts.

@@ -164,7 +164,7 @@ pub fn save<T: Working>(
     // Files hold the balanced ranges. A rank whose range was snapped to a whole matrix
     // (Muon, Adafactor) does not hold exactly its file's part: the state and master are
     // gathered whole first (collective; every rank takes the same branch).
-    let balanced = opt.is_balanced();
+    let balanced = opt.balanced();
     let gathered_master = if balanced { None } else { opt.gather_master()? };
     let values: Cow<'_, [f32]> = match (opt.master(), T::as_f32(params)) {
         (Some(_), _) if gathered_master.is_some() => {

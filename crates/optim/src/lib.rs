@@ -11,9 +11,12 @@
 //! operation in `f32`, with hyperparameters and schedules in `f64` as Python floats are.
 //!
 //! - [`layout`]: parameters, shapes and offsets over one flat buffer.
-//! - [`config`]: optimizer hyperparameters, param groups and their validation.
-//! - [`optimizer`]: SGD, Adam and AdamW over a range of the flat buffers, with state dicts.
-//! - [`kernels`]: the fused, multi-threaded update passes behind them.
+//! - [`kernels`]: one file per rule (SGD, Adam/AdamW, Muon, Adafactor, Lion,
+//!   Schedule-Free AdamW, LBFGS), each a config implementing the [`Kernel`] trait, and the
+//!   one-line-per-rule registry that makes [`OptimizerConfig`].
+//! - [`config`]: what every config shares (name, lr, validation through its kernel).
+//! - [`optimizer`]: param groups of any kernels over a range of the flat buffers, with
+//!   state dicts; the kernels never see groups, shards or checkpoints.
 //! - [`lbfgs`]: LBFGS with a closure and the strong-Wolfe line search.
 //! - [`schedule`]: the HF `transformers` learning-rate schedules.
 //! - [`clip`]: `clip_grad_norm_`, split into partial norms, total norm and scaling.
@@ -38,16 +41,16 @@ pub mod config;
 pub mod error;
 pub mod kernels;
 pub mod layout;
-pub mod lbfgs;
 pub mod optimizer;
 pub mod schedule;
 
 pub use clip::{clip_grad_norm, NormType};
 pub use config::{
-    AdafactorConfig, AdamConfig, AdjustLr, LbfgsConfig, LineSearch, LionConfig, MuonConfig, OptimizerConfig, ScheduleFreeConfig, SgdConfig,
+    AdafactorConfig, AdamConfig, AdjustLr, Kernel, LbfgsConfig, LineSearch, LionConfig, MuonConfig, OptimizerConfig, ScheduleFreeConfig,
+    SgdConfig,
 };
 pub use error::OptimError;
+pub use kernels::lbfgs::{self, Lbfgs};
 pub use layout::{Layout, ParamSpec};
-pub use lbfgs::Lbfgs;
 pub use optimizer::{Optimizer, OptimizerStateDict, ParamGroup};
 pub use schedule::{LrScheduler, Schedule};

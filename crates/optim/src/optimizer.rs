@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::OptimizerConfig;
 use crate::error::{OptimError, Result};
-use crate::kernels::{self, adam::AdamStep, sgd::SgdStep, Buffers};
+use crate::kernels::Segment;
 use crate::layout::Layout;
 
 /// A set of parameters (indices into the layout) sharing one set of hyperparameters.
@@ -130,7 +130,7 @@ pub struct Optimizer {
 }
 
 /// A run of neighbouring parameters with the same group and step count.
-struct Segment {
+struct Run {
     range: Range<usize>,
     group: usize,
     step: u64,
@@ -215,15 +215,15 @@ impl Optimizer {
     pub fn eval_params(&self, params: &[f32], out: &mut [f32]) -> Result<()> {
         self.layout.check_len("the parameter buffer", params.len(), &self.shard)?;
         self.layout.check_len("the output buffer", out.len(), &self.shard)?;
-        out.copy_from_slice(params);
-        let z = self.state.iter().find(|(n, _)| *n == "z").map(|(_, b)| b.as_slice());
-        for (i, r) in self.layout.overlapping(self.shard.clone()) {
-            if let (OptimizerConfig::ScheduleFreeAdamw(c), Some(z)) = (&self.groups[self.group_of[i]].config, z) {
-                let l = r.start - self.shard.start..r.end - self.shard.start;
-                if self.steps[i] > 0 {
-                    kernels::schedule_free::eval_view(c, &params[l.clone()], &z[l.clone()], &mut out[l]);
-                }
-            }
+        for seg in segments(&self.layout, &self.group_of, &self.steps, self.shard.clone()) {
+            let l = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
+            let kernel = self.groups[seg.group].config.kernel();
+            let state: Vec<&[f32]> = kernel
+                .state_buffers()
+                .iter()
+                .filter_map(|name| self.state.iter().find(|(n, _)| n == name).map(|(_, b)| &b[l.clone()]))
+                .collect();
+            kernel.eval_params(&params[l.clone()], &state, seg.step - 1, &mut out[l]);
         }
         Ok(())
     }
@@ -242,83 +242,31 @@ impl Optimizer {
         self.layout.check_len("the gradient buffer", grads.len(), &self.shard)?;
         // Group-level counters (Schedule-Free's k, lr_max, weight_sum) advance once per
         // step on every rank, whether or not the shard holds the group's elements.
-        let group_steps: Vec<Option<kernels::schedule_free::ScheduleFreeStep>> = self
-            .groups
-            .iter_mut()
-            .map(|g| match &mut g.config {
-                OptimizerConfig::ScheduleFreeAdamw(c) => Some(kernels::schedule_free::advance(c)),
-                _ => None,
-            })
-            .collect();
+        for g in &mut self.groups {
+            g.config.kernel_mut().begin_step();
+        }
         for seg in segments(&self.layout, &self.group_of, &self.steps, self.shard.clone()) {
             let local = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
-            // The rule's slots, by name; a slot it does not use is empty.
-            let slots = rule_buffers(&self.groups[seg.group].config);
-            let mut picked: [&mut [f32]; 3] = [&mut [], &mut [], &mut []];
-            for (name, buffer) in self.state.iter_mut() {
-                if let Some(k) = slots.iter().position(|s| *s == Some(*name)) {
-                    picked[k] = &mut buffer[local.clone()];
+            let kernel = self.groups[seg.group].config.kernel();
+            let names = kernel.state_buffers();
+            let mut state: Vec<&mut [f32]> = Vec::with_capacity(names.len());
+            let mut slots: Vec<(&str, Option<&mut [f32]>)> =
+                self.state.iter_mut().map(|(n, b)| (*n, Some(&mut b[local.clone()]))).collect();
+            for name in &names {
+                match slots.iter_mut().find(|(n, _)| n == name).and_then(|(_, b)| b.take()) {
+                    Some(b) => state.push(b),
+                    None => return Err(OptimError::StateDict(format!("the optimizer holds no '{name}' buffer"))),
                 }
             }
-            let bufs = Buffers { params: &mut params[local.clone()], grads: &grads[local.clone()], state: picked };
-            match &self.groups[seg.group].config {
-                OptimizerConfig::Sgd(c) => {
-                    let s = SgdStep::new(c, seg.step == 1).with_grad_scale(grad_scale);
-                    kernels::par_for_each(bufs, &|b: Buffers<'_>| {
-                        let [buf, _, _] = b.state;
-                        kernels::sgd::update(&s, b.params, b.grads, buf)
-                    });
-                }
-                OptimizerConfig::Adam(c) => {
-                    let s = AdamStep::new(c, seg.step).with_grad_scale(grad_scale);
-                    kernels::par_for_each(bufs, &|b: Buffers<'_>| {
-                        let [m, v, vmax] = b.state;
-                        kernels::adam::update(&s, b.params, b.grads, m, v, vmax)
-                    });
-                }
-                OptimizerConfig::ScheduleFreeAdamw(c) => {
-                    let (c, first) = (c.clone(), seg.step == 1);
-                    let Some(sf) = group_steps[seg.group] else { unreachable!("every schedule-free group advanced above") };
-                    kernels::par_for_each(bufs, &|b: Buffers<'_>| {
-                        let [z, v, _] = b.state;
-                        kernels::schedule_free::update(&c, &sf, first, b.params, b.grads, z, v, grad_scale)
-                    });
-                }
-                OptimizerConfig::Lion(c) => {
-                    let c = c.clone();
-                    kernels::par_for_each(bufs, &|b: Buffers<'_>| {
-                        let [m, _, _] = b.state;
-                        kernels::lion::update(&c, b.params, b.grads, m, grad_scale)
-                    });
-                }
-                OptimizerConfig::Muon(c) => {
-                    let [buf, _, _] = bufs.state;
-                    for (spec, l) in whole_params(&self.layout, seg.range.clone(), &self.shard)? {
-                        let (p, g) = (&mut bufs.params[l.clone()], &bufs.grads[l.clone()]);
-                        kernels::muon::update(c, spec.shape[0], spec.shape[1], p, g, &mut buf[l], grad_scale);
-                    }
-                }
-                OptimizerConfig::Adafactor(c) => {
-                    let [row, col, var] = bufs.state;
-                    for (spec, l) in whole_params(&self.layout, seg.range.clone(), &self.shard)? {
-                        // The factored statistics are kept at the start of the parameter's
-                        // own range in each buffer.
-                        let [nr, nc, nv] = kernels::adafactor::state_sizes(&spec.shape);
-                        kernels::adafactor::update(
-                            c,
-                            &spec.shape,
-                            seg.step,
-                            &mut bufs.params[l.clone()],
-                            &bufs.grads[l.clone()],
-                            &mut row[l.start..l.start + nr],
-                            &mut col[l.start..l.start + nc],
-                            &mut var[l.start..l.start + nv],
-                            grad_scale,
-                        );
-                    }
-                }
-                OptimizerConfig::Lbfgs(_) => unreachable!("rejected by assign_groups"),
-            }
+            let whole = if kernel.whole_params() { whole_params(&self.layout, seg.range.clone(), &self.shard)? } else { Vec::new() };
+            kernel.update(Segment {
+                params: &mut params[local.clone()],
+                grads: &grads[local],
+                state,
+                step: seg.step,
+                grad_scale,
+                whole,
+            })?;
         }
         for (i, _) in self.layout.overlapping(self.shard.clone()) {
             self.steps[i] += 1;
@@ -394,8 +342,8 @@ impl Optimizer {
 
 /// Neighbouring parameters of `shard` with the same group and step count, with the step
 /// count they are about to take.
-fn segments<'a>(layout: &'a Layout, group_of: &'a [usize], steps: &'a [u64], shard: Range<usize>) -> impl Iterator<Item = Segment> + 'a {
-    let mut pending: Option<Segment> = None;
+fn segments<'a>(layout: &'a Layout, group_of: &'a [usize], steps: &'a [u64], shard: Range<usize>) -> impl Iterator<Item = Run> + 'a {
+    let mut pending: Option<Run> = None;
     let mut it = layout.overlapping(shard);
     std::iter::from_fn(move || loop {
         match it.next() {
@@ -404,7 +352,7 @@ fn segments<'a>(layout: &'a Layout, group_of: &'a [usize], steps: &'a [u64], sha
                 match &mut pending {
                     Some(s) if s.group == group && s.step == step && s.range.end == r.start => s.range.end = r.end,
                     _ => {
-                        let done = pending.replace(Segment { range: r, group, step });
+                        let done = pending.replace(Run { range: r, group, step });
                         if done.is_some() {
                             return done;
                         }
@@ -444,24 +392,9 @@ fn cut(name: &str, shard: &Range<usize>) -> OptimError {
     ))
 }
 
-/// The state buffers a rule keeps, in the slot order its kernel takes them (torch's
-/// names; `None`: a slot this configuration does not use). Registering a rule is one arm
-/// here and one in [`Optimizer::step_scaled`].
-fn rule_buffers(config: &OptimizerConfig) -> [Option<&'static str>; 3] {
-    match config {
-        OptimizerConfig::Adam(a) => [Some("exp_avg"), Some("exp_avg_sq"), a.amsgrad.then_some("max_exp_avg_sq")],
-        OptimizerConfig::Sgd(s) => [(s.momentum != 0.0).then_some("momentum_buffer"), None, None],
-        OptimizerConfig::Muon(_) => [Some("momentum_buffer"), None, None],
-        OptimizerConfig::Lion(_) => [Some("exp_avg"), None, None],
-        OptimizerConfig::ScheduleFreeAdamw(_) => [Some("z"), Some("exp_avg_sq"), None],
-        OptimizerConfig::Adafactor(_) => [Some("row_var"), Some("col_var"), Some("variance")],
-        OptimizerConfig::Lbfgs(_) => [None, None, None],
-    }
-}
-
 /// Every buffer the groups use, each once, in a fixed (sorted) order.
 fn buffer_names(groups: &[ParamGroup]) -> Vec<&'static str> {
-    let names: std::collections::BTreeSet<&'static str> = groups.iter().flat_map(|g| rule_buffers(&g.config)).flatten().collect();
+    let names: std::collections::BTreeSet<&'static str> = groups.iter().flat_map(|g| g.config.kernel().state_buffers()).collect();
     names.into_iter().collect()
 }
 
@@ -474,17 +407,13 @@ fn assign_groups(layout: &Layout, groups: &[ParamGroup]) -> Result<Vec<usize>> {
     let mut group_of = vec![usize::MAX; layout.len()];
     for (gi, g) in groups.iter().enumerate() {
         g.config.validate()?;
-        if matches!(g.config, OptimizerConfig::Lbfgs(_)) {
-            return Err(OptimError::InvalidConfig("LBFGS needs a closure: use distoptim_optim::Lbfgs".into()));
+        let kernel = g.config.kernel();
+        if kernel.needs_closure() {
+            return Err(OptimError::InvalidConfig(format!("{} needs a closure: use distoptim_optim::Lbfgs", kernel.name())));
         }
         for &p in &g.params {
-            if let (OptimizerConfig::Muon(_), Some(spec)) = (&g.config, layout.params().get(p)) {
-                if spec.shape.len() != 2 {
-                    return Err(OptimError::InvalidConfig(format!(
-                        "muon only supports 2-D parameters, '{}' has shape {:?}: give it to another optimizer (adamw)",
-                        spec.name, spec.shape
-                    )));
-                }
+            if let Some(spec) = layout.params().get(p) {
+                kernel.check_param(spec)?;
             }
             let Some(slot) = group_of.get_mut(p) else {
                 return Err(OptimError::InvalidConfig(format!("param group {gi} names parameter #{p}, the layout has {}", layout.len())));

@@ -16,7 +16,11 @@
 //!
 //! The statistics span the whole parameter, so it runs on whole parameters.
 
-use crate::config::AdafactorConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::config::non_negative;
+use crate::error::{OptimError, Result};
+use crate::kernels::{Kernel, Segment};
 use crate::kernels::muon::lerp;
 
 /// f32's machine epsilon, torch's `finfo(float32).eps`: eps1's default.
@@ -96,6 +100,89 @@ pub fn update(
     let denom = (rms(&u) / c.d).max(1.0);
     let step_size = (-alpha / denom) as f32;
     p.iter_mut().zip(&u).for_each(|(p, u)| *p += step_size * u);
+}
+
+/// `torch.optim.Adafactor`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdafactorConfig {
+    pub lr: f64,
+    pub beta2_decay: f64,
+    /// eps1 (`None`: f32's machine epsilon, 2^-23) and eps2.
+    pub eps: (Option<f64>, f64),
+    pub d: f64,
+    pub weight_decay: f64,
+    pub maximize: bool,
+}
+
+impl Default for AdafactorConfig {
+    fn default() -> Self {
+        AdafactorConfig { lr: 1e-2, beta2_decay: -0.8, eps: (None, 1e-3), d: 1.0, weight_decay: 0.0, maximize: false }
+    }
+}
+
+impl Kernel for AdafactorConfig {
+    fn name(&self) -> &'static str {
+        "adafactor"
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
+        if !non_negative(self.lr) {
+            return bad(format!("invalid learning rate: {}", self.lr));
+        }
+        if self.beta2_decay > 0.0 || self.beta2_decay.is_nan() {
+            return bad(format!("beta2_decay should be <= 0 but is: {}", self.beta2_decay));
+        }
+        if self.d.is_nan() || self.d < 1.0 {
+            return bad(format!("clipping threshold d should be >= 1 but is: {}", self.d));
+        }
+        if self.eps.0.is_some_and(|e| !non_negative(e)) || !non_negative(self.eps.1) {
+            return bad(format!("epsilon values should be >= 0 but are: {:?}", self.eps));
+        }
+        if !non_negative(self.weight_decay) {
+            return bad(format!("weight_decay should be >= 0 but is: {}", self.weight_decay));
+        }
+        Ok(())
+    }
+
+    fn state_buffers(&self) -> Vec<&'static str> {
+        vec!["row_var", "col_var", "variance"]
+    }
+
+    fn whole_params(&self) -> bool {
+        true
+    }
+
+    fn update(&self, segment: Segment<'_>) -> Result<()> {
+        let Segment { params, grads, state, step, grad_scale, whole } = segment;
+        let [row, col, var]: [&mut [f32]; 3] =
+            state.try_into().map_err(|_| OptimError::ShapeMismatch("adafactor runs without its three buffers".into()))?;
+        for (spec, l) in whole {
+            // The factored statistics are kept at the start of the parameter's own range
+            // in each buffer.
+            let [nr, nc, nv] = state_sizes(&spec.shape);
+            update(
+                self,
+                &spec.shape,
+                step,
+                &mut params[l.clone()],
+                &grads[l.clone()],
+                &mut row[l.start..l.start + nr],
+                &mut col[l.start..l.start + nc],
+                &mut var[l.start..l.start + nv],
+                grad_scale,
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,11 @@
 //! `v̂ = max(v̂, v)`; `p += (-lr / (1 - β1^s))·m / (sqrt(v or v̂) / sqrt(1 - β2^s) + eps)`.
 //! The bias corrections are computed in f64 as Python floats, then cast to f32.
 
-use crate::config::AdamConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::config::non_negative;
+use crate::error::{OptimError, Result};
+use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Decay {
@@ -151,6 +155,95 @@ fn amsgrad<const MAX: bool, const DECAY: u8, const SMALL: bool>(
         // torch.maximum propagates NaN; f32::max would drop it.
         *vm = if *vm >= *v || vm.is_nan() { *vm } else { *v };
         apply(s, p, *m, *vm);
+    }
+}
+
+/// `torch.optim.Adam` and, with `decoupled_weight_decay`, `torch.optim.AdamW`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+    pub maximize: bool,
+    /// AdamW: decay the parameter (`p *= 1 - lr·wd`) instead of adding `wd·p` to the gradient.
+    pub decoupled_weight_decay: bool,
+}
+
+impl AdamConfig {
+    /// torch's `Adam()` defaults.
+    pub fn adam() -> Self {
+        AdamConfig {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: false,
+            maximize: false,
+            decoupled_weight_decay: false,
+        }
+    }
+
+    /// torch's `AdamW()` defaults (weight decay 1e-2, decoupled).
+    pub fn adamw() -> Self {
+        AdamConfig { weight_decay: 1e-2, decoupled_weight_decay: true, ..Self::adam() }
+    }
+}
+
+impl Kernel for AdamConfig {
+    fn name(&self) -> &'static str {
+        if self.decoupled_weight_decay {
+            "adamw"
+        } else {
+            "adam"
+        }
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
+        if !non_negative(self.lr) {
+            return bad(format!("invalid learning rate: {}", self.lr));
+        }
+        if !non_negative(self.eps) {
+            return bad(format!("invalid epsilon value: {}", self.eps));
+        }
+        let (b1, b2) = self.betas;
+        if !(0.0..1.0).contains(&b1) {
+            return bad(format!("invalid beta parameter at index 0: {b1}"));
+        }
+        if !(0.0..1.0).contains(&b2) {
+            return bad(format!("invalid beta parameter at index 1: {b2}"));
+        }
+        if !non_negative(self.weight_decay) {
+            return bad(format!("invalid weight_decay value: {}", self.weight_decay));
+        }
+        Ok(())
+    }
+
+    fn state_buffers(&self) -> Vec<&'static str> {
+        let mut names = vec!["exp_avg", "exp_avg_sq"];
+        if self.amsgrad {
+            names.push("max_exp_avg_sq");
+        }
+        names
+    }
+
+    fn update(&self, segment: Segment<'_>) -> Result<()> {
+        let s = AdamStep::new(self, segment.step).with_grad_scale(segment.grad_scale);
+        par_for_each(segment.buffers::<3>()?, &|b: Buffers<'_, 3>| {
+            let [m, v, vmax] = b.state;
+            update(&s, b.params, b.grads, m, v, vmax)
+        });
+        Ok(())
     }
 }
 

@@ -10,7 +10,11 @@
 //! `sign(0) = 0`. Elementwise, so a shard may cut a parameter anywhere; one state buffer
 //! (`exp_avg`, 4 bytes per parameter).
 
-use crate::config::LionConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::config::non_negative;
+use crate::error::{OptimError, Result};
+use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
 
 /// Updates `params` and `exp_avg` in place, with every gradient multiplied by
 /// `grad_scale` as it is read (the clip coefficient).
@@ -30,6 +34,64 @@ pub fn update(c: &LionConfig, params: &mut [f32], grads: &[f32], exp_avg: &mut [
         };
         *p = *p * decay - lr * sign;
         *m = b2 * *m + (1.0 - b2) * g;
+    }
+}
+
+/// Lion (Chen et al. 2023): the sign of an interpolated momentum, decoupled weight decay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LionConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub weight_decay: f64,
+    pub maximize: bool,
+}
+
+impl Default for LionConfig {
+    /// The paper's (and lucidrains' lion-pytorch) defaults: lr 1e-4, betas (0.9, 0.99).
+    fn default() -> Self {
+        LionConfig { lr: 1e-4, betas: (0.9, 0.99), weight_decay: 0.0, maximize: false }
+    }
+}
+
+impl Kernel for LionConfig {
+    fn name(&self) -> &'static str {
+        "lion"
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
+        if !non_negative(self.lr) {
+            return bad(format!("invalid learning rate: {}", self.lr));
+        }
+        let (b1, b2) = self.betas;
+        if !(0.0..=1.0).contains(&b1) || !(0.0..=1.0).contains(&b2) {
+            return bad(format!("invalid betas {:?}: each in [0, 1]", self.betas));
+        }
+        if !non_negative(self.weight_decay) {
+            return bad(format!("invalid weight_decay value: {}", self.weight_decay));
+        }
+        Ok(())
+    }
+
+    fn state_buffers(&self) -> Vec<&'static str> {
+        vec!["exp_avg"]
+    }
+
+    fn update(&self, segment: Segment<'_>) -> Result<()> {
+        let grad_scale = segment.grad_scale;
+        par_for_each(segment.buffers::<1>()?, &|b: Buffers<'_, 1>| {
+            let [m] = b.state;
+            update(self, b.params, b.grads, m, grad_scale)
+        });
+        Ok(())
     }
 }
 

@@ -1,45 +1,210 @@
-//! Fused update passes over flat buffers.
+//! The optimizer kernels: one file per rule, each a config type that implements
+//! [`Kernel`], registered by one line in [`registry!`](crate::kernels) below.
 //!
-//! Each update reads and writes every buffer exactly once, element by element, in the
-//! operation order of torch's single-tensor code. Because no element depends on another,
-//! the result is the same bits whatever the split: [`par_for_each`] cuts the buffers into
-//! [`CHUNK`]-aligned pieces and hands them to rayon, so 1 and N threads agree exactly.
+//! A kernel is torch's split between a thin stateful class and a functional update
+//! (`torch/optim/adamw.py` over `_single_tensor_adamw`): the config says which named
+//! state buffers the rule keeps and how it updates one [`Segment`] of the flat buffers;
+//! the [`Optimizer`](crate::Optimizer) owns param groups, step counts, state dicts, ZeRO
+//! shards, checkpoints and `add_param_group` for every kernel alike, without knowing
+//! which one it runs.
+//!
+//! Elementwise updates read and write every buffer exactly once, element by element, in
+//! the operation order of torch's single-tensor code. Because no element depends on
+//! another, the result is the same bits whatever the split: [`par_for_each`] cuts the
+//! buffers into [`CHUNK`]-aligned pieces and hands them to rayon, so 1 and N threads
+//! agree exactly. Kernels that need whole parameters (Muon, Adafactor) say so with
+//! [`Kernel::whole_params`]; the optimizer then never gives them a cut parameter.
+//!
+//! # Adding an optimizer
+//!
+//! Write `kernels/my_rule.rs` with `pub struct MyRuleConfig` (serde, `Clone`, `Debug`,
+//! `PartialEq`) and `impl Kernel for MyRuleConfig`, then add one line to the
+//! `registry!` invocation in this file: `MyRule(my_rule::MyRuleConfig),`. The line
+//! declares the module, re-exports the config and adds the `OptimizerConfig` variant
+//! that param groups, state dicts and checkpoints serialise.
 
-pub mod adafactor;
-pub mod adam;
-pub mod lion;
-pub mod muon;
-pub mod schedule_free;
-pub mod sgd;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{OptimError, Result};
+use crate::layout::ParamSpec;
+
+/// Declares each kernel module, re-exports its config and builds [`OptimizerConfig`]:
+/// the closed set of kernels a param group can name, serialised with an `algorithm` tag.
+macro_rules! registry {
+    ($( $(#[$doc:meta])* $variant:ident($module:ident :: $config:ident), )*) => {
+        $( pub mod $module; pub use $module::$config; )*
+
+        /// One param group's rule and hyperparameters: any registered kernel's config.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "algorithm", rename_all = "lowercase")]
+        pub enum OptimizerConfig {
+            $( $(#[$doc])* $variant($config), )*
+        }
+
+        impl OptimizerConfig {
+            /// The kernel behind this config.
+            pub fn kernel(&self) -> &dyn Kernel {
+                match self { $( OptimizerConfig::$variant(k) => k, )* }
+            }
+
+            /// The kernel behind this config, to set its lr or advance its counters.
+            pub fn kernel_mut(&mut self) -> &mut dyn Kernel {
+                match self { $( OptimizerConfig::$variant(k) => k, )* }
+            }
+        }
+
+        $( impl From<$config> for OptimizerConfig {
+            fn from(config: $config) -> Self {
+                OptimizerConfig::$variant(config)
+            }
+        } )*
+    };
+}
+
+registry! {
+    /// `torch.optim.SGD`.
+    Sgd(sgd::SgdConfig),
+    /// `torch.optim.Adam`, and `AdamW` with `decoupled_weight_decay`.
+    Adam(adam::AdamConfig),
+    /// `torch.optim.LBFGS` (closure-driven: run by [`Lbfgs`](crate::Lbfgs), not by `Optimizer`).
+    Lbfgs(lbfgs::LbfgsConfig),
+    /// `torch.optim.Muon` (2-D parameters, whole).
+    Muon(muon::MuonConfig),
+    /// `torch.optim.Adafactor` (whole parameters).
+    Adafactor(adafactor::AdafactorConfig),
+    /// Lion (Chen et al. 2023).
+    Lion(lion::LionConfig),
+    /// Schedule-Free AdamW (Defazio et al. 2024).
+    ScheduleFreeAdamw(schedule_free::ScheduleFreeConfig),
+}
+
+/// One optimizer rule. The implementing type is the rule's hyperparameters (one param
+/// group's config); the state lives in the optimizer's named buffers, one `f32` per
+/// element of its shard, of which the kernel sees a [`Segment`] at a time.
+pub trait Kernel: std::fmt::Debug + Send + Sync {
+    /// The name users know it by (`sgd`, `adamw`, `muon`...).
+    fn name(&self) -> &'static str;
+
+    /// The learning rate.
+    fn lr(&self) -> f64;
+
+    /// Sets the learning rate (what a scheduler does after each step).
+    fn set_lr(&mut self, lr: f64);
+
+    /// The checks the reference constructor makes, with its wording: a config that fails
+    /// them is refused before any state exists.
+    fn validate(&self) -> Result<()>;
+
+    /// The state buffers this configuration keeps, by torch's names, in the order
+    /// [`Segment::state`] hands them over. A name shared with another kernel
+    /// (`exp_avg`) is one buffer: each element belongs to one group, so one rule.
+    fn state_buffers(&self) -> Vec<&'static str>;
+
+    /// Whether an element's update reads other elements of its parameter (Newton–Schulz,
+    /// factored moments): then every segment holds whole parameters and ZeRO gives each
+    /// parameter one owner.
+    fn whole_params(&self) -> bool {
+        false
+    }
+
+    /// Refuses a parameter this rule cannot update (Muon: not 2-D), naming it.
+    fn check_param(&self, _param: &ParamSpec) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether the rule needs a closure (LBFGS): the flat-buffer optimizer refuses it.
+    fn needs_closure(&self) -> bool {
+        false
+    }
+
+    /// Called once per optimizer step on every rank, before any segment, whether or not
+    /// the rank holds the group's elements: advances group-level counters
+    /// (Schedule-Free's `k`, `lr_max`, `weight_sum`).
+    fn begin_step(&mut self) {}
+
+    /// Updates one segment in place.
+    fn update(&self, segment: Segment<'_>) -> Result<()>;
+
+    /// The parameters to evaluate and ship, from the buffer the gradients are taken at:
+    /// `params` itself for most rules (the default), Schedule-Free's averaged iterate x.
+    /// `state` is in [`state_buffers`](Self::state_buffers) order; `step` the
+    /// parameters' step count (0: no state yet).
+    fn eval_params(&self, params: &[f32], _state: &[&[f32]], _step: u64, out: &mut [f32]) {
+        out.copy_from_slice(params);
+    }
+}
+
+/// Neighbouring parameters of one group with the same step count: what one
+/// [`Kernel::update`] call sees.
+pub struct Segment<'a> {
+    /// The parameters' values.
+    pub params: &'a mut [f32],
+    /// Their gradients (to be multiplied by [`grad_scale`](Self::grad_scale) as read).
+    pub grads: &'a [f32],
+    /// The kernel's state buffers over the same elements, in
+    /// [`Kernel::state_buffers`] order.
+    pub state: Vec<&'a mut [f32]>,
+    /// The step count the parameters reach with this update (1 on their first).
+    pub step: u64,
+    /// The clip coefficient, applied as each gradient is read (1: none): the same bits
+    /// as clipping the buffer first, one pass less.
+    pub grad_scale: f32,
+    /// The parameters in the segment, each with its range relative to the segment's
+    /// start. Whole for a [`Kernel::whole_params`] rule.
+    pub whole: Vec<(&'a ParamSpec, Range<usize>)>,
+}
+
+impl<'a> Segment<'a> {
+    /// The segment as fixed buffers for an elementwise pass: `N` state slots, the
+    /// kernel's buffers in order, empty past them.
+    pub fn buffers<const N: usize>(self) -> Result<Buffers<'a, N>> {
+        if self.state.len() > N {
+            return Err(OptimError::ShapeMismatch(format!("{} state buffers for a kernel with {N} slots", self.state.len())));
+        }
+        let mut given = self.state.into_iter();
+        let state = std::array::from_fn(|_| given.next().unwrap_or_default());
+        Ok(Buffers { params: self.params, grads: self.grads, state })
+    }
+}
 
 /// Elements per piece of work: five buffers of 128 KiB stay in a core's L2 cache.
 pub const CHUNK: usize = 32 * 1024;
 
-/// The buffers one update pass touches, all covering the same elements. `state` buffers an
-/// algorithm does not use are empty.
-pub struct Buffers<'a> {
+/// The buffers one elementwise pass touches, all covering the same elements. State
+/// slots a configuration does not use are empty.
+pub struct Buffers<'a, const N: usize> {
+    /// The parameters' values.
     pub params: &'a mut [f32],
+    /// Their gradients.
     pub grads: &'a [f32],
-    pub state: [&'a mut [f32]; 3],
+    /// The state slots.
+    pub state: [&'a mut [f32]; N],
 }
 
-impl<'a> Buffers<'a> {
+impl<'a, const N: usize> Buffers<'a, N> {
+    /// Elements covered.
     pub fn len(&self) -> usize {
         self.params.len()
     }
 
+    /// Whether no element is covered.
     pub fn is_empty(&self) -> bool {
         self.params.is_empty()
     }
 
-    fn split_at(self, mid: usize) -> (Buffers<'a>, Buffers<'a>) {
+    fn split_at(self, mid: usize) -> (Buffers<'a, N>, Buffers<'a, N>) {
         let (p0, p1) = self.params.split_at_mut(mid);
         let (g0, g1) = self.grads.split_at(mid);
-        let [a, b, c] = self.state;
-        let (a0, a1) = split_state(a, mid);
-        let (b0, b1) = split_state(b, mid);
-        let (c0, c1) = split_state(c, mid);
-        (Buffers { params: p0, grads: g0, state: [a0, b0, c0] }, Buffers { params: p1, grads: g1, state: [a1, b1, c1] })
+        let mut right: [&'a mut [f32]; N] = std::array::from_fn(|_| <&mut [f32]>::default());
+        let mut slots = self.state.into_iter();
+        let left = std::array::from_fn(|i| {
+            let (a, b) = split_state(slots.next().unwrap_or_default(), mid);
+            right[i] = b;
+            a
+        });
+        (Buffers { params: p0, grads: g0, state: left }, Buffers { params: p1, grads: g1, state: right })
     }
 }
 
@@ -53,9 +218,9 @@ fn split_state(s: &mut [f32], mid: usize) -> (&mut [f32], &mut [f32]) {
 
 /// Runs `kernel` over `bufs` in pieces of at most [`CHUNK`] elements, in parallel on the
 /// current rayon pool. Splitting is recursive (`rayon::join`), so it allocates nothing.
-pub fn par_for_each<F>(bufs: Buffers<'_>, kernel: &F)
+pub fn par_for_each<const N: usize, F>(bufs: Buffers<'_, N>, kernel: &F)
 where
-    F: Fn(Buffers<'_>) + Sync,
+    F: Fn(Buffers<'_, N>) + Sync,
 {
     let n = bufs.len();
     if n <= CHUNK {
@@ -78,7 +243,7 @@ mod tests {
         let g: Vec<f32> = (0..n).map(|i| i as f32).collect();
         let mut s = vec![1.0f32; n];
         let bufs = Buffers { params: &mut p, grads: &g, state: [&mut s, &mut [], &mut []] };
-        par_for_each(bufs, &|b: Buffers<'_>| {
+        par_for_each(bufs, &|b: Buffers<'_, 3>| {
             assert!(b.len() <= CHUNK);
             for ((p, g), s) in b.params.iter_mut().zip(b.grads).zip(b.state[0].iter_mut()) {
                 *p += g + *s;

@@ -16,7 +16,12 @@
 
 use half::bf16;
 
-use crate::config::{AdjustLr, MuonConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::config::non_negative;
+use crate::error::{OptimError, Result};
+use crate::kernels::{Kernel, Segment};
+use crate::layout::ParamSpec;
 
 /// torch's `lerp` on f32: `start + w·(end - start)` for |w| < 0.5, else
 /// `end - (end - start)·(1 - w)` (the form torch's kernel uses for accuracy).
@@ -128,6 +133,114 @@ pub fn update(c: &MuonConfig, rows: usize, cols: usize, p: &mut [f32], g: &[f32]
         *p *= decay;
         *p += step * o;
     });
+}
+
+/// How Muon scales its learning rate by the matrix shape A×B (torch's `adjust_lr_fn`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdjustLr {
+    /// lr·sqrt(max(1, A/B)) (torch's default, `None` or `"original"`).
+    Original,
+    /// lr·0.2·sqrt(max(A, B)): the update's RMS of AdamW's.
+    MatchRmsAdamw,
+    /// lr·sqrt(A/B).
+    SpectralUnclamped,
+}
+
+/// `torch.optim.Muon` (2-D parameters only).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MuonConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    /// (a, b, c) of the quintic Newton–Schulz iteration.
+    pub ns_coefficients: [f64; 3],
+    pub eps: f64,
+    pub ns_steps: u64,
+    pub adjust_lr: AdjustLr,
+}
+
+impl Default for MuonConfig {
+    fn default() -> Self {
+        MuonConfig {
+            lr: 1e-3,
+            weight_decay: 0.1,
+            momentum: 0.95,
+            nesterov: true,
+            ns_coefficients: [3.4445, -4.775, 2.0315],
+            eps: 1e-7,
+            ns_steps: 5,
+            adjust_lr: AdjustLr::Original,
+        }
+    }
+}
+
+impl Kernel for MuonConfig {
+    fn name(&self) -> &'static str {
+        "muon"
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
+        if !non_negative(self.lr) {
+            return bad(format!("invalid learning rate: {}", self.lr));
+        }
+        if !non_negative(self.weight_decay) {
+            return bad(format!("invalid weight decay value: {}", self.weight_decay));
+        }
+        if !non_negative(self.momentum) {
+            return bad(format!("invalid momentum value: {}", self.momentum));
+        }
+        if !non_negative(self.eps) {
+            return bad(format!("invalid epsilon value: {}", self.eps));
+        }
+        if self.ns_steps >= 100 {
+            return bad(format!("number of steps must be less than 100 for computational efficiency, got {}", self.ns_steps));
+        }
+        if self.nesterov && self.momentum <= 0.0 {
+            return bad("nesterov momentum requires a momentum".into());
+        }
+        if self.ns_coefficients.iter().any(|x| !x.is_finite()) {
+            return bad(format!("ns_coefficients must be finite, got {:?}", self.ns_coefficients));
+        }
+        Ok(())
+    }
+
+    fn state_buffers(&self) -> Vec<&'static str> {
+        vec!["momentum_buffer"]
+    }
+
+    fn whole_params(&self) -> bool {
+        true
+    }
+
+    fn check_param(&self, param: &ParamSpec) -> Result<()> {
+        if param.shape.len() != 2 {
+            return Err(OptimError::InvalidConfig(format!(
+                "muon only supports 2-D parameters, '{}' has shape {:?}: give it to another optimizer (adamw)",
+                param.name, param.shape
+            )));
+        }
+        Ok(())
+    }
+
+    fn update(&self, segment: Segment<'_>) -> Result<()> {
+        let Segment { params, grads, mut state, grad_scale, whole, .. } = segment;
+        let buf = state.pop().ok_or_else(|| OptimError::ShapeMismatch("muon runs without its momentum buffer".into()))?;
+        for (spec, l) in whole {
+            update(self, spec.shape[0], spec.shape[1], &mut params[l.clone()], &grads[l.clone()], &mut buf[l], grad_scale);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,11 @@
 //!
 //! which is the paper's y = (1-β1)·z + β1·x, z -= γ·ĝ, x = (1-c)·x + c·z written on y.
 
-use crate::config::ScheduleFreeConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::config::non_negative;
+use crate::error::{OptimError, Result};
+use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
 use crate::kernels::muon::lerp;
 
 /// The scalars of one step of a group, and the group's running sums after it.
@@ -29,18 +33,31 @@ pub struct ScheduleFreeStep {
     pub bias_correction2: f64,
 }
 
+/// Step `k`'s (0-based) lr after the warm-up, and its weight in the average given the
+/// largest lr so far.
+fn lr_and_weight(c: &ScheduleFreeConfig, k: u64, lr_max: f64) -> (f64, f64) {
+    let sched = if k < c.warmup_steps { (k as f64 + 1.0) / c.warmup_steps as f64 } else { 1.0 };
+    (c.lr * sched, (k as f64 + 1.0).powf(c.r) * lr_max.powf(c.weight_lr_power))
+}
+
 /// Advances the group's counters (`k`, `lr_max`, `weight_sum` in `c`) and returns the
 /// step's scalars: called once per group per step, on every rank.
 pub fn advance(c: &mut ScheduleFreeConfig) -> ScheduleFreeStep {
-    let k = c.k as f64;
-    let sched = if c.k < c.warmup_steps { (k + 1.0) / c.warmup_steps as f64 } else { 1.0 };
-    let lr = c.lr * sched;
+    let (lr, _) = lr_and_weight(c, c.k, c.lr_max);
     c.lr_max = c.lr_max.max(lr);
-    let weight = (k + 1.0).powf(c.r) * c.lr_max.powf(c.weight_lr_power);
+    let (_, weight) = lr_and_weight(c, c.k, c.lr_max);
     c.weight_sum += weight;
-    let ckp1 = if c.weight_sum > 0.0 { weight / c.weight_sum } else { 0.0 };
     c.k += 1;
-    ScheduleFreeStep { lr, ckp1, bias_correction2: 1.0 - c.betas.1.powf(k + 1.0) }
+    current(c)
+}
+
+/// The scalars of the step [`advance`] last took, from the counters it left (what
+/// [`Kernel::update`] runs after [`Kernel::begin_step`]).
+pub fn current(c: &ScheduleFreeConfig) -> ScheduleFreeStep {
+    let k = c.k.saturating_sub(1);
+    let (lr, weight) = lr_and_weight(c, k, c.lr_max);
+    let ckp1 = if c.weight_sum > 0.0 { weight / c.weight_sum } else { 0.0 };
+    ScheduleFreeStep { lr, ckp1, bias_correction2: 1.0 - c.betas.1.powf(k as f64 + 1.0) }
 }
 
 /// One step over a range: `y` the parameters, `z` and `v` the state (`first`: the
@@ -80,6 +97,98 @@ pub fn update(
 pub fn eval_view(c: &ScheduleFreeConfig, y: &[f32], z: &[f32], out: &mut [f32]) {
     let w = (1.0 - 1.0 / c.betas.0) as f32;
     out.iter_mut().zip(y.iter().zip(z)).for_each(|(o, (y, z))| *o = lerp(*y, *z, w));
+}
+
+/// Schedule-Free AdamW (Defazio et al. 2024), as `schedulefree.AdamWScheduleFree`. `k`,
+/// `lr_max` and `weight_sum` are the group's running counters (the authors keep them in
+/// the param group too), so state dicts and checkpoints carry them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleFreeConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+    pub r: f64,
+    pub weight_lr_power: f64,
+    /// Steps the group has taken.
+    pub k: u64,
+    /// The largest lr so far.
+    pub lr_max: f64,
+    /// Σ weights so far.
+    pub weight_sum: f64,
+}
+
+impl Default for ScheduleFreeConfig {
+    /// The authors' defaults: lr 0.0025, betas (0.9, 0.999), eps 1e-8, no warm-up, r 0,
+    /// weight_lr_power 2.
+    fn default() -> Self {
+        ScheduleFreeConfig {
+            lr: 0.0025,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            r: 0.0,
+            weight_lr_power: 2.0,
+            k: 0,
+            lr_max: -1.0,
+            weight_sum: 0.0,
+        }
+    }
+}
+
+impl Kernel for ScheduleFreeConfig {
+    fn name(&self) -> &'static str {
+        "schedule_free_adamw"
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
+        if !non_negative(self.lr) {
+            return bad(format!("invalid learning rate: {}", self.lr));
+        }
+        let (b1, b2) = self.betas;
+        if !(b1 > 0.0 && b1 < 1.0 && (0.0..1.0).contains(&b2)) {
+            return bad(format!("invalid betas {:?}: beta1 in (0, 1), beta2 in [0, 1)", self.betas));
+        }
+        if !non_negative(self.eps) || !non_negative(self.weight_decay) {
+            return bad(format!("eps ({}) and weight_decay ({}) must be >= 0", self.eps, self.weight_decay));
+        }
+        Ok(())
+    }
+
+    fn state_buffers(&self) -> Vec<&'static str> {
+        vec!["z", "exp_avg_sq"]
+    }
+
+    fn begin_step(&mut self) {
+        advance(self);
+    }
+
+    fn update(&self, segment: Segment<'_>) -> Result<()> {
+        let (s, first, grad_scale) = (current(self), segment.step == 1, segment.grad_scale);
+        par_for_each(segment.buffers::<2>()?, &|b: Buffers<'_, 2>| {
+            let [z, v] = b.state;
+            update(self, &s, first, b.params, b.grads, z, v, grad_scale)
+        });
+        Ok(())
+    }
+
+    fn eval_params(&self, params: &[f32], state: &[&[f32]], step: u64, out: &mut [f32]) {
+        match state.first() {
+            Some(z) if step > 0 => eval_view(self, params, z, out),
+            _ => out.copy_from_slice(params),
+        }
+    }
 }
 
 #[cfg(test)]

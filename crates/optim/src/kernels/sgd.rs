@@ -4,7 +4,11 @@
 //! parameter's first step, else `buf = μ·buf + (1 - dampening)·g`; `g = g + μ·buf`
 //! (nesterov) or `buf`; `p += -lr·g`. Scalars are cast to f32 as torch casts `alpha`.
 
-use crate::config::SgdConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::config::non_negative;
+use crate::error::{OptimError, Result};
+use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
 
 /// The per-step scalars of one SGD update, computed once per segment.
 #[derive(Clone, Copy, Debug)]
@@ -115,6 +119,74 @@ fn momentum<const MAXIMIZE: bool, const WD: bool, const FIRST: bool, const NESTE
         *buf = b;
         let d = if NESTEROV { d + s.momentum * b } else { b };
         *p += s.neg_lr * d;
+    }
+}
+
+/// `torch.optim.SGD`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SgdConfig {
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    pub maximize: bool,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        SgdConfig { lr: 1e-3, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0, maximize: false }
+    }
+}
+
+impl Kernel for SgdConfig {
+    fn name(&self) -> &'static str {
+        "sgd"
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
+        if !non_negative(self.lr) {
+            return bad(format!("invalid learning rate: {}", self.lr));
+        }
+        if !non_negative(self.momentum) {
+            return bad(format!("invalid momentum value: {}", self.momentum));
+        }
+        if !non_negative(self.weight_decay) {
+            return bad(format!("invalid weight_decay value: {}", self.weight_decay));
+        }
+        if !self.dampening.is_finite() {
+            return bad(format!("invalid dampening value: {}", self.dampening));
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return bad("nesterov momentum requires a momentum and zero dampening".into());
+        }
+        Ok(())
+    }
+
+    fn state_buffers(&self) -> Vec<&'static str> {
+        if self.momentum != 0.0 {
+            vec!["momentum_buffer"]
+        } else {
+            vec![]
+        }
+    }
+
+    fn update(&self, segment: Segment<'_>) -> Result<()> {
+        let s = SgdStep::new(self, segment.step == 1).with_grad_scale(segment.grad_scale);
+        par_for_each(segment.buffers::<1>()?, &|b: Buffers<'_, 1>| {
+            let [buf] = b.state;
+            update(&s, b.params, b.grads, buf)
+        });
+        Ok(())
     }
 }
 

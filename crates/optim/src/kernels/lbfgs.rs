@@ -14,7 +14,8 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LbfgsConfig, LineSearch, OptimizerConfig};
+use crate::config::non_negative;
+use crate::kernels::{Kernel, Segment};
 use crate::error::{OptimError, Result};
 
 /// The error a closure may return.
@@ -203,7 +204,7 @@ pub struct Lbfgs {
 
 impl Lbfgs {
     pub fn new(numel: usize, config: LbfgsConfig) -> Result<Self> {
-        OptimizerConfig::Lbfgs(config.clone()).validate()?;
+        config.validate()?;
         Ok(Lbfgs { numel, config, state: LbfgsState::default() })
     }
 
@@ -240,7 +241,7 @@ impl Lbfgs {
         if s.old_dirs.len() != s.old_stps.len() || s.old_dirs.len() != s.ro.len() {
             return Err(OptimError::StateDict("LBFGS history lists have different lengths".into()));
         }
-        OptimizerConfig::Lbfgs(sd.config.clone()).validate()?;
+        sd.config.validate()?;
         self.config = sd.config.clone();
         self.state = sd.state.clone();
         Ok(())
@@ -515,6 +516,89 @@ fn strong_wolfe(
     }
     let g_low = std::mem::take(&mut bracket_g[low]);
     Ok((bracket_f[low], g_low, bracket[low], ls_func_evals))
+}
+
+/// The line search of LBFGS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineSearch {
+    /// Fixed step `t = lr` (after the first iteration).
+    None,
+    /// The strong-Wolfe search of torch (ported from minFunc).
+    StrongWolfe,
+}
+
+/// `torch.optim.LBFGS`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LbfgsConfig {
+    pub lr: f64,
+    pub max_iter: u64,
+    /// `None` means torch's default `max_iter * 5 / 4`.
+    pub max_eval: Option<u64>,
+    pub tolerance_grad: f64,
+    pub tolerance_change: f64,
+    pub history_size: usize,
+    pub line_search: LineSearch,
+}
+
+impl Default for LbfgsConfig {
+    fn default() -> Self {
+        LbfgsConfig {
+            lr: 1.0,
+            max_iter: 20,
+            max_eval: None,
+            tolerance_grad: 1e-7,
+            tolerance_change: 1e-9,
+            history_size: 100,
+            line_search: LineSearch::None,
+        }
+    }
+}
+
+impl LbfgsConfig {
+    pub fn max_eval(&self) -> u64 {
+        self.max_eval.unwrap_or(self.max_iter * 5 / 4)
+    }
+}
+
+impl Kernel for LbfgsConfig {
+    fn name(&self) -> &'static str {
+        "lbfgs"
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
+        if !non_negative(self.lr) {
+            return bad(format!("invalid learning rate: {}", self.lr));
+        }
+        if self.history_size == 0 {
+            return bad("LBFGS history_size must be at least 1".into());
+        }
+        if !non_negative(self.tolerance_grad) || !non_negative(self.tolerance_change) {
+            return bad("LBFGS tolerances must be non-negative numbers".into());
+        }
+        Ok(())
+    }
+
+    fn state_buffers(&self) -> Vec<&'static str> {
+        vec![]
+    }
+
+    fn needs_closure(&self) -> bool {
+        true
+    }
+
+    fn update(&self, _segment: Segment<'_>) -> Result<()> {
+        Err(OptimError::InvalidConfig("LBFGS needs a closure: use distoptim_optim::Lbfgs".into()))
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder, VarMap};
-use distoptim::{ClipConfig, DistributedOptimizer, ReduceMode, StepConfig, Strategy};
+use distoptim::{ClipConfig, ReduceMode, ShardedOptimizer, StepConfig, Strategy};
 use distoptim_candle::FlatParams;
 use distoptim_collective::{shard_range, Communicator, ReduceOp};
 use distoptim_optim::clip::NormType;
@@ -64,7 +64,7 @@ fn main() -> Result<()> {
     // BatchWeighted: each rank's gradient counts by its batch size, so the step equals
     // one process on the whole global batch however the batch is split.
     let config = StepConfig { reduce: ReduceMode::BatchWeighted, clip, ..StepConfig::new(Strategy::Zero2) };
-    let mut opt = DistributedOptimizer::new(comm.clone(), flat.layout().clone(), groups, Some(schedule), config)?;
+    let mut opt = ShardedOptimizer::new(comm.clone(), flat.layout().clone(), groups, Some(schedule), config)?;
     let mut grads = opt.alloc_grads()?; // shared memory: reduced in place
     for step in 0..steps as usize {
         // This rank's part of the global batch, cut into micro-batches.

@@ -6,7 +6,7 @@
 //! one buffer per dtype).
 //!
 //! ```text
-//!   loss.backward() ──► GradStore ──read_grads──► flat grads ──► DistributedOptimizer::step
+//!   loss.backward() ──► GradStore ──read_grads──► flat grads ──► ShardedOptimizer::step
 //!   Vars ◄──write_params── flat params ◄───────────────────────────┘
 //! ```
 //!

@@ -12,14 +12,14 @@
 //! [`param_mut`](GradBuckets::param_mut) and call [`mark_ready`](GradBuckets::mark_ready).
 //! When every parameter of a bucket is ready its all-reduce starts, but only after the
 //! buckets before it: every rank issues the same collectives in the same order, whatever
-//! order its backward produced the gradients in. [`DistributedOptimizer::step_buckets`]
+//! order its backward produced the gradients in. [`ShardedOptimizer::step_buckets`]
 //! reduces the buckets nobody marked, waits for all, and steps.
 //!
-//! The reduction is the same elementwise SUM as [`DistributedOptimizer::step`]'s, so the
+//! The reduction is the same elementwise SUM as [`ShardedOptimizer::step`]'s, so the
 //! two give the same parameters to the bit.
 //!
-//! [`DistributedOptimizer::step_buckets`]: crate::DistributedOptimizer::step_buckets
-//! [`DistributedOptimizer::step`]: crate::DistributedOptimizer::step
+//! [`ShardedOptimizer::step_buckets`]: crate::ShardedOptimizer::step_buckets
+//! [`ShardedOptimizer::step`]: crate::ShardedOptimizer::step
 
 use crate::config::ReduceMode;
 use crate::error::{DistError, Result};
@@ -69,7 +69,7 @@ struct Round {
 impl GradBuckets {
     /// Zeroed gradients for `layout` in buckets of at most `cap` elements (collective: the
     /// buffer comes from the communicator). Built by
-    /// [`DistributedOptimizer::grad_buckets`](crate::DistributedOptimizer::grad_buckets).
+    /// [`ShardedOptimizer::grad_buckets`](crate::ShardedOptimizer::grad_buckets).
     pub(crate) fn new(comm: &Communicator, layout: &Layout, mode: ReduceMode, cap: usize) -> Result<GradBuckets> {
         let params: Vec<Range<usize>> = layout.params().iter().map(|p| p.range()).collect();
         let (mut ranges, mut bucket_of) = (Vec::new(), vec![0; params.len()]);
@@ -240,7 +240,7 @@ fn lost() -> DistError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DistributedOptimizer, StepConfig, Strategy};
+    use crate::{ShardedOptimizer, StepConfig, Strategy};
     use distoptim_collective::CommConfig;
     use distoptim_optim::{AdamConfig, OptimizerConfig, ParamGroup};
 
@@ -261,7 +261,7 @@ mod tests {
             let groups = vec![ParamGroup { params: (0..12).collect(), config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
             // 20 elements a bucket: several buckets, some of one large parameter.
             let config = StepConfig { reduce: mode, bucket_cap_mb: 80.0 / 1048576.0, ..StepConfig::new(strategy) };
-            let mut opt = DistributedOptimizer::new(comm.clone(), layout.clone(), groups, None, config).unwrap();
+            let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), groups, None, config).unwrap();
             let mut params: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
             let mut buckets = opt.grad_buckets().unwrap();
             assert!(buckets.bucket_ranges().len() > 3);
@@ -317,7 +317,7 @@ mod tests {
             let layout = layout();
             let groups = vec![ParamGroup { params: (0..12).collect(), config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
             let config = StepConfig { bucket_cap_mb: 80.0 / 1048576.0, ..StepConfig::new(Strategy::Ddp) };
-            let mut opt = DistributedOptimizer::new(comm.clone(), layout.clone(), groups, None, config).unwrap();
+            let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), groups, None, config).unwrap();
             let mut params = vec![0.5f32; layout.numel()];
             let mut buckets = opt.grad_buckets().unwrap();
             let msg = |e: DistError| e.to_string();
@@ -335,7 +335,7 @@ mod tests {
             // Parameters nobody marked are reduced by the step with what they hold.
             opt.step_buckets(&mut params, &mut buckets).unwrap();
             assert!(buckets.grads_mut().unwrap().iter().all(|&g| g == 1.0), "mean of ones");
-            let mut zero2 = DistributedOptimizer::new(
+            let mut zero2 = ShardedOptimizer::new(
                 comm.clone(),
                 layout.clone(),
                 vec![ParamGroup { params: (0..12).collect(), config: OptimizerConfig::Adam(AdamConfig::adamw()) }],

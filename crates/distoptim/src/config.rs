@@ -44,7 +44,7 @@ impl Strategy {
     }
 
     /// Whether every step synchronises the gradients (DDP, ZeRO): the strategies of
-    /// [`crate::DistributedOptimizer`], whose checkpoints reload at any world size.
+    /// [`crate::ShardedOptimizer`], whose checkpoints reload at any world size.
     pub fn is_synchronous(self) -> bool {
         matches!(self, Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2 | Strategy::Zero3)
     }
@@ -84,19 +84,48 @@ pub enum ReduceMode {
     BatchWeighted,
 }
 
-/// `torch.nn.utils.clip_grad_norm_` over the whole (distributed) gradient.
+/// `torch.nn.utils.clip_grad_norm_` over the whole (distributed) gradient:
+/// `ClipConfig::new(1.0)` is torch's `clip_grad_norm_(params, 1.0)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClipConfig {
+    /// The largest total norm let through; gradients are scaled by
+    /// `max_norm / (norm + 1e-6)` when the norm is larger.
     pub max_norm: f64,
+    /// The norm's p (default 2; `inf` for the largest magnitude).
     pub norm: NormType,
+    /// Fail the step when the total norm is NaN or infinite (default false, as torch).
     pub error_if_nonfinite: bool,
 }
 
-/// Everything about a distributed step except the optimizer itself.
+impl ClipConfig {
+    /// Clipping to `max_norm` by the 2-norm, non-finite norms let through (torch's defaults).
+    pub fn new(max_norm: f64) -> ClipConfig {
+        ClipConfig { max_norm, norm: NormType::P(2.0), error_if_nonfinite: false }
+    }
+
+    /// With another norm.
+    pub fn with_norm(mut self, norm: NormType) -> ClipConfig {
+        self.norm = norm;
+        self
+    }
+
+    /// Failing the step on a non-finite total norm, or not.
+    pub fn with_error_if_nonfinite(mut self, error: bool) -> ClipConfig {
+        self.error_if_nonfinite = error;
+        self
+    }
+}
+
+/// Everything about a synchronous distributed step except the optimizer itself:
+/// `StepConfig::new(Strategy::Zero2).with_clip(Some(ClipConfig::new(1.0)))`. Clipping is
+/// off unless asked for, as in torch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepConfig {
+    /// DDP or a ZeRO stage.
     pub strategy: Strategy,
+    /// How the ranks' gradients combine (default: mean, DDP's).
     pub reduce: ReduceMode,
+    /// Clipping by the global norm (default: none).
     pub clip: Option<ClipConfig>,
     /// DDP bucket size in MiB of f32 gradients (torch's `bucket_cap_mb`, default 25).
     pub bucket_cap_mb: f64,
@@ -105,8 +134,33 @@ pub struct StepConfig {
 }
 
 impl StepConfig {
+    /// `strategy` with the defaults: mean reduction, no clipping, 25 MiB buckets, all f32.
     pub fn new(strategy: Strategy) -> StepConfig {
         StepConfig { strategy, reduce: ReduceMode::Mean, clip: None, bucket_cap_mb: 25.0, precision: Precision::f32() }
+    }
+
+    /// With this reduction.
+    pub fn with_reduce(mut self, reduce: ReduceMode) -> StepConfig {
+        self.reduce = reduce;
+        self
+    }
+
+    /// With clipping (`None`: off).
+    pub fn with_clip(mut self, clip: Option<ClipConfig>) -> StepConfig {
+        self.clip = clip;
+        self
+    }
+
+    /// With DDP buckets of `mb` MiB.
+    pub fn with_bucket_cap_mb(mut self, mb: f64) -> StepConfig {
+        self.bucket_cap_mb = mb;
+        self
+    }
+
+    /// With this precision policy.
+    pub fn with_precision(mut self, precision: Precision) -> StepConfig {
+        self.precision = precision;
+        self
     }
 
     pub(crate) fn bucket_elems(&self) -> usize {

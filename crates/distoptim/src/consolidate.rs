@@ -143,7 +143,7 @@ fn write_streamed(
 mod tests {
     use super::*;
     use crate::checkpoint;
-    use crate::{DistributedOptimizer, StepConfig, Strategy};
+    use crate::{ShardedOptimizer, StepConfig, Strategy};
     use distoptim_collective::{CommConfig, Communicator};
     use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup};
 
@@ -157,7 +157,7 @@ mod tests {
         let results = Communicator::run_threads(3, &CommConfig::default(), |comm| {
             let numel = layout().numel();
             let groups = vec![ParamGroup { params: vec![0, 1, 2], config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
-            let mut opt = DistributedOptimizer::new(comm.clone(), layout(), groups, None, StepConfig::new(Strategy::Zero2)).unwrap();
+            let mut opt = ShardedOptimizer::new(comm.clone(), layout(), groups, None, StepConfig::new(Strategy::Zero2)).unwrap();
             let mut params: Vec<f32> = (0..numel).map(|i| i as f32 * 0.1).collect();
             for step in 0..2 {
                 let mut grads: Vec<f32> = (0..numel).map(|i| ((i * 7 + comm.rank() + step) % 5) as f32 - 2.0).collect();
@@ -217,7 +217,7 @@ mod tests {
             let numel = layout().numel();
             let groups = vec![ParamGroup { params: vec![0, 1, 2], config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
             let config = StepConfig { precision: Precision::new(FloatDtype::Bf16), ..StepConfig::new(Strategy::Zero2) };
-            let mut opt = DistributedOptimizer::new(comm.clone(), layout(), groups, None, config).unwrap();
+            let mut opt = ShardedOptimizer::new(comm.clone(), layout(), groups, None, config).unwrap();
             let init: Vec<f32> = (0..numel).map(|i| i as f32 * 0.1 + 0.003).collect();
             opt.set_master(&init).unwrap();
             let mut params: Vec<bf16> = init.iter().map(|&x| bf16::from_f32(x)).collect();

@@ -32,7 +32,7 @@ use crate::config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
 use crate::diloco::{Diloco, DilocoConfig};
 use crate::error::Result;
 use crate::local_sgd::{LocalSgdConfig, PostLocalSgd};
-use crate::optimizer::{DistributedOptimizer, MemoryLedger};
+use crate::optimizer::{MemoryLedger, ShardedOptimizer};
 use crate::precision::{Flat, FlatMut, Precision};
 
 /// A data-parallel training algorithm: what a training loop calls, whichever algorithm
@@ -89,6 +89,18 @@ pub trait DataParallel: Send {
         Ok(())
     }
 
+    /// The full f32 master weights under a 16-bit working type, `None` when the
+    /// parameters are their own master (collective).
+    fn gather_master(&self) -> Result<Option<Vec<f32>>> {
+        Ok(None)
+    }
+
+    /// How many parameter elements this rank holds optimizer state for: its range under
+    /// ZeRO, every element otherwise (not collective).
+    fn state_elems(&self) -> usize {
+        self.layout().numel()
+    }
+
     /// The bytes this rank holds, by category (not collective).
     fn memory(&self) -> MemoryLedger;
 
@@ -121,8 +133,8 @@ impl Default for DataParallelConfig {
         DataParallelConfig {
             reduce: ReduceMode::BatchWeighted,
             clip: None,
-            local_sgd: LocalSgdConfig { warmup_steps: 50, period: 4 },
-            diloco: DilocoConfig { inner_steps: 10, outer_lr: 0.7, outer_momentum: 0.9, nesterov: true },
+            local_sgd: LocalSgdConfig::default(),
+            diloco: DilocoConfig::default(),
             precision: Precision::f32(),
         }
     }
@@ -179,8 +191,8 @@ pub fn data_parallel(
 ) -> Result<Box<dyn DataParallel>> {
     Ok(match strategy {
         Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2 | Strategy::Zero3 => {
-            let step = StepConfig { reduce: config.reduce, clip: config.clip, precision: config.precision, ..StepConfig::new(strategy) };
-            let mut opt = DistributedOptimizer::new(comm, layout, groups, schedule, step)?;
+            let step = StepConfig::new(strategy).with_reduce(config.reduce).with_clip(config.clip).with_precision(config.precision);
+            let mut opt = ShardedOptimizer::new(comm, layout, groups, schedule, step)?;
             // The master starts at the f32 values, not at their rounding.
             opt.set_master(init)?;
             Box::new(opt)
@@ -190,9 +202,7 @@ pub fn data_parallel(
                 "{strategy} keeps a model per rank in f32: mixed precision needs ddp or zero1/2/3"
             )))
         }
-        Strategy::PostLocalSgd => {
-            Box::new(PostLocalSgd::new(comm, layout, groups, schedule, config.clip, config.reduce, config.local_sgd)?)
-        }
-        Strategy::Diloco => Box::new(Diloco::new(comm, layout, groups, schedule, config.clip, config.diloco, init)?),
+        Strategy::PostLocalSgd => Box::new(PostLocalSgd::new(comm, layout, groups, schedule, config)?),
+        Strategy::Diloco => Box::new(Diloco::new(comm, layout, groups, schedule, config, init)?),
     })
 }

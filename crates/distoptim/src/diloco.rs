@@ -22,14 +22,43 @@ use distoptim_optim::{Layout, Optimizer, OptimizerConfig, ParamGroup, Schedule, 
 const STEPS: &str = "diloco.steps";
 const OUTER_STEPS: &str = "diloco.outer_steps";
 
+/// DiLoCo's schedule and outer optimizer (Douillard et al. 2023):
+/// `DilocoConfig::default().with_inner_steps(500)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DilocoConfig {
+    /// Local (inner) steps between outer steps, at least 1 (the paper's H).
     pub inner_steps: u64,
+    /// The outer SGD's learning rate.
     pub outer_lr: f64,
+    /// The outer SGD's momentum.
     pub outer_momentum: f64,
+    /// Whether the outer momentum is Nesterov's (the paper's choice).
     pub nesterov: bool,
 }
 
+impl Default for DilocoConfig {
+    /// 10 inner steps; outer Nesterov SGD with lr 0.7 and momentum 0.9 (the paper's).
+    fn default() -> Self {
+        DilocoConfig { inner_steps: 10, outer_lr: 0.7, outer_momentum: 0.9, nesterov: true }
+    }
+}
+
+impl DilocoConfig {
+    /// With this many inner steps per outer step.
+    pub fn with_inner_steps(mut self, inner_steps: u64) -> Self {
+        self.inner_steps = inner_steps;
+        self
+    }
+
+    /// With this outer optimizer: SGD with `lr`, `momentum` and Nesterov or not.
+    pub fn with_outer(mut self, lr: f64, momentum: f64, nesterov: bool) -> Self {
+        (self.outer_lr, self.outer_momentum, self.nesterov) = (lr, momentum, nesterov);
+        self
+    }
+}
+
+/// DiLoCo: every rank takes `inner_steps` local steps, then the ranks average their
+/// parameter deltas and an outer Nesterov SGD steps the global parameters Γ with them.
 pub struct Diloco {
     comm: Communicator,
     inner: Scheduled,
@@ -38,21 +67,22 @@ pub struct Diloco {
     global: Vec<f32>,
     inner_steps: u64,
     /// Inner steps taken (kept in checkpoints with the outer state).
-    pub steps: u64,
+    steps: u64,
     scratch: Vec<f32>,
 }
 
 impl Diloco {
-    /// `init` is Γ at the start (every rank's P_r starts equal to it).
+    /// DiLoCo on `comm` with `config`'s clipping (of each rank's gradient) and DiLoCo
+    /// settings; `init` is Γ at the start (every rank's P_r starts equal to it).
     pub fn new(
         comm: Communicator,
         layout: Layout,
         groups: Vec<ParamGroup>,
         schedule: Option<Schedule>,
-        clip: Option<ClipConfig>,
-        config: DilocoConfig,
+        config: &crate::DataParallelConfig,
         init: &[f32],
     ) -> Result<Self> {
+        let (clip, config) = (config.clip, config.diloco);
         if config.inner_steps == 0 {
             return Err(DistError::Invalid("diloco inner_steps must be at least 1".into()));
         }
@@ -69,6 +99,11 @@ impl Diloco {
         let outer = Optimizer::new(layout.clone(), outer_config)?;
         let inner = Scheduled::new(layout, groups, 0..numel, schedule)?;
         Ok(Diloco { comm, inner, clip, outer, global: init.to_vec(), inner_steps: config.inner_steps, steps: 0, scratch: vec![0.0; numel] })
+    }
+
+    /// Inner steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
     }
 
     /// Γ, the global parameters.

@@ -1,5 +1,5 @@
 //! Planning a job before running it: the bytes each rank holds by category (the same
-//! ledger [`DistributedOptimizer::memory`](crate::DistributedOptimizer::memory) reports
+//! ledger [`ShardedOptimizer::memory`](crate::ShardedOptimizer::memory) reports
 //! for a live run), the bytes each rank sends per step, and a predicted step time from an
 //! alpha-beta network model and the optimizer's memory traffic.
 //!
@@ -130,7 +130,7 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Estimate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::DistributedOptimizer;
+    use crate::ShardedOptimizer;
     use distoptim_collective::{CommConfig, Communicator};
     use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup};
 
@@ -147,7 +147,7 @@ mod tests {
                 for precision in [Precision::f32(), Precision::new(FloatDtype::Bf16).with_reduce_dtype(FloatDtype::Bf16)] {
                     let live = Communicator::run_threads(w, &CommConfig::default(), |comm| {
                         let config = StepConfig { precision, ..StepConfig::new(strategy) };
-                        let mut opt = DistributedOptimizer::new(comm, layout.clone(), groups.clone(), None, config).unwrap();
+                        let mut opt = ShardedOptimizer::new(comm, layout.clone(), groups.clone(), None, config).unwrap();
                         let full = vec![0.5f32; n];
                         opt.set_master(&full).unwrap();
                         if precision.param_dtype == FloatDtype::F32 {

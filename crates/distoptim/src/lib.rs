@@ -3,7 +3,7 @@
 //!
 //! - [`DataParallel`]: the one interface over every algorithm below, built from a
 //!   [`Strategy`] by [`data_parallel()`].
-//! - [`DistributedOptimizer`]: DDP and ZeRO-1/2/3 over balanced contiguous ranges of
+//! - [`ShardedOptimizer`]: DDP and ZeRO-1/2/3 over balanced contiguous ranges of
 //!   one flat buffer, with mean / sum / batch-weighted reduction, gradient accumulation
 //!   and clipping by the global norm across shards.
 //! - [`GradBuckets`]: DDP's buckets, all-reduced while the backward pass still runs.
@@ -47,6 +47,6 @@ pub use dist_clip::TensorParallel;
 pub use error::{DistError, Result};
 pub use lbfgs::step_lbfgs;
 pub use local_sgd::{LocalSgdConfig, PostLocalSgd};
-pub use optimizer::{DistributedOptimizer, MemoryLedger};
+pub use optimizer::{MemoryLedger, ShardedOptimizer};
 pub use precision::{FlatMut, FloatDtype, LossScaleConfig, LossScaler, Precision, Working};
 pub use replicas::verify_replicas;

@@ -22,13 +22,39 @@ use distoptim_optim::{Layout, ParamGroup, Schedule};
 /// The averager's step counter in checkpoints.
 const STEPS: &str = "post_local_sgd.steps";
 
-/// Warm-up length and averaging period.
+/// Warm-up length and averaging period (torch's `PostLocalSGDState` and
+/// `PeriodicModelAverager`): `LocalSgdConfig::default().with_period(8)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalSgdConfig {
+    /// Synchronous (all-reduced) steps before local SGD starts (torch's `start_localSGD_iter`).
     pub warmup_steps: u64,
+    /// Local steps between parameter averagings, at least 1.
     pub period: u64,
 }
 
+impl Default for LocalSgdConfig {
+    /// 50 warm-up steps, averaging every 4.
+    fn default() -> Self {
+        LocalSgdConfig { warmup_steps: 50, period: 4 }
+    }
+}
+
+impl LocalSgdConfig {
+    /// With this warm-up length.
+    pub fn with_warmup_steps(mut self, warmup_steps: u64) -> Self {
+        self.warmup_steps = warmup_steps;
+        self
+    }
+
+    /// With this averaging period.
+    pub fn with_period(mut self, period: u64) -> Self {
+        self.period = period;
+        self
+    }
+}
+
+/// torch's post-local SGD: synchronous steps during the warm-up, then local steps with
+/// the parameters averaged every `period` steps.
 pub struct PostLocalSgd {
     comm: Communicator,
     opt: Scheduled,
@@ -37,25 +63,31 @@ pub struct PostLocalSgd {
     averaging: LocalSgdConfig,
     /// Steps taken: the averager's counter, kept in checkpoints so a resume does not
     /// replay the warm-up.
-    pub steps: u64,
+    steps: u64,
 }
 
 impl PostLocalSgd {
+    /// Post-local SGD on `comm` with `config`'s reduction (of the warm-up's gradients),
+    /// clipping (of each rank's own gradient) and averaging schedule.
     pub fn new(
         comm: Communicator,
         layout: Layout,
         groups: Vec<ParamGroup>,
         schedule: Option<Schedule>,
-        clip: Option<ClipConfig>,
-        reduce: ReduceMode,
-        averaging: LocalSgdConfig,
+        config: &crate::DataParallelConfig,
     ) -> Result<Self> {
+        let (clip, reduce, averaging) = (config.clip, config.reduce, config.local_sgd);
         if averaging.period == 0 {
             return Err(crate::DistError::Invalid("local SGD period must be at least 1".into()));
         }
         let numel = layout.numel();
         let opt = Scheduled::new(layout, groups, 0..numel, schedule)?;
         Ok(PostLocalSgd { comm, opt, clip, reduce, averaging, steps: 0 })
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
     }
 
     /// One step with this rank's gradient (overwritten); the report's norm is this rank's.

@@ -1,4 +1,4 @@
-//! [`DistributedOptimizer`]: one optimizer step over a group of data-parallel ranks.
+//! [`ShardedOptimizer`]: one optimizer step over a group of data-parallel ranks.
 //!
 //! The flat layout is split into contiguous, balanced ranges ([`shard_range`], Megatron's
 //! layout): rank r owns elements `shard_range(numel, W, r)`. Per step:
@@ -12,7 +12,7 @@
 //!    reduced gradient); ZeRO all-reduces the partial norms of the owned ranges;
 //! 4. **step**: DDP steps everything; ZeRO steps its range with state for that range only;
 //! 5. **gather**: ZeRO-1/2 all-gather the updated parameters; ZeRO-3 keeps them sharded
-//!    until [`gather_params`](DistributedOptimizer::gather_params).
+//!    until [`gather_params`](ShardedOptimizer::gather_params).
 //!
 //! Guarantee: whatever the strategy and world size, the parameters after each step are
 //! those of one process stepping with the reduced gradient (to the bit on the embedded
@@ -36,8 +36,10 @@ use distoptim_optim::clip;
 use distoptim_optim::{Layout, OptimizerConfig, OptimizerStateDict, ParamGroup, Schedule};
 use std::ops::Range;
 
-/// DDP and ZeRO-1/2/3 over one flat buffer (see the module docs).
-pub struct DistributedOptimizer {
+/// DDP and ZeRO-1/2/3 over one flat buffer (see the module docs): what Megatron-LM calls
+/// its distributed optimizer. Named apart from torch's RPC `DistributedOptimizer`, which
+/// is `distoptim_ps::DistributedOptimizer`.
+pub struct ShardedOptimizer {
     comm: Communicator,
     config: StepConfig,
     /// The elements whose optimizer state this rank keeps (everything for DDP).
@@ -87,7 +89,7 @@ impl MemoryLedger {
     }
 }
 
-impl DistributedOptimizer {
+impl ShardedOptimizer {
     /// Collective only in the sense that every rank must build one with the same layout,
     /// groups and config (no communication happens here).
     pub fn new(
@@ -116,7 +118,7 @@ impl DistributedOptimizer {
         let owned = ranges[comm.rank()].clone();
         let opt = Scheduled::new(layout, groups, owned.clone(), schedule)?;
         let scaler = config.precision.loss_scale.map(LossScaler::new);
-        Ok(DistributedOptimizer {
+        Ok(ShardedOptimizer {
             comm,
             config,
             owned,
@@ -665,7 +667,7 @@ macro_rules! with_flat {
     };
 }
 
-impl crate::DataParallel for DistributedOptimizer {
+impl crate::DataParallel for ShardedOptimizer {
     fn strategy(&self) -> Strategy {
         self.config.strategy
     }
@@ -679,7 +681,7 @@ impl crate::DataParallel for DistributedOptimizer {
     }
 
     fn step(&mut self, params: FlatMut<'_>, grads: FlatMut<'_>, batch_size: usize) -> Result<StepReport> {
-        with_flat!(params, p => with_flat!(grads, g => DistributedOptimizer::step(self, p, g, batch_size)))
+        with_flat!(params, p => with_flat!(grads, g => ShardedOptimizer::step(self, p, g, batch_size)))
     }
 
     fn gather(&self, params: FlatMut<'_>) -> Result<()> {
@@ -687,7 +689,7 @@ impl crate::DataParallel for DistributedOptimizer {
     }
 
     fn param_shard(&self) -> Option<Range<usize>> {
-        DistributedOptimizer::param_shard(self)
+        ShardedOptimizer::param_shard(self)
     }
 
     fn params_in_sync(&self) -> bool {
@@ -717,7 +719,15 @@ impl crate::DataParallel for DistributedOptimizer {
     }
 
     fn memory(&self) -> MemoryLedger {
-        DistributedOptimizer::memory(self)
+        ShardedOptimizer::memory(self)
+    }
+
+    fn gather_master(&self) -> Result<Option<Vec<f32>>> {
+        ShardedOptimizer::gather_master(self)
+    }
+
+    fn state_elems(&self) -> usize {
+        ShardedOptimizer::state_elems(self)
     }
 
     fn eval_params(&self, params: &[f32], out: &mut [f32]) -> Result<()> {
@@ -734,6 +744,6 @@ impl crate::DataParallel for DistributedOptimizer {
     }
 
     fn loss_scale(&self) -> f32 {
-        DistributedOptimizer::loss_scale(self)
+        ShardedOptimizer::loss_scale(self)
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use distoptim::checkpoint;
-use distoptim::{DistributedOptimizer, ReduceMode, StepConfig, Strategy};
+use distoptim::{ReduceMode, ShardedOptimizer, StepConfig, Strategy};
 use distoptim_collective::{CommConfig, Communicator};
 use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup, Schedule};
 
@@ -28,10 +28,10 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-fn optimizer(comm: Communicator, strategy: Strategy) -> DistributedOptimizer {
+fn optimizer(comm: Communicator, strategy: Strategy) -> ShardedOptimizer {
     let config = StepConfig { reduce: ReduceMode::Sum, ..StepConfig::new(strategy) };
     let schedule = Schedule::LinearWithWarmup { warmup: 2, total: 10 };
-    DistributedOptimizer::new(comm, layout(), groups(), Some(schedule), config).unwrap()
+    ShardedOptimizer::new(comm, layout(), groups(), Some(schedule), config).unwrap()
 }
 
 /// Steps `steps` on `w` ranks; the three workers' gradients are split among the ranks

@@ -2,7 +2,7 @@
 //! column-sharded parameter updated shard by shard on the tp ranks, a replicated one
 //! kept identical, and the clip counting each element once.
 
-use distoptim::{verify_replicas, ClipConfig, DistributedOptimizer, StepConfig, Strategy};
+use distoptim::{verify_replicas, ClipConfig, ShardedOptimizer, StepConfig, Strategy};
 use distoptim_collective::{CommConfig, Communicator, DeviceMesh};
 use distoptim_optim::clip::{self, NormType};
 use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, ParamGroup};
@@ -58,7 +58,7 @@ fn dp_by_tp_mesh_equals_one_process_on_the_full_parameters() {
             let (dp, tp) = (mesh.group("dp").unwrap(), mesh.group("tp").unwrap());
             let local = Layout::new([("col", vec![ROWS, COLS / TP]), ("rep", vec![REP])]).unwrap();
             let config = StepConfig { clip: Some(clip_config()), ..StepConfig::new(strategy) };
-            let mut opt = DistributedOptimizer::new(dp.clone(), local.clone(), groups(), None, config)
+            let mut opt = ShardedOptimizer::new(dp.clone(), local.clone(), groups(), None, config)
                 .unwrap()
                 .with_tensor_parallel(tp.clone(), vec![true, false])
                 .unwrap();

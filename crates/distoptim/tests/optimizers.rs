@@ -3,7 +3,7 @@
 //! ZeRO ranges that would cut the matrices, and checkpoints that reshard.
 
 use distoptim::checkpoint::{self, SaveOptions};
-use distoptim::{ClipConfig, DistributedOptimizer, ReduceMode, StepConfig, Strategy};
+use distoptim::{ClipConfig, ReduceMode, ShardedOptimizer, StepConfig, Strategy};
 use distoptim_collective::{CommConfig, Communicator};
 use distoptim_optim::clip::{self, NormType};
 use distoptim_optim::{
@@ -79,7 +79,7 @@ fn distributed(strategy: Strategy, which: usize, w: usize, steps: usize, clip: O
         let n = layout.numel();
         let r = comm.rank();
         let c = StepConfig { clip, bucket_cap_mb: 64.0 / 1048576.0, ..StepConfig::new(strategy) };
-        let mut opt = DistributedOptimizer::new(comm, layout, groups(which), None, c).unwrap();
+        let mut opt = ShardedOptimizer::new(comm, layout, groups(which), None, c).unwrap();
         let mut p = init(n);
         for t in 0..steps {
             let mut g = grad(n, r, t);
@@ -140,7 +140,7 @@ fn a_checkpoint_at_w3_resumes_at_w2_and_equals_an_uninterrupted_run() {
             Communicator::run_threads(w, &config(), |comm| {
                 let r = comm.rank();
                 let c = StepConfig { reduce: ReduceMode::Sum, ..StepConfig::new(strategy) };
-                let mut opt = DistributedOptimizer::new(comm, layout.clone(), groups(which), Some(sched.clone()), c).unwrap();
+                let mut opt = ShardedOptimizer::new(comm, layout.clone(), groups(which), Some(sched.clone()), c).unwrap();
                 let mut p = init(n);
                 if let Some((dir, false)) = root {
                     checkpoint::load(dir, &mut opt, &mut p).unwrap();

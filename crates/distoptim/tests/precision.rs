@@ -4,7 +4,7 @@
 
 use distoptim::checkpoint::{self, SaveOptions};
 use distoptim::{
-    data_parallel, ClipConfig, DataParallelConfig, DistributedOptimizer, FloatDtype, LossScaleConfig, Precision, ReduceMode, StepConfig,
+    data_parallel, ClipConfig, DataParallelConfig, FloatDtype, LossScaleConfig, Precision, ReduceMode, ShardedOptimizer, StepConfig,
     Strategy, Working,
 };
 use distoptim_collective::{bf16, f16, CommConfig, Communicator};
@@ -98,7 +98,7 @@ fn distributed<T: Working>(
         let r = comm.rank();
         // Buckets of 16 elements: the chunked reduction runs several rounds.
         let step_config = StepConfig { reduce: mode, precision: p, clip, bucket_cap_mb: 64.0 / 1048576.0, ..StepConfig::new(strategy) };
-        let mut opt = DistributedOptimizer::new(comm.clone(), layout, groups(), None, step_config).unwrap();
+        let mut opt = ShardedOptimizer::new(comm.clone(), layout, groups(), None, step_config).unwrap();
         let start = init(n);
         opt.set_master(&start).unwrap();
         let mut params: Vec<T> = start.iter().map(|&x| T::from_f32(x)).collect();
@@ -247,7 +247,7 @@ fn resharded(first: (Strategy, usize), second: (Strategy, usize), split: usize, 
         Communicator::run_threads(w, &config(), |comm| {
             let r = comm.rank();
             let step_config = StepConfig { reduce: ReduceMode::Sum, precision, ..StepConfig::new(strategy) };
-            let mut opt = DistributedOptimizer::new(comm, layout.clone(), groups(), Some(sched.clone()), step_config).unwrap();
+            let mut opt = ShardedOptimizer::new(comm, layout.clone(), groups(), Some(sched.clone()), step_config).unwrap();
             let start = init(n);
             opt.set_master(&start).unwrap();
             let mut params: Vec<bf16> = start.iter().map(|&x| bf16::from_f32(x)).collect();
@@ -285,7 +285,7 @@ fn a_bf16_checkpoint_at_w3_resumes_at_w2_with_the_same_master() {
         let precision = Precision::new(FloatDtype::Bf16);
         let sched = Schedule::CosineWithWarmup { warmup: 1, total: 5, cycles: 0.5 };
         let step_config = StepConfig { reduce: ReduceMode::Sum, precision, ..StepConfig::new(Strategy::Zero2) };
-        let mut opt = DistributedOptimizer::new(comm, layout.clone(), groups(), Some(sched), step_config).unwrap();
+        let mut opt = ShardedOptimizer::new(comm, layout.clone(), groups(), Some(sched), step_config).unwrap();
         let start = init(n);
         opt.set_master(&start).unwrap();
         let mut params: Vec<bf16> = start.iter().map(|&x| bf16::from_f32(x)).collect();
@@ -311,7 +311,7 @@ fn mismatched_types_and_strategies_are_refused_by_name() {
     let n = layout.numel();
     let errs = Communicator::run_threads(1, &config(), |comm| {
         let step_config = StepConfig { precision: Precision::new(FloatDtype::Bf16), ..StepConfig::new(Strategy::Zero1) };
-        let mut opt = DistributedOptimizer::new(comm.clone(), layout.clone(), groups(), None, step_config).unwrap();
+        let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), groups(), None, step_config).unwrap();
         let mut p32 = vec![0f32; n];
         let mut g16 = vec![f16::ZERO; n];
         let mut g32 = p32.clone();

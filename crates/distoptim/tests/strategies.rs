@@ -1,6 +1,6 @@
 //! The distributed step on real collectives (one thread per rank) against one process.
 
-use distoptim::{verify_replicas, ClipConfig, DistributedOptimizer, ReduceMode, StepConfig, Strategy};
+use distoptim::{verify_replicas, ClipConfig, ReduceMode, ShardedOptimizer, StepConfig, Strategy};
 use distoptim_collective::{CommConfig, Communicator};
 use distoptim_optim::clip::{self, NormType};
 use distoptim_optim::{AdamConfig, Layout, LrScheduler, Optimizer, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
@@ -57,7 +57,7 @@ fn distributed(strategy: Strategy, steps: usize, w: usize, batch: &[usize], mode
         let n = layout.numel();
         let r = comm.rank();
         let step_config = StepConfig { reduce: mode, clip, bucket_cap_mb: 16.0 * 4.0 / 1048576.0, ..StepConfig::new(strategy) };
-        let mut opt = DistributedOptimizer::new(comm.clone(), layout.clone(), groups(&layout), None, step_config).unwrap();
+        let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), groups(&layout), None, step_config).unwrap();
         let mut params: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
         for t in 0..steps {
             // Gradient accumulation: two micro-batches (halves, so the sum is exact) summed
@@ -118,7 +118,7 @@ fn zero_shards_state_in_balanced_ranges_and_reloads_at_another_world_size() {
     // Three steps on 3 ranks, consolidate, two more on 2 ranks; versus five on 1 rank.
     let first = Communicator::run_threads(3, &config, |comm| {
         let r = comm.rank();
-        let mut opt = DistributedOptimizer::new(comm, layout.clone(), sgd.clone(), None, StepConfig::new(Strategy::Zero2)).unwrap();
+        let mut opt = ShardedOptimizer::new(comm, layout.clone(), sgd.clone(), None, StepConfig::new(Strategy::Zero2)).unwrap();
         let mut p = vec![1f32; n];
         for t in 0..3 {
             opt.step(&mut p, &mut grad(n, r, t), 1).unwrap();
@@ -132,7 +132,7 @@ fn zero_shards_state_in_balanced_ranges_and_reloads_at_another_world_size() {
     let (params, state) = (first[0].1.clone(), first[0].2.clone().unwrap());
     assert!(first[1].2.is_none());
     let second = Communicator::run_threads(2, &config, |comm| {
-        let mut opt = DistributedOptimizer::new(comm, layout.clone(), sgd.clone(), None, StepConfig::new(Strategy::Zero1)).unwrap();
+        let mut opt = ShardedOptimizer::new(comm, layout.clone(), sgd.clone(), None, StepConfig::new(Strategy::Zero1)).unwrap();
         opt.load_state_dict(&state).unwrap();
         let mut p = params.clone();
         for t in 3..5 {
@@ -191,7 +191,7 @@ fn add_param_group_repartitions_and_continues_like_one_process() {
                 let r = comm.rank();
                 let layout = layout.clone();
                 let mut opt =
-                    DistributedOptimizer::new(comm, layout.clone(), groups(&layout), Some(schedule.clone()), StepConfig::new(strategy))
+                    ShardedOptimizer::new(comm, layout.clone(), groups(&layout), Some(schedule.clone()), StepConfig::new(strategy))
                         .unwrap();
                 let mut p: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
                 let mut lrs = Vec::new();

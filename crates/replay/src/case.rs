@@ -6,65 +6,13 @@
 
 use std::collections::BTreeSet;
 
-use distoptim::{FloatDtype, Precision};
+use distoptim::{FloatDtype, Precision, ReduceMode, Strategy};
 use distoptim_optim::config::{AdafactorConfig, AdamConfig, AdjustLr, LbfgsConfig, LineSearch, MuonConfig, OptimizerConfig, SgdConfig};
 use distoptim_optim::schedule::{Curve, Schedule, SCHEDULE_NAMES};
 use distoptim_optim::{Layout, NormType, ParamGroup};
 use serde_json::{Map, Value};
 
 use crate::error::{ErrorClass, ReplayError};
-
-/// How the per-rank gradients combine into one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GradReduce {
-    Mean,
-    Sum,
-    BatchWeighted,
-}
-
-/// The strategies of FORMAT.md.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    Single,
-    Ddp,
-    Zero1,
-    Zero2,
-    Zero3,
-    PostLocalSgd,
-    Diloco,
-}
-
-impl Strategy {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "single" => Strategy::Single,
-            "ddp" => Strategy::Ddp,
-            "zero1" => Strategy::Zero1,
-            "zero2" => Strategy::Zero2,
-            "zero3" => Strategy::Zero3,
-            "post_local_sgd" => Strategy::PostLocalSgd,
-            "diloco" => Strategy::Diloco,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Single => "single",
-            Strategy::Ddp => "ddp",
-            Strategy::Zero1 => "zero1",
-            Strategy::Zero2 => "zero2",
-            Strategy::Zero3 => "zero3",
-            Strategy::PostLocalSgd => "post_local_sgd",
-            Strategy::Diloco => "diloco",
-        }
-    }
-
-    /// Strategies whose ranks step with one reduced gradient (and so may reshard).
-    pub fn reduces(self) -> bool {
-        matches!(self, Strategy::Single | Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2 | Strategy::Zero3)
-    }
-}
 
 /// `clip_grad_norm` of a case.
 #[derive(Clone, Debug, PartialEq)]
@@ -132,8 +80,10 @@ pub enum Objective {
 pub struct Case {
     pub name: String,
     pub world_size: usize,
-    pub strategy: Strategy,
-    pub grad_reduce: GradReduce,
+    /// The strategy; `None` is FORMAT.md's `single`, the one-process reference.
+    pub strategy: Option<Strategy>,
+    /// How the ranks' gradients combine into one.
+    pub grad_reduce: ReduceMode,
     pub layout: Layout,
     /// Initial parameters, flat in layout order.
     pub init: Vec<f32>,
@@ -283,10 +233,11 @@ impl Case {
         };
 
         let strategy_name = top.get("strategy").and_then(Value::as_str).unwrap_or("");
-        let Some(strategy) = Strategy::parse(strategy_name) else {
-            return invalid(format!("unknown strategy '{strategy_name}' (single, ddp, zero1, zero2, zero3, post_local_sgd, diloco)"));
+        let strategy = match strategy_name {
+            "single" => None,
+            name => Some(name.parse::<Strategy>().map_err(|e| ReplayError::new(ErrorClass::InvalidConfig, format!("{e} or single")))?),
         };
-        if strategy == Strategy::Single && ws != 1 {
+        if strategy.is_none() && ws != 1 {
             return err(ErrorClass::InvalidWorldSize, format!("strategy 'single' needs world_size 1, got {ws}"));
         }
 
@@ -336,21 +287,22 @@ impl Case {
         let lbfgs = matches!(optimizer, OptimizerConfig::Lbfgs(_));
 
         let grad_reduce = match top.get("grad_reduce").map(|g| g.as_str()) {
-            None | Some(Some("mean")) => GradReduce::Mean,
-            Some(Some("sum")) => GradReduce::Sum,
-            Some(Some("batch_weighted")) => GradReduce::BatchWeighted,
+            None | Some(Some("mean")) => ReduceMode::Mean,
+            Some(Some("sum")) => ReduceMode::Sum,
+            Some(Some("batch_weighted")) => ReduceMode::BatchWeighted,
             Some(_) => return invalid(format!("grad_reduce must be mean, sum or batch_weighted, got {}", top["grad_reduce"])),
         };
         let clip = top.get("clip_grad_norm").filter(|c| !c.is_null()).map(parse_clip).transpose()?;
-        let local_sgd = parse_strategy_field(top, "local_sgd", strategy == Strategy::PostLocalSgd, parse_local_sgd)?;
-        let diloco = parse_strategy_field(top, "diloco", strategy == Strategy::Diloco, parse_diloco)?;
-        if reshard.is_some() && !(strategy.reduces() && strategy != Strategy::Single) {
-            return invalid(format!("reshard is for ddp and zero strategies, not {}", strategy.name()));
+        let local_sgd = parse_strategy_field(top, "local_sgd", strategy == Some(Strategy::PostLocalSgd), parse_local_sgd)?;
+        let diloco = parse_strategy_field(top, "diloco", strategy == Some(Strategy::Diloco), parse_diloco)?;
+        let label = strategy.map_or("single", Strategy::name);
+        if reshard.is_some() && !strategy.is_some_and(Strategy::is_synchronous) {
+            return invalid(format!("reshard is for ddp and zero strategies, not {label}"));
         }
 
         let precision = top.get("precision").filter(|p| !p.is_null()).map(parse_precision).transpose()?;
-        if precision.is_some() && (lbfgs || !strategy.reduces()) {
-            let what = if lbfgs { "lbfgs" } else { strategy.name() };
+        if precision.is_some() && (lbfgs || !strategy.is_none_or(Strategy::is_synchronous)) {
+            let what = if lbfgs { "lbfgs" } else { label };
             return invalid(format!("precision is for single, ddp and zero strategies with first-order optimizers, not {what}"));
         }
 
@@ -828,7 +780,7 @@ fn parse_diloco(m: &Map<String, Value>) -> Result<Diloco> {
     Ok(Diloco { inner_steps, outer_lr, outer_momentum, nesterov })
 }
 
-fn parse_steps(v: Option<&Value>, layout: &Layout, ws: usize, reshard: Option<&Reshard>, reduce: GradReduce) -> Result<Vec<Step>> {
+fn parse_steps(v: Option<&Value>, layout: &Layout, ws: usize, reshard: Option<&Reshard>, reduce: ReduceMode) -> Result<Vec<Step>> {
     let Some(list) = v.and_then(Value::as_array) else {
         return shape("steps must be a list".into());
     };
@@ -874,7 +826,7 @@ fn parse_steps(v: Option<&Value>, layout: &Layout, ws: usize, reshard: Option<&R
                 Some(sizes)
             }
         };
-        if reduce == GradReduce::BatchWeighted && batch_sizes.is_none() {
+        if reduce == ReduceMode::BatchWeighted && batch_sizes.is_none() {
             return shape(format!("{what} has no batch_sizes, which batch_weighted reduction needs"));
         }
         steps.push(Step { micro_grads, batch_sizes });

@@ -1,5 +1,7 @@
 //! Multi-rank cases on real collectives: every rank of a case is a thread of the
-//! threads backend, running the same distributed step a training job runs.
+//! threads backend, running the same distributed step a training job runs, through the
+//! one data-parallel interface ([`DataParallel`], built by [`data_parallel`]) and nothing
+//! else.
 //!
 //! `reshard` runs the steps before `after_step` on W ranks, saves a checkpoint (the real
 //! on-disk format, in a temporary directory) and loads it on W2 ranks for the rest.
@@ -7,11 +9,11 @@
 use std::time::Duration;
 
 use distoptim::{
-    checkpoint, ClipConfig, Diloco, DilocoConfig, DistError, DistributedOptimizer, LocalSgdConfig, PostLocalSgd, ReduceMode, StepConfig,
+    checkpoint, data_parallel, ClipConfig, DataParallel, DataParallelConfig, DilocoConfig, DistError, LocalSgdConfig, Strategy,
 };
 use distoptim_collective::{CommConfig, Communicator};
 
-use crate::case::{Case, GradReduce, Strategy};
+use crate::case::Case;
 use crate::error::{ErrorClass, ReplayError};
 use crate::run::{model_params, named, Output, StepReport};
 use distoptim::{FloatDtype, Working};
@@ -33,15 +35,32 @@ fn config() -> CommConfig {
 }
 
 fn clip(case: &Case) -> Option<ClipConfig> {
-    case.clip.as_ref().map(|c| ClipConfig { max_norm: c.max_norm, norm: c.norm, error_if_nonfinite: c.error_if_nonfinite })
+    case.clip.as_ref().map(|c| ClipConfig::new(c.max_norm).with_norm(c.norm).with_error_if_nonfinite(c.error_if_nonfinite))
 }
 
-fn reduce_mode(case: &Case) -> ReduceMode {
-    match case.grad_reduce {
-        GradReduce::Mean => ReduceMode::Mean,
-        GradReduce::Sum => ReduceMode::Sum,
-        GradReduce::BatchWeighted => ReduceMode::BatchWeighted,
+/// Everything the case sets besides the strategy and the optimizer.
+fn dp_config(case: &Case) -> DataParallelConfig {
+    let mut config = DataParallelConfig::new().with_reduce(case.grad_reduce).with_clip(clip(case));
+    if let Some(p) = case.precision {
+        config = config.with_precision(p);
     }
+    if let Some(l) = &case.local_sgd {
+        config = config.with_local_sgd(LocalSgdConfig { warmup_steps: l.warmup_steps, period: l.period });
+    }
+    if let Some(d) = &case.diloco {
+        config = config.with_diloco(DilocoConfig {
+            inner_steps: d.inner_steps,
+            outer_lr: d.outer_lr,
+            outer_momentum: d.outer_momentum,
+            nesterov: d.nesterov,
+        });
+    }
+    config
+}
+
+/// The algorithm of the case on this rank.
+fn build(case: &Case, strategy: Strategy, comm: Communicator) -> std::result::Result<Box<dyn DataParallel>, DistError> {
+    data_parallel(strategy, comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), &dp_config(case), &case.init)
 }
 
 /// Rank `r`'s gradient and batch size at step `t`.
@@ -82,19 +101,7 @@ fn on_ranks(w: usize, body: impl Fn(Communicator) -> std::result::Result<RankOut
 }
 
 /// ddp, zero1, zero2, zero3 (with an optional reshard).
-fn run_reducing(case: &Case) -> Result<Output> {
-    let strategy = match case.strategy {
-        Strategy::Ddp => distoptim::Strategy::Ddp,
-        Strategy::Zero1 => distoptim::Strategy::Zero1,
-        Strategy::Zero2 => distoptim::Strategy::Zero2,
-        _ => distoptim::Strategy::Zero3,
-    };
-    let step_config = StepConfig {
-        reduce: reduce_mode(case),
-        clip: clip(case),
-        precision: case.precision.unwrap_or_default(),
-        ..StepConfig::new(strategy)
-    };
+fn run_synchronous(case: &Case, strategy: Strategy) -> Result<Output> {
     let total = case.steps.len();
     let phases = match &case.reshard {
         Some(r) => vec![(0..r.after_step.min(total), case.world_size), (r.after_step.min(total)..total, r.world_size)],
@@ -108,7 +115,7 @@ fn run_reducing(case: &Case) -> Result<Output> {
         for (phase, (steps, w)) in phases.into_iter().enumerate() {
             let (resume, save) = (phase > 0, phase + 1 < count);
             let outs = on_ranks(w, |comm| {
-                let ctx = Phase { case, step_config: &step_config, steps: steps.clone(), resume, save, dir: &dir };
+                let ctx = Phase { case, strategy, steps: steps.clone(), resume, save, dir: &dir };
                 match case.precision.map_or(FloatDtype::F32, |p| p.param_dtype) {
                     FloatDtype::F32 => run_phase::<f32>(comm, &ctx),
                     FloatDtype::Bf16 => run_phase::<bf16>(comm, &ctx),
@@ -133,10 +140,10 @@ fn run_reducing(case: &Case) -> Result<Output> {
     })
 }
 
-/// One phase (the steps between reshards) of a reducing case, on one rank.
+/// One phase (the steps between reshards) of a synchronous case, on one rank.
 struct Phase<'a> {
     case: &'a Case,
-    step_config: &'a StepConfig,
+    strategy: Strategy,
     steps: std::ops::Range<usize>,
     resume: bool,
     save: bool,
@@ -150,74 +157,48 @@ fn run_phase<P: Working>(comm: Communicator, ctx: &Phase<'_>) -> std::result::Re
     let case = ctx.case;
     let at = |e: DistError| (ctx.steps.start, e);
     let r = comm.rank();
-    let mut opt = DistributedOptimizer::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), ctx.step_config.clone())
-        .map_err(at)?;
+    let mut dp = build(case, ctx.strategy, comm).map_err(at)?;
     let mut params: Vec<P> = case.init.iter().map(|&x| P::from_f32(x)).collect();
-    opt.set_master(&case.init).map_err(at)?;
     if ctx.resume {
-        checkpoint::load(ctx.dir, &mut opt, &mut params).map_err(at)?;
+        dp.load(ctx.dir, (&mut params).into()).map_err(at)?;
     }
     let mut reports = Vec::with_capacity(ctx.steps.len());
     for t in ctx.steps.clone() {
         let (mut g, b) = local(case, t, r);
-        reports.push(opt.step(&mut params, &mut g, b).map_err(|e| (t, e))?);
+        reports.push(dp.step((&mut params).into(), (&mut g).into(), b).map_err(|e| (t, e))?);
     }
-    opt.gather_params(&mut params).map_err(at)?;
+    dp.gather((&mut params).into()).map_err(at)?;
     if ctx.save {
-        checkpoint::save(ctx.dir, &opt, &params, &Default::default(), &checkpoint::SaveOptions::new()).map_err(|e| (ctx.steps.end, e))?;
+        let options = checkpoint::SaveOptions::new();
+        dp.save(ctx.dir, (&params).into(), Default::default(), &options).map_err(|e| (ctx.steps.end, e))?;
     }
-    let master = match opt.gather_master().map_err(at)? {
+    let master = match dp.gather_master().map_err(at)? {
         Some(m) => m,
         None => params.iter().map(|p| p.to_f32()).collect(),
     };
-    Ok(RankOut { params: master, reports, state_elems: opt.state_elems(), global: None })
+    Ok(RankOut { params: master, reports, state_elems: dp.state_elems(), global: None })
 }
 
 /// post_local_sgd and diloco: each rank keeps its own parameters.
-fn run_local(case: &Case) -> Result<Output> {
-    let w = case.world_size;
-    let outs = on_ranks(w, |comm| {
-        let at0 = |e: DistError| (0, e);
+fn run_local(case: &Case, strategy: Strategy) -> Result<Output> {
+    let outs = on_ranks(case.world_size, |comm| {
         let r = comm.rank();
+        let mut dp = build(case, strategy, comm).map_err(|e| (0, e))?;
         let mut params = case.init.clone();
         let mut reports = Vec::with_capacity(case.steps.len());
-        let mut global = None;
-        match (case.strategy, &case.local_sgd, &case.diloco) {
-            (Strategy::PostLocalSgd, Some(l), _) => {
-                let averaging = LocalSgdConfig { warmup_steps: l.warmup_steps, period: l.period };
-                let mut opt = PostLocalSgd::new(
-                    comm,
-                    case.layout.clone(),
-                    case.groups.clone(),
-                    case.schedule.clone(),
-                    clip(case),
-                    reduce_mode(case),
-                    averaging,
-                )
-                .map_err(at0)?;
-                for t in 0..case.steps.len() {
-                    let (mut g, b) = local(case, t, r);
-                    reports.push(opt.step(&mut params, &mut g, b).map_err(|e| (t, e))?);
-                }
-            }
-            (Strategy::Diloco, _, Some(d)) => {
-                let config = DilocoConfig {
-                    inner_steps: d.inner_steps,
-                    outer_lr: d.outer_lr,
-                    outer_momentum: d.outer_momentum,
-                    nesterov: d.nesterov,
-                };
-                let mut opt =
-                    Diloco::new(comm, case.layout.clone(), case.groups.clone(), case.schedule.clone(), clip(case), config, &case.init)
-                        .map_err(at0)?;
-                for t in 0..case.steps.len() {
-                    let (mut g, _) = local(case, t, r);
-                    reports.push(opt.step(&mut params, &mut g).map_err(|e| (t, e))?);
-                }
-                global = Some(opt.global_params().to_vec());
-            }
-            _ => return Err(at0(DistError::Invalid(format!("strategy '{}' is missing its settings", case.strategy.name())))),
+        for t in 0..case.steps.len() {
+            let (mut g, b) = local(case, t, r);
+            reports.push(dp.step((&mut params).into(), (&mut g).into(), b).map_err(|e| (t, e))?);
         }
+        // DiLoCo's answer is also Γ, the global parameters of its last outer step, which
+        // `finish` gives; post-local SGD's is each rank's own parameters as they are.
+        let global = if strategy == Strategy::Diloco {
+            let mut global = params.clone();
+            dp.finish((&mut global).into()).map_err(|e| (case.steps.len(), e))?;
+            Some(global)
+        } else {
+            None
+        };
         Ok(RankOut { params, reports, global, state_elems: 0 })
     })?;
     let per_step = (0..case.steps.len())
@@ -236,9 +217,10 @@ fn run_local(case: &Case) -> Result<Output> {
 }
 
 /// Runs a multi-rank case on the threads backend.
-pub fn run_distributed(case: &Case) -> Result<Output> {
-    match case.strategy {
-        Strategy::PostLocalSgd | Strategy::Diloco => run_local(case),
-        _ => run_reducing(case),
+pub fn run_distributed(case: &Case, strategy: Strategy) -> Result<Output> {
+    if strategy.is_synchronous() {
+        run_synchronous(case, strategy)
+    } else {
+        run_local(case, strategy)
     }
 }

@@ -6,10 +6,11 @@ use distoptim_optim::clip;
 use distoptim_optim::{Lbfgs, LrScheduler, Optimizer, OptimizerConfig};
 use serde::Serialize;
 
-use crate::case::{Case, GradReduce, Objective, Step, Strategy};
+use crate::case::{Case, Objective, Step};
 use crate::error::ReplayError;
 use crate::objective;
 use distoptim::FloatDtype;
+use distoptim::ReduceMode;
 
 /// One entry of `per_step`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -43,9 +44,9 @@ type Result<T> = std::result::Result<T, ReplayError>;
 /// Runs a validated case.
 pub fn run(case: &Case) -> Result<Output> {
     match (case.strategy, &case.optimizer) {
-        (Strategy::Single, OptimizerConfig::Lbfgs(_)) => run_lbfgs(case),
-        (Strategy::Single, _) => run_reference(case),
-        _ => crate::distributed::run_distributed(case),
+        (None, OptimizerConfig::Lbfgs(_)) => run_lbfgs(case),
+        (None, _) => run_reference(case),
+        (Some(strategy), _) => crate::distributed::run_distributed(case, strategy),
     }
 }
 
@@ -68,7 +69,7 @@ fn reduced_grad_bf16(case: &Case, step: &Step) -> Vec<f32> {
     let mut weight_sum = 0.0f32;
     for r in 0..w {
         let b = match (case.grad_reduce, &step.batch_sizes) {
-            (GradReduce::BatchWeighted, Some(b)) => b[r] as f32,
+            (ReduceMode::BatchWeighted, Some(b)) => b[r] as f32,
             _ => 1.0,
         };
         weight_sum += b;
@@ -76,9 +77,9 @@ fn reduced_grad_bf16(case: &Case, step: &Step) -> Vec<f32> {
             .rank_grad(r, n)
             .into_iter()
             .map(|g| match case.grad_reduce {
-                GradReduce::Mean => bf(bf(g) / w as f32),
-                GradReduce::BatchWeighted => bf(bf(g) * b),
-                GradReduce::Sum => bf(g),
+                ReduceMode::Mean => bf(bf(g) / w as f32),
+                ReduceMode::BatchWeighted => bf(bf(g) * b),
+                ReduceMode::Sum => bf(g),
             })
             .collect();
         total = Some(match total {
@@ -90,7 +91,7 @@ fn reduced_grad_bf16(case: &Case, step: &Step) -> Vec<f32> {
         });
     }
     let mut total = total.unwrap_or_else(|| vec![0.0; n]);
-    if case.grad_reduce == GradReduce::BatchWeighted {
+    if case.grad_reduce == ReduceMode::BatchWeighted {
         total.iter_mut().for_each(|t| *t /= weight_sum);
     }
     total
@@ -104,16 +105,16 @@ fn reduced_grad_f32(case: &Case, step: &Step) -> Vec<f32> {
     for r in 0..w {
         let g = step.rank_grad(r, n);
         let b = match (case.grad_reduce, &step.batch_sizes) {
-            (GradReduce::BatchWeighted, Some(b)) => b[r] as f32,
+            (ReduceMode::BatchWeighted, Some(b)) => b[r] as f32,
             _ => 1.0,
         };
         weight_sum += b;
         total.iter_mut().zip(&g).for_each(|(t, g)| *t += b * g); // 1·g is exact for unweighted modes
     }
     let divisor = match case.grad_reduce {
-        GradReduce::Sum => 1.0,
-        GradReduce::Mean => w as f32,
-        GradReduce::BatchWeighted => weight_sum,
+        ReduceMode::Sum => 1.0,
+        ReduceMode::Mean => w as f32,
+        ReduceMode::BatchWeighted => weight_sum,
     };
     if divisor != 1.0 {
         total.iter_mut().for_each(|t| *t /= divisor);

@@ -9,7 +9,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use distoptim::{DistributedOptimizer, GradBuckets, StepConfig, Strategy};
+use distoptim::{GradBuckets, ShardedOptimizer, StepConfig, Strategy};
 use distoptim_collective::Communicator;
 use distoptim_optim::{Layout, OptimizerConfig, ParamGroup, SgdConfig};
 
@@ -63,7 +63,7 @@ fn body(comm: &Communicator, args: &OverlapArgs) -> Result<()> {
     let sgd = OptimizerConfig::Sgd(SgdConfig { lr: 1e-6, ..Default::default() });
     let groups = vec![ParamGroup { params: (0..args.layers).collect(), config: sgd }];
     let config = StepConfig { bucket_cap_mb: args.bucket_cap_mb, ..StepConfig::new(Strategy::Ddp) };
-    let mut opt = DistributedOptimizer::new(comm.clone(), layout.clone(), groups, None, config)?;
+    let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), groups, None, config)?;
     let mut buckets = opt.grad_buckets()?;
     let mut params = vec![0.5f32; n];
     let backward = |b: &mut GradBuckets, mark: bool| -> Result<()> {

@@ -29,7 +29,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use distoptim::estimate::{estimate, Plan};
-use distoptim::{ClipConfig, DistributedOptimizer, FloatDtype, Precision, StepConfig, Strategy, Working};
+use distoptim::{ClipConfig, FloatDtype, Precision, ShardedOptimizer, StepConfig, Strategy, Working};
 use distoptim_collective::{bf16, f16};
 use distoptim_collective::{Communicator, ReduceOp};
 use distoptim_optim::clip::NormType;
@@ -126,7 +126,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
     for name in &args.strategies {
         let s = strategy(name)?;
         let config = StepConfig { clip, ..StepConfig::new(s) };
-        let mut opt = DistributedOptimizer::new(comm.clone(), layout.clone(), groups.clone(), None, config)?;
+        let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), groups.clone(), None, config)?;
         let mut grads = opt.alloc_grads()?;
         let mut params = comm.alloc::<f32>(n)?;
         params.iter_mut().enumerate().for_each(|(i, p)| *p = (i % 97) as f32 * 1e-3);
@@ -223,7 +223,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
 }
 
 /// The live optimizer's ledger must be the estimate's: a mismatch is a bug in one of them.
-fn check_ledger(opt: &DistributedOptimizer, predicted: &distoptim::MemoryLedger) -> Result<()> {
+fn check_ledger(opt: &ShardedOptimizer, predicted: &distoptim::MemoryLedger) -> Result<()> {
     let live = opt.memory();
     if &live != predicted {
         bail!("the optimizer's ledger {live:?} differs from the estimate's {predicted:?}");
@@ -244,7 +244,7 @@ fn mixed_step<T: Working>(
 ) -> Result<(f64, u64)> {
     let n = layout.numel();
     let config = StepConfig { clip, precision, ..StepConfig::new(s) };
-    let mut opt = DistributedOptimizer::new(comm.clone(), layout.clone(), groups.to_vec(), None, config)?;
+    let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), groups.to_vec(), None, config)?;
     let init: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
     opt.set_master(&init)?;
     let mut params: Vec<T> = init.iter().map(|&x| T::from_f32(x)).collect();
@@ -257,13 +257,7 @@ fn mixed_step<T: Working>(
 
 /// The median step (and, for ZeRO-3, the gather after it), with the gradients refilled
 /// before each one outside the timed region.
-fn timed_step<T: Working>(
-    comm: &Communicator,
-    opt: &mut DistributedOptimizer,
-    params: &mut [T],
-    grads: &mut [T],
-    iters: usize,
-) -> Result<f64> {
+fn timed_step<T: Working>(comm: &Communicator, opt: &mut ShardedOptimizer, params: &mut [T], grads: &mut [T], iters: usize) -> Result<f64> {
     let grads = std::cell::RefCell::new(grads);
     timed_ranks_after(
         comm,

@@ -34,7 +34,7 @@ use distoptim_collective::{shard_range, Communicator, ReduceOp};
 use distoptim_optim::{Layout, OptimizerStateDict};
 
 use crate::error::{DistError, Result};
-use crate::optimizer::DistributedOptimizer;
+use crate::optimizer::ShardedOptimizer;
 use crate::precision::{round_into, Precision, Working};
 use crate::safetensors;
 use std::borrow::Cow;
@@ -149,7 +149,7 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
 /// optimizer's group. Returns the manifest and the published directory.
 pub fn save<T: Working>(
     root: &Path,
-    opt: &DistributedOptimizer,
+    opt: &ShardedOptimizer,
     params: &[T],
     counters: &BTreeMap<String, u64>,
     options: &SaveOptions,
@@ -379,12 +379,12 @@ fn fresh_nonce() -> u64 {
 /// Every rank calls it; nothing is changed unless everything checks out.
 /// Under mixed precision the master takes the saved f32 values and `params` (of the
 /// working type) their rounding; the loss scaler continues where it was.
-pub fn load<T: Working>(dir: &Path, opt: &mut DistributedOptimizer, params: &mut [T]) -> Result<Manifest> {
+pub fn load<T: Working>(dir: &Path, opt: &mut ShardedOptimizer, params: &mut [T]) -> Result<Manifest> {
     let loaded = load_local(dir, opt, params);
     all_ok(opt.comm(), loaded, &format!("load {}", dir.display()))
 }
 
-fn load_local<T: Working>(path: &Path, opt: &mut DistributedOptimizer, params: &mut [T]) -> Result<Manifest> {
+fn load_local<T: Working>(path: &Path, opt: &mut ShardedOptimizer, params: &mut [T]) -> Result<Manifest> {
     let (dir, m, _) = resolve(path)?;
     let dir = dir.as_path();
     if m.per_rank {

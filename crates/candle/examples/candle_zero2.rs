@@ -60,10 +60,10 @@ fn main() -> Result<()> {
     comm.broadcast(&mut params, 0)?; // start from rank 0's weights
     let groups = vec![ParamGroup { params: (0..flat.layout().len()).collect(), config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
     let schedule = Schedule::CosineWithWarmup { warmup: 20, total: steps, cycles: 0.5 };
-    let clip = Some(ClipConfig { max_norm: 1.0, norm: NormType::P(2.0), error_if_nonfinite: true });
+    let clip = Some(ClipConfig::new(1.0).with_error_if_nonfinite(true));
     // BatchWeighted: each rank's gradient counts by its batch size, so the step equals
     // one process on the whole global batch however the batch is split.
-    let config = StepConfig { reduce: ReduceMode::BatchWeighted, clip, ..StepConfig::new(Strategy::Zero2) };
+    let config = StepConfig::new(Strategy::Zero2).with_reduce(ReduceMode::BatchWeighted).with_clip(clip);
     let mut opt = ShardedOptimizer::new(comm.clone(), flat.layout().clone(), groups, Some(schedule), config)?;
     let mut grads = opt.alloc_grads()?; // shared memory: reduced in place
     for step in 0..steps as usize {

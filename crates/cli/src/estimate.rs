@@ -20,7 +20,7 @@ use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig};
 #[derive(Args, Debug)]
 pub struct EstimateArgs {
     /// Parameters of the model: a number with an optional K, M or B suffix (25M, 1.3B).
-    #[arg(long, value_parser = parse_count, conflicts_with = "layers")]
+    #[arg(long, value_parser = crate::size::count, conflicts_with = "layers")]
     params: Option<usize>,
     /// Or the model's tensors as shapes, e.g. `2048x4096,4096,4096x4096,4096,4096x10,10`.
     #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
@@ -55,20 +55,6 @@ fn positive(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => Err(format!("must be a positive number, got {s:?}")),
-    }
-}
-
-/// `25M`, `1.3B`, `4096`: a count of at most 2^48.
-pub fn parse_count(s: &str) -> Result<usize, String> {
-    let (digits, scale) = match s.trim().chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 1e3),
-        Some('M') => (&s[..s.len() - 1], 1e6),
-        Some('B') | Some('G') => (&s[..s.len() - 1], 1e9),
-        _ => (s, 1.0),
-    };
-    match digits.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 1.0 && v * scale <= (1u64 << 48) as f64 => Ok((v * scale).round() as usize),
-        _ => Err(format!("{s:?} is not a parameter count (a number >= 1 with an optional K, M or B suffix, at most 2^48)")),
     }
 }
 
@@ -264,10 +250,6 @@ mod tests {
 
     #[test]
     fn counts_and_shapes_parse_with_checks() {
-        assert_eq!(parse_count("25M"), Ok(25_000_000));
-        assert_eq!(parse_count("1.3b"), Ok(1_300_000_000));
-        assert_eq!(parse_count("4096"), Ok(4096));
-        assert!(parse_count("0").is_err() && parse_count("1e30").is_err() && parse_count("x").is_err());
         assert_eq!(parse_shape("4096x2048"), Ok(8_388_608));
         assert!(parse_shape("99999999x99999999x99999").is_err());
     }

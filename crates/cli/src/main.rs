@@ -16,6 +16,7 @@ mod estimate;
 mod launch;
 mod ps;
 mod selftest;
+mod size;
 mod train;
 
 use std::path::PathBuf;
@@ -95,6 +96,10 @@ enum CheckpointCommand {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed stdout (`distoptim bench optim | head`), as Unix tools do,
+    // instead of panicking in `println!`.
+    // SAFETY: setting a signal's disposition to the default before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match Cli::parse().command {
         Command::Replay { case } => replay(&case),
         Command::Launch { nproc, backend, grace, no_prefix, command } => {

@@ -174,7 +174,7 @@ fn estimate_prints_the_ledger_and_takes_a_network() {
     // 25M bf16 parameters on 4 ranks: a 6.25M shard, 2 bytes each, is 11.9 MiB.
     assert_eq!(row.split_whitespace().nth(4), Some("11.9"), "{row}");
     let err = String::from_utf8_lossy(&distoptim(&["estimate", "--params", "lots"]).stderr).into_owned();
-    assert!(err.contains("is not a parameter count"), "{err}");
+    assert!(err.contains(""lots" is not a count"), "{err}");
 }
 
 #[test]
@@ -240,4 +240,24 @@ fn lists_are_accepted_space_or_comma_separated_as_help_shows_them() {
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("adamw")).count(), 4, "{args:?}");
     }
+}
+
+#[test]
+fn one_size_parser_reads_suffixes_everywhere() {
+    let out = distoptim(&["bench", "optim", "--sizes", "1k", "2K", "--tensors", "0", "--threads", "1", "--iters", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("adamw") && l.contains(" 1K ")), "{text}");
+    for (cmd, flag) in [("optim", "--sizes"), ("step", "--params"), ("collectives", "--min-bytes")] {
+        let out = distoptim(&["bench", cmd, flag, "0.5"]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("\"0.5\" is not a"),
+            "{cmd} {flag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out =
+        distoptim(&["estimate", "--params", "25M", "--nproc", "2", "--latency-us", "1", "--bandwidth-gbs", "10", "--memory-gbs", "10"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

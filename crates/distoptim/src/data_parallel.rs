@@ -95,10 +95,10 @@ pub trait DataParallel: Send {
         Ok(None)
     }
 
-    /// How many parameter elements this rank holds optimizer state for: its range under
-    /// ZeRO, every element otherwise (not collective).
-    fn state_elems(&self) -> usize {
-        self.layout().numel()
+    /// The elements this rank holds optimizer state for: its range under ZeRO, every
+    /// element otherwise (not collective).
+    fn state_range(&self) -> std::ops::Range<usize> {
+        0..self.layout().numel()
     }
 
     /// The bytes this rank holds, by category (not collective).

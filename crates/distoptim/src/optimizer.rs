@@ -726,8 +726,8 @@ impl crate::DataParallel for ShardedOptimizer {
         ShardedOptimizer::gather_master(self)
     }
 
-    fn state_elems(&self) -> usize {
-        ShardedOptimizer::state_elems(self)
+    fn state_range(&self) -> Range<usize> {
+        self.owned()
     }
 
     fn eval_params(&self, params: &[f32], out: &mut [f32]) -> Result<()> {

@@ -93,6 +93,23 @@ impl Layout {
         self.params.iter().position(|p| p.name == name)
     }
 
+    /// Where `self` and `other` first differ, for an error message: the index and both
+    /// parameters there (`"nothing"` past the end), and both lengths. `None` when equal.
+    pub fn first_difference(&self, other: &Layout) -> Option<String> {
+        if self == other {
+            return None;
+        }
+        let describe = |l: &Layout, i: usize| l.params.get(i).map_or("nothing".to_string(), |p| format!("'{}' {:?}", p.name, p.shape));
+        let i = (0..self.len().max(other.len())).find(|&i| self.params.get(i) != other.params.get(i)).unwrap_or(0);
+        Some(format!(
+            "parameter {i} is {} in one and {} in the other ({} vs {} parameters)",
+            describe(self, i),
+            describe(other, i),
+            self.len(),
+            other.len()
+        ))
+    }
+
     /// The parameters that overlap `range`, each with the overlapping element range
     /// (absolute offsets into the flat buffer). Zero-sized parameters inside the range are
     /// included with an empty overlap, so they still count as stepped.

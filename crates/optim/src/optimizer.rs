@@ -302,8 +302,10 @@ impl Optimizer {
     /// torch. Nothing changes if the state dict does not fit.
     pub fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<()> {
         let mismatch = |msg: String| Err(OptimError::StateDict(msg));
-        if sd.layout != self.layout {
-            return mismatch("the state dict was saved for another parameter layout".into());
+        if let Some(diff) = sd.layout.first_difference(&self.layout) {
+            return mismatch(format!(
+                "the state dict was saved for another parameter layout (the state dict's, then this optimizer's): {diff}"
+            ));
         }
         if sd.shard != self.shard {
             return mismatch(format!("saved for elements {:?}, this optimizer owns {:?}", sd.shard, self.shard));

@@ -176,7 +176,7 @@ fn run_phase<P: Working>(comm: Communicator, ctx: &Phase<'_>) -> std::result::Re
         Some(m) => m,
         None => params.iter().map(|p| p.to_f32()).collect(),
     };
-    Ok(RankOut { params: master, reports, state_elems: dp.state_elems(), global: None })
+    Ok(RankOut { params: master, reports, state_elems: dp.state_range().len(), global: None })
 }
 
 /// post_local_sgd and diloco: each rank keeps its own parameters.

@@ -25,10 +25,10 @@ pub struct CollectivesArgs {
     #[arg(long, default_value = "shm")]
     backend: String,
     /// Smallest message, in bytes (K, M, G suffixes allowed).
-    #[arg(long, default_value = "4K", value_parser = parse_bytes)]
+    #[arg(long, default_value = "4K", value_parser = crate::size::bytes)]
     min_bytes: usize,
     /// Largest message, in bytes.
-    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    #[arg(long, default_value = "256M", value_parser = crate::size::bytes)]
     max_bytes: usize,
     /// Each size is this factor times the previous one.
     #[arg(long, default_value_t = 4)]
@@ -223,16 +223,4 @@ fn time_memcpy(comm: &Communicator, bytes: usize, iters: usize) -> Result<f64> {
         std::hint::black_box(&mut dst);
     }
     Ok(bytes as f64 / median(times) / 1e9)
-}
-
-fn parse_bytes(s: &str) -> Result<usize, String> {
-    let t = s.trim().to_ascii_uppercase();
-    let t = t.strip_suffix('B').unwrap_or(&t);
-    let (digits, scale) = match t.chars().last() {
-        Some('K') => (&t[..t.len() - 1], 1usize << 10),
-        Some('M') => (&t[..t.len() - 1], 1 << 20),
-        Some('G') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    digits.parse::<usize>().ok().and_then(|d| d.checked_mul(scale)).ok_or_else(|| format!("{s:?} is not a size like 4096, 4K, 64M or 1G"))
 }

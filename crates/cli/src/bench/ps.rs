@@ -17,8 +17,8 @@ use super::median;
 
 #[derive(Args)]
 pub struct PsArgs {
-    /// Parameter sizes (elements).
-    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "1000000,16000000")]
+    /// Parameter sizes (elements: `1M`, `16M`…).
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "1000000,16000000", value_parser = crate::size::count)]
     sizes: Vec<usize>,
     /// Numbers of concurrent clients.
     #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "1,2,3,4")]

@@ -29,7 +29,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use distoptim::estimate::{estimate, Plan};
-use distoptim::{ClipConfig, FloatDtype, Precision, ShardedOptimizer, StepConfig, Strategy, Working};
+use distoptim::{data_parallel, ClipConfig, DataParallel, DataParallelConfig, FloatDtype, Precision, ReduceMode, Strategy, Working};
 use distoptim_collective::{bf16, f16};
 use distoptim_collective::{Communicator, ReduceOp};
 use distoptim_optim::clip::NormType;
@@ -42,8 +42,8 @@ pub struct StepArgs {
     /// Ranks (processes).
     #[arg(long, default_value_t = 2)]
     nproc: usize,
-    /// Parameters in the flat buffer.
-    #[arg(long, default_value_t = 25_000_000)]
+    /// Parameters in the flat buffer (`25M`, `100M`…).
+    #[arg(long, default_value_t = 25_000_000, value_parser = crate::size::count)]
     params: usize,
     /// Strategies to run.
     #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["ddp".to_string(), "zero1".into(), "zero2".into(), "zero3".into()], value_parser = ["ddp", "zero1", "zero2", "zero3"])]
@@ -85,7 +85,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
     let layout = Layout::new([("flat", vec![n])])?;
     let adamw = OptimizerConfig::Adam(AdamConfig { lr: 1e-3, ..AdamConfig::adamw() });
     let groups = vec![ParamGroup { params: vec![0], config: adamw }];
-    let clip = Some(ClipConfig { max_norm: 1.0, norm: NormType::P(2.0), error_if_nonfinite: false });
+    let clip = Some(ClipConfig::new(1.0));
     let out = comm.rank() == 0;
     let machine = crate::estimate::measure_machine(comm)?;
     let predict = |s: Strategy, precision: Precision| {
@@ -125,12 +125,14 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
     let mut f32_times = Vec::new();
     for name in &args.strategies {
         let s = strategy(name)?;
-        let config = StepConfig { clip, ..StepConfig::new(s) };
-        let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), groups.clone(), None, config)?;
-        let mut grads = opt.alloc_grads()?;
-        let mut params = comm.alloc::<f32>(n)?;
+        if !s.is_synchronous() {
+            bail!("bench step measures the synchronous strategies, not {s}");
+        }
+        // Shared-memory buffers, which the collectives reduce in place.
+        let (mut params, mut grads) = (comm.alloc::<f32>(n)?, comm.alloc::<f32>(n)?);
         params.iter_mut().enumerate().for_each(|(i, p)| *p = (i % 97) as f32 * 1e-3);
-        let step = timed_step(comm, &mut opt, &mut params, &mut grads, args.iters)?;
+        let mut opt = build(comm, s, Precision::f32(), &layout, &groups, clip, &params)?;
+        let step = timed_step(comm, opt.as_mut(), &mut params, &mut grads, args.iters)?;
         let collectives = timed(comm, args.iters, || {
             match s {
                 Strategy::Ddp => comm.all_reduce(&mut grads, ReduceOp::Avg)?,
@@ -146,11 +148,11 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
                     comm.reduce_scatter(&mut grads, ReduceOp::Avg)?;
                     comm.all_gather(&mut params)?;
                 }
-                Strategy::PostLocalSgd | Strategy::Diloco => bail!("bench step measures the synchronous strategies, not {s}"),
+                Strategy::PostLocalSgd | Strategy::Diloco => {}
             }
             Ok(())
         })?;
-        let owned = opt.owned();
+        let owned = opt.state_range();
         let mut local = Optimizer::with_groups(layout.clone(), groups.clone(), owned.clone())?;
         let adam = timed(comm, args.iters, || {
             local.step(&mut params[owned.clone()], &grads[owned.clone()])?;
@@ -163,7 +165,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
         let parts = collectives + adam;
         let (moved, minimum) = traffic(s, n, owned.len(), comm.size());
         let predicted = predict(s, Precision::f32());
-        check_ledger(&opt, &predicted.memory)?;
+        check_ledger(opt.as_ref(), &predicted.memory)?;
         f32_times.push((s, step));
         if out {
             println!(
@@ -175,7 +177,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
                 parts * 1e3,
                 100.0 * (step / parts - 1.0),
                 norm * 1e3,
-                (opt.state_elems() * 8) as f64 / 1e6,
+                (owned.len() * 8) as f64 / 1e6,
                 moved / 1e6,
                 minimum / 1e6,
                 predicted.step_seconds() * 1e3,
@@ -223,7 +225,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
 }
 
 /// The live optimizer's ledger must be the estimate's: a mismatch is a bug in one of them.
-fn check_ledger(opt: &ShardedOptimizer, predicted: &distoptim::MemoryLedger) -> Result<()> {
+fn check_ledger(opt: &dyn DataParallel, predicted: &distoptim::MemoryLedger) -> Result<()> {
     let live = opt.memory();
     if &live != predicted {
         bail!("the optimizer's ledger {live:?} differs from the estimate's {predicted:?}");
@@ -243,21 +245,34 @@ fn mixed_step<T: Working>(
     iters: usize,
 ) -> Result<(f64, u64)> {
     let n = layout.numel();
-    let config = StepConfig { clip, precision, ..StepConfig::new(s) };
-    let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), groups.to_vec(), None, config)?;
     let init: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
-    opt.set_master(&init)?;
+    let mut opt = build(comm, s, precision, layout, groups, clip, &init)?;
     let mut params: Vec<T> = init.iter().map(|&x| T::from_f32(x)).collect();
     drop(init);
     let mut grads = vec![T::default(); n];
-    let step = timed_step(comm, &mut opt, &mut params, &mut grads, iters)?;
+    let step = timed_step(comm, opt.as_mut(), &mut params, &mut grads, iters)?;
     let m = opt.memory();
     Ok((step, m.optimizer_state + m.master))
 }
 
+/// The strategy `s` as the one data-parallel interface builds it: mean reduction, `clip`,
+/// `precision`, the master starting at `init`.
+fn build(
+    comm: &Communicator,
+    s: Strategy,
+    precision: Precision,
+    layout: &Layout,
+    groups: &[ParamGroup],
+    clip: Option<ClipConfig>,
+    init: &[f32],
+) -> Result<Box<dyn DataParallel>> {
+    let config = DataParallelConfig::new().with_reduce(ReduceMode::Mean).with_clip(clip).with_precision(precision);
+    Ok(data_parallel(s, comm.clone(), layout.clone(), groups.to_vec(), None, &config, init)?)
+}
+
 /// The median step (and, for ZeRO-3, the gather after it), with the gradients refilled
 /// before each one outside the timed region.
-fn timed_step<T: Working>(comm: &Communicator, opt: &mut ShardedOptimizer, params: &mut [T], grads: &mut [T], iters: usize) -> Result<f64> {
+fn timed_step<T: Working>(comm: &Communicator, opt: &mut dyn DataParallel, params: &mut [T], grads: &mut [T], iters: usize) -> Result<f64> {
     let grads = std::cell::RefCell::new(grads);
     timed_ranks_after(
         comm,
@@ -267,8 +282,8 @@ fn timed_step<T: Working>(comm: &Communicator, opt: &mut ShardedOptimizer, param
             Ok(())
         },
         || {
-            opt.step(params, &mut grads.borrow_mut(), 1)?;
-            opt.gather_params(params)?;
+            opt.step((&mut *params).into(), (&mut **grads.borrow_mut()).into(), 1)?;
+            opt.gather((&mut *params).into())?;
             Ok(())
         },
     )

@@ -35,7 +35,6 @@ use distoptim::{FloatDtype, Precision};
 use distoptim_candle::{CandleElement, FlatParams};
 use distoptim_collective::{bf16, f16};
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
-use distoptim_optim::clip::NormType;
 use distoptim_optim::{
     AdafactorConfig, AdamConfig, AdjustLr, Layout, LionConfig, MuonConfig, OptimizerConfig, ParamGroup, Schedule, ScheduleFreeConfig,
     SgdConfig,
@@ -308,7 +307,7 @@ impl<T: CandleElement> Trainer<T> {
             "cosine" => Schedule::CosineWithWarmup { warmup, total: total_steps, cycles: 0.5 },
             other => bail!("unknown --schedule {other:?} (constant, linear or cosine)"),
         };
-        let clip = (args.clip > 0.0).then_some(ClipConfig { max_norm: args.clip, norm: NormType::P(2.0), error_if_nonfinite: false });
+        let clip = (args.clip > 0.0).then_some(ClipConfig::new(args.clip));
         // Batch-weighted (the default): the uneven last batch of an epoch, and a rank with
         // no sample of it, count by their sizes, so every world size takes the same step.
         let precision = Precision::new(<T as distoptim::Working>::DTYPE).with_reduce_dtype(args.reduce_dtype.parse()?);

@@ -439,19 +439,13 @@ fn load_local<T: Working>(path: &Path, opt: &mut ShardedOptimizer, params: &mut 
 
 /// Refuses a checkpoint of another model, naming the first parameter that differs.
 fn same_layout(dir: &Path, saved: &Layout, ours: &Layout) -> Result<()> {
-    if saved == ours {
-        return Ok(());
+    match saved.first_difference(ours) {
+        None => Ok(()),
+        Some(diff) => Err(DistError::Checkpoint(format!(
+            "{} was saved for another model (the checkpoint's layout, then this model's): {diff}",
+            dir.display()
+        ))),
     }
-    let describe = |l: &Layout, i: usize| l.params().get(i).map_or("nothing".to_string(), |p| format!("'{}' {:?}", p.name, p.shape));
-    let i = (0..saved.len().max(ours.len())).find(|&i| saved.params().get(i) != ours.params().get(i)).unwrap_or(0);
-    Err(DistError::Checkpoint(format!(
-        "{} was saved for another model: parameter {i} is {} there and {} here ({} vs {} parameters)",
-        dir.display(),
-        describe(saved, i),
-        describe(ours, i),
-        saved.len(),
-        ours.len()
-    )))
 }
 
 /// The per-parameter step counts a rank file records: required, since a missing one would

@@ -1,0 +1,55 @@
+//! The one parser for sizes on the command line: `4096`, `1k`, `4K`, `16M`, `1.3B`.
+//!
+//! Suffixes are case-insensitive. Byte sizes are binary (`4K` = 4096 bytes, as
+//! nccl-tests and `dd` read them); counts of parameters or elements are decimal (`25M` =
+//! 25,000,000, as model sizes are quoted), with `B` or `G` for billions.
+
+/// The largest size accepted: 2^48, far above any buffer this machine can hold, so that
+/// no later multiplication overflows.
+const MAX: f64 = (1u64 << 48) as f64;
+
+/// A byte size: `4096`, `4K`, `64M`, `1G`, `4KB`, `1.5M`.
+pub fn bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim().to_ascii_uppercase();
+    let t = t.strip_suffix('B').unwrap_or(&t);
+    parse(s, t, &[('K', 1024.0), ('M', 1048576.0), ('G', 1073741824.0)], "a byte size like 4096, 4K, 64M or 1G")
+}
+
+/// A count of parameters or elements: `4096`, `10k`, `25M`, `1.3B`.
+pub fn count(s: &str) -> Result<usize, String> {
+    let t = s.trim().to_ascii_uppercase();
+    parse(s, &t, &[('K', 1e3), ('M', 1e6), ('B', 1e9), ('G', 1e9)], "a count like 4096, 10k, 25M or 1.3B")
+}
+
+/// `t` (upper case, trimmed) as a number times its suffix's scale: at least 1, at most
+/// [`MAX`], and whole.
+fn parse(original: &str, t: &str, suffixes: &[(char, f64)], what: &str) -> Result<usize, String> {
+    let (digits, scale) = match t.chars().last().and_then(|c| suffixes.iter().find(|(s, _)| *s == c)) {
+        Some(&(_, scale)) => (&t[..t.len() - 1], scale),
+        None => (t, 1.0),
+    };
+    match digits.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v * scale >= 1.0 && v * scale <= MAX && (v * scale).fract() == 0.0 => Ok((v * scale) as usize),
+        _ => Err(format!("{original:?} is not {what} (at least 1, at most 2^48)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(bytes("4K"), Ok(4096));
+        assert_eq!(bytes("4k"), Ok(4096));
+        assert_eq!(bytes("64MB"), Ok(64 << 20));
+        assert_eq!(bytes("1.5M"), Ok(3 << 19));
+        assert_eq!(count("1k"), Ok(1000));
+        assert_eq!(count("25M"), Ok(25_000_000));
+        assert_eq!(count("1.3b"), Ok(1_300_000_000));
+        assert_eq!(count("4096"), Ok(4096));
+        for bad in ["0", "-1", "1e30", "x", "", "0.5", "1.00001K"] {
+            assert!(count(bad).is_err() && bytes(bad).is_err(), "{bad}");
+        }
+    }
+}

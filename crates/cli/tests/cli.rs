@@ -174,7 +174,7 @@ fn estimate_prints_the_ledger_and_takes_a_network() {
     // 25M bf16 parameters on 4 ranks: a 6.25M shard, 2 bytes each, is 11.9 MiB.
     assert_eq!(row.split_whitespace().nth(4), Some("11.9"), "{row}");
     let err = String::from_utf8_lossy(&distoptim(&["estimate", "--params", "lots"]).stderr).into_owned();
-    assert!(err.contains(""lots" is not a count"), "{err}");
+    assert!(err.contains("\"lots\" is not a count"), "{err}");
 }
 
 #[test]

@@ -17,7 +17,6 @@ use candle_nn::{linear, Linear, VarBuilder, VarMap};
 use distoptim::{ClipConfig, ReduceMode, ShardedOptimizer, StepConfig, Strategy};
 use distoptim_candle::FlatParams;
 use distoptim_collective::{shard_range, Communicator, ReduceOp};
-use distoptim_optim::clip::NormType;
 use distoptim_optim::{AdamConfig, OptimizerConfig, ParamGroup, Schedule};
 
 struct Mlp {

@@ -213,7 +213,7 @@ fn cleanup_segments(job: &str) {
 
 fn random_u64() -> Result<u64> {
     let mut bytes = [0u8; 8];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom for the job token")?;
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("reading the OS random source for the job token: {e}"))?;
     Ok(u64::from_le_bytes(bytes))
 }
 

@@ -19,6 +19,9 @@
 //! Only CPU variables are supported. Gradients may be read into a buffer of the
 //! variables' type or into f32 (accumulation in f32).
 
+// Every public item says what it is for (the docs are the API's contract).
+#![deny(missing_docs)]
+
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp1, Storage, Tensor, Var};
@@ -29,15 +32,32 @@ use distoptim_optim::{Layout, OptimError};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
+/// What binding candle variables to a flat buffer can fail with.
 pub enum BindError {
     #[error("candle: {0}")]
+    /// candle itself failed.
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
+    /// The variables do not make a valid layout.
     Layout(#[from] OptimError),
     #[error("{what} has {got} elements, the layout has {expected}")]
-    Length { what: &'static str, got: usize, expected: usize },
+    /// A buffer of the wrong length.
+    Length {
+        /// The buffer.
+        what: &'static str,
+        /// Its elements.
+        got: usize,
+        /// The layout's elements.
+        expected: usize,
+    },
     #[error("variable '{name}': {problem} (contiguous CPU f32, bf16 or f16 variables of one type are supported)")]
-    Unsupported { name: String, problem: String },
+    /// A variable this binding cannot read or write in place.
+    Unsupported {
+        /// The variable.
+        name: String,
+        /// What about it is unsupported.
+        problem: String,
+    },
 }
 
 /// The element types candle stores that distoptim works in: how to find a slice of one
@@ -93,6 +113,7 @@ pub fn candle_dtype(dtype: FloatDtype) -> candle_core::DType {
     }
 }
 
+/// The binding's result.
 pub type Result<T, E = BindError> = std::result::Result<T, E>;
 
 /// A model's variables laid end to end in one flat buffer.
@@ -128,10 +149,12 @@ impl FlatParams {
         FlatParams::new(named)
     }
 
+    /// The flat layout of the bound variables (sorted by name).
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
 
+    /// The bound variables, in layout order.
     pub fn vars(&self) -> &[Var] {
         &self.vars
     }

@@ -29,6 +29,7 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The name `DISTOPTIM_BACKEND` and `--backend` use.
     pub fn name(self) -> &'static str {
         match self {
             Backend::Threads => "threads",
@@ -162,14 +163,17 @@ impl Communicator {
         Ok(Communicator::from_engine(Engine::Shared(SharedEngine::join(spec, rank == 0)?), Backend::Shm))
     }
 
+    /// This process's rank in the group, from 0.
     pub fn rank(&self) -> usize {
         self.inner.rank
     }
 
+    /// How many ranks the group has.
     pub fn size(&self) -> usize {
         self.inner.size
     }
 
+    /// The engine this communicator runs on.
     pub fn backend(&self) -> Backend {
         self.inner.backend
     }

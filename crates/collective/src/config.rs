@@ -19,11 +19,13 @@ impl Default for CommConfig {
 }
 
 impl CommConfig {
+    /// With this timeout for every collective (a rank that does not arrive in time is named).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
+    /// With shared-memory slots of `bytes` (rounded up to 4 KiB pages).
     pub fn with_slot_bytes(mut self, bytes: usize) -> Self {
         self.slot_bytes = bytes.max(1).div_ceil(4096) * 4096;
         self

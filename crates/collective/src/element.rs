@@ -9,18 +9,27 @@ use std::fmt;
 /// Runtime name of an element type, carried in fingerprints and error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dtype {
+    /// 32-bit IEEE float.
     F32,
+    /// 64-bit IEEE float.
     F64,
+    /// bfloat16.
     Bf16,
+    /// IEEE half precision.
     F16,
+    /// 32-bit signed integer.
     I32,
+    /// 64-bit signed integer.
     I64,
+    /// Byte.
     U8,
 }
 
 impl Dtype {
+    /// Every type, in the order the self-test runs them.
     pub const ALL: [Dtype; 7] = [Dtype::F32, Dtype::F64, Dtype::Bf16, Dtype::F16, Dtype::I32, Dtype::I64, Dtype::U8];
 
+    /// Its short name (`f32`, `bf16`...).
     pub fn name(self) -> &'static str {
         match self {
             Dtype::F32 => "f32",
@@ -33,10 +42,12 @@ impl Dtype {
         }
     }
 
+    /// Whether it is a floating-point type (AVG is defined only for those).
     pub fn is_float(self) -> bool {
         matches!(self, Dtype::F32 | Dtype::F64 | Dtype::Bf16 | Dtype::F16)
     }
 
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             Dtype::F64 | Dtype::I64 => 8,
@@ -64,17 +75,23 @@ impl fmt::Display for Dtype {
 /// Reduction operators of `all_reduce`, `reduce_scatter` and `reduce`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
+    /// Elementwise sum.
     Sum,
     /// Sum divided by the group size; floats only.
     Avg,
+    /// Elementwise maximum.
     Max,
+    /// Elementwise minimum.
     Min,
+    /// Elementwise product.
     Prod,
 }
 
 impl ReduceOp {
+    /// Every operator.
     pub const ALL: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min, ReduceOp::Prod];
 
+    /// Its name (`sum`, `avg`...).
     pub fn name(self) -> &'static str {
         match self {
             ReduceOp::Sum => "sum",
@@ -116,9 +133,13 @@ pub trait Accumulator: Copy + Send + Sync + 'static {
 /// Implementors must be plain data: any bit pattern valid, no padding, no pointers,
 /// because peers read them straight out of shared memory.
 pub unsafe trait Element: Copy + Send + Sync + Default + PartialEq + fmt::Debug + 'static {
+    /// The wire type.
     const DTYPE: Dtype;
+    /// The type sums are accumulated in (f32 for the 16-bit floats).
     type Acc: Accumulator;
+    /// Widens to the accumulator.
     fn to_acc(self) -> Self::Acc;
+    /// Rounds back from the accumulator.
     fn from_acc(acc: Self::Acc) -> Self;
 }
 

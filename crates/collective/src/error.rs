@@ -6,25 +6,77 @@ use std::time::Duration;
 pub enum CommError {
     /// The ranks disagree on which collective comes next.
     #[error("collective mismatch: rank {rank} called {mine} while rank {peer} called {theirs}")]
-    Mismatch { rank: usize, mine: Fingerprint, peer: usize, theirs: Fingerprint },
+    Mismatch {
+        /// This rank.
+        rank: usize,
+        /// The call it made.
+        mine: Fingerprint,
+        /// The rank that disagrees.
+        peer: usize,
+        /// The call that rank made.
+        theirs: Fingerprint,
+    },
     #[error("timed out after {waited:?} in {op}: rank(s) {missing:?} did not arrive")]
-    Timeout { op: Fingerprint, missing: Vec<usize>, waited: Duration },
+    /// A rank did not arrive within the timeout.
+    Timeout {
+        /// The call that waited.
+        op: Fingerprint,
+        /// The ranks that never arrived.
+        missing: Vec<usize>,
+        /// How long it waited.
+        waited: Duration,
+    },
     #[error("rank {rank} (pid {pid}) died during {op}")]
-    PeerDied { rank: usize, pid: u64, op: Fingerprint },
+    /// A peer process exited during a call.
+    PeerDied {
+        /// The dead rank.
+        rank: usize,
+        /// Its process id.
+        pid: u64,
+        /// The call it died in.
+        op: Fingerprint,
+    },
     #[error("rank {rank} left the group (its communicator was dropped) during {op}")]
-    PeerLeft { rank: usize, op: Fingerprint },
+    /// A peer dropped its communicator before arriving at a call.
+    PeerLeft {
+        /// The rank that left.
+        rank: usize,
+        /// The call it did not join.
+        op: Fingerprint,
+    },
     #[error("the communicator is unusable after an earlier failure: {0}")]
+    /// An earlier failure left the group out of step; every later call fails.
     Poisoned(String),
     #[error("invalid argument to {op}: {reason}")]
-    InvalidArgument { op: &'static str, reason: String },
+    /// A call's arguments are wrong (nothing was exchanged).
+    InvalidArgument {
+        /// The call.
+        op: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     #[error("cannot join the group: {0}")]
+    /// Joining the group failed (another job, a stale segment, a rank claimed twice).
     Join(String),
     #[error("environment: {0}")]
+    /// The launcher environment is missing or malformed.
     Env(String),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    /// A file operation failed.
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
     #[error("{backend} backend: {message}")]
-    Backend { backend: &'static str, message: String },
+    /// An external engine (MPI, NCCL) failed.
+    Backend {
+        /// Which one.
+        backend: &'static str,
+        /// Its message.
+        message: String,
+    },
 }
 
 impl CommError {
@@ -42,4 +94,5 @@ impl CommError {
     }
 }
 
+/// A collective's result.
 pub type Result<T, E = CommError> = std::result::Result<T, E>;

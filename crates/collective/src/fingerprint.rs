@@ -6,12 +6,19 @@ use crate::element::{Dtype, ReduceOp};
 use std::fmt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which collective a call is.
 pub enum OpKind {
+    /// `barrier()`.
     Barrier,
+    /// `all_reduce(op)`.
     AllReduce(ReduceOp),
+    /// `reduce_scatter(op)`.
     ReduceScatter(ReduceOp),
+    /// `all_gather()`.
     AllGather,
+    /// `broadcast(root)`.
     Broadcast,
+    /// `reduce(op, root)`.
     Reduce(ReduceOp),
     /// Collective allocation of a shared buffer.
     Alloc,
@@ -20,6 +27,7 @@ pub enum OpKind {
 }
 
 impl OpKind {
+    /// Its name in messages.
     pub fn name(self) -> &'static str {
         match self {
             OpKind::Barrier => "barrier",
@@ -82,9 +90,13 @@ impl OpKind {
 pub struct Fingerprint {
     /// The call's number on this communicator, from 1.
     pub seq: u64,
+    /// Which collective.
     pub kind: OpKind,
+    /// The element type (`None` for a barrier).
     pub dtype: Option<Dtype>,
+    /// Elements in the buffer.
     pub count: u64,
+    /// The root rank (broadcast, reduce), else 0.
     pub root: u64,
 }
 

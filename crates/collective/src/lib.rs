@@ -23,6 +23,9 @@
 //! assert!(sums.iter().all(|x| x == &vec![6.0; 4]));
 //! ```
 
+// Every public item says what it is for (the docs are the API's contract).
+#![deny(missing_docs)]
+
 mod comm;
 mod config;
 pub mod conformance;

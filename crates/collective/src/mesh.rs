@@ -9,6 +9,8 @@ use crate::error::{CommError, Result};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// An n-dimensional grid of the world's ranks (torch's `DeviceMesh`): named dimensions,
+/// each giving the sub-group of ranks that differ only along it.
 pub struct DeviceMesh {
     world: Communicator,
     names: Vec<String>,
@@ -20,6 +22,7 @@ pub struct DeviceMesh {
 
 /// Dimension names: `"tp"`, `["dp", "cp"]` or `&["dp", "cp"][..]`.
 pub trait MeshDims {
+    /// The dimension names given.
     fn names(&self) -> Vec<&str>;
 }
 
@@ -68,6 +71,7 @@ impl DeviceMesh {
         Ok(DeviceMesh { world, names: dims.iter().map(|d| d.0.to_string()).collect(), sizes, coords, groups: Mutex::new(HashMap::new()) })
     }
 
+    /// The whole group.
     pub fn world(&self) -> &Communicator {
         &self.world
     }

@@ -28,7 +28,9 @@ use crate::safetensors::{self, Reader};
 /// What [`consolidate`] wrote.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Consolidated {
+    /// The model file (`model.safetensors`).
     pub model: PathBuf,
+    /// The optimizer file (`optimizer.safetensors`).
     pub optimizer: PathBuf,
     /// Tensors written into both files.
     pub tensors: usize,

@@ -21,7 +21,9 @@ use std::ops::Range;
 /// over that group (else replicated on every tp rank).
 #[derive(Clone, Debug)]
 pub struct TensorParallel {
+    /// The tensor-parallel group.
     pub group: Communicator,
+    /// Per parameter of the local layout: sharded over `group` (true) or replicated.
     pub sharded: Vec<bool>,
 }
 

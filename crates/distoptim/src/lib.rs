@@ -19,6 +19,9 @@
 //! - [`estimate`]: memory, bytes sent and step time of a plan, before running it.
 //! - [`step_lbfgs`]: LBFGS whose closure is reduced over the ranks.
 
+// Every public item says what it is for (the docs are the API's contract).
+#![deny(missing_docs)]
+
 mod buckets;
 pub mod checkpoint;
 mod config;

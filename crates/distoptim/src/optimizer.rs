@@ -264,10 +264,12 @@ impl ShardedOptimizer {
         Ok(self.comm.alloc::<f32>(self.opt.optimizer().layout().numel())?)
     }
 
+    /// The group it runs on.
     pub fn comm(&self) -> &Communicator {
         &self.comm
     }
 
+    /// The flat layout of the parameters.
     pub fn layout(&self) -> &Layout {
         self.opt.optimizer().layout()
     }
@@ -287,6 +289,7 @@ impl ShardedOptimizer {
         self.opt.optimizer().groups()
     }
 
+    /// Every group's current learning rate.
     pub fn lrs(&self) -> Vec<f64> {
         self.opt.lrs()
     }
@@ -632,6 +635,7 @@ impl ShardedOptimizer {
         Ok(())
     }
 
+    /// DDP or the ZeRO stage.
     pub fn strategy(&self) -> Strategy {
         self.config.strategy
     }

@@ -70,10 +70,13 @@ pub fn encode(tensors: &[(String, &[f32])], metadata: &BTreeMap<String, String>)
 /// A parsed header: each tensor's byte range within the data, and the metadata.
 #[derive(Debug, Default)]
 pub struct Header {
+    /// Each tensor's byte range within the data.
     pub tensors: BTreeMap<String, (usize, usize)>,
+    /// Each tensor's shape.
     pub shapes: BTreeMap<String, Vec<usize>>,
     /// Each tensor's element type (read back as f32).
     pub dtypes: BTreeMap<String, FloatDtype>,
+    /// The header's `__metadata__`.
     pub metadata: BTreeMap<String, String>,
     /// Where the data starts in the file.
     pub data_start: usize,
@@ -124,8 +127,11 @@ fn parse_header(bytes: &[u8], file_len: usize) -> Result<Header, String> {
 /// A decoded file: f32 tensors by name, and the metadata.
 #[derive(Debug, Default)]
 pub struct Decoded {
+    /// f32 values by tensor name.
     pub tensors: BTreeMap<String, Vec<f32>>,
+    /// Shapes by tensor name.
     pub shapes: BTreeMap<String, Vec<usize>>,
+    /// The header's `__metadata__`.
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -152,10 +158,12 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
 #[derive(Debug)]
 pub struct Reader {
     file: File,
+    /// The file's parsed header.
     pub header: Header,
 }
 
 impl Reader {
+    /// Opens `path` and parses its header (bounded, checked against the file's length).
     pub fn open(path: &Path) -> Result<Reader, String> {
         let mut file = File::open(path).map_err(|e| e.to_string())?;
         let file_len = file.metadata().map_err(|e| e.to_string())?.len() as usize;

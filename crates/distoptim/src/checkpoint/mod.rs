@@ -206,6 +206,7 @@ pub fn save<T: Working>(
 pub struct ReplicaState {
     /// The rank's optimizer state over the whole layout.
     pub optimizer: OptimizerStateDict,
+    /// The schedule's position, when the run has one.
     pub schedule_step: Option<u64>,
     /// Further buffers over the whole layout (DiLoCo's global parameters and outer
     /// momentum), by name.

@@ -21,11 +21,14 @@ const NORM_CHUNK: usize = 64 * 1024;
 /// The `norm_type` of `clip_grad_norm_`: a finite p > 0, or infinity (max |g|).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum NormType {
+    /// The p-norm, p finite and > 0.
     P(f64),
+    /// The largest magnitude.
     Inf,
 }
 
 impl NormType {
+    /// `p` as torch's `norm_type` (`f64::INFINITY` for the max norm); refuses p <= 0 and NaN.
     pub fn new(p: f64) -> Result<Self> {
         if p == f64::INFINITY {
             Ok(NormType::Inf)

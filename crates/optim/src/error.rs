@@ -23,4 +23,5 @@ pub enum OptimError {
     Closure(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// The optimizer core's result.
 pub type Result<T, E = OptimError> = std::result::Result<T, E>;

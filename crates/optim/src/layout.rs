@@ -13,16 +13,21 @@ use crate::error::{OptimError, Result};
 /// One parameter: its name, its shape (row-major; `[]` is a scalar) and where it starts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParamSpec {
+    /// The parameter's name (unique in its layout).
     pub name: String,
+    /// Its shape (empty for a scalar).
     pub shape: Vec<usize>,
+    /// Where its elements start in the flat buffer.
     pub offset: usize,
 }
 
 impl ParamSpec {
+    /// Its element count.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// Its elements' range in the flat buffer.
     pub fn range(&self) -> Range<usize> {
         self.offset..self.offset + self.numel()
     }
@@ -73,22 +78,27 @@ impl Layout {
         self.numel
     }
 
+    /// How many parameters.
     pub fn len(&self) -> usize {
         self.params.len()
     }
 
+    /// Whether there are no parameters.
     pub fn is_empty(&self) -> bool {
         self.params.is_empty()
     }
 
+    /// The parameters, in buffer order.
     pub fn params(&self) -> &[ParamSpec] {
         &self.params
     }
 
+    /// Parameter `index` (panics past the end, like slice indexing).
     pub fn param(&self, index: usize) -> &ParamSpec {
         &self.params[index]
     }
 
+    /// The index of the parameter named `name`.
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.params.iter().position(|p| p.name == name)
     }

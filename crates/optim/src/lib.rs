@@ -36,6 +36,9 @@
 //! # Ok::<(), distoptim_optim::OptimError>(())
 //! ```
 
+// Every public item says what it is for (the docs are the API's contract).
+#![deny(missing_docs)]
+
 pub mod clip;
 pub mod config;
 pub mod error;

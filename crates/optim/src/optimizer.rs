@@ -22,7 +22,9 @@ use crate::layout::Layout;
 /// A set of parameters (indices into the layout) sharing one set of hyperparameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ParamGroup {
+    /// Indices of its parameters in the layout.
     pub params: Vec<usize>,
+    /// Its rule and hyperparameters.
     pub config: OptimizerConfig,
 }
 
@@ -30,8 +32,11 @@ pub struct ParamGroup {
 /// per-parameter step counts and the state buffers over the shard.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OptimizerStateDict {
+    /// The layout it was taken over.
     pub layout: Layout,
+    /// The elements whose state it holds.
     pub shard: Range<usize>,
+    /// The param groups, with their hyperparameters when taken.
     pub groups: Vec<ParamGroup>,
     /// Per parameter of the layout: how many steps it has taken (0: no state yet).
     pub steps: Vec<u64>,
@@ -160,6 +165,7 @@ impl Optimizer {
         Ok(Optimizer { layout, shard, groups, group_of, steps, state })
     }
 
+    /// The layout it steps.
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
@@ -169,6 +175,7 @@ impl Optimizer {
         self.shard.clone()
     }
 
+    /// The param groups, with their current hyperparameters.
     pub fn groups(&self) -> &[ParamGroup] {
         &self.groups
     }
@@ -287,6 +294,7 @@ impl Optimizer {
         Ok(added)
     }
 
+    /// Everything needed to continue exactly (torch's `state_dict()`).
     pub fn state_dict(&self) -> OptimizerStateDict {
         OptimizerStateDict {
             layout: self.layout.clone(),

@@ -15,14 +15,18 @@ use crate::error::{OptimError, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Curve {
     #[serde(rename = "linear")]
+    /// Straight line.
     Linear,
     #[serde(rename = "cosine")]
+    /// Half cosine.
     Cosine,
     #[serde(rename = "1-sqrt")]
+    /// 1 - sqrt(progress), the decay of WSD papers.
     OneMinusSqrt,
 }
 
 impl Curve {
+    /// Reads the names FORMAT.md uses (`linear`, `cosine`, `1-sqrt`).
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "linear" => Ok(Curve::Linear),
@@ -38,49 +42,84 @@ impl Curve {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "snake_case")]
 pub enum Schedule {
+    /// The lr as set.
     Constant,
+    /// Linear warm-up, then constant.
     ConstantWithWarmup {
+        /// Warm-up steps (the lr rises linearly from 0).
         warmup: u64,
     },
+    /// Linear warm-up, then linear decay to 0.
     LinearWithWarmup {
+        /// Warm-up steps (the lr rises linearly from 0).
         warmup: u64,
+        /// Total training steps.
         total: u64,
     },
+    /// Linear warm-up, then cosine decay.
     CosineWithWarmup {
+        /// Warm-up steps (the lr rises linearly from 0).
         warmup: u64,
+        /// Total training steps.
         total: u64,
+        /// Cosine cycles over the decay (HF's `num_cycles`; 0.5 is one half-wave down).
         cycles: f64,
     },
+    /// Linear warm-up, then cosine cycles restarting at the peak.
     CosineWithHardRestartsWithWarmup {
+        /// Warm-up steps (the lr rises linearly from 0).
         warmup: u64,
+        /// Total training steps.
         total: u64,
+        /// Hard restarts over the decay.
         cycles: f64,
     },
     /// `lr_init` is the optimizer-level lr (HF reads `optimizer.defaults["lr"]`).
     PolynomialDecayWithWarmup {
+        /// Warm-up steps (the lr rises linearly from 0).
         warmup: u64,
+        /// Total training steps.
         total: u64,
+        /// The lr at the end.
         lr_end: f64,
+        /// The polynomial's power.
         power: f64,
+        /// The optimizer-level lr it decays from.
         lr_init: f64,
     },
+    /// Linear warm-up, then 1/sqrt decay.
     InverseSqrt {
+        /// Warm-up steps (the lr rises linearly from 0).
         warmup: u64,
+        /// Steps per unit of the decay (HF's default: the warm-up, or 10,000).
         timescale: u64,
     },
+    /// Linear warm-up, then cosine decay to a floor.
     CosineWithMinLrWithWarmup {
+        /// Warm-up steps (the lr rises linearly from 0).
         warmup: u64,
+        /// Total training steps.
         total: u64,
+        /// Cosine cycles over the decay (HF's `num_cycles`; 0.5 is one half-wave down).
         cycles: f64,
+        /// The floor, as a fraction of the peak.
         min_lr_rate: f64,
     },
+    /// Warm-up, a stable phase at the peak, then decay (WSD).
     WarmupStableDecay {
+        /// Warm-up steps (the lr rises linearly from 0).
         warmup: u64,
+        /// Steps at the peak.
         stable: u64,
+        /// Decay steps.
         decay: u64,
+        /// The warm-up's shape.
         warmup_curve: Curve,
+        /// The decay's shape.
         decay_curve: Curve,
+        /// The floor, as a fraction of the peak.
         min_lr_ratio: f64,
+        /// Cosine cycles of the decay.
         cycles: f64,
     },
 }
@@ -242,6 +281,7 @@ fn py_mod(a: f64, b: f64) -> f64 {
 /// torch's `LambdaLR` over a [`Schedule`]: one initial lr per param group and a step count.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LrScheduler {
+    /// The schedule.
     pub schedule: Schedule,
     /// Each group's lr when the scheduler was created (torch's `initial_lr`).
     pub base_lrs: Vec<f64>,
@@ -250,6 +290,7 @@ pub struct LrScheduler {
 }
 
 impl LrScheduler {
+    /// A scheduler at step 0 with each group's initial lr.
     pub fn new(schedule: Schedule, base_lrs: Vec<f64>) -> Self {
         LrScheduler { schedule, base_lrs, step: 0 }
     }

@@ -105,12 +105,17 @@ pub fn update(
 /// `torch.optim.Adafactor`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdafactorConfig {
+    /// The learning rate (ρ's upper bound).
     pub lr: f64,
+    /// The exponent of ω = step^beta2_decay (torch's default -0.8).
     pub beta2_decay: f64,
     /// eps1 (`None`: f32's machine epsilon, 2^-23) and eps2.
     pub eps: (Option<f64>, f64),
+    /// The update's RMS clipping threshold (>= 1).
     pub d: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// Ascend instead of descend.
     pub maximize: bool,
 }
 

@@ -82,6 +82,8 @@ impl AdamStep {
     }
 }
 
+/// One fused pass over a range: updates `params`, `exp_avg` and `exp_avg_sq` in place;
+/// `max_exp_avg_sq` (same length) only with amsgrad.
 pub fn update(s: &AdamStep, params: &mut [f32], grads: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], max_exp_avg_sq: &mut [f32]) {
     debug_assert_eq!(params.len(), grads.len());
     debug_assert_eq!(params.len(), exp_avg.len());
@@ -161,11 +163,17 @@ fn amsgrad<const MAX: bool, const DECAY: u8, const SMALL: bool>(
 /// `torch.optim.Adam` and, with `decoupled_weight_decay`, `torch.optim.AdamW`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdamConfig {
+    /// The learning rate.
     pub lr: f64,
+    /// β1 and β2, the moments' decay rates.
     pub betas: (f64, f64),
+    /// Added to the root of the second moment.
     pub eps: f64,
+    /// L2 penalty (Adam) or decoupled decay (AdamW).
     pub weight_decay: f64,
+    /// Keep and use the largest second moment seen (AMSGrad).
     pub amsgrad: bool,
+    /// Ascend instead of descend.
     pub maximize: bool,
     /// AdamW: decay the parameter (`p *= 1 - lr·wd`) instead of adding `wd·p` to the gradient.
     pub decoupled_weight_decay: bool,

@@ -25,13 +25,16 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Arithmetic with a tensor gives a tensor computed in f32 (the float cast to f32 first).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Scalar {
+    /// A Python float (f64).
     Float(f64),
+    /// A 0-dim float32 tensor.
     Tensor(f32),
 }
 
 use Scalar::{Float as F, Tensor as T};
 
 impl Scalar {
+    /// The value as f32 (a float is rounded).
     pub fn as_f32(self) -> f32 {
         match self {
             F(x) => x as f32,
@@ -39,6 +42,7 @@ impl Scalar {
         }
     }
 
+    /// The value as f64 (a tensor is widened).
     pub fn as_f64(self) -> f64 {
         match self {
             F(x) => x,
@@ -157,15 +161,25 @@ fn add_scaled(p: &mut [f32], t: Scalar, d: &[f32]) {
 /// LBFGS's global state, carried between `step` calls (torch keeps it on the first param).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LbfgsState {
+    /// Closure evaluations so far.
     pub func_evals: u64,
+    /// Iterations so far.
     pub n_iter: u64,
+    /// The last search direction.
     pub d: Vec<f32>,
+    /// The last step length.
     pub t: Option<Scalar>,
+    /// Past curvature pairs: gradient differences y.
     pub old_dirs: VecDeque<Vec<f32>>,
+    /// Past curvature pairs: steps s.
     pub old_stps: VecDeque<Vec<f32>>,
+    /// 1 / (y·s) of each pair.
     pub ro: VecDeque<f32>,
+    /// The initial Hessian diagonal (s·y / y·y of the newest pair).
     pub h_diag: Scalar,
+    /// The previous iteration's flat gradient.
     pub prev_flat_grad: Vec<f32>,
+    /// The previous iteration's loss.
     pub prev_loss: Option<f64>,
 }
 
@@ -189,8 +203,11 @@ impl Default for LbfgsState {
 /// A state dict of [`Lbfgs`]: its config (with the current lr) and state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LbfgsStateDict {
+    /// Elements of the flat parameter buffer.
     pub numel: usize,
+    /// The config, with the current lr.
     pub config: LbfgsConfig,
+    /// The state between steps.
     pub state: LbfgsState,
 }
 
@@ -203,19 +220,23 @@ pub struct Lbfgs {
 }
 
 impl Lbfgs {
+    /// LBFGS over `numel` elements; the config is validated as torch validates it.
     pub fn new(numel: usize, config: LbfgsConfig) -> Result<Self> {
         config.validate()?;
         Ok(Lbfgs { numel, config, state: LbfgsState::default() })
     }
 
+    /// The config, with the current lr.
     pub fn config(&self) -> &LbfgsConfig {
         &self.config
     }
 
+    /// The learning rate.
     pub fn lr(&self) -> f64 {
         self.config.lr
     }
 
+    /// Sets the learning rate (a scheduler's step).
     pub fn set_lr(&mut self, lr: f64) {
         self.config.lr = lr;
     }
@@ -225,10 +246,12 @@ impl Lbfgs {
         self.state.func_evals
     }
 
+    /// Everything needed to continue exactly.
     pub fn state_dict(&self) -> LbfgsStateDict {
         LbfgsStateDict { numel: self.numel, config: self.config.clone(), state: self.state.clone() }
     }
 
+    /// Restores a state dict of an LBFGS over as many elements; nothing changes if it does not fit.
     pub fn load_state_dict(&mut self, sd: &LbfgsStateDict) -> Result<()> {
         if sd.numel != self.numel {
             return Err(OptimError::StateDict(format!("saved for {} elements, this LBFGS has {}", sd.numel, self.numel)));
@@ -531,13 +554,19 @@ pub enum LineSearch {
 /// `torch.optim.LBFGS`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LbfgsConfig {
+    /// The step length's scale.
     pub lr: f64,
+    /// Iterations per `step`.
     pub max_iter: u64,
     /// `None` means torch's default `max_iter * 5 / 4`.
     pub max_eval: Option<u64>,
+    /// Stop when the largest gradient magnitude is at most this.
     pub tolerance_grad: f64,
+    /// Stop when the loss or the step changes by at most this.
     pub tolerance_change: f64,
+    /// Curvature pairs kept.
     pub history_size: usize,
+    /// Fixed steps or the strong-Wolfe search.
     pub line_search: LineSearch,
 }
 
@@ -556,6 +585,7 @@ impl Default for LbfgsConfig {
 }
 
 impl LbfgsConfig {
+    /// The evaluation budget per `step` (torch's default: max_iter · 5/4).
     pub fn max_eval(&self) -> u64 {
         self.max_eval.unwrap_or(self.max_iter * 5 / 4)
     }

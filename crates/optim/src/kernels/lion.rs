@@ -40,9 +40,13 @@ pub fn update(c: &LionConfig, params: &mut [f32], grads: &[f32], exp_avg: &mut [
 /// Lion (Chen et al. 2023): the sign of an interpolated momentum, decoupled weight decay.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LionConfig {
+    /// The learning rate (typically 3-10× under AdamW's).
     pub lr: f64,
+    /// β1 interpolates the update direction, β2 decays the momentum.
     pub betas: (f64, f64),
+    /// Decoupled weight decay λ.
     pub weight_decay: f64,
+    /// Ascend instead of descend.
     pub maximize: bool,
 }
 

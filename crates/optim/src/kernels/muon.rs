@@ -150,14 +150,21 @@ pub enum AdjustLr {
 /// `torch.optim.Muon` (2-D parameters only).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MuonConfig {
+    /// The learning rate, before `adjust_lr`.
     pub lr: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// Momentum μ.
     pub momentum: f64,
+    /// Nesterov momentum.
     pub nesterov: bool,
     /// (a, b, c) of the quintic Newton–Schulz iteration.
     pub ns_coefficients: [f64; 3],
+    /// Added to the Frobenius norm before normalising.
     pub eps: f64,
+    /// Newton–Schulz iterations (< 100).
     pub ns_steps: u64,
+    /// How the lr scales with the matrix shape.
     pub adjust_lr: AdjustLr,
 }
 

@@ -104,12 +104,19 @@ pub fn eval_view(c: &ScheduleFreeConfig, y: &[f32], z: &[f32], out: &mut [f32]) 
 /// the param group too), so state dicts and checkpoints carry them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleFreeConfig {
+    /// The peak learning rate (after warm-up).
     pub lr: f64,
+    /// β1 (the y/z interpolation) and β2 (the second moment's decay).
     pub betas: (f64, f64),
+    /// Added to the root of the second moment.
     pub eps: f64,
+    /// Weight decay, applied at y.
     pub weight_decay: f64,
+    /// Linear warm-up steps.
     pub warmup_steps: u64,
+    /// The weight's polynomial power in k (0: uniform).
     pub r: f64,
+    /// The weight's power of lr_max.
     pub weight_lr_power: f64,
     /// Steps the group has taken.
     pub k: u64,

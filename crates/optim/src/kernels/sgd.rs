@@ -48,6 +48,7 @@ impl SgdStep {
         self
     }
 
+    /// Whether this step reads and writes `momentum_buffer`.
     pub fn uses_momentum_buffer(&self) -> bool {
         self.has_momentum
     }
@@ -125,11 +126,17 @@ fn momentum<const MAXIMIZE: bool, const WD: bool, const FIRST: bool, const NESTE
 /// `torch.optim.SGD`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SgdConfig {
+    /// The learning rate.
     pub lr: f64,
+    /// Momentum μ (0: none, and no buffer).
     pub momentum: f64,
+    /// Dampening of the momentum's new gradient.
     pub dampening: f64,
+    /// Nesterov momentum (needs μ > 0 and no dampening).
     pub nesterov: bool,
+    /// L2 penalty added to the gradient.
     pub weight_decay: f64,
+    /// Ascend instead of descend.
     pub maximize: bool,
 }
 

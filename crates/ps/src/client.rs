@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
+/// How a client reaches workers: `ClientConfig::new(token)` with the defaults below.
 pub struct ClientConfig {
+    /// The job token every request carries.
     pub token: String,
     /// How long to wait for a connection.
     pub connect_timeout: Duration,
@@ -22,6 +24,7 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// The token with a 5 s connect timeout, a 60 s reply timeout and 1 GiB frames.
     pub fn new(token: impl Into<String>) -> ClientConfig {
         ClientConfig {
             token: token.into(),
@@ -39,6 +42,7 @@ pub struct ContextId(pub u64);
 
 impl ContextId {
     #[allow(clippy::new_without_default)]
+    /// A fresh id: time, process id and a counter, mixed.
     pub fn new() -> ContextId {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
@@ -176,6 +180,7 @@ impl WorkerClient {
         self.call(Op::Checkpoint, &[]).map(|_| ())
     }
 
+    /// The worker's counters.
     pub fn stats(&self) -> Result<Stats> {
         let (reply, _) = self.call(Op::Stats, &[])?;
         reply.stats.ok_or_else(|| PsError::Invalid(format!("worker {}: no stats in the reply", self.addr())))
@@ -190,14 +195,17 @@ pub struct RemoteParam {
 }
 
 impl RemoteParam {
+    /// The parameter's name on its worker.
     pub fn name(&self) -> &str {
         &self.meta.name
     }
 
+    /// Its shape.
     pub fn shape(&self) -> &[usize] {
         &self.meta.shape
     }
 
+    /// Its element count.
     pub fn numel(&self) -> usize {
         // A shape that overflows (only a broken worker sends one) matches no gradient.
         self.meta.numel().unwrap_or(usize::MAX)

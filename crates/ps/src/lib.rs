@@ -13,6 +13,9 @@
 //! - checkpoints: a worker saves parameters and optimizer state to one safetensors
 //!   file atomically and restarts from it ([`WorkerConfig::checkpoint_dir`]).
 
+// Every public item says what it is for (the docs are the API's contract).
+#![deny(missing_docs)]
+
 pub mod client;
 mod error;
 pub mod optimizer;

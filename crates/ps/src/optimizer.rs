@@ -25,6 +25,8 @@ use crate::error::{PsError, Result};
 use crate::protocol::{GroupSpec, Op};
 use distoptim_optim::{OptimizerConfig, Schedule};
 
+/// torch's RPC `DistributedOptimizer`: one local optimizer per worker over the remote
+/// parameters it owns, stepped together with one gradient context.
 pub struct DistributedOptimizer {
     name: String,
     workers: Vec<WorkerClient>,

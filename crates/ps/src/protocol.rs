@@ -17,7 +17,9 @@ use distoptim_optim::{OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
+/// The first bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"DOPS";
+/// The protocol version; a frame of another version is refused.
 pub const VERSION: u16 = 1;
 const PREFIX: usize = 16;
 /// Headers are names and shapes: 1 MiB is far more than any real one.
@@ -27,15 +29,20 @@ pub const MAX_HEADER: usize = 1 << 20;
 pub const MAX_UNAUTHENTICATED_HEADER: usize = 64 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Whether a frame asks or answers.
 pub enum Kind {
+    /// A client's request.
     Request = 0,
+    /// A worker's reply.
     Reply = 1,
 }
 
 /// A parameter's name and shape (its values travel in the frame's data).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ParamMeta {
+    /// The parameter's name.
     pub name: String,
+    /// Its shape.
     pub shape: Vec<usize>,
 }
 
@@ -49,14 +56,19 @@ impl ParamMeta {
 /// A param group of a worker's local optimizer: parameter names and hyperparameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupSpec {
+    /// Names of the group's parameters.
     pub params: Vec<String>,
+    /// Its rule and hyperparameters.
     pub config: OptimizerConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A request frame's header.
 pub struct Request {
+    /// The job token, checked before anything else is read.
     pub token: String,
     #[serde(flatten)]
+    /// What is asked.
     pub op: Op,
 }
 
@@ -68,40 +80,53 @@ pub enum Op {
     /// Creates parameters; with `if_absent`, an existing one of the same shape is kept
     /// as it is (several clients can initialise the same model).
     CreateParams {
+        /// The parameters to create (values in the frame's data).
         params: Vec<ParamMeta>,
+        /// Keep an existing parameter of the same shape instead of refusing.
         if_absent: bool,
     },
     /// Names and shapes of these parameters (every parameter when empty).
     Describe {
+        /// The parameters (all when empty).
         names: Vec<String>,
     },
     /// Current values, concatenated in order.
     Fetch {
+        /// The parameters.
         names: Vec<String>,
     },
     /// Adds `grad` to the gradient of `name` recorded under `context`.
     SendGrads {
+        /// The backward pass's context.
         context: u64,
+        /// The parameter the gradient is for.
         name: String,
     },
     /// Creates the local optimizer `name`, or attaches to it if it exists with the same
     /// groups and schedule.
     CreateOptimizer {
+        /// The optimizer's name.
         name: String,
+        /// Its param groups.
         groups: Vec<GroupSpec>,
+        /// Its lr schedule.
         schedule: Option<Schedule>,
     },
     /// Applies `context`'s gradients with optimizer `optimizer`, then releases the context.
     Step {
+        /// The context whose gradients to apply.
         context: u64,
+        /// The optimizer that applies them.
         optimizer: String,
     },
     /// Drops a context's gradients without applying them.
     Release {
+        /// The context to drop.
         context: u64,
     },
     /// Writes the worker's checkpoint now.
     Checkpoint,
+    /// The worker's counters.
     Stats,
 }
 
@@ -111,6 +136,7 @@ pub struct Reply {
     /// Set when the request failed; nothing was changed then.
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Describe/CreateParams: the parameters' names and shapes.
     pub params: Vec<ParamMeta>,
     /// Step: false when this context was already applied by this optimizer (a retry).
     #[serde(default)]
@@ -119,10 +145,12 @@ pub struct Reply {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lrs: Vec<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Stats: the worker's counters.
     pub stats: Option<Stats>,
 }
 
 impl Reply {
+    /// A refusal with `message`.
     pub fn error(message: impl Into<String>) -> Reply {
         Reply { error: Some(message.into()), ..Reply::default() }
     }
@@ -131,14 +159,19 @@ impl Reply {
 /// A worker's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
+    /// Parameters held.
     pub params: usize,
+    /// Their elements in all.
     pub elements: usize,
+    /// Local optimizers created.
     pub optimizers: usize,
     /// Contexts holding gradients not yet applied.
     pub open_contexts: usize,
+    /// Contexts applied by a step.
     pub steps_applied: u64,
     /// Contexts dropped because their client went quiet for the context timeout.
     pub contexts_expired: u64,
+    /// Requests answered with an error.
     pub requests_refused: u64,
     /// Connections closed at once because every slot was taken by authenticated clients.
     #[serde(default)]
@@ -149,13 +182,22 @@ pub struct Stats {
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("connection closed")]
+    /// The peer closed the connection between frames.
     Closed,
     #[error(transparent)]
+    /// The socket failed.
     Io(#[from] std::io::Error),
     #[error("malformed frame: {0}")]
+    /// The frame is not a valid one (magic, version, header).
     Malformed(String),
     #[error("frame of {got} bytes is over the limit of {max}")]
-    TooLarge { got: usize, max: usize },
+    /// The frame is over the size limit (nothing of it was allocated).
+    TooLarge {
+        /// Its announced size.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// Writes one frame.

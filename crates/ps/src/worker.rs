@@ -31,6 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
+/// How a worker serves: `WorkerConfig::new(token)` with the defaults below.
 pub struct WorkerConfig {
     /// The job token every request must carry.
     pub token: String,
@@ -52,6 +53,7 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The token with 1 GiB frames, 60 s contexts, 600 s idle connections and the connection limits below.
     pub fn new(token: impl Into<String>) -> WorkerConfig {
         WorkerConfig {
             token: token.into(),
@@ -128,6 +130,7 @@ impl Worker {
         Ok(Worker { listener, state: Arc::new(state), config: Arc::new(config) })
     }
 
+    /// The address it listens on.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         self.listener.local_addr().map_err(|source| PsError::Io { what: "local address".into(), source })
     }
@@ -198,6 +201,7 @@ impl Worker {
 }
 
 impl RunningWorker {
+    /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -17,31 +17,42 @@ use crate::error::{ErrorClass, ReplayError};
 /// `clip_grad_norm` of a case.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Clip {
+    /// The largest total norm let through.
     pub max_norm: f64,
+    /// The norm's p.
     pub norm: NormType,
+    /// Fail on a non-finite total norm.
     pub error_if_nonfinite: bool,
 }
 
 /// `local_sgd` of a `post_local_sgd` case.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalSgd {
+    /// Synchronous steps before local SGD.
     pub warmup_steps: u64,
+    /// Steps between averagings.
     pub period: u64,
 }
 
 /// `diloco` of a `diloco` case.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Diloco {
+    /// Local steps between outer steps.
     pub inner_steps: u64,
+    /// The outer SGD's lr.
     pub outer_lr: f64,
+    /// The outer SGD's momentum.
     pub outer_momentum: f64,
+    /// Nesterov outer momentum.
     pub nesterov: bool,
 }
 
 /// `reshard`: after step `after_step`, continue on `world_size` ranks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reshard {
+    /// Steps taken before the reshard.
     pub after_step: usize,
+    /// Ranks after it.
     pub world_size: usize,
 }
 
@@ -49,7 +60,9 @@ pub struct Reshard {
 /// `grads` is one micro-batch), and the batch sizes for `batch_weighted`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Step {
+    /// Per rank, its micro-batch gradients.
     pub micro_grads: Vec<Vec<Vec<f32>>>,
+    /// Per rank, its batch size (`batch_weighted` only).
     pub batch_sizes: Option<Vec<u64>>,
 }
 
@@ -64,6 +77,7 @@ impl Step {
         g
     }
 
+    /// Ranks in this step.
     pub fn world_size(&self) -> usize {
         self.micro_grads.len()
     }
@@ -72,18 +86,22 @@ impl Step {
 /// What an LBFGS case minimises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Objective {
+    /// The Rosenbrock function of the parameters (LBFGS cases).
     Rosenbrock,
 }
 
 /// A validated case.
 #[derive(Clone, Debug)]
 pub struct Case {
+    /// The case's name.
     pub name: String,
+    /// Ranks.
     pub world_size: usize,
     /// The strategy; `None` is FORMAT.md's `single`, the one-process reference.
     pub strategy: Option<Strategy>,
     /// How the ranks' gradients combine into one.
     pub grad_reduce: ReduceMode,
+    /// Names and shapes of the parameters.
     pub layout: Layout,
     /// Initial parameters, flat in layout order.
     pub init: Vec<f32>,
@@ -91,13 +109,21 @@ pub struct Case {
     pub optimizer: OptimizerConfig,
     /// Param groups, each with its full config (overrides applied).
     pub groups: Vec<ParamGroup>,
+    /// The lr schedule.
     pub schedule: Option<Schedule>,
+    /// Clipping by the global norm.
     pub clip: Option<Clip>,
+    /// Post-local SGD's settings.
     pub local_sgd: Option<LocalSgd>,
+    /// DiLoCo's settings.
     pub diloco: Option<Diloco>,
+    /// A change of world size mid-run (through a checkpoint).
     pub reshard: Option<Reshard>,
+    /// The closure's objective (LBFGS cases).
     pub objective: Option<Objective>,
+    /// Steps to run (the objective's, for LBFGS cases).
     pub num_steps: usize,
+    /// The steps' gradients.
     pub steps: Vec<Step>,
     /// Mixed precision (the gradients in `steps` are already rounded to `param_dtype`).
     pub precision: Option<Precision>,
@@ -214,6 +240,7 @@ impl Case {
         Case::from_value(&v)
     }
 
+    /// Parses and validates a case already read as JSON.
     pub fn from_value(v: &Value) -> Result<Case> {
         let top = object(v, "the case")?;
         check_keys(top, CASE_KEYS, "the case")?;

@@ -5,19 +5,27 @@ use std::fmt;
 use distoptim_optim::OptimError;
 use thiserror::Error;
 
-/// FORMAT.md's error classes, plus `unsupported` for strategies not built yet.
+/// FORMAT.md's error classes, plus `unsupported` for valid cases beyond this replay's limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorClass {
+    /// `invalid_world_size`.
     InvalidWorldSize,
+    /// `unknown_optimizer`.
     UnknownOptimizer,
+    /// `unknown_scheduler`.
     UnknownScheduler,
+    /// `shape_mismatch`.
     ShapeMismatch,
+    /// `nonfinite`.
     NonFinite,
+    /// `invalid_config`.
     InvalidConfig,
+    /// `unsupported`: valid by FORMAT.md, beyond this replay (limits, combinations).
     Unsupported,
 }
 
 impl ErrorClass {
+    /// The class's name in FORMAT.md.
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorClass::InvalidWorldSize => "invalid_world_size",
@@ -41,11 +49,14 @@ impl fmt::Display for ErrorClass {
 #[derive(Debug, Error)]
 #[error("{class}: {message}")]
 pub struct ReplayError {
+    /// The class.
     pub class: ErrorClass,
+    /// What is wrong, naming the field.
     pub message: String,
 }
 
 impl ReplayError {
+    /// An error of `class`.
     pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
         ReplayError { class, message: message.into() }
     }

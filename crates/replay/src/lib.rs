@@ -6,8 +6,10 @@
 //! norms, which the checker compares with PyTorch's within float tolerance.
 //!
 //! - [`case`]: parsing and validation, each problem mapped to FORMAT.md's error classes;
-//! - [`run`]: the strategies (today: `single` and LBFGS; the distributed ones are not yet
-//!   supported and say so);
+//! - [`mod@run`]: `single` (the one-process reference) and LBFGS cases;
+//! - `distributed`: every multi-rank case, one thread per rank on real collectives,
+//!   through the one data-parallel interface (`DataParallel`), with reshards through
+//!   real checkpoints;
 //! - [`objective`]: closures for LBFGS cases;
 //! - [`check`]: the checker's comparison rules, so tests can compare in-process.
 //!
@@ -25,6 +27,9 @@
 //! assert!(err.to_string().starts_with("unknown_optimizer"));
 //! # Ok::<(), distoptim_replay::ReplayError>(())
 //! ```
+
+// Every public item says what it is for (the docs are the API's contract).
+#![deny(missing_docs)]
 
 pub mod case;
 pub mod check;

@@ -18,24 +18,31 @@ pub struct StepReport {
     /// The lr of every group used by this step.
     pub lr: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The total norm before clipping (clipping cases).
     pub grad_norm: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Each rank's own norm (post_local_sgd, diloco).
     pub grad_norm_per_rank: Option<Vec<f32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The objective's value (LBFGS cases).
     pub loss: Option<f64>,
 }
 
 /// The replay's answer, printed as one JSON object.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Output {
+    /// The final parameters by name (the f32 master under mixed precision).
     pub params: BTreeMap<String, Vec<f32>>,
     /// With `precision`: the model's copy, the master rounded to `param_dtype`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_params: Option<BTreeMap<String, Vec<f32>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Each rank's parameters (post_local_sgd, diloco).
     pub params_per_rank: Option<Vec<BTreeMap<String, Vec<f32>>>>,
+    /// One entry per step.
     pub per_step: Vec<StepReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Elements each rank holds optimizer state for (ZeRO).
     pub optimizer_state_elems_per_rank: Option<Vec<usize>>,
 }
 

@@ -20,7 +20,7 @@ use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig};
 #[derive(Args, Debug)]
 pub struct EstimateArgs {
     /// Parameters of the model: a number with an optional K, M or B suffix (25M, 1.3B).
-    #[arg(long, value_parser = crate::size::count, conflicts_with = "layers")]
+    #[arg(long, value_parser = crate::value::count, conflicts_with = "layers")]
     params: Option<usize>,
     /// Or the model's tensors as shapes, e.g. `2048x4096,4096,4096x4096,4096,4096x10,10`.
     #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
@@ -29,14 +29,14 @@ pub struct EstimateArgs {
     #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [1usize, 2, 4, 8], value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     nproc: Vec<usize>,
     /// Strategies.
-    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["ddp".to_string(), "zero1".into(), "zero2".into(), "zero3".into()], value_parser = ["ddp", "zero1", "zero2", "zero3"])]
-    strategy: Vec<String>,
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "ddp,zero1,zero2,zero3", value_parser = crate::value::synchronous())]
+    strategy: Vec<Strategy>,
     /// Working types of the parameters and gradients.
-    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["f32".to_string(), "bf16".into()], value_parser = ["f32", "bf16", "f16"])]
-    precision: Vec<String>,
+    #[arg(long, value_delimiter = ',', num_args = 1.., value_enum, default_value = "f32,bf16")]
+    precision: Vec<FloatDtype>,
     /// What gradients are summed in.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    reduce_dtype: String,
+    #[arg(long, default_value = "f32", value_parser = crate::value::reduce_dtype())]
+    reduce_dtype: FloatDtype,
     /// The optimizer (its f32 state buffers per parameter: adam/adamw 2, sgd 1).
     #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw"])]
     optimizer: String,
@@ -171,7 +171,7 @@ pub fn run(args: EstimateArgs) -> Result<()> {
     };
     ensure!(params > 0, "the model has no parameters");
     let state_buffers = if args.optimizer == "sgd" { 1 } else { 2 };
-    let reduce_dtype: FloatDtype = args.reduce_dtype.parse()?;
+    let reduce_dtype = args.reduce_dtype;
     let given = (args.latency_us, args.bandwidth_gbs);
     let measured = if given.0.is_some() && given.1.is_some() && args.memory_gbs.is_some() {
         Vec::new()
@@ -212,10 +212,9 @@ pub fn run(args: EstimateArgs) -> Result<()> {
         "{:<6} {:>4} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} | {:>10} {:>10} {:>10}",
         "strat", "W", "prec", "params", "grads", "master", "state", "comm", "total MiB", "bytes/par", "sent MB", "comm ms", "step ms"
     );
-    for name in &args.strategy {
-        let strategy: Strategy = name.parse()?;
-        for dtype in &args.precision {
-            let precision = Precision::new(dtype.parse()?).with_reduce_dtype(reduce_dtype);
+    for &strategy in &args.strategy {
+        for &dtype in &args.precision {
+            let precision = Precision::new(dtype).with_reduce_dtype(reduce_dtype);
             for &w in &args.nproc {
                 let plan = Plan { params, world_size: w, strategy, precision, state_buffers };
                 let e = estimate(&plan, &machine_for(w));
@@ -223,7 +222,7 @@ pub fn run(args: EstimateArgs) -> Result<()> {
                 let m = e.memory;
                 println!(
                     "{:<6} {:>4} {:>6} | {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>10.2} | {:>10.1} {:>10.2} {:>10.2}",
-                    name,
+                    strategy.name(),
                     w,
                     dtype,
                     mib(m.working_params),

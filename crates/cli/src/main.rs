@@ -16,8 +16,8 @@ mod estimate;
 mod launch;
 mod ps;
 mod selftest;
-mod size;
 mod train;
+mod value;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

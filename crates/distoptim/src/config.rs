@@ -72,6 +72,17 @@ impl std::str::FromStr for Strategy {
     }
 }
 
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for Strategy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Strategy::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 /// How the ranks' gradients are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceMode {

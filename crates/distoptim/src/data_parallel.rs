@@ -53,8 +53,10 @@ pub trait DataParallel: Send {
     fn step(&mut self, params: FlatMut<'_>, grads: FlatMut<'_>, batch_size: usize) -> Result<StepReport>;
 
     /// Makes `params` complete on this rank before a forward pass (ZeRO-3 all-gathers its
-    /// shards; the others hold every element already and do nothing).
-    fn gather(&self, params: FlatMut<'_>) -> Result<()>;
+    /// shards; the others hold every element already and do nothing, the default).
+    fn gather(&self, _params: FlatMut<'_>) -> Result<()> {
+        Ok(())
+    }
 
     /// ZeRO-3: the range of the parameters a rank needs to keep between steps; `step`
     /// takes just that range and `gather` fills a full buffer from it (not collective).

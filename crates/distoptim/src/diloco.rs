@@ -186,10 +186,6 @@ impl crate::DataParallel for Diloco {
         Diloco::step(self, params, grads)
     }
 
-    fn gather(&self, _params: FlatMut<'_>) -> Result<()> {
-        Ok(())
-    }
-
     fn params_in_sync(&self) -> bool {
         Diloco::params_in_sync(self)
     }
@@ -231,14 +227,6 @@ impl crate::DataParallel for Diloco {
 
 impl crate::checkpoint::PerRank for Diloco {
     const STRATEGY: crate::Strategy = STRATEGY;
-
-    fn group(&self) -> &Communicator {
-        &self.comm
-    }
-
-    fn flat_layout(&self) -> &Layout {
-        self.inner.optimizer().layout()
-    }
 
     fn replica_state(&self) -> ReplicaState {
         Diloco::replica_state(self)

@@ -163,10 +163,6 @@ impl crate::DataParallel for PostLocalSgd {
         PostLocalSgd::step(self, params, grads, batch_size)
     }
 
-    fn gather(&self, _params: FlatMut<'_>) -> Result<()> {
-        Ok(())
-    }
-
     fn params_in_sync(&self) -> bool {
         PostLocalSgd::params_in_sync(self)
     }
@@ -202,14 +198,6 @@ impl crate::DataParallel for PostLocalSgd {
 
 impl crate::checkpoint::PerRank for PostLocalSgd {
     const STRATEGY: crate::Strategy = STRATEGY;
-
-    fn group(&self) -> &Communicator {
-        &self.comm
-    }
-
-    fn flat_layout(&self) -> &Layout {
-        self.opt.optimizer().layout()
-    }
 
     fn replica_state(&self) -> ReplicaState {
         PostLocalSgd::replica_state(self)

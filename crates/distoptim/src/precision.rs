@@ -33,6 +33,17 @@ pub enum FloatDtype {
     F16,
 }
 
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for FloatDtype {
+    fn value_variants<'a>() -> &'a [Self] {
+        &FloatDtype::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 impl FloatDtype {
     /// Every working type, in the order the CLI lists them.
     pub const ALL: [FloatDtype; 3] = [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16];

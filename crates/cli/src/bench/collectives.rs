@@ -25,10 +25,10 @@ pub struct CollectivesArgs {
     #[arg(long, default_value = "shm")]
     backend: String,
     /// Smallest message, in bytes (K, M, G suffixes allowed).
-    #[arg(long, default_value = "4K", value_parser = crate::size::bytes)]
+    #[arg(long, default_value = "4K", value_parser = crate::value::bytes)]
     min_bytes: usize,
     /// Largest message, in bytes.
-    #[arg(long, default_value = "256M", value_parser = crate::size::bytes)]
+    #[arg(long, default_value = "256M", value_parser = crate::value::bytes)]
     max_bytes: usize,
     /// Each size is this factor times the previous one.
     #[arg(long, default_value_t = 4)]

@@ -17,7 +17,7 @@ use super::median;
 #[derive(Args)]
 pub struct OptimArgs {
     /// Flat buffer sizes, in parameters (`10M`, `1k`…).
-    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [1_000_000usize, 10_000_000, 100_000_000], value_parser = crate::size::count)]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [1_000_000usize, 10_000_000, 100_000_000], value_parser = crate::value::count)]
     sizes: Vec<usize>,
     /// Also run a layout of this many tensors of 10K parameters (0: skip).
     #[arg(long, default_value_t = 1000)]

@@ -18,7 +18,7 @@ use super::median;
 #[derive(Args)]
 pub struct PsArgs {
     /// Parameter sizes (elements: `1M`, `16M`…).
-    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "1000000,16000000", value_parser = crate::size::count)]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "1000000,16000000", value_parser = crate::value::count)]
     sizes: Vec<usize>,
     /// Numbers of concurrent clients.
     #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "1,2,3,4")]

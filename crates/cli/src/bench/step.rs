@@ -43,11 +43,11 @@ pub struct StepArgs {
     #[arg(long, default_value_t = 2)]
     nproc: usize,
     /// Parameters in the flat buffer (`25M`, `100M`…).
-    #[arg(long, default_value_t = 25_000_000, value_parser = crate::size::count)]
+    #[arg(long, default_value_t = 25_000_000, value_parser = crate::value::count)]
     params: usize,
     /// Strategies to run.
-    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["ddp".to_string(), "zero1".into(), "zero2".into(), "zero3".into()], value_parser = ["ddp", "zero1", "zero2", "zero3"])]
-    strategies: Vec<String>,
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "ddp,zero1,zero2,zero3", value_parser = crate::value::synchronous())]
+    strategies: Vec<Strategy>,
     /// Timed steps per strategy (median reported), after two warm-up steps.
     #[arg(long, default_value_t = 11)]
     iters: usize,
@@ -56,11 +56,11 @@ pub struct StepArgs {
     threads: usize,
     /// Working types of the parameters and gradients to measure (f32 is always run, as
     /// the reference of the others).
-    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["f32".to_string()], value_parser = ["f32", "bf16", "f16"])]
-    precision: Vec<String>,
+    #[arg(long, value_delimiter = ',', num_args = 1.., value_enum, default_value = "f32")]
+    precision: Vec<FloatDtype>,
     /// What the mixed-precision rows sum gradients in.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    reduce_dtype: String,
+    #[arg(long, default_value = "f32", value_parser = crate::value::reduce_dtype())]
+    reduce_dtype: FloatDtype,
 }
 
 pub fn run(args: StepArgs) -> Result<()> {
@@ -72,20 +72,13 @@ pub fn run(args: StepArgs) -> Result<()> {
     pool.install(|| body(&comm, &args))
 }
 
-fn strategy(name: &str) -> Result<Strategy> {
-    let s: Strategy = name.parse()?;
-    if !s.is_synchronous() {
-        bail!("bench step measures the synchronous strategies (ddp, zero1, zero2, zero3), not {s}");
-    }
-    Ok(s)
-}
-
 fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
     let n = args.params;
     let layout = Layout::new([("flat", vec![n])])?;
     let adamw = OptimizerConfig::Adam(AdamConfig { lr: 1e-3, ..AdamConfig::adamw() });
     let groups = vec![ParamGroup { params: vec![0], config: adamw }];
     let clip = Some(ClipConfig::new(1.0));
+    let setup = Setup { comm, layout: layout.clone(), groups: groups.clone(), clip, iters: args.iters };
     let out = comm.rank() == 0;
     let machine = crate::estimate::measure_machine(comm)?;
     let predict = |s: Strategy, precision: Precision| {
@@ -123,15 +116,11 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
         );
     }
     let mut f32_times = Vec::new();
-    for name in &args.strategies {
-        let s = strategy(name)?;
-        if !s.is_synchronous() {
-            bail!("bench step measures the synchronous strategies, not {s}");
-        }
+    for &s in &args.strategies {
         // Shared-memory buffers, which the collectives reduce in place.
         let (mut params, mut grads) = (comm.alloc::<f32>(n)?, comm.alloc::<f32>(n)?);
         params.iter_mut().enumerate().for_each(|(i, p)| *p = (i % 97) as f32 * 1e-3);
-        let mut opt = build(comm, s, Precision::f32(), &layout, &groups, clip, &params)?;
+        let mut opt = setup.build(s, Precision::f32(), &params)?;
         let step = timed_step(comm, opt.as_mut(), &mut params, &mut grads, args.iters)?;
         let collectives = timed(comm, args.iters, || {
             match s {
@@ -170,7 +159,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
         if out {
             println!(
                 "{:<7} {:>10.2} {:>12.2} {:>12.2} {:>10.2} {:>8.0}% {:>11.2} {:>16.1} {:>10.0} {:>10.0} {:>10.2} {:>6.0}%",
-                name,
+                s.name(),
                 step * 1e3,
                 collectives * 1e3,
                 adam * 1e3,
@@ -185,8 +174,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
             );
         }
     }
-    let mixed: Vec<FloatDtype> = args.precision.iter().map(|p| p.parse()).collect::<distoptim::Result<_>>()?;
-    let reduce_dtype: FloatDtype = args.reduce_dtype.parse()?;
+    let (mixed, reduce_dtype) = (args.precision.clone(), args.reduce_dtype);
     let mixed: Vec<FloatDtype> = mixed.into_iter().filter(|&d| d != FloatDtype::F32 || reduce_dtype != FloatDtype::F32).collect();
     if !mixed.is_empty() && out {
         println!("# mixed precision: parameters and gradients of the working type, f32 master and state, reduced in {reduce_dtype}; bytes sent per rank per step as the ring model counts them");
@@ -199,9 +187,9 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
         let precision = Precision::new(dtype).with_reduce_dtype(reduce_dtype);
         for (s, f32_step) in f32_times.clone() {
             let (step, opt_bytes) = match dtype {
-                FloatDtype::F32 => mixed_step::<f32>(comm, s, precision, &layout, &groups, clip, args.iters)?,
-                FloatDtype::Bf16 => mixed_step::<bf16>(comm, s, precision, &layout, &groups, clip, args.iters)?,
-                FloatDtype::F16 => mixed_step::<f16>(comm, s, precision, &layout, &groups, clip, args.iters)?,
+                FloatDtype::F32 => setup.mixed_step::<f32>(s, precision)?,
+                FloatDtype::Bf16 => setup.mixed_step::<bf16>(s, precision)?,
+                FloatDtype::F16 => setup.mixed_step::<f16>(s, precision)?,
             };
             let predicted = predict(s, precision);
             let reference = predict(s, Precision::f32());
@@ -233,41 +221,37 @@ fn check_ledger(opt: &dyn DataParallel, predicted: &distoptim::MemoryLedger) -> 
     Ok(())
 }
 
-/// The median mixed-precision step (and, for ZeRO-3, the gather after it) with working
-/// type `T`; returns it and the bytes of optimizer state and master this rank holds.
-fn mixed_step<T: Working>(
-    comm: &Communicator,
-    s: Strategy,
-    precision: Precision,
-    layout: &Layout,
-    groups: &[ParamGroup],
+/// What every row of one run shares: the group, the model, the optimizer and the clip.
+struct Setup<'a> {
+    comm: &'a Communicator,
+    layout: Layout,
+    groups: Vec<ParamGroup>,
     clip: Option<ClipConfig>,
     iters: usize,
-) -> Result<(f64, u64)> {
-    let n = layout.numel();
-    let init: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
-    let mut opt = build(comm, s, precision, layout, groups, clip, &init)?;
-    let mut params: Vec<T> = init.iter().map(|&x| T::from_f32(x)).collect();
-    drop(init);
-    let mut grads = vec![T::default(); n];
-    let step = timed_step(comm, opt.as_mut(), &mut params, &mut grads, iters)?;
-    let m = opt.memory();
-    Ok((step, m.optimizer_state + m.master))
 }
 
-/// The strategy `s` as the one data-parallel interface builds it: mean reduction, `clip`,
-/// `precision`, the master starting at `init`.
-fn build(
-    comm: &Communicator,
-    s: Strategy,
-    precision: Precision,
-    layout: &Layout,
-    groups: &[ParamGroup],
-    clip: Option<ClipConfig>,
-    init: &[f32],
-) -> Result<Box<dyn DataParallel>> {
-    let config = DataParallelConfig::new().with_reduce(ReduceMode::Mean).with_clip(clip).with_precision(precision);
-    Ok(data_parallel(s, comm.clone(), layout.clone(), groups.to_vec(), None, &config, init)?)
+impl Setup<'_> {
+    /// The strategy `s` as the one data-parallel interface builds it: mean reduction,
+    /// the clip, `precision`, the master starting at `init`.
+    fn build(&self, s: Strategy, precision: Precision, init: &[f32]) -> Result<Box<dyn DataParallel>> {
+        let config = DataParallelConfig::new().with_reduce(ReduceMode::Mean).with_clip(self.clip).with_precision(precision);
+        Ok(data_parallel(s, self.comm.clone(), self.layout.clone(), self.groups.clone(), None, &config, init)?)
+    }
+
+    /// The median mixed-precision step (and, for ZeRO-3, the gather after it) with
+    /// working type `T`; returns it and the bytes of optimizer state and master this rank
+    /// holds.
+    fn mixed_step<T: Working>(&self, s: Strategy, precision: Precision) -> Result<(f64, u64)> {
+        let n = self.layout.numel();
+        let init: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
+        let mut opt = self.build(s, precision, &init)?;
+        let mut params: Vec<T> = init.iter().map(|&x| T::from_f32(x)).collect();
+        drop(init);
+        let mut grads = vec![T::default(); n];
+        let step = timed_step(self.comm, opt.as_mut(), &mut params, &mut grads, self.iters)?;
+        let m = opt.memory();
+        Ok((step, m.optimizer_state + m.master))
+    }
 }
 
 /// The median step (and, for ZeRO-3, the gather after it), with the gradients refilled

@@ -52,8 +52,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2)]
     nproc: usize,
     /// The data-parallel algorithm.
-    #[arg(long, default_value = "zero2", value_parser = ["ddp", "zero1", "zero2", "zero3", "post_local_sgd", "diloco"])]
-    strategy: String,
+    #[arg(long, value_enum, default_value_t = Strategy::Zero2)]
+    strategy: Strategy,
     /// `digits` (the embedded handwritten digits, an MLP 64-128-128-10) or `mlp-25m`
     /// (25M parameters, 2048-4096-4096-10, on synthetic inputs: for throughput).
     #[arg(long, default_value = "digits", value_parser = ["digits", "mlp-25m"])]
@@ -67,11 +67,11 @@ pub struct TrainArgs {
     optimizer: String,
     /// The model's parameters and gradients: f32, or bf16/f16 with an f32 master copy
     /// and f32 optimizer state (f16 with dynamic loss scaling). ddp and zero* only.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
-    precision: String,
+    #[arg(long, value_enum, default_value_t = FloatDtype::F32)]
+    precision: FloatDtype,
     /// What gradients are summed in across ranks: f32, or bf16 (half the bytes).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    reduce_dtype: String,
+    #[arg(long, default_value = "f32", value_parser = crate::value::reduce_dtype())]
+    reduce_dtype: FloatDtype,
     /// Peak learning rate (default: 3e-3 for adam/adamw, 0.05 for sgd).
     #[arg(long, allow_negative_numbers = true, value_parser = positive)]
     lr: Option<f64>,
@@ -204,7 +204,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     release_large_frees();
     let comm = Communicator::from_env()?;
-    match args.precision.parse::<FloatDtype>()? {
+    match args.precision {
         FloatDtype::F32 => Trainer::<f32>::new(comm, args)?.train(),
         FloatDtype::Bf16 => Trainer::<bf16>::new(comm, args)?.train(),
         FloatDtype::F16 => Trainer::<f16>::new(comm, args)?.train(),
@@ -310,7 +310,7 @@ impl<T: CandleElement> Trainer<T> {
         let clip = (args.clip > 0.0).then_some(ClipConfig::new(args.clip));
         // Batch-weighted (the default): the uneven last batch of an epoch, and a rank with
         // no sample of it, count by their sizes, so every world size takes the same step.
-        let precision = Precision::new(<T as distoptim::Working>::DTYPE).with_reduce_dtype(args.reduce_dtype.parse()?);
+        let precision = Precision::new(<T as distoptim::Working>::DTYPE).with_reduce_dtype(args.reduce_dtype);
         let config = DataParallelConfig::new()
             .with_clip(clip)
             .with_precision(precision)
@@ -323,7 +323,7 @@ impl<T: CandleElement> Trainer<T> {
             });
         let groups = param_groups(&layout, &args)?;
         let grads = comm.alloc::<T>(layout.numel())?;
-        let strategy: Strategy = args.strategy.parse()?;
+        let strategy = args.strategy;
         let algorithm = data_parallel(strategy, comm.clone(), layout, groups, Some(schedule), &config, &init)?;
         drop(init);
         let shard = algorithm.param_shard();

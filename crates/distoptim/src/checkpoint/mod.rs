@@ -469,13 +469,9 @@ fn step_counts(path: &Path, metadata: &BTreeMap<String, String>, params: usize) 
 /// An algorithm whose ranks hold their own models between synchronisations (post-local
 /// SGD, DiLoCo): its checkpoints are every rank's whole model and state, reloaded at the
 /// same world size and strategy only.
-pub(crate) trait PerRank {
+pub(crate) trait PerRank: crate::DataParallel {
     /// The strategy it is (checked on load).
     const STRATEGY: crate::Strategy;
-    /// The group.
-    fn group(&self) -> &Communicator;
-    /// The layout.
-    fn flat_layout(&self) -> &Layout;
     /// What the rank needs to continue besides its parameters.
     fn replica_state(&self) -> ReplicaState;
     /// Restores it.
@@ -493,15 +489,15 @@ pub(crate) fn save_per_rank<A: PerRank>(
 ) -> Result<(Manifest, PathBuf)> {
     let mut state = a.replica_state();
     state.counters.extend(counters);
-    save_replicas(root, a.group(), A::STRATEGY.name(), params.into_f32(A::STRATEGY.name())?, &state, options)
+    save_replicas(root, a.comm(), A::STRATEGY.name(), params.into_f32(A::STRATEGY.name())?, &state, options)
 }
 
 /// `DataParallel::load` of a [`PerRank`] algorithm: [`load_replicas`], refusing another
 /// strategy's checkpoint by name.
 pub(crate) fn load_per_rank<A: PerRank>(a: &mut A, path: &Path, params: crate::precision::FlatMut<'_>) -> Result<Manifest> {
     let strategy = A::STRATEGY;
-    let layout = a.flat_layout().clone();
-    let (m, state) = load_replicas(path, a.group(), &layout, params.into_f32(strategy.name())?)?;
+    let layout = a.layout().clone();
+    let (m, state) = load_replicas(path, a.comm(), &layout, params.into_f32(strategy.name())?)?;
     if m.strategy != strategy.name() {
         return Err(DistError::Checkpoint(format!(
             "{} holds a {} run; resume it with --strategy {}",

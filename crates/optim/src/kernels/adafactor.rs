@@ -19,6 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::non_negative;
+use crate::kernels::{check_lr, invalid};
 use crate::error::{OptimError, Result};
 use crate::kernels::{Kernel, Segment};
 use crate::kernels::muon::lerp;
@@ -130,30 +131,21 @@ impl Kernel for AdafactorConfig {
         "adafactor"
     }
 
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
+    lr_field!();
 
     fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
-        if !non_negative(self.lr) {
-            return bad(format!("invalid learning rate: {}", self.lr));
-        }
+        check_lr(self.lr)?;
         if self.beta2_decay > 0.0 || self.beta2_decay.is_nan() {
-            return bad(format!("beta2_decay should be <= 0 but is: {}", self.beta2_decay));
+            return invalid(format!("beta2_decay should be <= 0 but is: {}", self.beta2_decay));
         }
         if self.d.is_nan() || self.d < 1.0 {
-            return bad(format!("clipping threshold d should be >= 1 but is: {}", self.d));
+            return invalid(format!("clipping threshold d should be >= 1 but is: {}", self.d));
         }
         if self.eps.0.is_some_and(|e| !non_negative(e)) || !non_negative(self.eps.1) {
-            return bad(format!("epsilon values should be >= 0 but are: {:?}", self.eps));
+            return invalid(format!("epsilon values should be >= 0 but are: {:?}", self.eps));
         }
         if !non_negative(self.weight_decay) {
-            return bad(format!("weight_decay should be >= 0 but is: {}", self.weight_decay));
+            return invalid(format!("weight_decay should be >= 0 but is: {}", self.weight_decay));
         }
         Ok(())
     }

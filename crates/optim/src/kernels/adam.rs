@@ -8,7 +8,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::non_negative;
-use crate::error::{OptimError, Result};
+use crate::kernels::{check_lr, invalid};
+use crate::error::Result;
 use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,31 +209,22 @@ impl Kernel for AdamConfig {
         }
     }
 
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
+    lr_field!();
 
     fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
-        if !non_negative(self.lr) {
-            return bad(format!("invalid learning rate: {}", self.lr));
-        }
+        check_lr(self.lr)?;
         if !non_negative(self.eps) {
-            return bad(format!("invalid epsilon value: {}", self.eps));
+            return invalid(format!("invalid epsilon value: {}", self.eps));
         }
         let (b1, b2) = self.betas;
         if !(0.0..1.0).contains(&b1) {
-            return bad(format!("invalid beta parameter at index 0: {b1}"));
+            return invalid(format!("invalid beta parameter at index 0: {b1}"));
         }
         if !(0.0..1.0).contains(&b2) {
-            return bad(format!("invalid beta parameter at index 1: {b2}"));
+            return invalid(format!("invalid beta parameter at index 1: {b2}"));
         }
         if !non_negative(self.weight_decay) {
-            return bad(format!("invalid weight_decay value: {}", self.weight_decay));
+            return invalid(format!("invalid weight_decay value: {}", self.weight_decay));
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 use serde::{Deserialize, Serialize};
 
 use crate::config::non_negative;
+use crate::kernels::{check_lr, invalid};
 use crate::kernels::{Kernel, Segment};
 use crate::error::{OptimError, Result};
 
@@ -596,24 +597,15 @@ impl Kernel for LbfgsConfig {
         "lbfgs"
     }
 
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
+    lr_field!();
 
     fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
-        if !non_negative(self.lr) {
-            return bad(format!("invalid learning rate: {}", self.lr));
-        }
+        check_lr(self.lr)?;
         if self.history_size == 0 {
-            return bad("LBFGS history_size must be at least 1".into());
+            return invalid("LBFGS history_size must be at least 1".into());
         }
         if !non_negative(self.tolerance_grad) || !non_negative(self.tolerance_change) {
-            return bad("LBFGS tolerances must be non-negative numbers".into());
+            return invalid("LBFGS tolerances must be non-negative numbers".into());
         }
         Ok(())
     }

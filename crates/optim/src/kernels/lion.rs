@@ -13,7 +13,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::non_negative;
-use crate::error::{OptimError, Result};
+use crate::kernels::{check_lr, invalid};
+use crate::error::Result;
 use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
 
 /// Updates `params` and `exp_avg` in place, with every gradient multiplied by
@@ -62,25 +63,16 @@ impl Kernel for LionConfig {
         "lion"
     }
 
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
+    lr_field!();
 
     fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
-        if !non_negative(self.lr) {
-            return bad(format!("invalid learning rate: {}", self.lr));
-        }
+        check_lr(self.lr)?;
         let (b1, b2) = self.betas;
         if !(0.0..=1.0).contains(&b1) || !(0.0..=1.0).contains(&b2) {
-            return bad(format!("invalid betas {:?}: each in [0, 1]", self.betas));
+            return invalid(format!("invalid betas {:?}: each in [0, 1]", self.betas));
         }
         if !non_negative(self.weight_decay) {
-            return bad(format!("invalid weight_decay value: {}", self.weight_decay));
+            return invalid(format!("invalid weight_decay value: {}", self.weight_decay));
         }
         Ok(())
     }

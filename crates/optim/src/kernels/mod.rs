@@ -30,6 +30,33 @@ use serde::{Deserialize, Serialize};
 use crate::error::{OptimError, Result};
 use crate::layout::ParamSpec;
 
+/// `lr()` and `set_lr()` of a kernel whose config keeps the lr in a field `lr`.
+macro_rules! lr_field {
+    () => {
+        fn lr(&self) -> f64 {
+            self.lr
+        }
+
+        fn set_lr(&mut self, lr: f64) {
+            self.lr = lr;
+        }
+    };
+}
+
+/// The check every kernel's validation starts with, in torch's words (NaN fails it).
+pub(crate) fn check_lr(lr: f64) -> Result<()> {
+    if crate::config::non_negative(lr) {
+        Ok(())
+    } else {
+        invalid(format!("invalid learning rate: {lr}"))
+    }
+}
+
+/// A refused configuration, with the reference implementation's message.
+pub(crate) fn invalid(message: String) -> Result<()> {
+    Err(OptimError::InvalidConfig(message))
+}
+
 /// Declares each kernel module, re-exports its config and builds [`OptimizerConfig`]:
 /// the closed set of kernels a param group can name, serialised with an `algorithm` tag.
 macro_rules! registry {

@@ -19,6 +19,7 @@ use half::bf16;
 use serde::{Deserialize, Serialize};
 
 use crate::config::non_negative;
+use crate::kernels::{check_lr, invalid};
 use crate::error::{OptimError, Result};
 use crate::kernels::{Kernel, Segment};
 use crate::layout::ParamSpec;
@@ -188,36 +189,27 @@ impl Kernel for MuonConfig {
         "muon"
     }
 
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
+    lr_field!();
 
     fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
-        if !non_negative(self.lr) {
-            return bad(format!("invalid learning rate: {}", self.lr));
-        }
+        check_lr(self.lr)?;
         if !non_negative(self.weight_decay) {
-            return bad(format!("invalid weight decay value: {}", self.weight_decay));
+            return invalid(format!("invalid weight decay value: {}", self.weight_decay));
         }
         if !non_negative(self.momentum) {
-            return bad(format!("invalid momentum value: {}", self.momentum));
+            return invalid(format!("invalid momentum value: {}", self.momentum));
         }
         if !non_negative(self.eps) {
-            return bad(format!("invalid epsilon value: {}", self.eps));
+            return invalid(format!("invalid epsilon value: {}", self.eps));
         }
         if self.ns_steps >= 100 {
-            return bad(format!("number of steps must be less than 100 for computational efficiency, got {}", self.ns_steps));
+            return invalid(format!("number of steps must be less than 100 for computational efficiency, got {}", self.ns_steps));
         }
         if self.nesterov && self.momentum <= 0.0 {
-            return bad("nesterov momentum requires a momentum".into());
+            return invalid("nesterov momentum requires a momentum".into());
         }
         if self.ns_coefficients.iter().any(|x| !x.is_finite()) {
-            return bad(format!("ns_coefficients must be finite, got {:?}", self.ns_coefficients));
+            return invalid(format!("ns_coefficients must be finite, got {:?}", self.ns_coefficients));
         }
         Ok(())
     }

@@ -18,7 +18,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::non_negative;
-use crate::error::{OptimError, Result};
+use crate::kernels::{check_lr, invalid};
+use crate::error::Result;
 use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
 use crate::kernels::muon::lerp;
 
@@ -150,25 +151,16 @@ impl Kernel for ScheduleFreeConfig {
         "schedule_free_adamw"
     }
 
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
+    lr_field!();
 
     fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
-        if !non_negative(self.lr) {
-            return bad(format!("invalid learning rate: {}", self.lr));
-        }
+        check_lr(self.lr)?;
         let (b1, b2) = self.betas;
         if !(b1 > 0.0 && b1 < 1.0 && (0.0..1.0).contains(&b2)) {
-            return bad(format!("invalid betas {:?}: beta1 in (0, 1), beta2 in [0, 1)", self.betas));
+            return invalid(format!("invalid betas {:?}: beta1 in (0, 1), beta2 in [0, 1)", self.betas));
         }
         if !non_negative(self.eps) || !non_negative(self.weight_decay) {
-            return bad(format!("eps ({}) and weight_decay ({}) must be >= 0", self.eps, self.weight_decay));
+            return invalid(format!("eps ({}) and weight_decay ({}) must be >= 0", self.eps, self.weight_decay));
         }
         Ok(())
     }

@@ -7,7 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::non_negative;
-use crate::error::{OptimError, Result};
+use crate::kernels::{check_lr, invalid};
+use crate::error::Result;
 use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
 
 /// The per-step scalars of one SGD update, computed once per segment.
@@ -151,30 +152,21 @@ impl Kernel for SgdConfig {
         "sgd"
     }
 
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
+    lr_field!();
 
     fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(OptimError::InvalidConfig(msg));
-        if !non_negative(self.lr) {
-            return bad(format!("invalid learning rate: {}", self.lr));
-        }
+        check_lr(self.lr)?;
         if !non_negative(self.momentum) {
-            return bad(format!("invalid momentum value: {}", self.momentum));
+            return invalid(format!("invalid momentum value: {}", self.momentum));
         }
         if !non_negative(self.weight_decay) {
-            return bad(format!("invalid weight_decay value: {}", self.weight_decay));
+            return invalid(format!("invalid weight_decay value: {}", self.weight_decay));
         }
         if !self.dampening.is_finite() {
-            return bad(format!("invalid dampening value: {}", self.dampening));
+            return invalid(format!("invalid dampening value: {}", self.dampening));
         }
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
-            return bad("nesterov momentum requires a momentum and zero dampening".into());
+            return invalid("nesterov momentum requires a momentum and zero dampening".into());
         }
         Ok(())
     }

@@ -1,8 +1,26 @@
-//! The one parser for sizes on the command line: `4096`, `1k`, `4K`, `16M`, `1.3B`.
+//! The command line's value parsers: the one parser for sizes (`4096`, `1k`, `4K`, `16M`,
+//! `1.3B`), and the library's named types restricted to what a command accepts (clap
+//! lists the choices and refuses others before any rank starts).
 //!
 //! Suffixes are case-insensitive. Byte sizes are binary (`4K` = 4096 bytes, as
 //! nccl-tests and `dd` read them); counts of parameters or elements are decimal (`25M` =
 //! 25,000,000, as model sizes are quoted), with `B` or `G` for billions.
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use distoptim::{FloatDtype, Strategy};
+
+/// The synchronous strategies (ddp, zero1, zero2, zero3): what `bench step` and
+/// `estimate` measure.
+pub fn synchronous() -> impl TypedValueParser<Value = Strategy> {
+    let names: Vec<&'static str> = Strategy::ALL.iter().filter(|s| s.is_synchronous()).map(|s| s.name()).collect();
+    PossibleValuesParser::new(names).try_map(|s| s.parse::<Strategy>())
+}
+
+/// The types gradients may be reduced in (f32, bf16; f16 would need a loss scale per
+/// group).
+pub fn reduce_dtype() -> impl TypedValueParser<Value = FloatDtype> {
+    PossibleValuesParser::new([FloatDtype::F32.name(), FloatDtype::Bf16.name()]).try_map(|s| s.parse::<FloatDtype>())
+}
 
 /// The largest size accepted: 2^48, far above any buffer this machine can hold, so that
 /// no later multiplication overflows.

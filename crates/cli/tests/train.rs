@@ -278,3 +278,19 @@ fn the_new_optimizers_learn_the_digits() {
         let _ = std::fs::remove_dir_all(&out_dir);
     }
 }
+
+/// Resuming another model names the first parameter that differs, before any rank starts
+/// training; `checkpoint consolidate --help` explains its two arguments.
+#[test]
+fn a_resume_of_another_model_names_the_parameter_and_consolidate_explains_its_arguments() {
+    let (ckpt, out) = (scratch("other-model"), scratch("other-model-out"));
+    let (c, o) = (ckpt.to_str().unwrap(), out.to_str().unwrap());
+    train(&["--steps", "4", "--eval-every", "4", "--checkpoint-dir", c, "--out", o]);
+    let err = train_fails(&["--steps", "8", "--hidden", "64,64", "--resume", c, "--out", o]);
+    assert!(err.contains("was saved for another model") && err.contains("parameter 0 is 'fc0.bias' [128]"), "{err}");
+    assert!(err.contains("and 'fc0.bias' [64]"), "{err}");
+    let help = Command::new(env!("CARGO_BIN_EXE_distoptim")).args(["checkpoint", "consolidate", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("<DIR>  A checkpoint directory") && help.contains("<OUT>  Where to write"), "{help}");
+    let _ = (std::fs::remove_dir_all(ckpt), std::fs::remove_dir_all(out));
+}

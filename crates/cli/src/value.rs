@@ -39,6 +39,14 @@ pub fn count(s: &str) -> Result<usize, String> {
     parse(s, &t, &[('K', 1e3), ('M', 1e6), ('B', 1e9), ('G', 1e9)], "a count like 4096, 10k, 25M or 1.3B")
 }
 
+/// A matrix shape `ROWSxCOLS` (`1024x4096`), each side at least 1, at most 2^24.
+pub fn matrix(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("{s:?} is not a matrix shape like 1024x4096");
+    let (r, c) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
+    let side = |v: &str| v.trim().parse::<usize>().ok().filter(|&n| (1..=1 << 24).contains(&n)).ok_or_else(bad);
+    Ok((side(r)?, side(c)?))
+}
+
 /// `t` (upper case, trimmed) as a number times its suffix's scale: at least 1, at most
 /// [`MAX`], and whole.
 fn parse(original: &str, t: &str, suffixes: &[(char, f64)], what: &str) -> Result<usize, String> {

@@ -3,13 +3,23 @@
 //! is memory-bound, so the copy is its roofline: "% of copy" is the figure that matters.
 //! Bytes moved per parameter: AdamW reads p, g, m, v and writes p, m, v (28 B); SGD with
 //! momentum reads p, g, buf and writes p, buf (20 B); Lion reads p, g, m and writes p, m
-//! (20 B); Schedule-Free AdamW reads y, g, z, v and writes y, z, v (28 B).
+//! (20 B); Schedule-Free AdamW reads y, g, z, v and writes y, z, v (28 B). Adafactor (a
+//! 1-D parameter) needs RMS(p) before it may write p and RMS(U) over the whole parameter
+//! before it may apply U, so it cannot be one pass: statistics (read p, g, v, write v:
+//! 16 B), RMS(U) (read g, v: 8 B), update (read p, g, v, write p: 16 B), 40 B in all.
+//!
+//! Muon is compute-bound: its table gives the GFLOP/s of the Newton–Schulz products
+//! (X·Xᵀ, S·S and T·X, five times, in bf16 rounding) next to the same three products of
+//! the same shapes done as plain f32 matmuls by the same GEMM kernels, on the same pool.
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use distoptim_optim::{AdamConfig, Layout, LionConfig, Optimizer, OptimizerConfig, ScheduleFreeConfig, SgdConfig};
+use distoptim_optim::kernels::muon::{matmul, newton_schulz, newton_schulz_flops, MatrixView};
+use distoptim_optim::{
+    AdafactorConfig, AdamConfig, Layout, LionConfig, MuonConfig, Optimizer, OptimizerConfig, ScheduleFreeConfig, SgdConfig,
+};
 use rayon::prelude::*;
 
 use super::median;
@@ -28,10 +38,86 @@ pub struct OptimArgs {
     /// Timed iterations per measurement (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 5)]
     iters: usize,
+    /// Matrix shapes for the Muon table (`ROWSxCOLS`; none: skip it).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1024x1024,1024x4096", value_parser = crate::value::matrix)]
+    muon_shapes: Vec<(usize, usize)>,
 }
 
 pub fn run(args: OptimArgs) -> Result<()> {
-    bench_optim(&args.sizes, args.tensors, &args.threads, args.iters.max(1))
+    if args.threads.contains(&0) {
+        bail!("--threads must be at least 1");
+    }
+    bench_optim(&args.sizes, args.tensors, &args.threads, args.iters.max(1))?;
+    bench_muon(&args.muon_shapes, &args.threads, args.iters.max(1))
+}
+
+/// Muon's Newton–Schulz products next to plain f32 matmuls of the same shapes.
+fn bench_muon(shapes: &[(usize, usize)], threads: &[usize], iters: usize) -> Result<()> {
+    if shapes.is_empty() {
+        return Ok(());
+    }
+    let config = MuonConfig::default();
+    println!(
+        "# muon: Newton-Schulz ({} steps, bf16 rounding of each op) vs the same products as plain f32 GEMMs; median of {iters}",
+        config.ns_steps
+    );
+    println!(
+        "{:<13} {:>11} {:>7} {:>10} {:>12} {:>10} {:>12} {:>10} {:>12}",
+        "optimizer", "shape", "threads", "NS ms", "NS GFLOP/s", "plain ms", "plain GFLOP/s", "% of plain", "step ms"
+    );
+    for &(rows, cols) in shapes {
+        let u: Vec<f32> = (0..rows * cols).map(|i| ((i * 31 % 97) as f32 - 48.0) * 1e-3).collect();
+        let flops = newton_schulz_flops(rows, cols, config.ns_steps);
+        for &t in threads {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().context("building the thread pool")?;
+            let (ns, plain, step) = pool.install(|| -> Result<(f64, f64, f64)> {
+                let ns = timed(iters, || {
+                    std::hint::black_box(newton_schulz(&u, rows, cols, &config));
+                });
+                let (m, n) = (rows.min(cols), rows.max(cols));
+                let (x, mut s, mut ss, mut tx) = (u[..m * n].to_vec(), vec![0f32; m * m], vec![0f32; m * m], vec![0f32; m * n]);
+                let plain = timed(iters, || {
+                    for _ in 0..config.ns_steps {
+                        let xv = MatrixView::row_major(&x, m, n);
+                        matmul(xv, xv.t(), &mut s);
+                        matmul(MatrixView::row_major(&s, m, m), MatrixView::row_major(&s, m, m), &mut ss);
+                        matmul(MatrixView::row_major(&ss, m, m), xv, &mut tx);
+                    }
+                    std::hint::black_box(&tx);
+                });
+                let layout = Layout::new([("w", vec![rows, cols])])?;
+                let step = time_step(&layout, OptimizerConfig::Muon(config.clone()), iters)?;
+                Ok((ns, plain, step))
+            })?;
+            println!(
+                "{:<13} {:>11} {:>7} {:>10.2} {:>12.1} {:>10.2} {:>12.1} {:>9.0}% {:>12.2}",
+                "muon",
+                format!("{rows}x{cols}"),
+                t,
+                ns * 1e3,
+                flops / ns / 1e9,
+                plain * 1e3,
+                flops / plain / 1e9,
+                100.0 * plain / ns,
+                step * 1e3
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The median seconds of `iters` runs of `f`, after one warm-up run.
+fn timed(iters: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..iters)
+            .map(|_| {
+                let t0 = Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
 }
 
 struct Workload {
@@ -46,7 +132,7 @@ fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize)
         let layout = Layout::new((0..tensors).map(|i| (format!("t{i}"), vec![10_000])))?;
         workloads.push(Workload { label: format!("{tensors}x10K"), layout });
     }
-    let optimizers: [(&str, OptimizerConfig, usize); 4] = [
+    let optimizers: [(&str, OptimizerConfig, usize); 5] = [
         ("sgd_momentum", OptimizerConfig::Sgd(SgdConfig { lr: 1e-3, momentum: 0.9, ..Default::default() }), 20),
         ("adamw", OptimizerConfig::Adam(AdamConfig::adamw()), 28),
         ("lion", OptimizerConfig::Lion(LionConfig { weight_decay: 0.1, ..LionConfig::default() }), 20),
@@ -55,6 +141,7 @@ fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize)
             OptimizerConfig::ScheduleFreeAdamw(ScheduleFreeConfig { weight_decay: 0.01, ..ScheduleFreeConfig::default() }),
             28,
         ),
+        ("adafactor", OptimizerConfig::Adafactor(AdafactorConfig::default()), 40),
     ];
     println!(
         "# distoptim bench optim: median of {iters} steps after one warm-up; copy = parallel memcpy of the same bytes on the same pool"
@@ -67,9 +154,6 @@ fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize)
         let n = w.layout.numel();
         for (name, config, bytes_per_param) in &optimizers {
             for &t in threads {
-                if t == 0 {
-                    bail!("--threads must be at least 1");
-                }
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().context("building the thread pool")?;
                 let bytes = (n * bytes_per_param) as f64;
                 let (step_s, copy_s) = pool.install(|| -> Result<(f64, f64)> {

@@ -23,6 +23,7 @@ use crate::kernels::{check_lr, invalid};
 use crate::error::{OptimError, Result};
 use crate::kernels::{Kernel, Segment};
 use crate::kernels::muon::lerp;
+use rayon::prelude::*;
 
 /// f32's machine epsilon, torch's `finfo(float32).eps`: eps1's default.
 pub const F32_EPS: f64 = f32::EPSILON as f64;
@@ -39,13 +40,28 @@ pub fn state_sizes(shape: &[usize]) -> [usize; 3] {
     }
 }
 
-fn rms(x: &[f32]) -> f64 {
-    (x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt() as f32) as f64 / (x.len() as f64).sqrt()
+/// Elements per partial sum: sums are taken chunk by chunk in a fixed order, so the
+/// result is the same bits on any number of threads.
+const SUM_CHUNK: usize = 1 << 14;
+
+/// Σ x² over `x` in f64: [`SUM_CHUNK`] pieces in parallel, added up in order.
+fn sum_sq_f64(x: &[f32]) -> f64 {
+    let partials: Vec<f64> = x.par_chunks(SUM_CHUNK).map(sum_sq).collect();
+    partials.iter().sum()
+}
+
+/// torch's RMS: the f64 2-norm rounded to f32, over sqrt(numel).
+fn rms_of(sum_sq: f64, n: usize) -> f64 {
+    (sum_sq.sqrt() as f32) as f64 / (n as f64).sqrt()
 }
 
 /// One Adafactor step of a whole parameter of `shape` taking its `step`-th step (from 1);
 /// `row`, `col`, `v` are its state (sized by [`state_sizes`]). Gradients are multiplied by
 /// `grad_scale` as they are read (the clip coefficient).
+///
+/// Passes, each parallel over fixed pieces: RMS(p), the second moments, Σ U² with U
+/// computed piece by piece from g and the new moments (never stored whole), then the
+/// update with U computed again: re-reading g and V costs what a stored U would.
 #[allow(clippy::too_many_arguments)]
 pub fn update(
     c: &AdafactorConfig,
@@ -58,49 +74,122 @@ pub fn update(
     v: &mut [f32],
     grad_scale: f32,
 ) {
-    let g: Vec<f32> = g.iter().map(|&x| if c.maximize { -x * grad_scale } else { x * grad_scale }).collect();
+    // -(x·s) and x·(-s) are the same bits; one multiplier keeps the loops branch-free.
+    let scale = if c.maximize { -grad_scale } else { grad_scale };
+    let grad = move |x: f32| x * scale;
     let eps1 = c.eps.0.unwrap_or(F32_EPS) as f32;
+    let eps1_sq = eps1 * eps1;
+    
     let s = step as f64;
     let omega = s.powf(c.beta2_decay) as f32;
     let rho = c.lr.min(1.0 / s.sqrt());
-    let alpha = c.eps.1.max(rms(p)) * rho;
-    if c.weight_decay != 0.0 {
-        let decay = (1.0 - c.lr * c.weight_decay) as f32;
-        p.iter_mut().for_each(|x| *x *= decay);
-    }
-    let mut u = vec![0f32; g.len()];
-    if shape.len() >= 2 {
-        let (r, cn) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-        let batch = g.len() / (r * cn).max(1);
+    let alpha = c.eps.1.max(rms_of(sum_sq_f64(p), p.len())) * rho;
+    let decay = (c.weight_decay != 0.0).then(|| (1.0 - c.lr * c.weight_decay) as f32);
+    let n = g.len();
+    let factored = shape.len() >= 2;
+    let (r, cn) = if factored { (shape[shape.len() - 2], shape[shape.len() - 1]) } else { (1, n) };
+    let mut means = Vec::new();
+    if factored {
+        let batch = n / (r * cn).max(1);
         for bi in 0..batch {
             let gm = &g[bi * r * cn..(bi + 1) * r * cn];
             let (rows, cols) = (&mut row[bi * r..(bi + 1) * r], &mut col[bi * cn..(bi + 1) * cn]);
-            for i in 0..r {
-                let norm = gm[i * cn..(i + 1) * cn].iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt() as f32;
-                rows[i] = lerp(rows[i], norm * norm / cn as f32, omega);
-            }
-            for j in 0..cn {
-                let norm = (0..r).map(|i| f64::from(gm[i * cn + j]).powi(2)).sum::<f64>().sqrt() as f32;
-                cols[j] = lerp(cols[j], norm * norm / r as f32, omega);
-            }
-            let mean = ((rows.iter().map(|&x| f64::from(x)).sum::<f64>() / r as f64) as f32).max(eps1);
-            for (i, row_i) in rows.iter().enumerate() {
-                for (j, col_j) in cols.iter().enumerate() {
-                    let var = row_i * col_j / mean;
-                    let k = bi * r * cn + i * cn + j;
-                    u[k] = 1.0 / var.max(eps1 * eps1).sqrt() * g[k];
+            rows.par_iter_mut().enumerate().for_each(|(i, ri)| {
+                let norm = gm[i * cn..(i + 1) * cn].iter().map(|&x| f64::from(grad(x)) * f64::from(grad(x))).sum::<f64>().sqrt() as f32;
+                *ri = lerp(*ri, norm * norm / cn as f32, omega);
+            });
+            // Column sums row by row (i ascending, as a column walk would add them), in
+            // column blocks across threads.
+            cols.par_chunks_mut(256).enumerate().for_each(|(bj, cb)| {
+                let j0 = bj * 256;
+                let mut acc = vec![0f64; cb.len()];
+                for i in 0..r {
+                    let src = &gm[i * cn + j0..i * cn + j0 + cb.len()];
+                    acc.iter_mut().zip(src).for_each(|(a, &x)| *a += f64::from(grad(x)) * f64::from(grad(x)));
                 }
-            }
+                cb.iter_mut().zip(&acc).for_each(|(cj, a)| {
+                    let norm = a.sqrt() as f32;
+                    *cj = lerp(*cj, norm * norm / r as f32, omega);
+                });
+            });
+            means.push(((rows.iter().map(|&x| f64::from(x)).sum::<f64>() / r as f64) as f32).max(eps1));
         }
+        let (row, col, means) = (&*row, &*col, &means);
+        // U over elements k0.. of the parameter, row segment by row segment.
+        let fill = |k0: usize, gc: &[f32], out: &mut [f32]| {
+            let mut k = k0;
+            while k < k0 + gc.len() {
+                let (bi, i, j) = (k / (r * cn), k / cn % r, k % cn);
+                let len = (cn - j).min(k0 + gc.len() - k);
+                let (ri, mean) = (row[bi * r + i], means[bi]);
+                let cols = &col[bi * cn + j..bi * cn + j + len];
+                let (gs, os) = (&gc[k - k0..k - k0 + len], &mut out[k - k0..k - k0 + len]);
+                for ((o, &gk), &cj) in os.iter_mut().zip(gs).zip(cols) {
+                    *o = 1.0 / (ri * cj / mean).max(eps1_sq).sqrt() * grad(gk);
+                }
+                k += len;
+            }
+        };
+        apply(p, g, fill, alpha, c.d, decay);
     } else {
-        for (k, (v, &gk)) in v.iter_mut().zip(&g).enumerate() {
-            *v = lerp(*v, gk * gk, omega);
-            u[k] = 1.0 / v.max(eps1 * eps1).sqrt() * gk;
+        v.par_chunks_mut(SUM_CHUNK).zip(g.par_chunks(SUM_CHUNK)).for_each(|(vc, gc)| {
+            vc.iter_mut().zip(gc).for_each(|(v, &gk)| *v = lerp(*v, grad(gk) * grad(gk), omega));
+        });
+        let v = &*v;
+        let fill = |k0: usize, gc: &[f32], out: &mut [f32]| {
+            for ((o, &gk), &vk) in out.iter_mut().zip(gc).zip(&v[k0..k0 + gc.len()]) {
+                *o = 1.0 / vk.max(eps1_sq).sqrt() * grad(gk);
+            }
+        };
+        apply(p, g, fill, alpha, c.d, decay);
+    }
+}
+
+/// Σ x² in f64 over a piece, in 8 lanes added up in order.
+fn sum_sq(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut pieces = x.chunks_exact(8);
+    for piece in pieces.by_ref() {
+        for (l, &v) in lanes.iter_mut().zip(piece) {
+            *l += f64::from(v) * f64::from(v);
         }
     }
-    let denom = (rms(&u) / c.d).max(1.0);
-    let step_size = (-alpha / denom) as f32;
-    p.iter_mut().zip(&u).for_each(|(p, u)| *p += step_size * u);
+    lanes.iter().sum::<f64>() + pieces.remainder().iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()
+}
+
+/// The update `p = p·decay - α / max(1, RMS(U)/d) · U`, where `fill(k0, g_piece, out)`
+/// writes U for the elements `k0..` of a piece: one pass for RMS(U), one for the update,
+/// U recomputed in each (a piece-sized buffer, never the whole of it).
+fn apply(
+    p: &mut [f32],
+    g: &[f32],
+    fill: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+    alpha: f64,
+    d: f64,
+    decay: Option<f32>,
+) {
+    let partials: Vec<f64> = g
+        .par_chunks(SUM_CHUNK)
+        .enumerate()
+        .map_init(
+            || vec![0f32; SUM_CHUNK],
+            |u, (ci, gc)| {
+                fill(ci * SUM_CHUNK, gc, &mut u[..gc.len()]);
+                sum_sq(&u[..gc.len()])
+            },
+        )
+        .collect();
+    let step_size = (-alpha / (rms_of(partials.iter().sum(), g.len()) / d).max(1.0)) as f32;
+    p.par_chunks_mut(SUM_CHUNK).zip(g.par_chunks(SUM_CHUNK)).enumerate().for_each_init(
+        || vec![0f32; SUM_CHUNK],
+        |u, (ci, (pc, gc))| {
+            fill(ci * SUM_CHUNK, gc, &mut u[..gc.len()]);
+            match decay {
+                Some(d) => pc.iter_mut().zip(u.iter()).for_each(|(x, &uk)| *x = *x * d + step_size * uk),
+                None => pc.iter_mut().zip(u.iter()).for_each(|(x, &uk)| *x += step_size * uk),
+            }
+        },
+    );
 }
 
 /// `torch.optim.Adafactor`.

@@ -38,26 +38,84 @@ fn bf(x: f32) -> f32 {
     bf16::from_f32(x).to_f32()
 }
 
-/// `X·Yᵀ` of row-major `x` (m×k) and `y` (n×k), each product exact in f32 (bf16 values)
-/// and summed in f32, as torch's bf16 matmul accumulates (in 8 lanes, then across them:
-/// torch's order is its own, and the tolerances of FORMAT.md admit any).
-fn mul_transposed(x: &[f32], y: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
-    for i in 0..m {
-        let a = &x[i * k..(i + 1) * k];
-        for j in 0..n {
-            let b = &y[j * k..(j + 1) * k];
-            let mut lanes = [0.0f32; 8];
-            let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-            let (ra, rb) = (ca.remainder(), cb.remainder());
-            for (pa, pb) in ca.zip(cb) {
-                for l in 0..8 {
-                    lanes[l] += pa[l] * pb[l];
-                }
-            }
-            let tail: f32 = ra.iter().zip(rb).map(|(p, q)| p * q).sum();
-            out[i * n + j] = lanes.iter().sum::<f32>() + tail;
-        }
+/// A matrix inside a slice: element (i, j) at `data[i·row_stride + j·col_stride]`, so a
+/// row-major buffer is seen transposed by swapping the strides.
+#[derive(Clone, Copy)]
+pub struct MatrixView<'a> {
+    /// The elements.
+    pub data: &'a [f32],
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Distance between consecutive rows.
+    pub row_stride: usize,
+    /// Distance between consecutive columns.
+    pub col_stride: usize,
+}
+
+impl<'a> MatrixView<'a> {
+    /// A row-major `rows`×`cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatrixView { data, rows, cols, row_stride: cols, col_stride: 1 }
     }
+
+    /// The same elements seen transposed.
+    pub fn t(self) -> Self {
+        MatrixView { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
+    /// Whether every element the view names lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// `out = a·b` (row-major, `a.rows`×`b.cols`) in f32 by the `gemm` crate's kernels on the
+/// current rayon pool: each output element's sum runs in one fixed order, so the result
+/// does not depend on the thread count. Products of bf16 values are exact in f32 and the
+/// sums are f32, as torch's bf16 matmul accumulates.
+pub fn matmul(a: MatrixView<'_>, b: MatrixView<'_>, out: &mut [f32]) {
+    assert!(a.cols == b.rows && out.len() == a.rows * b.cols, "matmul: {}x{} · {}x{} into {}", a.rows, a.cols, b.rows, b.cols, out.len());
+    assert!(a.in_bounds() && b.in_bounds(), "matmul: a view reaches past its data");
+    if out.is_empty() {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above keep every index the strides name inside `a.data`,
+    // `b.data` and `out` (row-major, `a.rows`×`b.cols`); `out` is borrowed mutably, so it
+    // aliases neither input; `read_dst` is false, so `out`'s old values are never read.
+    unsafe {
+        gemm::gemm(
+            a.rows,
+            b.cols,
+            a.cols,
+            out.as_mut_ptr(),
+            1,
+            b.cols as isize,
+            false,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// The floating-point operations of [`newton_schulz`]'s products for a `rows`×`cols`
+/// matrix: per step, X·Xᵀ and T·X (2·m·m·n each) and S·S (2·m³), m the smaller side.
+pub fn newton_schulz_flops(rows: usize, cols: usize, steps: u64) -> f64 {
+    let (m, n) = (rows.min(cols) as f64, rows.max(cols) as f64);
+    steps as f64 * (4.0 * m * m * n + 2.0 * m * m * m)
 }
 
 /// `NS(U)` for U of shape `rows`×`cols`, torch's `_zeropower_via_newtonschulz`: X = bf(U)
@@ -76,20 +134,14 @@ pub fn newton_schulz(u: &[f32], rows: usize, cols: usize, c: &MuonConfig) -> Vec
     x.iter_mut().for_each(|v| *v = bf(*v / denom));
     let [a, b, cc] = c.ns_coefficients.map(|v| v as f32);
     let (mut s, mut ss, mut t, mut tx) = (vec![0f32; m * m], vec![0f32; m * m], vec![0f32; m * m], vec![0f32; m * n]);
-    let mut xt = vec![0f32; n * m];
     for _ in 0..c.ns_steps {
-        mul_transposed(&x, &x, m, m, n, &mut s);
+        let xv = MatrixView::row_major(&x, m, n);
+        matmul(xv, xv.t(), &mut s);
         s.iter_mut().for_each(|v| *v = bf(*v));
-        // S is symmetric: S·S = S·Sᵀ.
-        mul_transposed(&s, &s, m, m, m, &mut ss);
+        let sv = MatrixView::row_major(&s, m, m);
+        matmul(sv, sv, &mut ss);
         t.iter_mut().zip(s.iter().zip(&ss)).for_each(|(t, (s, ss))| *t = bf(b * s + cc * ss));
-        // T·X = T·(Xᵀ)ᵀ.
-        for i in 0..m {
-            for j in 0..n {
-                xt[j * m + i] = x[i * n + j];
-            }
-        }
-        mul_transposed(&t, &xt, m, n, m, &mut tx);
+        matmul(MatrixView::row_major(&t, m, m), xv, &mut tx);
         x.iter_mut().zip(&tx).for_each(|(x, tx)| *x = bf(a * *x + tx));
     }
     if transpose {
@@ -268,6 +320,30 @@ mod tests {
                 assert_eq!(ot[j * r + i], o[i * c + j]);
             }
         }
+    }
+
+    /// The GEMM products equal an f64 reference to f32 accuracy, through transposed and
+    /// plain views, and Newton–Schulz gives the same bits on 1 and 2 threads.
+    #[test]
+    fn products_are_exact_to_f32_and_do_not_depend_on_threads() {
+        let (m, k, n) = (37, 53, 29);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.0625).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.125).collect();
+        let mut out = vec![0f32; m * n];
+        // a (m×k) times bᵀ, b stored row-major n×k.
+        matmul(MatrixView::row_major(&a, m, k), MatrixView::row_major(&b, n, k).t(), &mut out);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|p| f64::from(a[i * k + p]) * f64::from(b[j * k + p])).sum();
+                assert!((f64::from(out[i * n + j]) - want).abs() <= 1e-5 * want.abs().max(1.0), "({i},{j})");
+            }
+        }
+        let u: Vec<f32> = (0..96 * 160).map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.01).collect();
+        let on = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| newton_schulz(&u, 96, 160, &MuonConfig::default()))
+        };
+        assert_eq!(on(1), on(2));
     }
 
     #[test]

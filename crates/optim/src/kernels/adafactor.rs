@@ -84,7 +84,7 @@ pub fn update(
     let omega = s.powf(c.beta2_decay) as f32;
     let rho = c.lr.min(1.0 / s.sqrt());
     let alpha = c.eps.1.max(rms_of(sum_sq_f64(p), p.len())) * rho;
-    let decay = (c.weight_decay != 0.0).then(|| (1.0 - c.lr * c.weight_decay) as f32);
+    let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
     let n = g.len();
     let factored = shape.len() >= 2;
     let (r, cn) = if factored { (shape[shape.len() - 2], shape[shape.len() - 1]) } else { (1, n) };

@@ -148,6 +148,44 @@ fn bench_step_prints_every_strategy_next_to_its_parts() {
 }
 
 #[test]
+fn bench_step_and_optim_time_muon_with_its_balance_and_gemm_reference() {
+    let shapes = "128x128,128x128,64x256,256x64";
+    let out = distoptim(&[
+        "bench",
+        "step",
+        "--nproc",
+        "2",
+        "--params",
+        "1000",
+        "--iters",
+        "1",
+        "--strategies",
+        "ddp,zero2",
+        "--muon-shapes",
+        shapes,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<f64>> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("# muon"))
+        .filter(|l| l.starts_with("ddp") || l.starts_with("zero2"))
+        .map(|l| l.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    // DDP: every rank runs every matrix; ZeRO-2: each matrix has one owner.
+    assert_eq!(rows[0][3], 1.0, "{stdout}");
+    assert!(rows[1][1] < rows[0][1] && rows[1][3] >= 1.0, "{stdout}");
+    let out =
+        distoptim(&["bench", "optim", "--sizes", "1000", "--tensors", "0", "--threads", "1", "--iters", "1", "--muon-shapes", "64x96"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let muon = stdout.lines().find(|l| l.starts_with("muon")).unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(muon.split_whitespace().count(), 9, "{muon}");
+    assert!(stdout.lines().any(|l| l.starts_with("adafactor")), "{stdout}");
+}
+
+#[test]
 fn estimate_prints_the_ledger_and_takes_a_network() {
     let out = distoptim(&[
         "estimate",

@@ -33,7 +33,8 @@ use distoptim::{data_parallel, ClipConfig, DataParallel, DataParallelConfig, Flo
 use distoptim_collective::{bf16, f16};
 use distoptim_collective::{Communicator, ReduceOp};
 use distoptim_optim::clip::NormType;
-use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, ParamGroup};
+use distoptim_optim::kernels::muon::newton_schulz_flops;
+use distoptim_optim::{AdamConfig, Layout, MuonConfig, Optimizer, OptimizerConfig, ParamGroup};
 
 use super::{timed_ranks as timed, timed_ranks_after};
 
@@ -61,6 +62,11 @@ pub struct StepArgs {
     /// What the mixed-precision rows sum gradients in.
     #[arg(long, default_value = "f32", value_parser = crate::value::reduce_dtype())]
     reduce_dtype: FloatDtype,
+    /// Also a Muon table: a model of these matrices (`ROWSxCOLS`, Muon) each with a bias
+    /// (AdamW), the step per strategy and how evenly the owners' Newton–Schulz work is
+    /// spread (none: skip it).
+    #[arg(long, value_delimiter = ',', num_args = 0.., value_parser = crate::value::matrix)]
+    muon_shapes: Vec<(usize, usize)>,
 }
 
 pub fn run(args: StepArgs) -> Result<()> {
@@ -209,6 +215,9 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
             }
         }
     }
+    if !args.muon_shapes.is_empty() {
+        muon_rows(comm, args, clip)?;
+    }
     Ok(())
 }
 
@@ -217,6 +226,56 @@ fn check_ledger(opt: &dyn DataParallel, predicted: &distoptim::MemoryLedger) -> 
     let live = opt.memory();
     if &live != predicted {
         bail!("the optimizer's ledger {live:?} differs from the estimate's {predicted:?}");
+    }
+    Ok(())
+}
+
+/// The distributed Muon step: each matrix's Newton–Schulz runs on the one rank whose
+/// range holds it (every rank under DDP), so the step waits for the busiest owner; the
+/// balance is the largest owner's NS work over the mean.
+fn muon_rows(comm: &Communicator, args: &StepArgs, clip: Option<ClipConfig>) -> Result<()> {
+    let mut named = Vec::new();
+    for (i, &(r, c)) in args.muon_shapes.iter().enumerate() {
+        named.push((format!("m{i}.weight"), vec![r, c]));
+        named.push((format!("m{i}.bias"), vec![r]));
+    }
+    let layout = Layout::new(named)?;
+    let muon = MuonConfig { lr: 0.02, ..MuonConfig::default() };
+    let steps = muon.ns_steps;
+    let groups = vec![
+        ParamGroup { params: (0..layout.len()).step_by(2).collect(), config: OptimizerConfig::Muon(muon) },
+        ParamGroup { params: (1..layout.len()).step_by(2).collect(), config: OptimizerConfig::Adam(AdamConfig::adamw()) },
+    ];
+    let (w, n) = (comm.size(), layout.numel());
+    let total: f64 = args.muon_shapes.iter().map(|&(r, c)| newton_schulz_flops(r, c, steps)).sum();
+    let setup = Setup { comm, layout: layout.clone(), groups, clip, iters: args.iters };
+    if comm.rank() == 0 {
+        println!(
+            "# muon: {} matrices ({n} parameters, {:.1} NS GFLOP per step in all), Muon for the matrices, AdamW for the biases; balance = the busiest owner's NS GFLOP / the mean",
+            args.muon_shapes.len(),
+            total / 1e9
+        );
+        println!("{:<7} {:>10} {:>16} {:>16} {:>9}", "step", "ms/step", "NS GFLOP max", "NS GFLOP mean", "balance");
+    }
+    for &s in &args.strategies {
+        let (mut params, mut grads) = (comm.alloc::<f32>(n)?, comm.alloc::<f32>(n)?);
+        params.iter_mut().enumerate().for_each(|(i, p)| *p = ((i % 97) as f32 - 48.0) * 1e-3);
+        let mut opt = setup.build(s, Precision::f32(), &params)?;
+        let step = timed_step(comm, opt.as_mut(), &mut params, &mut grads, args.iters)?;
+        let owned = opt.state_range();
+        let mine: f64 = layout
+            .params()
+            .iter()
+            .filter(|p| p.shape.len() == 2 && owned.start <= p.offset && p.range().end <= owned.end)
+            .map(|p| newton_schulz_flops(p.shape[0], p.shape[1], steps))
+            .sum();
+        let mut costs = vec![0f64; w];
+        costs[comm.rank()] = mine;
+        comm.all_gather(&mut costs)?;
+        let (max, mean) = (costs.iter().cloned().fold(0.0, f64::max), costs.iter().sum::<f64>() / w as f64);
+        if comm.rank() == 0 {
+            println!("{:<7} {:>10.1} {:>16.3} {:>16.3} {:>9.2}", s.name(), step * 1e3, max / 1e9, mean / 1e9, max / mean);
+        }
     }
     Ok(())
 }

@@ -1,29 +1,28 @@
 //! `distoptim selftest`: the collective layer's conformance suite on a real backend,
-//! the way CI checks the MPI engine (`mpirun -np 4 distoptim selftest --backend mpi`).
+//! the way CI checks the MPI engine (`mpirun -np 4 distoptim selftest`: the backend
+//! comes from the environment, as for `train`).
 //! Runs the suite on the whole group, on an odd/even split and, for sizes divisible by
 //! two, on both dimensions of a 2-D mesh.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
+
+use crate::value::BackendChoice;
 use clap::Args;
-use distoptim_collective::{conformance, Backend, CommConfig, Communicator, DeviceMesh};
+use distoptim_collective::{conformance, Backend, Communicator, DeviceMesh};
 
 #[derive(Args)]
 pub struct SelftestArgs {
     /// Ranks (processes for shm, threads for threads; mpirun decides for mpi).
     #[arg(long, default_value_t = 4)]
     nproc: usize,
-    /// shm, threads or mpi.
-    #[arg(long, default_value = "shm")]
-    backend: String,
+    /// Where to run: from the environment (mpirun, `distoptim launch`; otherwise a shm job
+    /// started here), or shm, threads, mpi.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
 }
 
 pub fn run(args: SelftestArgs) -> Result<()> {
-    match args.backend.as_str() {
-        "threads" => Communicator::run_threads(args.nproc, &CommConfig::default(), |comm| suite(&comm))?.into_iter().collect(),
-        "shm" if std::env::var_os("RANK").is_none() => crate::launch::launch_self(args.nproc),
-        "shm" | "mpi" => suite(&Communicator::from_env()?),
-        other => bail!("--backend must be shm, threads or mpi, not {other:?}"),
-    }
+    args.backend.run(args.nproc, suite)
 }
 
 fn suite(world: &Communicator) -> Result<()> {

@@ -22,6 +22,42 @@ pub fn reduce_dtype() -> impl TypedValueParser<Value = FloatDtype> {
     PossibleValuesParser::new([FloatDtype::F32.name(), FloatDtype::Bf16.name()]).try_map(|s| s.parse::<FloatDtype>())
 }
 
+/// Where `selftest` and `bench collectives` run: `auto` joins the job the environment
+/// describes (mpirun, `distoptim launch`, torchrun) and otherwise starts its own shm job,
+/// as `train` does; an explicit backend that contradicts the environment is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// From the environment (default).
+    Auto,
+    /// Processes on this host through /dev/shm (launched here when outside a job).
+    Shm,
+    /// Threads of this process.
+    Threads,
+    /// The MPI job this process was started in (needs the `mpi` feature).
+    Mpi,
+}
+
+impl BackendChoice {
+    /// Runs `body` on every rank of the chosen job: `nproc` threads, a launch of this
+    /// command on `nproc` shm processes, or this process's part of the job it is in.
+    pub fn run(self, nproc: usize, body: impl Fn(&distoptim_collective::Communicator) -> anyhow::Result<()> + Sync) -> anyhow::Result<()> {
+        use distoptim_collective::{backend_from_env, Backend, CommConfig, Communicator};
+        let env = backend_from_env()?;
+        match (self, env) {
+            (BackendChoice::Threads, _) => Communicator::run_threads(nproc, &CommConfig::default(), |c| body(&c))?.into_iter().collect(),
+            (BackendChoice::Shm, Some(Backend::Mpi)) => anyhow::bail!(
+                "--backend shm, but this process was started by an MPI launcher: each rank would run its own shm job; use --backend mpi (or leave --backend out)"
+            ),
+            (BackendChoice::Mpi, Some(Backend::Shm)) => {
+                anyhow::bail!("--backend mpi, but this process was started by distoptim launch or torchrun (RANK is set): use --backend shm or auto")
+            }
+            (BackendChoice::Mpi, None) => anyhow::bail!("--backend mpi outside an MPI job: start it under mpirun"),
+            (BackendChoice::Auto | BackendChoice::Shm, None) => crate::launch::launch_self(nproc),
+            (_, Some(_)) => body(&Communicator::from_env()?),
+        }
+    }
+}
+
 /// The largest size accepted: 2^48, far above any buffer this machine can hold, so that
 /// no later multiplication overflows.
 const MAX: f64 = (1u64 << 48) as f64;

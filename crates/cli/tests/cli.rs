@@ -299,3 +299,28 @@ fn one_size_parser_reads_suffixes_everywhere() {
         distoptim(&["estimate", "--params", "25M", "--nproc", "2", "--latency-us", "1", "--bandwidth-gbs", "10", "--memory-gbs", "10"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `selftest` and `bench collectives` take their backend from the environment, as `train`
+/// does, and refuse at once what would silently run the wrong job: shm under an MPI
+/// launcher, and a shm `MASTER_ADDR` of another host.
+#[test]
+fn collectives_commands_refuse_the_wrong_backend_at_once() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let t = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_distoptim")).args(args).envs(env.iter().copied()).output().unwrap();
+        assert!(!out.status.success(), "{args:?} {env:?} succeeded");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{args:?} took {:?}", t.elapsed());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for cmd in [&["selftest", "--backend", "shm"][..], &["bench", "collectives", "--backend", "shm"][..]] {
+        let err = run(cmd, &[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "2")]);
+        assert!(err.contains("started by an MPI launcher") && err.contains("use --backend mpi"), "{cmd:?}: {err}");
+    }
+    let torchrun = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "192.0.2.1"), ("MASTER_PORT", "29500")];
+    for cmd in [&["selftest"][..], &["bench", "collectives"][..]] {
+        let err = run(cmd, &torchrun);
+        assert!(err.contains("MASTER_ADDR=\"192.0.2.1\" is not an address of this host") && err.contains("mpirun"), "{cmd:?}: {err}");
+    }
+    let err = run(&["selftest", "--backend", "mpi"], &[]);
+    assert!(err.contains("outside an MPI job"), "{err}");
+}

@@ -71,12 +71,80 @@ pub(crate) fn shm_from_env(config: &CommConfig) -> Result<Communicator> {
             )));
         }
     }
+    if let Ok(addr) = std::env::var("MASTER_ADDR") {
+        check_local_address(&addr)?;
+    }
     let job = match std::env::var("DISTOPTIM_JOB_ID").or_else(|_| std::env::var("TORCHELASTIC_RUN_ID")) {
         Ok(job) => job,
         Err(_) => format!("{}-{}", var("MASTER_ADDR")?, var("MASTER_PORT")?),
     };
     let token = std::env::var("DISTOPTIM_TOKEN").unwrap_or_default();
     Communicator::shm(&job, &token, rank, size, config)
+}
+
+/// Refuses a `MASTER_ADDR` that is not this host: the shm backend meets its peers in this
+/// host's /dev/shm, so ranks started on another host would wait for the timeout instead.
+fn check_local_address(addr: &str) -> Result<()> {
+    let wrong = |why: &str| {
+        Err(CommError::Env(format!(
+            "MASTER_ADDR={addr:?} {why}: the shm backend joins ranks of one host through /dev/shm; across hosts start the job with mpirun (the mpi backend)"
+        )))
+    };
+    let ips: Vec<std::net::IpAddr> = match addr.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) if addr == "localhost" || Some(addr) == hostname().as_deref() => return Ok(()),
+        Err(_) => match std::net::ToSocketAddrs::to_socket_addrs(&(addr, 0)) {
+            Ok(found) => found.map(|a| a.ip()).collect(),
+            Err(_) => return wrong("does not resolve"),
+        },
+    };
+    let local = local_addresses();
+    if ips.iter().any(|ip| ip.is_loopback() || ip.is_unspecified() || local.contains(ip)) {
+        Ok(())
+    } else {
+        wrong("is not an address of this host")
+    }
+}
+
+/// This host's name, as `gethostname` gives it.
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for `buf.len()` bytes; gethostname writes at most that many.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0)?;
+    (rc == 0).then(|| String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+/// The IP addresses of this host's interfaces.
+fn local_addresses() -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list it allocates, freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: a non-null `ifa_addr` points at a sockaddr whose family says its type.
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: AF_INET addresses are `sockaddr_in`.
+                let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(std::net::IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: AF_INET6 addresses are `sockaddr_in6`.
+                let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(std::net::IpAddr::from(a.sin6_addr.s6_addr));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
 }
 
 #[cfg(feature = "mpi")]
@@ -86,7 +154,7 @@ fn mpi_from_env(config: &CommConfig) -> Result<Communicator> {
 
 #[cfg(not(feature = "mpi"))]
 fn mpi_from_env(_config: &CommConfig) -> Result<Communicator> {
-    Err(CommError::Env("started by an MPI launcher, but this build has no `mpi` feature (cargo build --features mpi)".into()))
+    Err(CommError::Env("started by an MPI launcher, but this program was built without MPI: enable the `mpi` feature of the distoptim crate (distoptim = { ..., features = [\"mpi\"] }), or build the CLI with `cargo build --release --features mpi`".into()))
 }
 
 #[cfg(feature = "nccl")]
@@ -96,5 +164,24 @@ fn nccl_from_env(config: &CommConfig) -> Result<Communicator> {
 
 #[cfg(not(feature = "nccl"))]
 fn nccl_from_env(_config: &CommConfig) -> Result<Communicator> {
-    Err(CommError::Env("DISTOPTIM_BACKEND=nccl, but this build has no `nccl` feature (cargo build --features nccl)".into()))
+    Err(CommError::Env("DISTOPTIM_BACKEND=nccl, but this program was built without NCCL: enable the `nccl` feature of the distoptim crate, or build the CLI with `cargo build --release --features nccl`".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn master_addr_must_be_this_host() {
+        for local in ["127.0.0.1", "localhost", "::1", "0.0.0.0"] {
+            assert!(check_local_address(local).is_ok(), "{local}");
+        }
+        if let Some(name) = hostname() {
+            assert!(check_local_address(&name).is_ok(), "{name}");
+        }
+        assert!(local_addresses().iter().any(|ip| ip.is_loopback()));
+        // TEST-NET-1 (RFC 5737) is never assigned to a host.
+        let err = check_local_address("192.0.2.1").unwrap_err().to_string();
+        assert!(err.contains("MASTER_ADDR=\"192.0.2.1\" is not an address of this host") && err.contains("mpirun"), "{err}");
+    }
 }

@@ -5,14 +5,15 @@
 //! memcpy bandwidth of the same size measured by every rank at once in the same run.
 //! Each row ends with a check of the op's result against the expected values.
 //!
-//! With `--backend shm` outside a launched job, the command launches itself on `--nproc`
-//! processes (rank 0 prints); under `mpirun` use `--backend mpi`.
+//! The backend comes from the environment, as for `train`: under `mpirun` the MPI job,
+//! under `distoptim launch` that job, and otherwise the command launches itself on
+//! `--nproc` shm processes (rank 0 prints).
 
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use distoptim_collective::{shard_range, CommConfig, Communicator, ReduceOp};
+use distoptim_collective::{shard_range, Communicator, ReduceOp};
 
 use super::median;
 
@@ -21,9 +22,10 @@ pub struct CollectivesArgs {
     /// Ranks (processes for shm, threads for threads; mpirun decides for mpi).
     #[arg(long, default_value_t = 2)]
     nproc: usize,
-    /// shm (processes over /dev/shm), threads (one process) or mpi (under mpirun).
-    #[arg(long, default_value = "shm")]
-    backend: String,
+    /// Where to run: from the environment (mpirun, `distoptim launch`; otherwise a shm job
+    /// started here), or shm (processes over /dev/shm), threads (one process), mpi.
+    #[arg(long, value_enum, default_value_t = crate::value::BackendChoice::Auto)]
+    backend: crate::value::BackendChoice,
     /// Smallest message, in bytes (K, M, G suffixes allowed).
     #[arg(long, default_value = "4K", value_parser = crate::value::bytes)]
     min_bytes: usize,
@@ -62,15 +64,7 @@ pub fn run(args: CollectivesArgs) -> Result<()> {
     if args.min_bytes == 0 || args.min_bytes > args.max_bytes || args.factor < 2 {
         bail!("need 0 < --min-bytes <= --max-bytes and --factor >= 2");
     }
-    match args.backend.as_str() {
-        "threads" => {
-            let results = Communicator::run_threads(args.nproc, &CommConfig::default(), |comm| body(&comm, &args))?;
-            results.into_iter().collect()
-        }
-        "shm" if std::env::var_os("RANK").is_none() => crate::launch::launch_self(args.nproc),
-        "shm" | "mpi" => body(&Communicator::from_env()?, &args),
-        other => bail!("--backend must be shm, threads or mpi, not {other:?}"),
-    }
+    args.backend.run(args.nproc, |comm| body(comm, &args))
 }
 
 fn body(comm: &Communicator, args: &CollectivesArgs) -> Result<()> {

@@ -6,8 +6,12 @@
 //! communicator is dropped. `MPI_IN_PLACE` is not portable through the bindings, so
 //! reductions send from a scratch copy kept between calls. 16-bit floats travel as `f32`
 //! (accumulated in f32, as the other backends do). Each call first all-gathers its
-//! fingerprint, so mismatched calls fail with the same error as on shm. Dead peers and
-//! timeouts are MPI's business: `mpirun` aborts the job when a rank dies.
+//! fingerprint, so mismatched calls fail with the same error as on shm. A rank that dies
+//! makes `mpirun` abort the job. A rank that hangs (stopped, deadlocked, livelocked) is
+//! caught by the [`watchdog`]: a call that has not completed within the timeout
+//! (`DISTOPTIM_TIMEOUT_S`, 600 s by default) prints the stuck call and this rank's last
+//! collectives (a flight recorder, as PyTorch's NCCL watchdog does) and ends the process,
+//! so `mpirun` stops the whole job instead of leaving it waiting forever.
 
 use crate::comm::{Backend, Communicator, Engine};
 use crate::config::CommConfig;
@@ -46,7 +50,7 @@ pub(crate) struct MpiEngine {
 unsafe impl Send for MpiEngine {}
 
 /// The world communicator of an `mpirun`/`srun` job.
-pub(crate) fn world(_config: &CommConfig) -> Result<Communicator> {
+pub(crate) fn world(config: &CommConfig) -> Result<Communicator> {
     let mut done = INITIALISED.lock().unwrap_or_else(|e| e.into_inner());
     if *done {
         return Err(CommError::Backend { backend: "mpi", message: "MPI was already initialised in this process".into() });
@@ -60,6 +64,7 @@ pub(crate) fn world(_config: &CommConfig) -> Result<Communicator> {
     // SAFETY: MPI is initialised; the world communicator is a constant.
     let comm = unsafe { ffi::RSMPI_COMM_WORLD };
     let engine = MpiEngine::new(comm, false, Arc::new(Universe(universe)))?;
+    watchdog::start(engine.rank, config.timeout);
     Ok(Communicator::from_engine(Engine::Mpi(engine), Backend::Mpi))
 }
 
@@ -136,15 +141,20 @@ impl MpiEngine {
         self.size
     }
 
-    pub(crate) fn set_timeout(&mut self, _timeout: std::time::Duration) {}
+    /// The watchdog's limit, for every MPI communicator of the process.
+    pub(crate) fn set_timeout(&mut self, timeout: std::time::Duration) {
+        watchdog::set_timeout(timeout);
+    }
 
-    /// Numbers the call and checks that every rank makes the same one.
-    fn begin(&mut self, kind: OpKind, dtype: Option<Dtype>, count: usize, root: usize) -> Result<()> {
+    /// Numbers the call, shows it to the watchdog until the returned guard drops, and
+    /// checks that every rank makes the same one.
+    fn begin(&mut self, kind: OpKind, dtype: Option<Dtype>, count: usize, root: usize) -> Result<watchdog::InFlight> {
         if let Some(reason) = &self.poisoned {
             return Err(CommError::Poisoned(reason.clone()));
         }
         self.seq += 1;
         let fp = Fingerprint { seq: self.seq, kind, dtype, count: count as u64, root: root as u64 };
+        let call = watchdog::InFlight::begin(fp);
         let mine = fp.to_words();
         let mut all = vec![0u64; WORDS * self.size];
         // SAFETY: buffers of the stated sizes; u64 as 8 bytes each.
@@ -171,7 +181,7 @@ impl MpiEngine {
                 return Err(err);
             }
         }
-        Ok(())
+        Ok(call)
     }
 
     /// Copies `buf` into the scratch area (as f32 for 16-bit floats) and returns the
@@ -225,7 +235,7 @@ impl MpiEngine {
     }
 
     pub(crate) fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        self.begin(OpKind::AllReduce(op), Some(T::DTYPE), buf.len(), 0)?;
+        let _call = self.begin(OpKind::AllReduce(op), Some(T::DTYPE), buf.len(), 0)?;
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
             return Ok(());
@@ -241,7 +251,7 @@ impl MpiEngine {
     }
 
     pub(crate) fn reduce_scatter<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        self.begin(OpKind::ReduceScatter(op), Some(T::DTYPE), buf.len(), 0)?;
+        let _call = self.begin(OpKind::ReduceScatter(op), Some(T::DTYPE), buf.len(), 0)?;
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
             return Ok(());
@@ -260,7 +270,7 @@ impl MpiEngine {
 
     pub(crate) fn reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
         self.check_root("reduce", root)?;
-        self.begin(OpKind::Reduce(op), Some(T::DTYPE), buf.len(), root)?;
+        let _call = self.begin(OpKind::Reduce(op), Some(T::DTYPE), buf.len(), root)?;
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
             return Ok(());
@@ -278,7 +288,7 @@ impl MpiEngine {
     }
 
     pub(crate) fn all_gather<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
-        self.begin(OpKind::AllGather, Some(T::DTYPE), buf.len(), 0)?;
+        let _call = self.begin(OpKind::AllGather, Some(T::DTYPE), buf.len(), 0)?;
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
             return Ok(());
@@ -313,7 +323,7 @@ impl MpiEngine {
 
     pub(crate) fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
         self.check_root("broadcast", root)?;
-        self.begin(OpKind::Broadcast, Some(T::DTYPE), buf.len(), root)?;
+        let _call = self.begin(OpKind::Broadcast, Some(T::DTYPE), buf.len(), root)?;
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
             return Ok(());
@@ -325,7 +335,7 @@ impl MpiEngine {
     }
 
     pub(crate) fn barrier(&mut self) -> Result<()> {
-        self.begin(OpKind::Barrier, None, 0, 0)?;
+        let _call = self.begin(OpKind::Barrier, None, 0, 0)?;
         // SAFETY: valid communicator.
         check(unsafe { ffi::MPI_Barrier(self.comm) }, "MPI_Barrier")
     }
@@ -339,14 +349,14 @@ impl MpiEngine {
 
     /// Buffers are ordinary memory under MPI (nothing to share in place).
     pub(crate) fn alloc<T: Element>(&mut self, len: usize) -> Result<SharedBuf<T>> {
-        self.begin(OpKind::Alloc, Some(T::DTYPE), len, 0)?;
+        let _call = self.begin(OpKind::Alloc, Some(T::DTYPE), len, 0)?;
         let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| CommError::invalid("alloc", "size overflows"))?;
         let region = HeapMemory::default().create("mpi", bytes, &|_| {})?;
         Ok(SharedBuf::new(Arc::new(SharedAlloc { id: 0, rank: 0, regions: vec![region] }), len))
     }
 
     pub(crate) fn split(&mut self, color: Option<u32>, key: i64) -> Result<Option<MpiEngine>> {
-        self.begin(OpKind::Split, None, 0, 0)?;
+        let _call = self.begin(OpKind::Split, None, 0, 0)?;
         let key = c_int::try_from(key).map_err(|_| CommError::invalid("split", format!("key {key} does not fit MPI's int")))?;
         let color = match color {
             // SAFETY: reading a constant.
@@ -385,4 +395,97 @@ fn to_f32<T: Element>(x: T) -> f32 {
 fn from_f32<T: Element>(x: f32) -> T {
     // SAFETY: as in to_f32.
     T::from_acc(unsafe { std::mem::transmute_copy::<f32, T::Acc>(&x) })
+}
+
+/// The hang detector of the MPI backend (see the module docs): one thread per process,
+/// watching the collective in flight on any MPI communicator.
+pub(crate) mod watchdog {
+    use crate::fingerprint::Fingerprint;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// Completed calls the flight recorder keeps.
+    const RECORDED: usize = 16;
+
+    struct State {
+        rank: usize,
+        timeout: Duration,
+        in_flight: Option<(Fingerprint, Instant)>,
+        recent: VecDeque<(Fingerprint, Duration)>,
+    }
+
+    static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+    fn with<R>(f: impl FnOnce(&mut State) -> R) -> Option<R> {
+        STATE.lock().unwrap_or_else(|e| e.into_inner()).as_mut().map(f)
+    }
+
+    /// Starts the watchdog thread of this process (once, with the world communicator).
+    pub(crate) fn start(rank: usize, timeout: Duration) {
+        *STATE.lock().unwrap_or_else(|e| e.into_inner()) = Some(State { rank, timeout, in_flight: None, recent: VecDeque::new() });
+        let spawned = std::thread::Builder::new().name("distoptim-mpi-watchdog".into()).spawn(|| loop {
+            let period = with(|s| (s.timeout / 20).clamp(Duration::from_millis(10), Duration::from_secs(1))).unwrap_or(Duration::from_secs(1));
+            std::thread::sleep(period);
+            if let Some(Some(report)) = with(expired) {
+                eprintln!("{report}");
+                // Not MPI_Abort: this thread may not call MPI while another one is inside
+                // it (MPI_THREAD_SERIALIZED). A rank that exits is what mpirun stops the
+                // job for.
+                // SAFETY: _exit ends the process at once; nothing of it is used after.
+                unsafe { libc::_exit(124) };
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("distoptim: mpi watchdog not started ({e}): a hung collective will not be detected");
+        }
+    }
+
+    /// The report when the call in flight has run past the timeout.
+    fn expired(s: &mut State) -> Option<String> {
+        let (fp, since) = s.in_flight?;
+        if since.elapsed() < s.timeout {
+            return None;
+        }
+        let mut report = format!(
+            "distoptim mpi watchdog: rank {}: {fp} has not completed after {:?} (DISTOPTIM_TIMEOUT_S); a peer is stopped, hung or in another call. Last {} completed collectives of this rank, oldest first:",
+            s.rank,
+            s.timeout,
+            s.recent.len()
+        );
+        for (done, took) in &s.recent {
+            report.push_str(&format!("\n  {done}, {took:?}"));
+        }
+        report.push_str("\nending this rank (exit 124) so that mpirun stops the job");
+        Some(report)
+    }
+
+    /// Changes the limit.
+    pub(crate) fn set_timeout(timeout: Duration) {
+        with(|s| s.timeout = timeout);
+    }
+
+    /// A collective in flight, shown to the watchdog until dropped.
+    pub(crate) struct InFlight;
+
+    impl InFlight {
+        /// Marks `fp` as in flight from now.
+        pub(crate) fn begin(fp: Fingerprint) -> InFlight {
+            with(|s| s.in_flight = Some((fp, Instant::now())));
+            InFlight
+        }
+    }
+
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            with(|s| {
+                if let Some((fp, since)) = s.in_flight.take() {
+                    if s.recent.len() == RECORDED {
+                        s.recent.pop_front();
+                    }
+                    s.recent.push_back((fp, since.elapsed()));
+                }
+            });
+        }
+    }
 }

@@ -425,7 +425,8 @@ pub(crate) mod watchdog {
     pub(crate) fn start(rank: usize, timeout: Duration) {
         *STATE.lock().unwrap_or_else(|e| e.into_inner()) = Some(State { rank, timeout, in_flight: None, recent: VecDeque::new() });
         let spawned = std::thread::Builder::new().name("distoptim-mpi-watchdog".into()).spawn(|| loop {
-            let period = with(|s| (s.timeout / 20).clamp(Duration::from_millis(10), Duration::from_secs(1))).unwrap_or(Duration::from_secs(1));
+            let period =
+                with(|s| (s.timeout / 20).clamp(Duration::from_millis(10), Duration::from_secs(1))).unwrap_or(Duration::from_secs(1));
             std::thread::sleep(period);
             if let Some(Some(report)) = with(expired) {
                 eprintln!("{report}");

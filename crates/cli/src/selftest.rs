@@ -39,6 +39,6 @@ fn suite(world: &Communicator) -> Result<()> {
         checks += on("mesh tp", &mesh.group("tp")?)?;
     }
     world.barrier()?;
-    println!("rank {me} of {n} ({}): {checks} collective results match the sequential reference", world.backend().name());
+    println!("rank {me} of {n} ({}): {checks} collective results match the sequential reference", world.topology());
     Ok(())
 }

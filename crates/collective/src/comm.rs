@@ -341,6 +341,19 @@ impl Communicator {
         self.blocking(|engine| dispatch!(engine, e => e.alloc(len)))
     }
 
+    /// How the collectives travel, for logs: the backend, and under MPI whether the
+    /// all-reduce is hierarchical (shm within a host, MPI across hosts) or flat.
+    pub fn topology(&self) -> String {
+        let engine = self.inner.engine.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*engine {
+            Engine::Shared(_) => self.inner.backend.name().to_string(),
+            #[cfg(feature = "mpi")]
+            Engine::Mpi(e) => format!("mpi, {}", e.describe()),
+            #[cfg(feature = "nccl")]
+            Engine::Nccl(_) => "nccl".to_string(),
+        }
+    }
+
     /// MPI's `comm_split` (collective): ranks passing the same `color` form a new group,
     /// ranked by `key` and then by their rank here; `None` joins no group.
     pub fn split(&self, color: Option<u32>, key: i64) -> Result<Option<Communicator>> {

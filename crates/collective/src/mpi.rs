@@ -43,7 +43,34 @@ pub(crate) struct MpiEngine {
     scratch: Vec<u64>,
     wide: Vec<f32>,
     poisoned: Option<String>,
+    /// The world communicator's shared-memory + MPI path for all-reduce (see [`Hierarchy`]).
+    hierarchy: Option<Box<Hierarchy>>,
     _universe: Arc<Universe>,
+}
+
+impl Hierarchy {
+    /// The two-level all-reduce. Every host has L ranks, so the AVG of the hosts' AVGs is
+    /// the world's AVG.
+    fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        self.local.reduce_scatter(buf, op)?;
+        let piece = shard_range(buf.len(), self.local.size(), self.local.rank());
+        if self.cross.size > 1 {
+            self.cross.all_reduce(&mut buf[piece], op)?;
+        }
+        self.local.all_gather(buf)
+    }
+}
+
+/// All-reduce in two levels when a host runs several ranks (`L` per host, host-major
+/// ranks): a reduce-scatter among the host's ranks through the shm engine, an MPI
+/// all-reduce of each 1/L piece among the ranks with the same local rank (one per
+/// host), and an all-gather through shm. Each host then sends 2·S·(H−1)/H in all over
+/// the network, and the ranks of a host meet in shared memory, not in MPI's own path.
+struct Hierarchy {
+    /// This host's ranks, over /dev/shm.
+    local: Communicator,
+    /// The ranks with this rank's local rank, one per host.
+    cross: MpiEngine,
 }
 
 // SAFETY: see Universe.
@@ -63,8 +90,9 @@ pub(crate) fn world(config: &CommConfig) -> Result<Communicator> {
     *done = true;
     // SAFETY: MPI is initialised; the world communicator is a constant.
     let comm = unsafe { ffi::RSMPI_COMM_WORLD };
-    let engine = MpiEngine::new(comm, false, Arc::new(Universe(universe)))?;
+    let mut engine = MpiEngine::new(comm, false, Arc::new(Universe(universe)))?;
     watchdog::start(engine.rank, config.timeout);
+    engine.enable_hierarchy(config)?;
     Ok(Communicator::from_engine(Engine::Mpi(engine), Backend::Mpi))
 }
 
@@ -129,8 +157,61 @@ impl MpiEngine {
             scratch: Vec::new(),
             wide: Vec::new(),
             poisoned: None,
+            hierarchy: None,
             _universe: universe,
         })
+    }
+
+    /// Sets up [`Hierarchy`] on the world communicator when every host runs the same
+    /// number L > 1 of ranks, numbered host by host (mpirun's default mapping); otherwise
+    /// (or with `DISTOPTIM_MPI_HIERARCHY=0`) every call stays flat MPI. Collective over
+    /// the world.
+    fn enable_hierarchy(&mut self, config: &CommConfig) -> Result<()> {
+        let wanted = std::env::var("DISTOPTIM_MPI_HIERARCHY").map_or(true, |v| v.trim() != "0");
+        // SAFETY: reading constants.
+        let (shared, info_null, comm_null) = unsafe { (ffi::RSMPI_COMM_TYPE_SHARED, ffi::RSMPI_INFO_NULL, ffi::RSMPI_COMM_NULL) };
+        let mut node = comm_null;
+        // SAFETY: a live communicator and an out-pointer to a local.
+        check(unsafe { ffi::MPI_Comm_split_type(self.comm, shared, self.rank as c_int, info_null, &mut node) }, "MPI_Comm_split_type")?;
+        let mut node = MpiEngine::new(node, true, self._universe.clone())?;
+        let (l, local_size) = (node.rank, node.size);
+        // Regular: the same L everywhere and this host's ranks are rank - l .. rank - l + L.
+        let mut first = vec![0i64; local_size];
+        first[l] = self.rank as i64 - l as i64;
+        node.all_gather(&mut first)?;
+        let contiguous = first.iter().all(|&f| f == self.rank as i64 - l as i64);
+        let mut shape = [local_size as i64, -(local_size as i64), i64::from(contiguous), i64::from(wanted)];
+        self.all_reduce(&mut shape, ReduceOp::Min)?;
+        let regular = shape[0] == -shape[1] && shape[2] == 1 && self.size % local_size == 0;
+        if !regular || shape[3] == 0 || local_size < 2 {
+            return Ok(());
+        }
+        // One job id for every host's shm group, from rank 0.
+        let mut job = [0i64; 1];
+        if self.rank == 0 {
+            let mut bytes = [0u8; 8];
+            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+                let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+            }
+            job[0] = i64::from_le_bytes(bytes) ^ i64::from(std::process::id());
+        }
+        self.broadcast(&mut job, 0)?;
+        let host = self.rank / local_size;
+        let local =
+            Communicator::shm(&format!("mpi{:016x}h{host}", job[0] as u64), &format!("{:016x}", job[0] as u64), l, local_size, config)?;
+        let cross = self
+            .split(Some(l as u32), self.rank as i64)?
+            .ok_or_else(|| CommError::Backend { backend: "mpi", message: "the split by local rank left this rank out".into() })?;
+        self.hierarchy = Some(Box::new(Hierarchy { local, cross }));
+        Ok(())
+    }
+
+    /// How this communicator reduces: `hierarchical (H hosts x L ranks)` or `flat`.
+    pub(crate) fn describe(&self) -> String {
+        match &self.hierarchy {
+            Some(h) => format!("hierarchical ({} hosts x {} ranks: shm within a host, MPI across)", h.cross.size, h.local.size()),
+            None => "flat".into(),
+        }
     }
 
     pub(crate) fn rank(&self) -> usize {
@@ -238,6 +319,18 @@ impl MpiEngine {
         let _call = self.begin(OpKind::AllReduce(op), Some(T::DTYPE), buf.len(), 0)?;
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
+            return Ok(());
+        }
+        if let Some(h) = &mut self.hierarchy {
+            if matches!(T::DTYPE, Dtype::Bf16 | Dtype::F16) {
+                // Summed in f32 and rounded once, as on every backend: a 16-bit partial
+                // sum per host would round before the hosts' values cancel.
+                let mut wide: Vec<f32> = buf.iter().map(|x| to_f32(*x)).collect();
+                h.all_reduce(&mut wide, op)?;
+                buf.iter_mut().zip(&wide).for_each(|(b, &w)| *b = from_f32(w));
+            } else {
+                h.all_reduce(buf, op)?;
+            }
             return Ok(());
         }
         let len = buf.len();

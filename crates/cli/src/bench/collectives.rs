@@ -73,7 +73,7 @@ fn body(comm: &Communicator, args: &CollectivesArgs) -> Result<()> {
     if out {
         println!(
             "# distoptim bench collectives: backend {}, {n} ranks, f32, {} buffers, median of {} iterations after {} warm-up",
-            comm.backend().name(),
+            comm.topology(),
             args.buffers,
             args.iters,
             args.warmup

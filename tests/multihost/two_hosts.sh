@@ -78,16 +78,20 @@ on_host0 "$mpi $bin selftest" | tee "$work/selftest.log"
 grep -q "rank 3 of 4 (mpi, hierarchical (2 hosts x 2 ranks" "$work/selftest.log" || { echo "two hosts: the world all-reduce is not hierarchical" >&2; exit 1; }
 echo "veth link: $(( $(tx) - before )) bytes sent by host0 during the selftest"
 
+# Each op 7 times on S = 16 MiB (1 warm-up, 5 timed, 1 checked). Out of each of H = 2
+# hosts an all-reduce must send at least 2*S*(H-1)/H = 16 MiB, a reduce-scatter or an
+# all-gather S*(H-1)/H = 8 MiB.
 for mode in 1 0; do
     label=$([ $mode = 1 ] && echo hierarchical || echo flat)
-    echo "== two hosts: bench collectives, $label all-reduce of 16 MiB (2 hosts x 2 ranks)"
-    before=$(tx)
-    on_host0 "$mpi -x DISTOPTIM_MPI_HIERARCHY=$mode $bin bench collectives --ops all_reduce --min-bytes 16M --max-bytes 16M --iters 5 --warmup 1" | tee "$work/bench-$mode.log"
-    grep -q "$label" "$work/bench-$mode.log" || { echo "two hosts: expected a $label all-reduce" >&2; exit 1; }
-    sent=$(( $(tx) - before ))
-    # 7 all-reduces of S = 16 MiB (1 warm-up, 5 timed, 1 checked); no all-reduce can send
-    # less than 2*S*(H-1)/H = S out of each of H = 2 hosts.
-    echo "veth link ($label): $sent bytes sent by host0 for 7 all-reduces of 16 MiB: $(( sent / 7 / 1048576 )) MiB each; lower bound 2*S*(H-1)/H = 16 MiB"
+    for op in all_reduce reduce_scatter all_gather; do
+        bound=$([ $op = all_reduce ] && echo 16 || echo 8)
+        echo "== two hosts: bench collectives, $label $op of 16 MiB (2 hosts x 2 ranks)"
+        before=$(tx)
+        on_host0 "$mpi -x DISTOPTIM_MPI_HIERARCHY=$mode $bin bench collectives --ops $op --min-bytes 16M --max-bytes 16M --iters 5 --warmup 1" | tee "$work/bench.log"
+        grep -q "$label" "$work/bench.log" || { echo "two hosts: expected a $label $op" >&2; exit 1; }
+        sent=$(( $(tx) - before ))
+        echo "veth link ($label $op): $(( sent / 7 / 1024 )) KiB sent by host0 per 16 MiB $op; lower bound $bound MiB"
+    done
 done
 
 echo "== two hosts: train, ZeRO-3 on 2 hosts x 2 ranks, checkpoint at step 60"

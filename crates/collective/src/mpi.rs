@@ -59,13 +59,74 @@ impl Hierarchy {
         }
         self.local.all_gather(buf)
     }
+
+    /// World rank h·L + l's shard, padded to `m` elements, sits at block `l·H + h` of a
+    /// buffer of L·H·m: local rank l's piece of it is then every host's copy of the
+    /// shards with local rank l, and cross rank h's piece of that is its own shard.
+    fn blocks<T: Element>(&self, buf: &[T], fill: impl Fn(usize) -> bool) -> (Vec<T>, usize) {
+        let (l_size, h_size) = (self.local.size(), self.cross.size);
+        let w = l_size * h_size;
+        let m = buf.len().div_ceil(w);
+        let mut tmp = vec![T::default(); w * m];
+        for h in 0..h_size {
+            for l in 0..l_size {
+                if fill(h * l_size + l) {
+                    let s = shard_range(buf.len(), w, h * l_size + l);
+                    let at = (l * h_size + h) * m;
+                    tmp[at..at + s.len()].copy_from_slice(&buf[s]);
+                }
+            }
+        }
+        (tmp, m)
+    }
+
+    /// The two-level reduce-scatter: a shm reduce-scatter of the blocks by local rank
+    /// (each local rank then holds its column of blocks reduced over the host), then an
+    /// MPI reduce-scatter of that column across hosts, which leaves each rank its own
+    /// shard reduced over the world. Each host sends S·(H−1)/H over the network.
+    fn reduce_scatter<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let (l, h, h_size) = (self.local.rank(), self.cross.rank, self.cross.size);
+        let (mut tmp, m) = self.blocks(buf, |_| true);
+        self.local.reduce_scatter(&mut tmp, op)?;
+        if h_size > 1 {
+            self.cross.reduce_scatter(&mut tmp[l * h_size * m..(l + 1) * h_size * m], op)?;
+        }
+        let mine = shard_range(buf.len(), self.local.size() * h_size, h * self.local.size() + l);
+        let at = (l * h_size + h) * m;
+        let len = mine.len();
+        buf[mine].copy_from_slice(&tmp[at..at + len]);
+        Ok(())
+    }
+
+    /// The two-level all-gather, the reduce-scatter's steps reversed: an MPI all-gather of
+    /// this local rank's column across hosts, then a shm all-gather of the columns.
+    fn all_gather<T: Element>(&mut self, buf: &mut [T], me: usize) -> Result<()> {
+        let (l, h_size, l_size) = (self.local.rank(), self.cross.size, self.local.size());
+        let (mut tmp, m) = self.blocks(buf, |r| r == me);
+        if h_size > 1 {
+            self.cross.all_gather(&mut tmp[l * h_size * m..(l + 1) * h_size * m])?;
+        }
+        self.local.all_gather(&mut tmp)?;
+        let w = l_size * h_size;
+        for h in 0..h_size {
+            for l in 0..l_size {
+                let s = shard_range(buf.len(), w, h * l_size + l);
+                let at = (l * h_size + h) * m;
+                let len = s.len();
+                buf[s].copy_from_slice(&tmp[at..at + len]);
+            }
+        }
+        Ok(())
+    }
 }
 
-/// All-reduce in two levels when a host runs several ranks (`L` per host, host-major
-/// ranks): a reduce-scatter among the host's ranks through the shm engine, an MPI
-/// all-reduce of each 1/L piece among the ranks with the same local rank (one per
-/// host), and an all-gather through shm. Each host then sends 2·S·(H−1)/H in all over
-/// the network, and the ranks of a host meet in shared memory, not in MPI's own path.
+/// Collectives in two levels when a host runs several ranks (`L` per host, host-major
+/// ranks). All-reduce: a reduce-scatter among the host's ranks through the shm engine,
+/// an MPI all-reduce of each 1/L piece among the ranks with the same local rank (one per
+/// host), and an all-gather through shm; each host then sends 2·S·(H−1)/H over the
+/// network, and the ranks of a host meet in shared memory, not in MPI's own path.
+/// Reduce-scatter and all-gather compose the same way over a block layout that puts
+/// each rank's shard where both levels' even pieces meet it (see [`Hierarchy::blocks`]).
 struct Hierarchy {
     /// This host's ranks, over /dev/shm.
     local: Communicator,
@@ -349,6 +410,18 @@ impl MpiEngine {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
             return Ok(());
         }
+        if let Some(h) = &mut self.hierarchy {
+            if matches!(T::DTYPE, Dtype::Bf16 | Dtype::F16) {
+                // In f32, rounded once (see all_reduce).
+                let mut wide: Vec<f32> = buf.iter().map(|x| to_f32(*x)).collect();
+                h.reduce_scatter(&mut wide, op)?;
+                let mine = shard_range(buf.len(), self.size, self.rank);
+                buf[mine.clone()].iter_mut().zip(&wide[mine]).for_each(|(b, &w)| *b = from_f32(w));
+            } else {
+                h.reduce_scatter(buf, op)?;
+            }
+            return Ok(());
+        }
         let len = buf.len();
         count(len, "reduce_scatter")?;
         let counts: Vec<c_int> = (0..self.size).map(|r| shard_range(len, self.size, r).len() as c_int).collect();
@@ -385,6 +458,12 @@ impl MpiEngine {
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
             return Ok(());
+        }
+        // On one host MPI's own all-gather beats the block copies (measured: 16 MiB in
+        // 6.2 ms flat, 11.3 ms in two levels); across hosts the two levels send half the
+        // bytes over the network.
+        if let Some(h) = self.hierarchy.as_mut().filter(|h| h.cross.size > 1) {
+            return h.all_gather(buf, self.rank);
         }
         let len = buf.len();
         let (dt, _) = raw_bytes::<T>(0);

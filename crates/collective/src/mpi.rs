@@ -250,11 +250,9 @@ impl MpiEngine {
         // One job id for every host's shm group, from rank 0.
         let mut job = [0i64; 1];
         if self.rank == 0 {
-            let mut bytes = [0u8; 8];
-            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-                let _ = std::io::Read::read_exact(&mut f, &mut bytes);
-            }
-            job[0] = i64::from_le_bytes(bytes) ^ i64::from(std::process::id());
+            // A per-process random key (std seeds RandomState from the OS) and the pid.
+            use std::hash::{BuildHasher, Hasher};
+            job[0] = std::collections::hash_map::RandomState::new().build_hasher().finish() as i64 ^ i64::from(std::process::id());
         }
         self.broadcast(&mut job, 0)?;
         let host = self.rank / local_size;

@@ -4,8 +4,10 @@
 # "host" with its own hostname and its own /dev/shm (unshare), and Open MPI's mpirun over
 # TCP between them, launching the remote daemon through `ns-agent` (plm_rsh_agent) instead
 # of ssh. Runs the collective selftest (2 hosts x 2 ranks), bench collectives, train with
-# ZeRO-3 and a checkpoint, then resumes that checkpoint on one host with 2 ranks. Prints
-# the bytes that crossed the veth link. Everything is removed on exit, also on failure.
+# ZeRO-3 and a checkpoint on a directory both hosts see, then resumes that checkpoint on
+# one host with 2 ranks; a checkpoint into host-local directories must be refused and
+# leave nothing resumable. Prints the bytes that crossed the veth link. Everything is
+# removed on exit, also on failure.
 #
 # Needs root (ip netns, unshare). Without it, or without mpirun, it says SKIPPED loudly
 # and exits 0: it never passes silently.
@@ -57,14 +59,17 @@ case $host in
     10.77.0.2) ns=dh1; name=host1 ;;
     *) echo "ns-agent: unknown host $host" >&2; exit 1 ;;
 esac
-exec ip netns exec "$ns" unshare --uts --mount sh -c "hostname $name; mount -t tmpfs tmpfs /dev/shm; $*"
+exec ip netns exec "$ns" unshare --uts --mount sh -c "hostname $name; mount -t tmpfs tmpfs /dev/shm; mount --bind WORK/disk-$name WORK/local; $*"
 AGENT
+sed -i "s|WORK|$work|g" "$work/ns-agent"
 chmod +x "$work/ns-agent"
+# Each host's own disk, mounted at the same path $work/local on every host.
+mkdir -p "$work/local" "$work/disk-host0" "$work/disk-host1"
 printf '10.77.0.1 slots=2\n10.77.0.2 slots=2\n' >"$work/hosts"
 
 # mpirun itself runs on host0.
 on_host0() {
-    ip netns exec dh0 unshare --uts --mount sh -c "hostname host0; mount -t tmpfs tmpfs /dev/shm; cd $PWD; $*"
+    ip netns exec dh0 unshare --uts --mount sh -c "hostname host0; mount -t tmpfs tmpfs /dev/shm; mount --bind $work/disk-host0 $work/local; cd $PWD; $*"
 }
 mpi="mpirun --allow-run-as-root --oversubscribe --hostfile $work/hosts -np 4 --mca plm_rsh_agent $work/ns-agent \
   --mca oob_tcp_if_include 10.77.0.0/24 --mca btl self,vader,tcp --mca btl_tcp_if_include 10.77.0.0/24 \
@@ -93,6 +98,16 @@ for mode in 1 0; do
         echo "veth link ($label $op): $(( sent / 7 / 1024 )) KiB sent by host0 per 16 MiB $op; lower bound $bound MiB"
     done
 done
+
+echo "== two hosts: a checkpoint into host-local directories is refused, and leaves nothing to resume"
+if on_host0 "$mpi $bin train --strategy zero3 --steps 40 --stop-at 20 --checkpoint-dir $work/local/run --out $work/run0" >"$work/local.log" 2>&1; then
+    echo "two hosts: a checkpoint into host-local directories succeeded" >&2; exit 1
+fi
+grep -m1 "need the checkpoint directory on a filesystem they all share" "$work/local.log" || { cat "$work/local.log" >&2; exit 1; }
+if "$bin" train --nproc 2 --steps 40 --resume "$work/disk-host0/run" --out "$work/run0b" >"$work/local2.log" 2>&1; then
+    echo "two hosts: resumed from a half-written host-local checkpoint" >&2; exit 1
+fi
+grep -m1 "no complete checkpoint" "$work/local2.log" || { cat "$work/local2.log" >&2; exit 1; }
 
 echo "== two hosts: train, ZeRO-3 on 2 hosts x 2 ranks, checkpoint at step 60"
 ckpt="$work/ckpt"

@@ -98,6 +98,18 @@ impl Hierarchy {
         Ok(())
     }
 
+    /// The two-level broadcast from world rank `root` = h0·L + l0: across hosts among the
+    /// ranks with local rank l0, then within every host from its local rank l0, so the
+    /// data crosses the network once per host.
+    fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
+        let l_size = self.local.size();
+        let (h0, l0) = (root / l_size, root % l_size);
+        if self.local.rank() == l0 && self.cross.size > 1 {
+            self.cross.broadcast(buf, h0)?;
+        }
+        self.local.broadcast(buf, l0)
+    }
+
     /// The two-level all-gather, the reduce-scatter's steps reversed: an MPI all-gather of
     /// this local rank's column across hosts, then a shm all-gather of the columns.
     fn all_gather<T: Element>(&mut self, buf: &mut [T], me: usize) -> Result<()> {
@@ -126,7 +138,8 @@ impl Hierarchy {
 /// host), and an all-gather through shm; each host then sends 2·S·(H−1)/H over the
 /// network, and the ranks of a host meet in shared memory, not in MPI's own path.
 /// Reduce-scatter and all-gather compose the same way over a block layout that puts
-/// each rank's shard where both levels' even pieces meet it (see [`Hierarchy::blocks`]).
+/// each rank's shard where both levels' even pieces meet it (see [`Hierarchy::blocks`]);
+/// broadcast goes across hosts once, then within each host.
 struct Hierarchy {
     /// This host's ranks, over /dev/shm.
     local: Communicator,
@@ -497,6 +510,10 @@ impl MpiEngine {
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
             return Ok(());
+        }
+        // Across hosts only, as all-gather (one host's MPI path is already direct).
+        if let Some(h) = self.hierarchy.as_mut().filter(|h| h.cross.size > 1) {
+            return h.broadcast(buf, root);
         }
         let (dt, bytes) = raw_bytes::<T>(buf.len());
         let n = count(bytes, "broadcast")?;

@@ -4,7 +4,8 @@
 //!
 //! - `model.safetensors`: every parameter whole, with its name and shape, in layout order,
 //!   in the run's working type (`BF16`/`F16` for a mixed-precision run: the master
-//!   rounded, which is what the model held);
+//!   rounded, which is what the model held); a rule with an evaluation view is written as
+//!   that view (Schedule-Free AdamW: the averaged iterate x, not the y its buffer steps);
 //! - `optimizer.safetensors`: every state buffer per parameter (`exp_avg/fc.weight`,
 //!   `momentum_buffer/fc.weight`…, the parameter's shape), for a mixed-precision run the
 //!   f32 master weights as `master/fc.weight`, with the per-parameter step counts, the
@@ -75,7 +76,8 @@ pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
     };
     let params: Vec<Tensor> = m.layout.params().iter().enumerate().map(|(i, p)| (p.name.clone(), p.name.clone(), i)).collect();
     let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let model = write_streamed(&out.join("model.safetensors"), &m, &params, param_dtype, &model_meta, &mut readers)?;
+    let eval = EvalView { groups: &m.groups, steps: &steps };
+    let model = write_streamed(&out.join("model.safetensors"), &m, &params, param_dtype, &model_meta, Some(&eval), &mut readers)?;
 
     let mut state: Vec<Tensor> = m
         .layout
@@ -97,7 +99,7 @@ pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
     if let Some(p) = &m.precision {
         optimizer_meta.insert("precision".into(), serde_json::to_string(p).unwrap_or_default());
     }
-    let optimizer = write_streamed(&out.join("optimizer.safetensors"), &m, &state, FloatDtype::F32, &optimizer_meta, &mut readers)?;
+    let optimizer = write_streamed(&out.join("optimizer.safetensors"), &m, &state, FloatDtype::F32, &optimizer_meta, None, &mut readers)?;
     let largest = m.layout.params().iter().map(|p| p.numel()).max().unwrap_or(0);
     Ok(Consolidated { model, optimizer, tensors: params.len() + state.len(), largest })
 }
@@ -105,15 +107,41 @@ pub fn consolidate(dir: &Path, out: &Path) -> Result<Consolidated> {
 /// A tensor to write: its name in the output, its name in the rank files, the parameter.
 type Tensor = (String, String, usize);
 
+/// The rank files, each with its path and the element range it holds.
+type Readers = [(Reader, PathBuf, std::ops::Range<usize>)];
+
+/// What the model file needs to write the parameters a model is evaluated with: the
+/// param groups and each parameter's step count (Schedule-Free's buffer holds y, its
+/// model is the averaged x).
+struct EvalView<'a> {
+    groups: &'a [distoptim_optim::ParamGroup],
+    steps: &'a [u64],
+}
+
+/// Tensor `name` of parameter `spec`, assembled from the pieces the rank files hold.
+fn assemble(name: &str, spec: &distoptim_optim::ParamSpec, readers: &mut Readers, values: &mut Vec<f32>) -> Result<()> {
+    values.clear();
+    values.resize(spec.numel(), 0f32);
+    for (reader, file_path, range) in readers.iter_mut() {
+        let (lo, hi) = (range.start.max(spec.offset), range.end.min(spec.offset + spec.numel()));
+        if lo < hi {
+            reader.read(name, &mut values[lo - spec.offset..hi - spec.offset]).map_err(|e| err(file_path, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes the tensors to `path` as `dtype`, each assembled from the pieces the rank files
-/// hold of it.
+/// hold of it; with `eval`, parameters of a rule with an evaluation view are written as
+/// that view.
 fn write_streamed(
     path: &Path,
     m: &Manifest,
     tensors: &[Tensor],
     dtype: FloatDtype,
     metadata: &BTreeMap<String, String>,
-    readers: &mut [(Reader, PathBuf, std::ops::Range<usize>)],
+    eval: Option<&EvalView<'_>>,
+    readers: &mut Readers,
 ) -> Result<PathBuf> {
     let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(name, _, i)| (name.clone(), m.layout.param(*i).shape.clone())).collect();
     let (header, _) = safetensors::header(&shapes, dtype, metadata);
@@ -123,13 +151,19 @@ fn write_streamed(
     let (mut values, mut bytes) = (Vec::new(), Vec::new());
     for (_, name, i) in tensors {
         let spec = m.layout.param(*i);
-        values.clear();
-        values.resize(spec.numel(), 0f32);
-        for (reader, file_path, range) in readers.iter_mut() {
-            let (lo, hi) = (range.start.max(spec.offset), range.end.min(spec.offset + spec.numel()));
-            if lo < hi {
-                reader.read(name, &mut values[lo - spec.offset..hi - spec.offset]).map_err(|e| err(file_path, e))?;
+        assemble(name, spec, readers, &mut values)?;
+        let kernel = eval.and_then(|e| Some((e.groups.iter().find(|g| g.params.contains(i))?.config.kernel(), e.steps.get(*i)?)));
+        if let Some((kernel, &step)) = kernel.filter(|(k, &step)| k.has_eval_view() && step > 0) {
+            let mut state = Vec::new();
+            for buffer in kernel.state_buffers() {
+                let mut b = Vec::new();
+                assemble(&format!("{buffer}/{}", spec.name), spec, readers, &mut b)?;
+                state.push(b);
             }
+            let refs: Vec<&[f32]> = state.iter().map(Vec::as_slice).collect();
+            let mut view = vec![0f32; values.len()];
+            kernel.eval_params(&values, &refs, step, &mut view);
+            values = view;
         }
         bytes.clear();
         safetensors::push_as(&mut bytes, &values, dtype);
@@ -245,6 +279,42 @@ mod tests {
         }
         assert!(master.iter().any(|&x| FloatDtype::Bf16.round(x) != x), "the master keeps bits bf16 cannot");
         assert!(opt.metadata["precision"].contains("\"param_dtype\":\"bf16\""), "{:?}", opt.metadata);
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    /// A Schedule-Free run's model file holds the averaged iterate x (what the run
+    /// evaluates), not the y its buffer steps; its optimizer file keeps y's state.
+    #[test]
+    fn a_schedule_free_run_consolidates_to_its_averaged_iterate() {
+        use crate::DataParallel;
+        use distoptim_optim::ScheduleFreeConfig;
+        let base = std::env::temp_dir().join(format!("distoptim-consolidate-sf-{}", std::process::id()));
+        let (dir, out) = (base.join("ckpt"), base.join("out"));
+        let results = Communicator::run_threads(2, &CommConfig::default(), |comm| {
+            let numel = layout().numel();
+            let sf = ScheduleFreeConfig { lr: 0.05, warmup_steps: 1, ..ScheduleFreeConfig::default() };
+            let groups = vec![ParamGroup { params: vec![0, 1, 2], config: OptimizerConfig::ScheduleFreeAdamw(sf) }];
+            let mut opt = ShardedOptimizer::new(comm.clone(), layout(), groups, None, StepConfig::new(Strategy::Zero2)).unwrap();
+            let mut params: Vec<f32> = (0..numel).map(|i| i as f32 * 0.1).collect();
+            for step in 0..3 {
+                let mut grads: Vec<f32> = (0..numel).map(|i| ((i * 7 + comm.rank() + step) % 5) as f32 - 2.0).collect();
+                opt.step(&mut params, &mut grads, 1).unwrap();
+            }
+            checkpoint::save(&dir, &opt, &params, &BTreeMap::new(), &checkpoint::SaveOptions::new()).unwrap();
+            let mut x = vec![0f32; numel];
+            DataParallel::eval_params(&opt, &params, &mut x).unwrap();
+            (params, x)
+        })
+        .unwrap();
+        let (y, x) = results.into_iter().next().unwrap();
+        assert!(x != y, "x and y differ after three steps");
+        let c = consolidate(&dir, &out).unwrap();
+        let model = safetensors::decode(&fs::read(&c.model).unwrap()).unwrap();
+        for p in layout().params() {
+            assert_eq!(model.tensors[&p.name], x[p.range()], "{}", p.name);
+        }
+        let opt = safetensors::decode(&fs::read(&c.optimizer).unwrap()).unwrap();
+        assert!(opt.tensors.contains_key("z/fc.weight") && opt.tensors.contains_key("exp_avg_sq/fc.weight"));
         let _ = fs::remove_dir_all(&base);
     }
 }

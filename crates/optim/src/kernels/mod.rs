@@ -154,6 +154,12 @@ pub trait Kernel: std::fmt::Debug + Send + Sync {
     /// Updates one segment in place.
     fn update(&self, segment: Segment<'_>) -> Result<()>;
 
+    /// Whether [`eval_params`](Self::eval_params) differs from the parameters themselves
+    /// (Schedule-Free's averaged iterate), so exporters must compute it.
+    fn has_eval_view(&self) -> bool {
+        false
+    }
+
     /// The parameters to evaluate and ship, from the buffer the gradients are taken at:
     /// `params` itself for most rules (the default), Schedule-Free's averaged iterate x.
     /// `state` is in [`state_buffers`](Self::state_buffers) order; `step` the

@@ -182,6 +182,10 @@ impl Kernel for ScheduleFreeConfig {
         Ok(())
     }
 
+    fn has_eval_view(&self) -> bool {
+        true
+    }
+
     fn eval_params(&self, params: &[f32], state: &[&[f32]], step: u64, out: &mut [f32]) {
         match state.first() {
             Some(z) if step > 0 => eval_view(self, params, z, out),

@@ -32,6 +32,7 @@ pub mod conformance;
 mod element;
 mod env;
 mod error;
+pub mod exact;
 mod fingerprint;
 mod mesh;
 mod partition;

@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use distoptim_collective::exact::BinnedSum;
 use distoptim_collective::Communicator;
 use distoptim_optim::{Layout, ParamGroup, Schedule};
 
@@ -51,6 +52,19 @@ pub trait DataParallel: Send {
     /// samples; `params` is this rank's full parameter buffer. Both are of the working
     /// type of the precision policy (`&mut Vec<f32>` and friends convert with `.into()`).
     fn step(&mut self, params: FlatMut<'_>, grads: FlatMut<'_>, batch_size: usize) -> Result<StepReport>;
+
+    /// Deterministic mode's step: the same parameter bits at any world size and on any
+    /// backend. Each rank has added to `sum` its terms of the global batch's mean
+    /// gradient (the gradients of its micro-shards, each scaled by its share of the
+    /// batch); they are summed exactly. Only the synchronous strategies have one (see
+    /// [`ShardedOptimizer::step_deterministic`]); post-local SGD and DiLoCo depend on
+    /// the world size by design and refuse.
+    fn step_deterministic(&mut self, _params: FlatMut<'_>, _sum: &mut BinnedSum) -> Result<StepReport> {
+        Err(crate::DistError::Invalid(format!(
+            "{} has no deterministic mode (its result depends on the world size by design): use ddp or zero1/2/3",
+            self.strategy()
+        )))
+    }
 
     /// Makes `params` complete on this rank before a forward pass (ZeRO-3 all-gathers its
     /// shards; the others hold every element already and do nothing, the default).

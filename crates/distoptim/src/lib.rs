@@ -53,3 +53,5 @@ pub use local_sgd::{LocalSgdConfig, PostLocalSgd};
 pub use optimizer::{MemoryLedger, ShardedOptimizer};
 pub use precision::{FlatMut, FloatDtype, LossScaleConfig, LossScaler, Precision, Working};
 pub use replicas::verify_replicas;
+/// The exact per-element sum of deterministic mode (see [`DataParallel::step_deterministic`]).
+pub use distoptim_collective::exact::BinnedSum;

@@ -31,8 +31,9 @@ use crate::error::{DistError, Result};
 use crate::grad_sync;
 use crate::precision::{round_into, widen_into, Flat, FlatMut, FloatDtype, LossScaler, Precision, Working};
 use crate::scheduled::Scheduled;
+use distoptim_collective::exact::{BinnedSum, ExactSum};
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
-use distoptim_optim::clip;
+use distoptim_optim::clip::{self, NormType};
 use distoptim_optim::{Layout, OptimizerConfig, OptimizerStateDict, ParamGroup, Schedule};
 use std::ops::Range;
 
@@ -448,9 +449,100 @@ impl ShardedOptimizer {
                 (Some(total), clip::clip_coefficient(c.max_norm, total))
             }
         };
+        self.step_owned(params, mine, grad_norm, scale)
+    }
+
+    /// Steps the owned range with the reduced, divided gradient and the clip coefficient.
+    fn step_owned(&mut self, params: &mut [f32], mine: &mut [f32], grad_norm: Option<f32>, scale: f32) -> Result<StepReport> {
         let report = StepReport { lrs: self.opt.lrs(), grad_norm, skipped: false };
         self.opt.step_scaled(params, mine, scale)?;
         self.steps += 1;
+        Ok(report)
+    }
+
+    /// The step of deterministic mode: the same parameter bits at any world size, on any
+    /// backend, given the same terms in `sum`.
+    ///
+    /// Each rank has added its terms to `sum` (a training loop adds the gradient of each
+    /// of its micro-shards of a global batch, cut the same way at any world size, each
+    /// scaled by its share of the batch, so the terms add up to the batch's mean
+    /// gradient). The terms are summed exactly ([`BinnedSum::reduce`]), the clip's norm is
+    /// an exact sum too ([`ExactSum`]), and the update is elementwise, so nothing depends
+    /// on how the ranks split the work. No division follows: the terms are already
+    /// weighted. Not with loss scaling (f16) or tensor parallelism; `sum` is cleared.
+    pub fn step_deterministic<P: Working>(&mut self, params: &mut [P], sum: &mut BinnedSum) -> Result<StepReport> {
+        let numel = self.layout().numel();
+        if sum.len() != numel {
+            return Err(DistError::Invalid(format!("the sum has {} elements, the layout has {numel}", sum.len())));
+        }
+        if params.len() != numel && !(self.param_shard().is_some() && params.len() == self.owned.len()) {
+            return Err(DistError::Invalid(format!("params has {} elements, the layout has {numel}", params.len())));
+        }
+        if <P as Working>::DTYPE != self.config.precision.param_dtype {
+            return Err(DistError::Invalid(format!(
+                "params are {}, the precision policy's param_dtype is {}",
+                <P as Working>::DTYPE,
+                self.config.precision.param_dtype
+            )));
+        }
+        if self.scaler.is_some() || self.tp.is_some() {
+            return Err(DistError::Invalid(
+                "deterministic mode has no loss scaling (f16) and no tensor parallelism: use f32 or bf16".into(),
+            ));
+        }
+        let owned = self.owned.clone();
+        // Reduce-scatter when the ranks own the collective's balanced ranges; else the
+        // whole sum to every rank, each keeping its range.
+        let scatter = matches!(self.config.strategy, Strategy::Zero2 | Strategy::Zero3) && self.balanced();
+        let mut reduced = std::mem::take(&mut self.reduced);
+        if scatter || owned.len() == numel {
+            reduced.resize(owned.len(), 0.0);
+            sum.reduce(&self.comm, scatter, &mut reduced)?;
+        } else {
+            let mut full = vec![0f32; numel];
+            sum.reduce(&self.comm, false, &mut full)?;
+            reduced.clear();
+            reduced.extend_from_slice(&full[owned.clone()]);
+        }
+        sum.clear();
+        let (grad_norm, scale) = match &self.config.clip {
+            None => (None, 1.0),
+            Some(c) => {
+                // Each element counted once: by its owner, or under DDP by the rank whose
+                // balanced range holds it.
+                let measured = if self.config.strategy.shards_state() {
+                    0..reduced.len()
+                } else {
+                    shard_range(numel, self.comm.size(), self.comm.rank())
+                };
+                let total = exact_norm(&self.comm, &reduced[measured], c.norm)?;
+                clip::check_finite(total, c.error_if_nonfinite)?;
+                (Some(total), clip::clip_coefficient(c.max_norm, total))
+            }
+        };
+        let report = if self.config.precision.has_master() {
+            let mut master = match self.master.take() {
+                Some(m) => m,
+                None => {
+                    let mut m = vec![0.0f32; owned.len()];
+                    widen_into(self.owned_params(params), &mut m);
+                    m
+                }
+            };
+            let report = self.step_owned(&mut master, &mut reduced, grad_norm, scale);
+            round_into(&master, self.owned_params(params));
+            self.master = Some(master);
+            report
+        } else {
+            let full = P::as_f32_mut(params).ok_or_else(|| DistError::Invalid("f32 parameters expected".into()))?;
+            let mine = if full.len() == numel { &mut full[owned.clone()] } else { full };
+            self.step_owned(mine, &mut reduced, grad_norm, scale)
+        };
+        self.keep_reduced(reduced);
+        let report = report?;
+        if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
+            self.all_gather_owned(params)?;
+        }
         Ok(report)
     }
 
@@ -660,6 +752,31 @@ impl ShardedOptimizer {
     }
 }
 
+/// The global norm of a gradient of which each rank measures the part `mine`, summed
+/// exactly (the same bits however the parts are cut): in parallel over fixed pieces,
+/// whose exact partial sums add up exactly.
+fn exact_norm(comm: &Communicator, mine: &[f32], norm: NormType) -> Result<f32> {
+    use rayon::prelude::*;
+    if let NormType::Inf = norm {
+        let mut max = [mine.iter().fold(0f32, |m, g| m.max(g.abs()))];
+        comm.all_reduce(&mut max, ReduceOp::Max)?;
+        return Ok(max[0]);
+    }
+    let mut total = mine
+        .par_chunks(1 << 16)
+        .map(|c| {
+            let mut s = ExactSum::new();
+            s.add_all(c, |g| norm.term(g));
+            s
+        })
+        .reduce(ExactSum::new, |mut a, b| {
+            a.merge(&b);
+            a
+        });
+    total.all_reduce(comm)?;
+    Ok(norm.total(total.value()))
+}
+
 /// Runs `$body` with `$v` bound to the typed slice inside a [`FlatMut`].
 macro_rules! with_flat {
     ($flat:expr, $v:ident => $body:expr) => {
@@ -686,6 +803,10 @@ impl crate::DataParallel for ShardedOptimizer {
 
     fn step(&mut self, params: FlatMut<'_>, grads: FlatMut<'_>, batch_size: usize) -> Result<StepReport> {
         with_flat!(params, p => with_flat!(grads, g => ShardedOptimizer::step(self, p, g, batch_size)))
+    }
+
+    fn step_deterministic(&mut self, params: FlatMut<'_>, sum: &mut BinnedSum) -> Result<StepReport> {
+        with_flat!(params, p => ShardedOptimizer::step_deterministic(self, p, sum))
     }
 
     fn gather(&self, params: FlatMut<'_>) -> Result<()> {

@@ -84,12 +84,26 @@ impl DistributedSampler {
 
     /// The epoch of global step `step`, and rank `rank` of `world`'s sample indices for it.
     pub fn local_batch(&self, step: u64, world: usize, rank: usize) -> (u64, Vec<usize>) {
+        let (epoch, batch) = self.global_batch(step);
+        (epoch, batch[shard_range(batch.len(), world.max(1), rank.min(world.max(1) - 1))].to_vec())
+    }
+
+    /// The epoch of global step `step`, and the whole global batch's sample indices.
+    pub fn global_batch(&self, step: u64) -> (u64, Vec<usize>) {
         let epoch = step / self.steps_per_epoch();
         let mut order: Vec<usize> = (0..self.len).collect();
         SeededRng::new(self.seed, 0xE90C ^ epoch.wrapping_mul(0x9E37)).shuffle(&mut order);
         let start = (step % self.steps_per_epoch()) as usize * self.batch_size;
-        let batch = &order[start..(start + self.batch_size).min(self.len)];
-        (epoch, batch[shard_range(batch.len(), world.max(1), rank.min(world.max(1) - 1))].to_vec())
+        (epoch, order[start..(start + self.batch_size).min(self.len)].to_vec())
+    }
+
+    /// Deterministic mode's cut of a global batch of `batch_len` samples into
+    /// `micro_shards` fixed pieces (positions in the batch), and the pieces rank `rank` of
+    /// `world` computes: the pieces do not depend on the world size, only which rank
+    /// computes them does.
+    pub fn micro_shards(batch_len: usize, micro_shards: usize, world: usize, rank: usize) -> Vec<std::ops::Range<usize>> {
+        let m = micro_shards.max(1);
+        shard_range(m, world.max(1), rank.min(world.max(1) - 1)).map(|i| shard_range(batch_len, m, i)).filter(|r| !r.is_empty()).collect()
     }
 }
 

@@ -41,7 +41,7 @@ impl NormType {
 
     /// The contribution of one element.
     #[inline(always)]
-    fn term(self, g: f32) -> f64 {
+    pub fn term(self, g: f32) -> f64 {
         let a = (g as f64).abs();
         match self {
             NormType::Inf => a,

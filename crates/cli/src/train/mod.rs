@@ -69,6 +69,16 @@ pub struct TrainArgs {
     /// and f32 optimizer state (f16 with dynamic loss scaling). ddp and zero* only.
     #[arg(long, value_enum, default_value_t = FloatDtype::F32)]
     precision: FloatDtype,
+    /// Deterministic mode: parameters identical to the bit after every step at any
+    /// --nproc (up to --micro-shards), on any backend, and across a resume at another
+    /// --nproc or synchronous strategy. Each global batch is cut into --micro-shards fixed
+    /// pieces, each piece's gradient computed alone, and the pieces summed exactly.
+    #[arg(long)]
+    deterministic: bool,
+    /// Deterministic mode: pieces per global batch. Keep it the same across the runs to
+    /// compare; the ranks share the pieces, so it bounds --nproc.
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    micro_shards: usize,
     /// What gradients are summed in across ranks: f32, or bf16 (half the bytes).
     #[arg(long, default_value = "f32", value_parser = crate::value::reduce_dtype())]
     reduce_dtype: FloatDtype,
@@ -266,6 +276,10 @@ struct Trainer<T: CandleElement> {
     description: String,
     rows: Vec<Row>,
     timings: Timings,
+    /// Deterministic mode's exact sum of the micro-shards' gradients, and an f32 copy of
+    /// a 16-bit gradient to add to it.
+    sum: Option<distoptim::BinnedSum>,
+    widened: Vec<f32>,
 }
 
 impl<T: CandleElement> Trainer<T> {
@@ -281,6 +295,22 @@ impl<T: CandleElement> Trainer<T> {
         };
         ensure!(dims.iter().all(|&d| d > 0), "layer sizes must be positive, got {dims:?}");
         ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+        if args.deterministic {
+            ensure!(args.strategy.is_synchronous(), "--deterministic needs ddp or zero1/2/3: {} depends on the world size by design", args.strategy);
+            ensure!(args.precision != FloatDtype::F16, "--deterministic runs in f32 or bf16 (f16's loss scaling is not part of it)");
+            ensure!(args.reduce_dtype == FloatDtype::F32, "--deterministic sums gradients exactly: --reduce-dtype does not apply");
+            ensure!(
+                comm.size() <= args.micro_shards,
+                "--deterministic: {} ranks but --micro-shards {}; raise --micro-shards (and keep it the same in the runs you compare)",
+                comm.size(),
+                args.micro_shards
+            );
+            ensure!(
+                !matches!(args.optimizer.as_str(), "muon" | "adafactor"),
+                "--deterministic: {} reduces over whole matrices with multi-threaded kernels whose bits depend on the thread count; use sgd, adam, adamw, lion or schedule_free_adamw",
+                args.optimizer
+            );
+        }
         let (train, test) = data.split(args.test_fraction, args.seed)?;
         ensure!(train.len() > 0, "the training split is empty");
         let sampler = DistributedSampler::new(train.len(), args.batch_size, args.seed)?;
@@ -348,6 +378,8 @@ impl<T: CandleElement> Trainer<T> {
             description,
             rows: Vec::new(),
             timings: Timings::default(),
+            sum: None,
+            widened: Vec::new(),
         })
     }
 
@@ -440,6 +472,9 @@ impl<T: CandleElement> Trainer<T> {
     /// One training step: forward and backward on this rank's shard, then the
     /// distributed optimizer step. Returns the metrics row and the global batch size.
     fn step(&mut self, step: u64) -> Result<(Row, u64)> {
+        if self.args.deterministic {
+            return self.step_deterministic(step);
+        }
         let (epoch, indices) = self.sampler.local_batch(step, self.comm.size(), self.comm.rank());
         let t = Instant::now();
         self.with_full(|t, full| Ok(t.flat.write_params(full)?))?;
@@ -449,7 +484,7 @@ impl<T: CandleElement> Trainer<T> {
         let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
         let mut backward = Duration::ZERO;
         if !indices.is_empty() {
-            let (xs, ys) = batch(&self.train, &indices)?;
+            let (xs, ys) = batch_tensors(&self.train, &indices)?;
             // The loss (a softmax) in f32, as autocast keeps it; f16 scales it first.
             let logits = self.model.forward(&xs.to_dtype(T::CANDLE)?)?.to_dtype(DType::F32)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
@@ -468,9 +503,59 @@ impl<T: CandleElement> Trainer<T> {
         let t = Instant::now();
         let report = self.algorithm.step((&mut self.params).into(), (&mut self.grads).into(), indices.len())?;
         let step_time = t.elapsed();
+        self.finish_row(step, epoch, [loss_sum, indices.len() as f64, correct], report, [backward, copy, step_time])
+    }
 
-        let mut stats = [loss_sum, indices.len() as f64, correct];
+    /// Deterministic mode's step: this rank's micro-shards of the global batch, each
+    /// through forward and backward alone with its loss scaled by its share of the batch,
+    /// their gradients added exactly, and the step on the exact sum.
+    fn step_deterministic(&mut self, step: u64) -> Result<(Row, u64)> {
+        let (epoch, batch) = self.sampler.global_batch(step);
+        let pieces = DistributedSampler::micro_shards(batch.len(), self.args.micro_shards, self.comm.size(), self.comm.rank());
+        let t = Instant::now();
+        self.with_full(|t, full| Ok(t.flat.write_params(full)?))?;
+        let mut copy = t.elapsed();
+        let numel = self.flat.layout().numel();
+        let mut sum = self.sum.take().unwrap_or_else(|| distoptim::BinnedSum::new(numel));
+        let (mut loss_sum, mut correct, mut samples) = (0.0f64, 0.0f64, 0usize);
+        let mut backward = Duration::ZERO;
+        for piece in pieces {
+            let t = Instant::now();
+            let indices = &batch[piece];
+            let (xs, ys) = batch_tensors(&self.train, indices)?;
+            let logits = self.model.forward(&xs.to_dtype(T::CANDLE)?)?.to_dtype(DType::F32)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
+            // The piece's share of the batch mean: the terms then add up to the mean.
+            let share = indices.len() as f64 / batch.len() as f64;
+            let store = (&loss * share)?.backward()?;
+            backward += t.elapsed();
+            let c = Instant::now();
+            self.flat.read_grads(&store, &mut self.grads)?;
+            match T::as_f32(&self.grads) {
+                Some(g) => sum.add(g)?,
+                None => {
+                    self.widened.resize(numel, 0.0);
+                    self.widened.iter_mut().zip(self.grads.iter()).for_each(|(w, g)| *w = g.to_f32());
+                    sum.add(&self.widened)?;
+                }
+            }
+            copy += c.elapsed();
+            loss_sum += f64::from(loss.to_scalar::<f32>()?) * indices.len() as f64;
+            correct += count_correct(&logits, &ys)?;
+            samples += indices.len();
+        }
+        let t = Instant::now();
+        let report = self.algorithm.step_deterministic((&mut self.params).into(), &mut sum);
+        let step_time = t.elapsed();
+        self.sum = Some(sum);
+        self.finish_row(step, epoch, [loss_sum, samples as f64, correct], report?, [backward, copy, step_time])
+    }
+
+    /// The metrics row of a step from this rank's `stats` (loss sum, samples, correct),
+    /// summed over the ranks; records the step's `times` (backward, copy, step).
+    fn finish_row(&mut self, step: u64, epoch: u64, mut stats: [f64; 3], report: distoptim::StepReport, times: [Duration; 3]) -> Result<(Row, u64)> {
         self.comm.all_reduce(&mut stats, ReduceOp::Sum)?;
+        let [backward, copy, step_time] = times;
         self.timings.forward_backward.push(backward);
         self.timings.copy.push(copy);
         self.timings.step.push(step_time);
@@ -504,7 +589,7 @@ impl<T: CandleElement> Trainer<T> {
         let mine: Vec<usize> = shard_range(self.test.len(), self.comm.size(), self.comm.rank()).collect();
         let mut stats = [0.0f64; 3];
         for chunk in mine.chunks(512) {
-            let (xs, ys) = batch(&self.test, chunk)?;
+            let (xs, ys) = batch_tensors(&self.test, chunk)?;
             let logits = self.model.forward(&xs.to_dtype(T::CANDLE)?)?.to_dtype(DType::F32)?;
             stats[0] += f64::from(candle_nn::loss::cross_entropy(&logits, &ys)?.to_scalar::<f32>()?) * chunk.len() as f64;
             stats[1] += chunk.len() as f64;
@@ -589,11 +674,13 @@ impl<T: CandleElement> Trainer<T> {
         if self.args.checkpoint_dir.is_some() {
             self.checkpoint(step)?;
         }
-        self.with_full(|t, full| {
-            t.algorithm.finish(full.into())?;
-            Ok(verify_replicas(&t.comm, t.flat.layout(), full)?)
-        })
-        .context("replica check at the end")?;
+        let hash = self
+            .with_full(|t, full| {
+                t.algorithm.finish(full.into())?;
+                verify_replicas(&t.comm, t.flat.layout(), full)?;
+                Ok(parameter_hash(full))
+            })
+            .context("replica check at the end")?;
         let (test_loss, accuracy) = self.evaluate()?;
         if let Some(last) = self.rows.last_mut() {
             last.test_loss = Some(test_loss);
@@ -616,6 +703,7 @@ impl<T: CandleElement> Trainer<T> {
             median_ms(&self.timings.step)
         );
         println!("peak RSS per rank: {} MiB", rss.join(", "));
+        println!("parameter hash {hash:016x} (FNV-1a 64 of the {} parameters in layout order)", self.args.precision);
         println!("{}", self.ledger());
         println!("wrote {}/metrics.csv, metrics.json and plot.svg", self.args.out.display());
         Ok(())
@@ -623,10 +711,16 @@ impl<T: CandleElement> Trainer<T> {
 }
 
 /// The samples as candle tensors: inputs `[n, dim]` and labels `[n]`.
-fn batch(data: &Dataset, indices: &[usize]) -> Result<(Tensor, Tensor)> {
+fn batch_tensors(data: &Dataset, indices: &[usize]) -> Result<(Tensor, Tensor)> {
     let (mut x, mut y) = (Vec::new(), Vec::new());
     data.gather(indices, &mut x, &mut y);
     Ok((Tensor::from_vec(x, (indices.len(), data.dim), &Device::Cpu)?, Tensor::from_vec(y, indices.len(), &Device::Cpu)?))
+}
+
+/// FNV-1a (64 bits) of the parameters' bits widened to f32, little-endian, in layout
+/// order: one number that two runs share only when every parameter is the same bits.
+fn parameter_hash<T: CandleElement>(params: &[T]) -> u64 {
+    params.iter().flat_map(|p| p.to_f32().to_bits().to_le_bytes()).fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// How many rows of `logits` pick their label.

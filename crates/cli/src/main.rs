@@ -53,6 +53,8 @@ enum Command {
         /// Do not prefix output lines with `[rank N]`.
         #[arg(long)]
         no_prefix: bool,
+        #[command(flatten)]
+        elastic: launch::ElasticArgs,
         /// The program and its arguments (after `--`).
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -102,7 +104,7 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match Cli::parse().command {
         Command::Replay { case } => replay(&case),
-        Command::Launch { nproc, backend, grace, no_prefix, command } => {
+        Command::Launch { nproc, backend, grace, no_prefix, elastic, command } => {
             let spec = launch::LaunchSpec {
                 nproc,
                 backend,
@@ -110,6 +112,7 @@ fn main() -> ExitCode {
                 program: command[0].clone(),
                 args: command[1..].to_vec(),
                 prefix: !no_prefix,
+                elastic: elastic.spec(),
             };
             report("launch", launch::launch(&spec))
         }

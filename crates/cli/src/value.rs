@@ -52,7 +52,7 @@ impl BackendChoice {
                 anyhow::bail!("--backend mpi, but this process was started by distoptim launch or torchrun (RANK is set): use --backend shm or auto")
             }
             (BackendChoice::Mpi, None) => anyhow::bail!("--backend mpi outside an MPI job: start it under mpirun"),
-            (BackendChoice::Auto | BackendChoice::Shm, None) => crate::launch::launch_self(nproc),
+            (BackendChoice::Auto | BackendChoice::Shm, None) => crate::launch::launch_self(nproc, None),
             (_, Some(_)) => body(&Communicator::from_env()?),
         }
     }

@@ -24,6 +24,7 @@
 
 mod buckets;
 pub mod checkpoint;
+pub mod elastic;
 mod config;
 pub mod consolidate;
 mod data_parallel;

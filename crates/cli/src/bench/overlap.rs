@@ -39,7 +39,7 @@ pub struct OverlapArgs {
 
 pub fn run(args: OverlapArgs) -> Result<()> {
     if distoptim_collective::backend_from_env()?.is_none() {
-        return crate::launch::launch_self(args.nproc);
+        return crate::launch::launch_self(args.nproc, None);
     }
     let comm = Communicator::from_env()?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;

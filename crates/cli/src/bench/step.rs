@@ -71,7 +71,7 @@ pub struct StepArgs {
 
 pub fn run(args: StepArgs) -> Result<()> {
     if distoptim_collective::backend_from_env()?.is_none() {
-        return crate::launch::launch_self(args.nproc);
+        return crate::launch::launch_self(args.nproc, None);
     }
     let comm = Communicator::from_env()?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(args.threads.max(1)).build().context("building the optimizer pool")?;

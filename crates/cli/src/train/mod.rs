@@ -135,6 +135,11 @@ pub struct TrainArgs {
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     checkpoint_every: u64,
+    #[command(flatten)]
+    elastic: crate::launch::ElasticArgs,
+    /// Under --elastic (or `launch --elastic`): steps between in-memory snapshots.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_every: u64,
     /// Keep only the newest N checkpoints in --checkpoint-dir (default: keep all).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     keep: Option<u64>,
@@ -202,7 +207,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     // Outside a job (no torchrun or MPI variables): start one on this host.
     if distoptim_collective::backend_from_env()?.is_none() {
-        return crate::launch::launch_self(args.nproc);
+        return crate::launch::launch_self(args.nproc, args.elastic.spec());
     }
     // Share the cores between the ranks on this host (torchrun sets OMP_NUM_THREADS=1
     // for the same reason); candle's matmul and the optimizer both read this.
@@ -211,6 +216,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             ["LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok()).unwrap_or(1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", (cores / local.max(1)).max(1).to_string());
+    }
+    if args.elastic.elastic && distoptim::elastic::snapshot_dir().is_none() {
+        bail!("--elastic needs distoptim's own launcher (run train outside a job, or under `distoptim launch --elastic`)");
     }
     release_large_frees();
     let comm = Communicator::from_env()?;
@@ -242,6 +250,7 @@ struct Timings {
     forward_backward: Vec<Duration>,
     copy: Vec<Duration>,
     step: Vec<Duration>,
+    snapshot: Vec<Duration>,
 }
 
 /// The median of `times` in milliseconds (0 when empty).
@@ -409,6 +418,8 @@ impl<T: CandleElement> Trainer<T> {
         let eval_every = self.args.eval_every.unwrap_or(self.sampler.steps_per_epoch()).max(1);
         let started = Instant::now();
         let mut samples = 0u64;
+        let snapshots = distoptim::elastic::snapshot_dir();
+        let mut first = true;
         while step < stop {
             let (mut row, batch) = self.step(step)?;
             step += 1;
@@ -428,6 +439,24 @@ impl<T: CandleElement> Trainer<T> {
             if step % self.args.checkpoint_every == 0 && step < stop {
                 self.checkpoint(step)?;
             }
+            if let Some(dir) = &snapshots {
+                if step % self.args.snapshot_every == 0 && step < stop {
+                    let t = Instant::now();
+                    self.save(dir.clone(), step, &SaveOptions::new().with_keep(2)).with_context(|| format!("snapshot at step {step}"))?;
+                    self.timings.snapshot.push(t.elapsed());
+                }
+            }
+            if first && self.rank0() {
+                if let Some(since) = distoptim::elastic::since_failure() {
+                    println!(
+                        "elastic: recovered in {:.3} s, from the death to step {step} completed on {} ranks (restart {})",
+                        since.as_secs_f64(),
+                        self.comm.size(),
+                        distoptim::elastic::restart_count()
+                    );
+                }
+            }
+            first = false;
             if self.rank0() && (step % eval_every == 0) {
                 metrics::write(&self.args.out, &self.title(), &self.rows)?;
             }
@@ -439,7 +468,9 @@ impl<T: CandleElement> Trainer<T> {
 
     /// Restores a checkpoint named by `--resume`; returns the step to continue from.
     fn resume(&mut self) -> Result<u64> {
-        let Some(dir) = self.args.resume.clone() else { return Ok(0) };
+        // After a restart the launcher's snapshot wins over --resume.
+        let snapshot = distoptim::elastic::snapshot_dir().filter(|d| distoptim::checkpoint::resolve(d).is_ok());
+        let Some(dir) = snapshot.or_else(|| self.args.resume.clone()) else { return Ok(0) };
         let manifest = match self.shard.clone() {
             None => self.algorithm.load(&dir, (&mut self.params).into()),
             Some(range) => {
@@ -601,18 +632,23 @@ impl<T: CandleElement> Trainer<T> {
 
     fn checkpoint(&mut self, step: u64) -> Result<()> {
         let Some(dir) = self.args.checkpoint_dir.clone() else { return Ok(()) };
+        let mut options = SaveOptions::new();
+        if let Some(keep) = self.args.keep {
+            options = options.with_keep(keep as usize);
+        }
+        self.save(dir, step, &options).with_context(|| format!("checkpoint at step {step}"))
+    }
+
+    /// Saves the state a continuation needs into the checkpoint root `dir`: the
+    /// algorithm's, and the counters that fix the data order and schedule.
+    fn save(&mut self, dir: PathBuf, step: u64, options: &SaveOptions) -> Result<()> {
         let counters = BTreeMap::from([
             ("train_step".to_string(), step),
             ("seed".to_string(), self.args.seed),
             ("batch_size".to_string(), self.args.batch_size as u64),
             ("total_steps".to_string(), self.total_steps),
         ]);
-        let mut options = SaveOptions::new();
-        if let Some(keep) = self.args.keep {
-            options = options.with_keep(keep as usize);
-        }
-        self.with_full(|t, full| Ok(t.algorithm.save(&dir, (&*full).into(), counters, &options)?))
-            .with_context(|| format!("checkpoint at step {step}"))?;
+        self.with_full(|t, full| Ok(t.algorithm.save(&dir, (&*full).into(), counters, options)?))?;
         Ok(())
     }
 
@@ -702,6 +738,15 @@ impl<T: CandleElement> Trainer<T> {
             median_ms(&self.timings.copy),
             median_ms(&self.timings.step)
         );
+        if !self.timings.snapshot.is_empty() {
+            println!(
+                "elastic snapshot (rank 0, median): {:.3} ms every {} steps, {:.1}% of the step",
+                median_ms(&self.timings.snapshot),
+                self.args.snapshot_every,
+                100.0 * median_ms(&self.timings.snapshot)
+                    / (self.args.snapshot_every as f64 * (median_ms(&self.timings.forward_backward) + median_ms(&self.timings.copy) + median_ms(&self.timings.step)))
+            );
+        }
         println!("peak RSS per rank: {} MiB", rss.join(", "));
         println!("parameter hash {hash:016x} (FNV-1a 64 of the {} parameters in layout order)", self.args.precision);
         println!("{}", self.ledger());

@@ -61,6 +61,10 @@ fn fault_plan() -> &'static FaultPlan {
             Ok(r) => std::env::var("RANK").is_ok_and(|mine| mine == r),
             Err(_) => true,
         };
+        // Under an elastic launcher: only in the start DISTOPTIM_FAULT_RESTART names (the
+        // first by default), so a restarted job does not meet the same fault again.
+        let wanted = std::env::var("DISTOPTIM_FAULT_RESTART").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let rank_matches = rank_matches && crate::elastic::restart_count() == wanted;
         let at = std::env::var("DISTOPTIM_FAULT_AT").ok().and_then(|s| s.parse().ok()).filter(|_| rank_matches);
         let trace = std::env::var_os("DISTOPTIM_FAULT_TRACE").is_some() && rank_matches;
         FaultPlan { at, trace }

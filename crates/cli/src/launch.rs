@@ -148,7 +148,10 @@ impl SnapshotDir {
         use std::os::unix::fs::DirBuilderExt;
         let dir = std::env::var_os("DISTOPTIM_SHM_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| "/dev/shm".into());
         let path = dir.join(format!("distoptim-snapshots-{}-{:x}", std::process::id(), random_u64()?));
-        std::fs::DirBuilder::new().mode(0o700).create(&path).with_context(|| format!("creating the snapshot directory {}", path.display()))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating the snapshot directory {}", path.display()))?;
         Ok(SnapshotDir(path))
     }
 }

@@ -129,7 +129,10 @@ impl BinnedSum {
     /// The rounded total of this rank's terms alone (no communication).
     pub fn local_total(&self, out: &mut [f32]) -> Result<()> {
         if out.len() != self.len() {
-            return Err(CommError::invalid("BinnedSum::local_total", format!("out has {} elements, the sum has {}", out.len(), self.len())));
+            return Err(CommError::invalid(
+                "BinnedSum::local_total",
+                format!("out has {} elements, the sum has {}", out.len(), self.len()),
+            ));
         }
         for (i, o) in out.iter_mut().enumerate() {
             *o = round(self.top[i], self.hi[i], self.lo[i]);

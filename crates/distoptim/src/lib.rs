@@ -24,12 +24,12 @@
 
 mod buckets;
 pub mod checkpoint;
-pub mod elastic;
 mod config;
 pub mod consolidate;
 mod data_parallel;
 mod diloco;
 pub mod dist_clip;
+pub mod elastic;
 mod error;
 pub mod estimate;
 mod grad_sync;
@@ -48,11 +48,11 @@ pub use consolidate::{consolidate, Consolidated};
 pub use data_parallel::{data_parallel, DataParallel, DataParallelConfig};
 pub use diloco::{Diloco, DilocoConfig};
 pub use dist_clip::TensorParallel;
+/// The exact per-element sum of deterministic mode (see [`DataParallel::step_deterministic`]).
+pub use distoptim_collective::exact::BinnedSum;
 pub use error::{DistError, Result};
 pub use lbfgs::step_lbfgs;
 pub use local_sgd::{LocalSgdConfig, PostLocalSgd};
 pub use optimizer::{MemoryLedger, ShardedOptimizer};
 pub use precision::{FlatMut, FloatDtype, LossScaleConfig, LossScaler, Precision, Working};
 pub use replicas::verify_replicas;
-/// The exact per-element sum of deterministic mode (see [`DataParallel::step_deterministic`]).
-pub use distoptim_collective::exact::BinnedSum;

@@ -305,7 +305,11 @@ impl<T: CandleElement> Trainer<T> {
         ensure!(dims.iter().all(|&d| d > 0), "layer sizes must be positive, got {dims:?}");
         ensure!(args.batch_size > 0, "--batch-size must be at least 1");
         if args.deterministic {
-            ensure!(args.strategy.is_synchronous(), "--deterministic needs ddp or zero1/2/3: {} depends on the world size by design", args.strategy);
+            ensure!(
+                args.strategy.is_synchronous(),
+                "--deterministic needs ddp or zero1/2/3: {} depends on the world size by design",
+                args.strategy
+            );
             ensure!(args.precision != FloatDtype::F16, "--deterministic runs in f32 or bf16 (f16's loss scaling is not part of it)");
             ensure!(args.reduce_dtype == FloatDtype::F32, "--deterministic sums gradients exactly: --reduce-dtype does not apply");
             ensure!(
@@ -584,7 +588,14 @@ impl<T: CandleElement> Trainer<T> {
 
     /// The metrics row of a step from this rank's `stats` (loss sum, samples, correct),
     /// summed over the ranks; records the step's `times` (backward, copy, step).
-    fn finish_row(&mut self, step: u64, epoch: u64, mut stats: [f64; 3], report: distoptim::StepReport, times: [Duration; 3]) -> Result<(Row, u64)> {
+    fn finish_row(
+        &mut self,
+        step: u64,
+        epoch: u64,
+        mut stats: [f64; 3],
+        report: distoptim::StepReport,
+        times: [Duration; 3],
+    ) -> Result<(Row, u64)> {
         self.comm.all_reduce(&mut stats, ReduceOp::Sum)?;
         let [backward, copy, step_time] = times;
         self.timings.forward_backward.push(backward);
@@ -744,7 +755,8 @@ impl<T: CandleElement> Trainer<T> {
                 median_ms(&self.timings.snapshot),
                 self.args.snapshot_every,
                 100.0 * median_ms(&self.timings.snapshot)
-                    / (self.args.snapshot_every as f64 * (median_ms(&self.timings.forward_backward) + median_ms(&self.timings.copy) + median_ms(&self.timings.step)))
+                    / (self.args.snapshot_every as f64
+                        * (median_ms(&self.timings.forward_backward) + median_ms(&self.timings.copy) + median_ms(&self.timings.step)))
             );
         }
         println!("peak RSS per rank: {} MiB", rss.join(", "));
@@ -765,7 +777,10 @@ fn batch_tensors(data: &Dataset, indices: &[usize]) -> Result<(Tensor, Tensor)> 
 /// FNV-1a (64 bits) of the parameters' bits widened to f32, little-endian, in layout
 /// order: one number that two runs share only when every parameter is the same bits.
 fn parameter_hash<T: CandleElement>(params: &[T]) -> u64 {
-    params.iter().flat_map(|p| p.to_f32().to_bits().to_le_bytes()).fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    params
+        .iter()
+        .flat_map(|p| p.to_f32().to_bits().to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// How many rows of `logits` pick their label.

@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use distoptim_collective::exact::BinnedSum;
+use distoptim_collective::exact::ReproducibleSum;
 use distoptim_collective::Communicator;
 use distoptim_optim::{Layout, ParamGroup, Schedule};
 
@@ -59,7 +59,7 @@ pub trait DataParallel: Send {
     /// batch); they are summed exactly. Only the synchronous strategies have one (see
     /// [`ShardedOptimizer::step_deterministic`]); post-local SGD and DiLoCo depend on
     /// the world size by design and refuse.
-    fn step_deterministic(&mut self, _params: FlatMut<'_>, _sum: &mut BinnedSum) -> Result<StepReport> {
+    fn step_deterministic(&mut self, _params: FlatMut<'_>, _sum: &mut ReproducibleSum) -> Result<StepReport> {
         Err(crate::DistError::Invalid(format!(
             "{} has no deterministic mode (its result depends on the world size by design): use ddp or zero1/2/3",
             self.strategy()

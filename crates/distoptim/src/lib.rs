@@ -49,7 +49,7 @@ pub use data_parallel::{data_parallel, DataParallel, DataParallelConfig};
 pub use diloco::{Diloco, DilocoConfig};
 pub use dist_clip::TensorParallel;
 /// The exact per-element sum of deterministic mode (see [`DataParallel::step_deterministic`]).
-pub use distoptim_collective::exact::BinnedSum;
+pub use distoptim_collective::exact::ReproducibleSum;
 pub use error::{DistError, Result};
 pub use lbfgs::step_lbfgs;
 pub use local_sgd::{LocalSgdConfig, PostLocalSgd};

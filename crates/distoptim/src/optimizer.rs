@@ -31,7 +31,7 @@ use crate::error::{DistError, Result};
 use crate::grad_sync;
 use crate::precision::{round_into, widen_into, Flat, FlatMut, FloatDtype, LossScaler, Precision, Working};
 use crate::scheduled::Scheduled;
-use distoptim_collective::exact::{BinnedSum, ExactSum};
+use distoptim_collective::exact::{ExactSum, ReproducibleSum};
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip::{self, NormType};
 use distoptim_optim::{Layout, OptimizerConfig, OptimizerStateDict, ParamGroup, Schedule};
@@ -466,11 +466,11 @@ impl ShardedOptimizer {
     /// Each rank has added its terms to `sum` (a training loop adds the gradient of each
     /// of its micro-shards of a global batch, cut the same way at any world size, each
     /// scaled by its share of the batch, so the terms add up to the batch's mean
-    /// gradient). The terms are summed exactly ([`BinnedSum::reduce`]), the clip's norm is
+    /// gradient). The terms are summed exactly ([`ReproducibleSum::reduce`]), the clip's norm is
     /// an exact sum too ([`ExactSum`]), and the update is elementwise, so nothing depends
     /// on how the ranks split the work. No division follows: the terms are already
     /// weighted. Not with loss scaling (f16) or tensor parallelism; `sum` is cleared.
-    pub fn step_deterministic<P: Working>(&mut self, params: &mut [P], sum: &mut BinnedSum) -> Result<StepReport> {
+    pub fn step_deterministic<P: Working>(&mut self, params: &mut [P], sum: &mut ReproducibleSum) -> Result<StepReport> {
         let numel = self.layout().numel();
         if sum.len() != numel {
             return Err(DistError::Invalid(format!("the sum has {} elements, the layout has {numel}", sum.len())));
@@ -504,7 +504,6 @@ impl ShardedOptimizer {
             reduced.clear();
             reduced.extend_from_slice(&full[owned.clone()]);
         }
-        sum.clear();
         let (grad_norm, scale) = match &self.config.clip {
             None => (None, 1.0),
             Some(c) => {
@@ -766,7 +765,11 @@ fn exact_norm(comm: &Communicator, mine: &[f32], norm: NormType) -> Result<f32> 
         .par_chunks(1 << 16)
         .map(|c| {
             let mut s = ExactSum::new();
-            s.add_all(c, |g| norm.term(g));
+            match norm {
+                NormType::P(2.0) => s.add_squares(c),
+                NormType::P(1.0) => s.add_abs(c),
+                _ => s.add_all(c, |g| norm.term(g)),
+            }
             s
         })
         .reduce(ExactSum::new, |mut a, b| {
@@ -805,7 +808,7 @@ impl crate::DataParallel for ShardedOptimizer {
         with_flat!(params, p => with_flat!(grads, g => ShardedOptimizer::step(self, p, g, batch_size)))
     }
 
-    fn step_deterministic(&mut self, params: FlatMut<'_>, sum: &mut BinnedSum) -> Result<StepReport> {
+    fn step_deterministic(&mut self, params: FlatMut<'_>, sum: &mut ReproducibleSum) -> Result<StepReport> {
         with_flat!(params, p => ShardedOptimizer::step_deterministic(self, p, sum))
     }
 

@@ -67,6 +67,18 @@ pub struct StepArgs {
     /// spread (none: skip it).
     #[arg(long, value_delimiter = ',', num_args = 0.., value_parser = crate::value::matrix)]
     muon_shapes: Vec<(usize, usize)>,
+    /// Also deterministic mode's step per strategy: each rank adds its share of
+    /// `--micro-shards` gradients to the exact sum, then steps on it; next to the normal
+    /// step of the same run.
+    #[arg(long)]
+    deterministic: bool,
+    /// Deterministic mode's pieces per global batch (a rank adds micro_shards / nproc).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    micro_shards: u64,
+    /// Also the cost of an elastic snapshot per strategy (a save into shared memory, as
+    /// `train --elastic` takes after every step), next to the normal step.
+    #[arg(long)]
+    snapshot: bool,
 }
 
 pub fn run(args: StepArgs) -> Result<()> {
@@ -217,6 +229,106 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
     }
     if !args.muon_shapes.is_empty() {
         muon_rows(comm, args, clip)?;
+    }
+    if args.deterministic {
+        deterministic_rows(&setup, args, &f32_times)?;
+    }
+    if args.snapshot {
+        snapshot_rows(&setup, &f32_times)?;
+    }
+    Ok(())
+}
+
+/// Deterministic mode next to the normal step: a rank's micro-shard gradients added to
+/// the exact sum, then the step on it (exact reduction, exact norm, AdamW, gathers).
+fn deterministic_rows(setup: &Setup, args: &StepArgs, normal: &[(Strategy, f64)]) -> Result<()> {
+    let comm = setup.comm;
+    let n = setup.layout.numel();
+    let terms = distoptim_collective::shard_range(args.micro_shards as usize, comm.size(), comm.rank()).len();
+    if comm.rank() == 0 {
+        println!(
+            "# deterministic: each rank adds its {} of {} micro-shard gradients to the exact sum, then steps on it; ratio = deterministic / normal step of this run",
+            terms, args.micro_shards
+        );
+        println!("{:<7} {:>10} {:>10} {:>8} {:>10} {:>12}", "step", "ms/step", "normal", "ratio", "adds ms", "step ms");
+    }
+    for &(s, normal_step) in normal {
+        let mut params: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
+        let mut opt = setup.build(s, Precision::f32(), &params)?;
+        let grads: Vec<f32> = (0..n).map(|i| ((i % 89) as f32 - 44.0) * 1e-4).collect();
+        let mut sum = distoptim::ReproducibleSum::new(n, args.micro_shards as usize)?;
+        let adds = timed(comm, setup.iters, || {
+            sum.clear();
+            for _ in 0..terms {
+                sum.add(&grads)?;
+            }
+            Ok(())
+        })?;
+        let sum = std::cell::RefCell::new(sum);
+        let step = timed_ranks_after(
+            comm,
+            setup.iters,
+            || {
+                let mut s = sum.borrow_mut();
+                s.clear();
+                (0..terms).try_for_each(|_| s.add(&grads))?;
+                Ok(())
+            },
+            || {
+                opt.step_deterministic((&mut params).into(), &mut sum.borrow_mut())?;
+                opt.gather((&mut params).into())?;
+                Ok(())
+            },
+        )?;
+        if comm.rank() == 0 {
+            let total = adds + step;
+            println!(
+                "{:<7} {:>10.2} {:>10.2} {:>7.2}x {:>10.2} {:>12.2}",
+                s.name(),
+                total * 1e3,
+                normal_step * 1e3,
+                total / normal_step,
+                adds * 1e3,
+                step * 1e3
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An elastic snapshot (the save `train --elastic` takes, into a directory in shared
+/// memory, keeping two) next to the normal step.
+fn snapshot_rows(setup: &Setup, normal: &[(Strategy, f64)]) -> Result<()> {
+    let comm = setup.comm;
+    let n = setup.layout.numel();
+    let mut root = [0i64];
+    if comm.rank() == 0 {
+        root[0] = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+    }
+    comm.broadcast(&mut root, 0)?;
+    let dir = std::path::PathBuf::from("/dev/shm").join(format!("distoptim-bench-snapshot-{:x}", root[0]));
+    if comm.rank() == 0 {
+        println!("# elastic snapshot: the state a restart needs (this rank's master and AdamW state, counters) saved into {}, keeping 2; ratio = snapshot / normal step", dir.display());
+        println!("{:<7} {:>12} {:>10} {:>8}", "step", "snapshot ms", "normal", "ratio");
+    }
+    for &(s, normal_step) in normal {
+        let mut params: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
+        let mut opt = setup.build(s, Precision::f32(), &params)?;
+        let mut grads: Vec<f32> = (0..n).map(|i| ((i % 89) as f32 - 44.0) * 1e-4).collect();
+        opt.step((&mut params).into(), (&mut grads).into(), 1)?;
+        opt.gather((&mut params).into())?;
+        let options = distoptim::checkpoint::SaveOptions::new().with_keep(2);
+        let snapshot = timed(comm, setup.iters, || {
+            opt.save(&dir, (&params).into(), std::collections::BTreeMap::from([("train_step".to_string(), 1)]), &options)?;
+            Ok(())
+        })?;
+        if comm.rank() == 0 {
+            println!("{:<7} {:>12.2} {:>10.2} {:>7.1}%", s.name(), snapshot * 1e3, normal_step * 1e3, 100.0 * snapshot / normal_step);
+        }
+        comm.barrier()?;
+    }
+    if comm.rank() == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
 }

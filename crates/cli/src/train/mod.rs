@@ -285,10 +285,8 @@ struct Trainer<T: CandleElement> {
     description: String,
     rows: Vec<Row>,
     timings: Timings,
-    /// Deterministic mode's exact sum of the micro-shards' gradients, and an f32 copy of
-    /// a 16-bit gradient to add to it.
-    sum: Option<distoptim::BinnedSum>,
-    widened: Vec<f32>,
+    /// Deterministic mode's exact sum of the micro-shards' gradients.
+    sum: Option<distoptim::ReproducibleSum>,
 }
 
 impl<T: CandleElement> Trainer<T> {
@@ -392,7 +390,6 @@ impl<T: CandleElement> Trainer<T> {
             rows: Vec::new(),
             timings: Timings::default(),
             sum: None,
-            widened: Vec::new(),
         })
     }
 
@@ -551,7 +548,10 @@ impl<T: CandleElement> Trainer<T> {
         self.with_full(|t, full| Ok(t.flat.write_params(full)?))?;
         let mut copy = t.elapsed();
         let numel = self.flat.layout().numel();
-        let mut sum = self.sum.take().unwrap_or_else(|| distoptim::BinnedSum::new(numel));
+        let mut sum = match self.sum.take() {
+            Some(s) => s,
+            None => distoptim::ReproducibleSum::new(numel, self.args.micro_shards)?,
+        };
         let (mut loss_sum, mut correct, mut samples) = (0.0f64, 0.0f64, 0usize);
         let mut backward = Duration::ZERO;
         for piece in pieces {
@@ -565,15 +565,8 @@ impl<T: CandleElement> Trainer<T> {
             let store = (&loss * share)?.backward()?;
             backward += t.elapsed();
             let c = Instant::now();
-            self.flat.read_grads(&store, &mut self.grads)?;
-            match T::as_f32(&self.grads) {
-                Some(g) => sum.add(g)?,
-                None => {
-                    self.widened.resize(numel, 0.0);
-                    self.widened.iter_mut().zip(self.grads.iter()).for_each(|(w, g)| *w = g.to_f32());
-                    sum.add(&self.widened)?;
-                }
-            }
+            // Straight into the sum's buffer for this term, in f32 whatever the working type.
+            self.flat.read_grads(&store, sum.next_term()?)?;
             copy += c.elapsed();
             loss_sum += f64::from(loss.to_scalar::<f32>()?) * indices.len() as f64;
             correct += count_correct(&logits, &ys)?;

@@ -96,9 +96,9 @@ fn elastic(nproc: usize, extra: &[&str], env: &[(&str, String)], name: &str) -> 
 #[test]
 fn a_rank_killed_anywhere_even_mid_snapshot_leaves_the_uninterrupted_result() {
     let reference = hash(&run(4, &[], &scratch("ref"), &[]), "uninterrupted");
-    // Points are file operations of the snapshots (one directory per step): writing a
-    // rank's file, its fsync, the manifest, the publication of `latest`, at several steps.
-    for (at, rank) in [(5usize, 2usize), (37, 1), (100, 3), (171, 0)] {
+    // Fault points: four per snapshot (before the slot is marked WRITING, after the
+    // metadata, after the data, after COMPLETE), at several steps and ranks.
+    for (at, rank) in [(5usize, 2usize), (38, 1), (103, 3), (150, 0)] {
         let env = [("DISTOPTIM_FAULT_AT", at.to_string()), ("DISTOPTIM_FAULT_RANK", rank.to_string())];
         let (o, t) = elastic(4, &["--shrink"], &env, "kill");
         assert!(t.contains("fault injection: killing this process"), "point {at}: no kill happened:\n{t}");
@@ -159,9 +159,9 @@ fn a_second_kill_during_recovery_is_survived_or_fails_by_name() {
     assert!(!o.status.success() && t.contains("no restart left (--max-restarts 0 used)") && t.contains("rank 2"), "{t}");
 }
 
-/// Waits until the elastic job under `launcher` has published a snapshot at step
-/// `step` or later (its snapshot directory is inside `shm`), then returns the pid of a
-/// rank of that job.
+/// Waits until the elastic job under `launcher` has completed a snapshot at step `step`
+/// or later (its snapshot directory is inside `shm`; rank 0's slot headers say which
+/// steps it holds), then returns the pid of a rank of that job.
 fn wait_for_snapshot_then_pick_rank(launcher: u32, shm: &Path, step: u64) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -172,10 +172,14 @@ fn wait_for_snapshot_then_pick_rank(launcher: u32, shm: &Path, step: u64) -> i32
             .flatten()
             .map(|e| e.path())
             .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("distoptim-snapshots-")));
-        let at = snap
-            .and_then(|d| std::fs::read_to_string(d.join("latest")).ok())
-            .and_then(|l| l.trim().trim_start_matches("step-").split('-').next().and_then(|n| n.parse::<u64>().ok()));
-        if at.is_some_and(|s| s >= step) {
+        let newest = snap.and_then(|d| std::fs::read(d.join("gen-0000/rank-00000")).ok()).map(|bytes| {
+            // Two 64-byte headers: magic, state (2 = complete), step, ...
+            let word = |slot: usize, i: usize| {
+                bytes.get(slot * 64 + 8 * i..slot * 64 + 8 * i + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
+            };
+            (0..2).filter(|&slot| word(slot, 1) == 2).map(|slot| word(slot, 2)).max().unwrap_or(0)
+        });
+        if newest.is_some_and(|s| s >= step) {
             let kids = children(launcher);
             if let Some(&pid) = kids.get(kids.len() / 2) {
                 return pid;

@@ -31,6 +31,7 @@ use distoptim_optim::{Layout, ParamGroup, Schedule};
 use crate::checkpoint::{Manifest, SaveOptions};
 use crate::config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
 use crate::diloco::{Diloco, DilocoConfig};
+use crate::elastic::Snapshots;
 use crate::error::Result;
 use crate::local_sgd::{LocalSgdConfig, PostLocalSgd};
 use crate::optimizer::{MemoryLedger, ShardedOptimizer};
@@ -64,6 +65,21 @@ pub trait DataParallel: Send {
             "{} has no deterministic mode (its result depends on the world size by design): use ddp or zero1/2/3",
             self.strategy()
         )))
+    }
+
+    /// Elastic recovery: writes this rank's state after step `step` into its in-memory
+    /// snapshot slot (see [`Snapshots`]; not collective, no file on disk). `params` is
+    /// what the rank keeps: the full buffer, or under ZeRO-3 its shard. Only the
+    /// synchronous strategies have one; the others refuse.
+    fn snapshot(&self, _snapshots: &mut Snapshots, _step: u64, _params: Flat<'_>, _counters: &BTreeMap<String, u64>) -> Result<()> {
+        Err(crate::DistError::Invalid(format!("{} has no elastic snapshots: use ddp or zero1/2/3", self.strategy())))
+    }
+
+    /// Restores the newest snapshot that every rank of an earlier start of the job
+    /// completed, resharded onto this group, into `params` (the full buffer) and the
+    /// algorithm's state (collective). `None`: there is none, start from scratch.
+    fn restore(&mut self, _snapshots: &Snapshots, _params: FlatMut<'_>) -> Result<Option<Manifest>> {
+        Err(crate::DistError::Invalid(format!("{} has no elastic snapshots: use ddp or zero1/2/3", self.strategy())))
     }
 
     /// Makes `params` complete on this rank before a forward pass (ZeRO-3 all-gathers its

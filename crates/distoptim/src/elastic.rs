@@ -26,6 +26,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::checkpoint::Manifest;
+use crate::error::{DistError, Result};
+
 /// The launcher's snapshot directory, when this process runs under
 /// `distoptim launch --elastic`.
 pub fn snapshot_dir() -> Option<PathBuf> {
@@ -41,4 +44,364 @@ pub fn restart_count() -> u64 {
 pub fn since_failure() -> Option<Duration> {
     let ns: u64 = std::env::var("DISTOPTIM_FAILED_AT_NS").ok()?.parse().ok()?;
     SystemTime::now().duration_since(UNIX_EPOCH + Duration::from_nanos(ns)).ok()
+}
+
+/// Bytes of a slot header (padded to a cache line).
+const HEADER: usize = 64;
+/// The header's first word: the format, so a stray file is never read as a snapshot.
+const MAGIC: u64 = u64::from_le_bytes(*b"DOSNAP01");
+/// A slot's state word.
+const WRITING: u64 = 1;
+const COMPLETE: u64 = 2;
+/// Room kept in a slot for its JSON metadata to grow (counters with more digits).
+const SLACK: usize = 64 << 10;
+/// The most bytes a snapshot's JSON metadata may have when read back.
+const MAX_META: u64 = 64 << 20;
+
+/// The in-memory snapshots of one rank of an elastic job: its state every few steps,
+/// in a file of the launcher's shared-memory directory that outlives the rank.
+///
+/// The file of rank `r` in the `g`-th start of the job is `gen-g/rank-r`: two slots, each
+/// a 64-byte header (magic, state, step, lengths) then JSON metadata and the raw f32
+/// data. Step `s` goes to slot `s % 2`: its state word turns WRITING, the bytes are
+/// copied in, then it turns COMPLETE, so a rank killed mid-copy leaves the slot
+/// unusable and the other slot (step `s - 1`) intact. A step's collectives make every
+/// rank finish snapshot `s - 1` before any rank starts step `s`'s, so step `s - 1` or
+/// `s` is complete on every rank whatever the moment of a death. A snapshot costs one
+/// copy of the rank's state into pages that stay mapped between steps.
+pub struct Snapshots {
+    root: PathBuf,
+    generation: u64,
+    rank: usize,
+    world: usize,
+    /// This rank's file, mapped, and the bytes of each slot's payload.
+    file: Option<(memmap2::MmapMut, usize)>,
+    /// Snapshots written in this start (the old starts' files go after the second).
+    written: u64,
+}
+
+/// Where the newest complete snapshot is: the start that wrote it, its world size and
+/// step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// The start of the job (restart count) that wrote it.
+    pub generation: u64,
+    /// Ranks that wrote it.
+    pub world: usize,
+    /// The step it holds.
+    pub step: u64,
+}
+
+/// One rank's part of a snapshot, as its metadata records it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct PartMeta {
+    /// The elements the part covers.
+    pub range: [usize; 2],
+    /// Per-parameter optimizer step counts.
+    pub steps: Vec<u64>,
+    /// The state buffers stored after the values, in order.
+    pub buffers: Vec<String>,
+    /// Rank 0 only: the manifest (layout, groups, counters, precision; no files).
+    pub manifest: Option<Manifest>,
+}
+
+fn io_err(path: &std::path::Path, e: std::io::Error) -> DistError {
+    DistError::Checkpoint(format!("snapshot {}: {e}", path.display()))
+}
+
+impl Snapshots {
+    /// The snapshots of this process under an elastic launcher (`None` outside one).
+    pub fn from_env(rank: usize, world: usize) -> Option<Snapshots> {
+        Some(Snapshots { root: snapshot_dir()?, generation: restart_count(), rank, world, file: None, written: 0 })
+    }
+
+    /// The snapshots in `root` for this start (`generation`) of a job, as `rank` of `world`.
+    pub fn new(root: PathBuf, generation: u64, rank: usize, world: usize) -> Snapshots {
+        Snapshots { root, generation, rank, world, file: None, written: 0 }
+    }
+
+    fn file_path(&self, generation: u64, rank: usize) -> PathBuf {
+        self.root.join(format!("gen-{generation:04}")).join(format!("rank-{rank:05}"))
+    }
+
+    /// Writes one snapshot of step `step` (not collective): `meta` and the f32 `data`
+    /// slices, in order, into slot `step % 2`.
+    pub(crate) fn write(&mut self, step: u64, meta: &PartMeta, data: &[&[f32]]) -> Result<()> {
+        let meta = serde_json::to_vec(meta).map_err(|e| DistError::Checkpoint(format!("snapshot metadata: {e}")))?;
+        let bytes: usize = meta.len() + data.iter().map(|d| d.len() * 4).sum::<usize>();
+        if self.file.as_ref().is_none_or(|(_, cap)| *cap < bytes) {
+            self.file = Some(self.create(bytes + SLACK)?);
+        }
+        let Some((map, cap)) = self.file.as_mut() else { unreachable!("created above") };
+        let slot = (step % 2) as usize;
+        let (headers, payloads) = map.split_at_mut(2 * HEADER);
+        let header = &mut headers[slot * HEADER..(slot + 1) * HEADER];
+        let payload = &mut payloads[slot * *cap..slot * *cap + bytes];
+        fault("snapshot slot about to be marked WRITING");
+        set_state(header, WRITING);
+        let fields = [MAGIC, WRITING, step, self.world as u64, self.rank as u64, meta.len() as u64, bytes as u64];
+        for (i, f) in fields.iter().enumerate().filter(|&(i, _)| i != 1) {
+            header[8 * i..8 * i + 8].copy_from_slice(&f.to_le_bytes());
+        }
+        payload[..meta.len()].copy_from_slice(&meta);
+        fault("snapshot metadata written, no data yet");
+        let mut at = meta.len();
+        for d in data {
+            let out = &mut payload[at..at + d.len() * 4];
+            for (o, v) in out.chunks_exact_mut(4).zip(d.iter()) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+            at += d.len() * 4;
+        }
+        fault("snapshot data written, not yet complete");
+        set_state(header, COMPLETE);
+        fault("snapshot complete");
+        self.written += 1;
+        if self.written == 2 && self.rank == 0 {
+            // Every rank has completed a snapshot of this start (the step between the two
+            // synchronised them): the earlier starts' files are no longer needed.
+            self.remove_older();
+        }
+        Ok(())
+    }
+
+    /// Creates this rank's file with two slots of `cap` bytes each, mapped.
+    fn create(&self, cap: usize) -> Result<(memmap2::MmapMut, usize)> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let path = self.file_path(self.generation, self.rank);
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io_err(dir, e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        file.set_len((2 * HEADER + 2 * cap) as u64).map_err(|e| io_err(&path, e))?;
+        // SAFETY: the file is this rank's own, created just now; no other process writes
+        // it while this one lives (the launcher starts a new job only after this one ends).
+        let map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(|e| io_err(&path, e))?;
+        Ok((map, cap))
+    }
+
+    fn remove_older(&self) {
+        for g in 0..self.generation {
+            let _ = std::fs::remove_dir_all(self.root.join(format!("gen-{g:04}")));
+        }
+    }
+
+    /// The newest step that every rank of some earlier start completed (read-only; the
+    /// same answer on every rank).
+    pub fn latest(&self) -> Option<Found> {
+        let mut best: Option<Found> = None;
+        for g in (0..self.generation).rev() {
+            let Some(world) = self.world_of(g) else { continue };
+            for slot in 0..2 {
+                let Some(step) = self.slot_step(g, 0, slot) else { continue };
+                if best.as_ref().is_some_and(|b| b.step >= step) {
+                    continue;
+                }
+                if (1..world).all(|r| self.slot_step(g, r, slot) == Some(step)) {
+                    best = Some(Found { generation: g, world, step });
+                }
+            }
+        }
+        best
+    }
+
+    /// The world size rank 0 of start `g` recorded.
+    fn world_of(&self, g: u64) -> Option<usize> {
+        let map = self.open(g, 0).ok()?;
+        (0..2).filter_map(|s| read_header(&map, s)).map(|h| h.world as usize).find(|&w| (1..=1 << 20).contains(&w))
+    }
+
+    /// The step in slot `slot` of rank `rank` of start `g`, if complete.
+    fn slot_step(&self, g: u64, rank: usize, slot: usize) -> Option<u64> {
+        let map = self.open(g, rank).ok()?;
+        read_header(&map, slot).filter(|h| h.rank == rank as u64).map(|h| h.step)
+    }
+
+    fn open(&self, g: u64, rank: usize) -> Result<memmap2::Mmap> {
+        let path = self.file_path(g, rank);
+        let (file, _) = crate::checkpoint::store::open_regular(&path)?;
+        // SAFETY: the file is read only after every process that wrote it has exited.
+        unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(&path, e))
+    }
+
+    /// Reads rank `rank`'s part of the snapshot `found`: its metadata and data, checked.
+    pub(crate) fn read_part(&self, found: &Found, rank: usize) -> Result<(PartMeta, memmap2::Mmap, std::ops::Range<usize>)> {
+        let path = self.file_path(found.generation, rank);
+        let map = self.open(found.generation, rank)?;
+        let bad = |what: &str| DistError::Checkpoint(format!("snapshot {}: {what}", path.display()));
+        let slot = (found.step % 2) as usize;
+        let h = read_header(&map, slot).filter(|h| h.step == found.step).ok_or_else(|| bad("the slot no longer holds the step"))?;
+        let cap = (map.len().checked_sub(2 * HEADER).ok_or_else(|| bad("shorter than its headers"))?) / 2;
+        if h.meta > MAX_META || h.bytes > cap as u64 || h.meta > h.bytes {
+            return Err(bad("lengths past the slot"));
+        }
+        let start = 2 * HEADER + slot * cap;
+        let meta: PartMeta = serde_json::from_slice(&map[start..start + h.meta as usize]).map_err(|e| bad(&e.to_string()))?;
+        let data = start + h.meta as usize..start + h.bytes as usize;
+        Ok((meta, map, data))
+    }
+}
+
+/// A slot header as read back.
+struct Header {
+    step: u64,
+    world: u64,
+    rank: u64,
+    meta: u64,
+    bytes: u64,
+}
+
+/// Slot `slot`'s header when it is a complete snapshot.
+fn read_header(map: &[u8], slot: usize) -> Option<Header> {
+    let h = map.get(slot * HEADER..(slot + 1) * HEADER)?;
+    let word = |i: usize| u64::from_le_bytes(h[8 * i..8 * i + 8].try_into().unwrap_or_default());
+    (word(0) == MAGIC && word(1) == COMPLETE).then(|| Header { step: word(2), world: word(3), rank: word(4), meta: word(5), bytes: word(6) })
+}
+
+/// Sets a slot's state word with release ordering: the bytes before it are in memory
+/// first, so a COMPLETE slot is whole even if the process dies right after.
+fn set_state(header: &mut [u8], state: u64) {
+    // SAFETY: the header starts a 64-byte-aligned slot of a page-aligned mapping, so its
+    // second word is 8-byte aligned; the mapping outlives the reference.
+    let word = unsafe { &*(header.as_mut_ptr().add(8) as *const std::sync::atomic::AtomicU64) };
+    word.store(state, std::sync::atomic::Ordering::Release);
+}
+
+/// The fault-injection point of the snapshots (see [`crate::checkpoint::store`]).
+fn fault(what: &str) {
+    crate::checkpoint::store::fault_point(what, std::path::Path::new("snapshot"));
+}
+
+impl crate::ShardedOptimizer {
+    /// Writes this rank's state for step `step` into its snapshot slot (not collective):
+    /// its range of the master (or f32 parameters) and of every optimizer state buffer,
+    /// the per-parameter step counts, and on rank 0 the manifest with `counters`.
+    /// `params`: the full buffer, or under ZeRO-3 the rank's shard.
+    pub(crate) fn snapshot<T: crate::Working>(
+        &self,
+        snapshots: &mut Snapshots,
+        step: u64,
+        params: &[T],
+        counters: &std::collections::BTreeMap<String, u64>,
+    ) -> Result<()> {
+        let (comm, layout) = (self.comm(), self.layout());
+        let numel = layout.numel();
+        let owned = self.owned();
+        let range = if self.strategy().shards_state() { owned.clone() } else { distoptim_collective::shard_range(numel, comm.size(), comm.rank()) };
+        let local = range.start - owned.start..range.end - owned.start;
+        let from_params = || -> Result<&[T]> {
+            match params.len() {
+                n if n == numel => Ok(&params[range.clone()]),
+                n if n == owned.len() => Ok(&params[local.clone()]),
+                n => Err(DistError::Invalid(format!("params has {n} elements: the layout has {numel}, this rank's shard {}", owned.len()))),
+            }
+        };
+        let widened: Vec<f32>;
+        let values: &[f32] = match (self.master(), T::as_f32(from_params()?)) {
+            (Some(master), _) => &master[local.clone()],
+            (None, Some(p)) => p,
+            (None, None) => {
+                widened = from_params()?.iter().map(|v| v.to_f32()).collect();
+                &widened
+            }
+        };
+        let optimizer = self.inner_optimizer();
+        let (names, mut data): (Vec<String>, Vec<&[f32]>) = optimizer.buffers().map(|(n, b)| (n.to_string(), &b[local.clone()])).unzip();
+        data.insert(0, values);
+        let manifest = (comm.rank() == 0).then(|| Manifest {
+            format_version: crate::checkpoint::FORMAT_VERSION,
+            world_size: comm.size(),
+            strategy: self.strategy().name().into(),
+            layout: layout.clone(),
+            groups: self.groups().to_vec(),
+            step: self.steps(),
+            schedule_step: self.schedule_step(),
+            counters: counters.clone(),
+            per_rank: false,
+            precision: (self.precision() != crate::Precision::f32()).then(|| crate::checkpoint::PrecisionRecord {
+                param_dtype: self.precision().param_dtype.name().into(),
+                reduce_dtype: self.precision().reduce_dtype.name().into(),
+                loss_scale: self.loss_scaler().map(|s| s.scale),
+                growth_tracker: self.loss_scaler().map_or(0, |s| s.growth_tracker),
+            }),
+            files: Vec::new(),
+            checksum: String::new(),
+        });
+        let steps = (0..layout.len()).map(|i| optimizer.param_step(i)).collect();
+        let meta = PartMeta { range: [range.start, range.end], steps, buffers: names, manifest };
+        snapshots.write(step, &meta, &data)
+    }
+
+    /// Restores the newest snapshot every rank of an earlier start completed, resharded
+    /// onto this group, into `params` (full) and the optimizer (collective). `None` when
+    /// there is none.
+    pub(crate) fn restore<T: crate::Working>(&mut self, snapshots: &Snapshots, params: &mut [T]) -> Result<Option<Manifest>> {
+        let local = self.restore_local(snapshots, params);
+        crate::checkpoint::all_ok(self.comm(), local, "restore the elastic snapshot")
+    }
+
+    fn restore_local<T: crate::Working>(&mut self, snapshots: &Snapshots, params: &mut [T]) -> Result<Option<Manifest>> {
+        let Some(found) = snapshots.latest() else { return Ok(None) };
+        let layout = self.layout().clone();
+        let numel = layout.numel();
+        if params.len() != numel {
+            return Err(DistError::Invalid(format!("params has {} elements, the layout has {numel}", params.len())));
+        }
+        let owned = self.owned();
+        let mut full = vec![0f32; numel];
+        let mut buffers: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
+        let mut steps = vec![0u64; layout.len()];
+        let mut manifest = None;
+        for r in 0..found.world {
+            let (meta, map, data) = snapshots.read_part(&found, r)?;
+            let bad = |what: String| DistError::Checkpoint(format!("snapshot of step {} rank {r}: {what}", found.step));
+            let range = meta.range[0]..meta.range[1];
+            if range.start > range.end || range.end > numel || meta.steps.len() != layout.len() {
+                return Err(bad(format!("range {range:?} or {} step counts do not fit this model", meta.steps.len())));
+            }
+            if data.len() != (1 + meta.buffers.len()) * range.len() * 4 {
+                return Err(bad(format!("{} bytes of data for {} buffers of {} elements", data.len(), 1 + meta.buffers.len(), range.len())));
+            }
+            let bytes = &map[data];
+            let read = |k: usize, out: &mut [f32], from: usize| {
+                let at = (k * range.len() + from) * 4;
+                let len = out.len();
+                for (o, b) in out.iter_mut().zip(bytes[at..at + len * 4].chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            };
+            read(0, &mut full[range.clone()], 0);
+            let (lo, hi) = (range.start.max(owned.start), range.end.min(owned.end));
+            for (k, name) in meta.buffers.iter().enumerate() {
+                let mine = buffers.entry(name.clone()).or_insert_with(|| vec![0f32; owned.len()]);
+                if lo < hi {
+                    read(k + 1, &mut mine[lo - owned.start..hi - owned.start], lo - range.start);
+                }
+            }
+            for (s, t) in steps.iter_mut().zip(&meta.steps) {
+                *s = (*s).max(*t);
+            }
+            if r == 0 {
+                manifest = meta.manifest;
+            }
+        }
+        let m = manifest.ok_or_else(|| DistError::Checkpoint(format!("snapshot of step {}: rank 0 holds no manifest", found.step)))?;
+        crate::checkpoint::same_layout(&snapshots.root, &m.layout, &layout)?;
+        let sd = distoptim_optim::OptimizerStateDict { layout, shard: owned, groups: m.groups.clone(), steps, buffers };
+        self.load_state_dict(&sd)?;
+        self.restore_counters(m.step, m.schedule_step)?;
+        self.set_master(&full)?;
+        if let Some(scale) = m.precision.as_ref().and_then(|p| p.loss_scale) {
+            self.set_loss_scaler(scale, m.precision.as_ref().map_or(0, |p| p.growth_tracker));
+        }
+        crate::precision::round_into(&full, params);
+        Ok(Some(m))
+    }
 }

@@ -161,6 +161,11 @@ impl ShardedOptimizer {
         Ok(())
     }
 
+    /// The optimizer over this rank's range (for snapshots).
+    pub(crate) fn inner_optimizer(&self) -> &distoptim_optim::Optimizer {
+        self.opt.optimizer()
+    }
+
     /// The precision policy.
     pub fn precision(&self) -> Precision {
         self.config.precision
@@ -814,6 +819,24 @@ impl crate::DataParallel for ShardedOptimizer {
 
     fn gather(&self, params: FlatMut<'_>) -> Result<()> {
         with_flat!(params, p => self.gather_params(p))
+    }
+
+    fn snapshot(
+        &self,
+        snapshots: &mut crate::elastic::Snapshots,
+        step: u64,
+        params: Flat<'_>,
+        counters: &std::collections::BTreeMap<String, u64>,
+    ) -> Result<()> {
+        match params {
+            Flat::F32(p) => ShardedOptimizer::snapshot(self, snapshots, step, p, counters),
+            Flat::Bf16(p) => ShardedOptimizer::snapshot(self, snapshots, step, p, counters),
+            Flat::F16(p) => ShardedOptimizer::snapshot(self, snapshots, step, p, counters),
+        }
+    }
+
+    fn restore(&mut self, snapshots: &crate::elastic::Snapshots, params: FlatMut<'_>) -> Result<Option<crate::checkpoint::Manifest>> {
+        with_flat!(params, p => ShardedOptimizer::restore(self, snapshots, p))
     }
 
     fn param_shard(&self) -> Option<Range<usize>> {

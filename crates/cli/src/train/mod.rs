@@ -287,6 +287,8 @@ struct Trainer<T: CandleElement> {
     timings: Timings,
     /// Deterministic mode's exact sum of the micro-shards' gradients.
     sum: Option<distoptim::ReproducibleSum>,
+    /// Under an elastic launcher: this rank's in-memory snapshots.
+    snapshots: Option<distoptim::elastic::Snapshots>,
 }
 
 impl<T: CandleElement> Trainer<T> {
@@ -365,6 +367,11 @@ impl<T: CandleElement> Trainer<T> {
         let groups = param_groups(&layout, &args)?;
         let grads = comm.alloc::<T>(layout.numel())?;
         let strategy = args.strategy;
+        let snapshots = distoptim::elastic::Snapshots::from_env(comm.rank(), comm.size());
+        ensure!(
+            snapshots.is_none() || strategy.is_synchronous(),
+            "elastic recovery reshards ddp and zero1/2/3 state: {strategy} keeps a model per rank, restart it from a checkpoint instead"
+        );
         let algorithm = data_parallel(strategy, comm.clone(), layout, groups, Some(schedule), &config, &init)?;
         drop(init);
         let shard = algorithm.param_shard();
@@ -390,6 +397,7 @@ impl<T: CandleElement> Trainer<T> {
             rows: Vec::new(),
             timings: Timings::default(),
             sum: None,
+            snapshots,
         })
     }
 
@@ -419,7 +427,6 @@ impl<T: CandleElement> Trainer<T> {
         let eval_every = self.args.eval_every.unwrap_or(self.sampler.steps_per_epoch()).max(1);
         let started = Instant::now();
         let mut samples = 0u64;
-        let snapshots = distoptim::elastic::snapshot_dir();
         let mut first = true;
         while step < stop {
             let (mut row, batch) = self.step(step)?;
@@ -440,10 +447,11 @@ impl<T: CandleElement> Trainer<T> {
             if step % self.args.checkpoint_every == 0 && step < stop {
                 self.checkpoint(step)?;
             }
-            if let Some(dir) = &snapshots {
-                if step % self.args.snapshot_every == 0 && step < stop {
+            if step % self.args.snapshot_every == 0 && step < stop {
+                if let Some(snapshots) = self.snapshots.as_mut() {
                     let t = Instant::now();
-                    self.save(dir.clone(), step, &SaveOptions::new().with_keep(2)).with_context(|| format!("snapshot at step {step}"))?;
+                    let counters = counters(&self.args, step, self.total_steps);
+                    self.algorithm.snapshot(snapshots, step, (&self.params).into(), &counters).with_context(|| format!("snapshot at step {step}"))?;
                     self.timings.snapshot.push(t.elapsed());
                 }
             }
@@ -469,36 +477,57 @@ impl<T: CandleElement> Trainer<T> {
 
     /// Restores a checkpoint named by `--resume`; returns the step to continue from.
     fn resume(&mut self) -> Result<u64> {
-        // After a restart the launcher's snapshot wins over --resume.
-        let snapshot = distoptim::elastic::snapshot_dir().filter(|d| distoptim::checkpoint::resolve(d).is_ok());
-        let Some(dir) = snapshot.or_else(|| self.args.resume.clone()) else { return Ok(0) };
-        let manifest = match self.shard.clone() {
-            None => self.algorithm.load(&dir, (&mut self.params).into()),
-            Some(range) => {
-                let mut full = vec![T::default(); self.flat.layout().numel()];
-                let m = self.algorithm.load(&dir, (&mut full).into());
-                self.params = full[range].to_vec();
-                m
+        // After a restart, the launcher's in-memory snapshot; else --resume.
+        let (manifest, from) = match self.restore_snapshot()? {
+            Some(m) => (m, "the in-memory snapshot".to_string()),
+            None => {
+                let Some(dir) = self.args.resume.clone() else { return Ok(0) };
+                let manifest = self
+                    .with_full_mut(|t, full| Ok(t.algorithm.load(&dir, full.into())?))
+                    .with_context(|| format!("resuming from {}", dir.display()))?;
+                (manifest, dir.display().to_string())
             }
-        }
-        .with_context(|| format!("resuming from {}", dir.display()))?;
+        };
         for (name, ours) in [("seed", self.args.seed), ("batch_size", self.args.batch_size as u64), ("total_steps", self.total_steps)] {
             if let Some(&theirs) = manifest.counters.get(name) {
-                ensure!(theirs == ours, "--resume {}: the checkpoint was written with {name} {theirs}, this run has {ours}; the data order and schedule would differ", dir.display());
+                ensure!(theirs == ours, "resuming from {from}: it was written with {name} {theirs}, this run has {ours}; the data order and schedule would differ");
             }
         }
         let step = manifest.counters.get("train_step").copied().unwrap_or(manifest.step);
-        ensure!(
-            step <= self.total_steps,
-            "--resume {}: the checkpoint is at step {step}, past this run's {} steps",
-            dir.display(),
-            self.total_steps
-        );
+        ensure!(step <= self.total_steps, "resuming from {from}: it is at step {step}, past this run's {} steps", self.total_steps);
         self.rows = metrics::earlier(&self.args.out, step);
         if self.rank0() {
-            println!("resumed from {} at step {step} (written by {} ranks with {})", dir.display(), manifest.world_size, manifest.strategy);
+            println!("resumed from {from} at step {step} (written by {} ranks with {})", manifest.world_size, manifest.strategy);
         }
         Ok(step)
+    }
+
+    /// Restores the newest complete in-memory snapshot of an earlier start of this
+    /// elastic job, if there is one.
+    fn restore_snapshot(&mut self) -> Result<Option<distoptim::checkpoint::Manifest>> {
+        let Some(snapshots) = self.snapshots.take() else { return Ok(None) };
+        let restored = self.with_full_mut(|t, full| Ok(t.algorithm.restore(&snapshots, full.into())?)).context("restoring the elastic snapshot");
+        self.snapshots = Some(snapshots);
+        restored
+    }
+
+    /// Runs `f` on a full parameter buffer that it may overwrite: the one this rank
+    /// keeps, or under ZeRO-3 a fresh one whose shard is kept afterwards.
+    fn with_full_mut<R>(&mut self, f: impl FnOnce(&mut Self, &mut Vec<T>) -> Result<R>) -> Result<R> {
+        match self.shard.clone() {
+            None => {
+                let mut params = std::mem::take(&mut self.params);
+                let result = f(self, &mut params);
+                self.params = params;
+                result
+            }
+            Some(range) => {
+                let mut full = vec![T::default(); self.flat.layout().numel()];
+                let result = f(self, &mut full);
+                self.params = full[range].to_vec();
+                result
+            }
+        }
     }
 
     /// One training step: forward and backward on this rank's shard, then the
@@ -646,12 +675,7 @@ impl<T: CandleElement> Trainer<T> {
     /// Saves the state a continuation needs into the checkpoint root `dir`: the
     /// algorithm's, and the counters that fix the data order and schedule.
     fn save(&mut self, dir: PathBuf, step: u64, options: &SaveOptions) -> Result<()> {
-        let counters = BTreeMap::from([
-            ("train_step".to_string(), step),
-            ("seed".to_string(), self.args.seed),
-            ("batch_size".to_string(), self.args.batch_size as u64),
-            ("total_steps".to_string(), self.total_steps),
-        ]);
+        let counters = counters(&self.args, step, self.total_steps);
         self.with_full(|t, full| Ok(t.algorithm.save(&dir, (&*full).into(), counters, options)?))?;
         Ok(())
     }
@@ -765,6 +789,17 @@ fn batch_tensors(data: &Dataset, indices: &[usize]) -> Result<(Tensor, Tensor)> 
     let (mut x, mut y) = (Vec::new(), Vec::new());
     data.gather(indices, &mut x, &mut y);
     Ok((Tensor::from_vec(x, (indices.len(), data.dim), &Device::Cpu)?, Tensor::from_vec(y, indices.len(), &Device::Cpu)?))
+}
+
+/// What a checkpoint or snapshot records besides the algorithm's state: the step, and
+/// what fixes the data order and the schedule (checked on resume).
+fn counters(args: &TrainArgs, step: u64, total_steps: u64) -> BTreeMap<String, u64> {
+    BTreeMap::from([
+        ("train_step".to_string(), step),
+        ("seed".to_string(), args.seed),
+        ("batch_size".to_string(), args.batch_size as u64),
+        ("total_steps".to_string(), total_steps),
+    ])
 }
 
 /// FNV-1a (64 bits) of the parameters' bits widened to f32, little-endian, in layout

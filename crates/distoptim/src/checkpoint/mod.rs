@@ -107,7 +107,7 @@ pub(crate) fn verify_file(dir: &Path, entry: &FileEntry) -> Result<PathBuf> {
 /// Every rank learns whether every rank's part succeeded; the failing rank keeps its
 /// own error, the others get one naming it and quoting its message (so the cause is
 /// reported whichever rank's error the user sees first).
-fn all_ok<T>(comm: &Communicator, local: Result<T>, what: &str) -> Result<T> {
+pub(crate) fn all_ok<T>(comm: &Communicator, local: Result<T>, what: &str) -> Result<T> {
     let mut failed = vec![0i32; comm.size()];
     failed[comm.rank()] = i32::from(local.is_err());
     comm.all_reduce(&mut failed, ReduceOp::Max)?;
@@ -439,7 +439,7 @@ fn load_local<T: Working>(path: &Path, opt: &mut ShardedOptimizer, params: &mut 
 }
 
 /// Refuses a checkpoint of another model, naming the first parameter that differs.
-fn same_layout(dir: &Path, saved: &Layout, ours: &Layout) -> Result<()> {
+pub(crate) fn same_layout(dir: &Path, saved: &Layout, ours: &Layout) -> Result<()> {
     match saved.first_difference(ours) {
         None => Ok(()),
         Some(diff) => Err(DistError::Checkpoint(format!(

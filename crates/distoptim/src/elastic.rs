@@ -147,10 +147,7 @@ impl Snapshots {
         fault("snapshot metadata written, no data yet");
         let mut at = meta.len();
         for d in data {
-            let out = &mut payload[at..at + d.len() * 4];
-            for (o, v) in out.chunks_exact_mut(4).zip(d.iter()) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
+            payload[at..at + d.len() * 4].copy_from_slice(&le_bytes(d));
             at += d.len() * 4;
         }
         fault("snapshot data written, not yet complete");
@@ -249,6 +246,32 @@ impl Snapshots {
     }
 }
 
+/// `values` as little-endian bytes: the memory itself on a little-endian machine (one
+/// memcpy), converted elsewhere.
+fn le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: f32 has no padding and every byte of it may be read as u8; the slice
+        // covers exactly the values' memory and borrows them.
+        std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) })
+    } else {
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
+/// Reads little-endian f32 `bytes` into `out` (as many as `out` holds).
+fn read_le(bytes: &[u8], out: &mut [f32]) {
+    if cfg!(target_endian = "little") {
+        // SAFETY: every bit pattern is a valid f32; the destination is exactly `out`'s
+        // memory, the source at least as long (checked by the slice index).
+        let src = &bytes[..out.len() * 4];
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.as_mut_ptr().cast::<u8>(), src.len()) };
+    } else {
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+}
+
 /// A slot header as read back.
 struct Header {
     step: u64,
@@ -276,7 +299,7 @@ fn set_state(header: &mut [u8], state: u64) {
 
 /// The fault-injection point of the snapshots (see [`crate::checkpoint::store`]).
 fn fault(what: &str) {
-    crate::checkpoint::store::fault_point(what, std::path::Path::new("snapshot"));
+    crate::checkpoint::store::fault_point(what, std::path::Path::new("(in-memory snapshot)"));
 }
 
 impl crate::ShardedOptimizer {
@@ -370,13 +393,7 @@ impl crate::ShardedOptimizer {
                 return Err(bad(format!("{} bytes of data for {} buffers of {} elements", data.len(), 1 + meta.buffers.len(), range.len())));
             }
             let bytes = &map[data];
-            let read = |k: usize, out: &mut [f32], from: usize| {
-                let at = (k * range.len() + from) * 4;
-                let len = out.len();
-                for (o, b) in out.iter_mut().zip(bytes[at..at + len * 4].chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            };
+            let read = |k: usize, out: &mut [f32], from: usize| read_le(&bytes[(k * range.len() + from) * 4..], out);
             read(0, &mut full[range.clone()], 0);
             let (lo, hi) = (range.start.max(owned.start), range.end.min(owned.end));
             for (k, name) in meta.buffers.iter().enumerate() {

@@ -37,6 +37,10 @@ enum Command {
     Replay {
         /// The case file (see tests/conformance/FORMAT.md).
         case: PathBuf,
+        /// Run ddp and zero cases in deterministic mode (the exact sum of `train
+        /// --deterministic`); cases it does not cover run as usual.
+        #[arg(long)]
+        deterministic: bool,
     },
     /// Starts N processes of PROGRAM with the torchrun environment (shm backend) and
     /// stops them all when one fails.
@@ -103,7 +107,7 @@ fn main() -> ExitCode {
     // SAFETY: setting a signal's disposition to the default before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match Cli::parse().command {
-        Command::Replay { case } => replay(&case),
+        Command::Replay { case, deterministic } => replay(&case, deterministic),
         Command::Launch { nproc, backend, grace, no_prefix, elastic, command } => {
             let spec = launch::LaunchSpec {
                 nproc,
@@ -143,10 +147,11 @@ fn consolidate(dir: &std::path::Path, out: &std::path::Path) -> anyhow::Result<(
     Ok(())
 }
 
-fn replay(path: &std::path::Path) -> ExitCode {
+fn replay(path: &std::path::Path, deterministic: bool) -> ExitCode {
+    let options = distoptim_replay::ReplayOptions::default().with_deterministic(deterministic);
     let result = std::fs::read_to_string(path)
         .map_err(|e| format!("invalid_config: cannot read {}: {e}", path.display()))
-        .and_then(|text| distoptim_replay::replay_json(&text).map_err(|e| e.to_string()))
+        .and_then(|text| distoptim_replay::replay_json_with(&text, &options).map_err(|e| e.to_string()))
         .and_then(|out| serde_json::to_string(&out).map_err(|e| format!("invalid_config: cannot encode the output: {e}")));
     match result {
         Ok(json) => {

@@ -25,7 +25,7 @@ use crate::error::{CommError, Result};
 use crate::partition::shard_range;
 use crate::shared::buffer::SharedBuf;
 
-/// The exponent byte of an element that saw an infinity or NaN: its sum is NaN.
+/// The exponent byte of an element that saw an infinity or NaN: summed plainly.
 const NONFINITE: u8 = u8::MAX;
 /// Elements per block of the fixed-point pass (its i64 sums stay in L1).
 const BLOCK: usize = 4096;
@@ -141,7 +141,19 @@ impl ReproducibleSum {
         } else {
             comm.all_reduce(&mut acc[..], ReduceOp::Sum)?;
         }
-        round_all(&exps[range.clone()], &acc[range], q, out);
+        round_all(&exps[range.clone()], &acc[range.clone()], q, out);
+        // An element with an infinite or NaN term: its f32 sum is +inf, -inf or NaN in any
+        // order, so those few elements are summed plainly, as torch would.
+        let nonfinite: Vec<usize> = exps.iter().enumerate().filter(|&(_, &e)| e == NONFINITE).map(|(i, _)| i).collect();
+        if !nonfinite.is_empty() {
+            let mut sums: Vec<f32> = nonfinite.iter().map(|&i| terms.iter().map(|t| t[i]).sum()).collect();
+            comm.all_reduce(&mut sums, ReduceOp::Sum)?;
+            for (&i, v) in nonfinite.iter().zip(sums) {
+                if range.contains(&i) {
+                    out[i - range.start] = v;
+                }
+            }
+        }
         self.used = 0;
         Ok(())
     }
@@ -161,6 +173,9 @@ impl ReproducibleSum {
         local_exponents(terms, &mut exps);
         fixed_point(terms, &exps, &mut acc, q);
         round_all(&exps, &acc, q, out);
+        for (i, o) in out.iter_mut().enumerate().filter(|&(i, _)| exps[i] == NONFINITE) {
+            *o = terms.iter().map(|t| t[i]).sum();
+        }
         self.used = 0;
         Ok(())
     }
@@ -525,7 +540,7 @@ mod tests {
         assert_eq!(out[0], 2.5, "1e10 + 2.5 - 1e10 loses 2.5 in f32, not here");
         assert_eq!(out[1], 2.0 * (f32::MIN_POSITIVE * 1e-3));
         assert_eq!(out[2], 1e-3);
-        assert!(out[3].is_nan());
+        assert_eq!(out[3], f32::INFINITY, "1 + inf + 0, as in f32");
         assert_eq!(out[4], f32::MAX, "MAX + MAX - MAX overflows in f32 order, not here");
         let mut s = ReproducibleSum::new(1, 2).unwrap();
         (0..2).for_each(|_| s.add(&[1.0]).unwrap());

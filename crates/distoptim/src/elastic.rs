@@ -285,7 +285,13 @@ struct Header {
 fn read_header(map: &[u8], slot: usize) -> Option<Header> {
     let h = map.get(slot * HEADER..(slot + 1) * HEADER)?;
     let word = |i: usize| u64::from_le_bytes(h[8 * i..8 * i + 8].try_into().unwrap_or_default());
-    (word(0) == MAGIC && word(1) == COMPLETE).then(|| Header { step: word(2), world: word(3), rank: word(4), meta: word(5), bytes: word(6) })
+    (word(0) == MAGIC && word(1) == COMPLETE).then(|| Header {
+        step: word(2),
+        world: word(3),
+        rank: word(4),
+        meta: word(5),
+        bytes: word(6),
+    })
 }
 
 /// Sets a slot's state word with release ordering: the bytes before it are in memory
@@ -317,7 +323,8 @@ impl crate::ShardedOptimizer {
         let (comm, layout) = (self.comm(), self.layout());
         let numel = layout.numel();
         let owned = self.owned();
-        let range = if self.strategy().shards_state() { owned.clone() } else { distoptim_collective::shard_range(numel, comm.size(), comm.rank()) };
+        let range =
+            if self.strategy().shards_state() { owned.clone() } else { distoptim_collective::shard_range(numel, comm.size(), comm.rank()) };
         let local = range.start - owned.start..range.end - owned.start;
         let from_params = || -> Result<&[T]> {
             match params.len() {
@@ -390,7 +397,12 @@ impl crate::ShardedOptimizer {
                 return Err(bad(format!("range {range:?} or {} step counts do not fit this model", meta.steps.len())));
             }
             if data.len() != (1 + meta.buffers.len()) * range.len() * 4 {
-                return Err(bad(format!("{} bytes of data for {} buffers of {} elements", data.len(), 1 + meta.buffers.len(), range.len())));
+                return Err(bad(format!(
+                    "{} bytes of data for {} buffers of {} elements",
+                    data.len(),
+                    1 + meta.buffers.len(),
+                    range.len()
+                )));
             }
             let bytes = &map[data];
             let read = |k: usize, out: &mut [f32], from: usize| read_le(&bytes[(k * range.len() + from) * 4..], out);

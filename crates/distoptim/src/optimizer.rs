@@ -762,7 +762,8 @@ impl ShardedOptimizer {
 fn exact_norm(comm: &Communicator, mine: &[f32], norm: NormType) -> Result<f32> {
     use rayon::prelude::*;
     if let NormType::Inf = norm {
-        let mut max = [mine.iter().fold(0f32, |m, g| m.max(g.abs()))];
+        // NaN propagates, as in torch (f32::max would drop it).
+        let mut max = [mine.iter().fold(0f32, |m, g| if g.is_nan() || m.is_nan() { f32::NAN } else { m.max(g.abs()) })];
         comm.all_reduce(&mut max, ReduceOp::Max)?;
         return Ok(max[0]);
     }

@@ -15,8 +15,9 @@ use distoptim_collective::{CommConfig, Communicator};
 
 use crate::case::Case;
 use crate::error::{ErrorClass, ReplayError};
-use crate::run::{model_params, named, Output, StepReport};
+use crate::run::{model_params, named, Output, ReplayOptions, StepReport};
 use distoptim::{FloatDtype, Working};
+use distoptim::{ReduceMode, ReproducibleSum};
 use distoptim_collective::{bf16, f16};
 
 type Result<T> = std::result::Result<T, ReplayError>;
@@ -65,9 +66,12 @@ fn build(case: &Case, strategy: Strategy, comm: Communicator) -> std::result::Re
 
 /// Rank `r`'s gradient and batch size at step `t`.
 fn local(case: &Case, t: usize, r: usize) -> (Vec<f32>, usize) {
-    let step = &case.steps[t];
-    let b = step.batch_sizes.as_ref().and_then(|b| b.get(r)).map_or(1, |&b| b as usize);
-    (step.rank_grad(r, case.layout.numel()), b)
+    (case.steps[t].rank_grad(r, case.layout.numel()), local_batch(case, t, r))
+}
+
+/// Rank `r`'s batch size at step `t`.
+fn local_batch(case: &Case, t: usize, r: usize) -> usize {
+    case.steps[t].batch_sizes.as_ref().and_then(|b| b.get(r)).map_or(1, |&b| b as usize)
 }
 
 /// The error to report when ranks fail: a rank's own error (e.g. a non-finite norm)
@@ -101,7 +105,7 @@ fn on_ranks(w: usize, body: impl Fn(Communicator) -> std::result::Result<RankOut
 }
 
 /// ddp, zero1, zero2, zero3 (with an optional reshard).
-fn run_synchronous(case: &Case, strategy: Strategy) -> Result<Output> {
+fn run_synchronous(case: &Case, strategy: Strategy, deterministic: bool) -> Result<Output> {
     let total = case.steps.len();
     let phases = match &case.reshard {
         Some(r) => vec![(0..r.after_step.min(total), case.world_size), (r.after_step.min(total)..total, r.world_size)],
@@ -115,7 +119,7 @@ fn run_synchronous(case: &Case, strategy: Strategy) -> Result<Output> {
         for (phase, (steps, w)) in phases.into_iter().enumerate() {
             let (resume, save) = (phase > 0, phase + 1 < count);
             let outs = on_ranks(w, |comm| {
-                let ctx = Phase { case, strategy, steps: steps.clone(), resume, save, dir: &dir };
+                let ctx = Phase { case, strategy, steps: steps.clone(), resume, save, dir: &dir, deterministic };
                 match case.precision.map_or(FloatDtype::F32, |p| p.param_dtype) {
                     FloatDtype::F32 => run_phase::<f32>(comm, &ctx),
                     FloatDtype::Bf16 => run_phase::<bf16>(comm, &ctx),
@@ -148,6 +152,8 @@ struct Phase<'a> {
     resume: bool,
     save: bool,
     dir: &'a std::path::Path,
+    /// Step with the exact sum of deterministic mode.
+    deterministic: bool,
 }
 
 /// Runs a phase on this rank with parameters of the working type `P`: the master starts
@@ -163,9 +169,31 @@ fn run_phase<P: Working>(comm: Communicator, ctx: &Phase<'_>) -> std::result::Re
         dp.load(ctx.dir, (&mut params).into()).map_err(at)?;
     }
     let mut reports = Vec::with_capacity(ctx.steps.len());
+    let w = dp.comm().size();
+    let mut sum = ctx.deterministic.then(|| ReproducibleSum::new(case.layout.numel(), w)).transpose().map_err(|e| at(e.into()))?;
     for t in ctx.steps.clone() {
         let (mut g, b) = local(case, t, r);
-        reports.push(dp.step((&mut params).into(), (&mut g).into(), b).map_err(|e| (t, e))?);
+        let report = match sum.as_mut() {
+            None => dp.step((&mut params).into(), (&mut g).into(), b),
+            Some(sum) => {
+                // This rank's term: its gradient times its weight in the reduction.
+                let weight = match case.grad_reduce {
+                    ReduceMode::Mean => 1.0 / w as f32,
+                    ReduceMode::Sum => 1.0,
+                    ReduceMode::BatchWeighted => {
+                        let total: usize = (0..w).map(|q| local_batch(case, t, q)).sum();
+                        if total == 0 {
+                            0.0
+                        } else {
+                            b as f32 / total as f32
+                        }
+                    }
+                };
+                g.iter_mut().for_each(|x| *x *= weight);
+                sum.add(&g).map_err(DistError::from).and_then(|()| dp.step_deterministic((&mut params).into(), sum))
+            }
+        };
+        reports.push(report.map_err(|e| (t, e))?);
     }
     dp.gather((&mut params).into()).map_err(at)?;
     if ctx.save {
@@ -217,9 +245,11 @@ fn run_local(case: &Case, strategy: Strategy) -> Result<Output> {
 }
 
 /// Runs a multi-rank case on the threads backend.
-pub fn run_distributed(case: &Case, strategy: Strategy) -> Result<Output> {
+pub fn run_distributed(case: &Case, strategy: Strategy, options: &ReplayOptions) -> Result<Output> {
     if strategy.is_synchronous() {
-        run_synchronous(case, strategy)
+        let p = case.precision.unwrap_or_else(distoptim::Precision::f32);
+        let deterministic = options.deterministic && p.loss_scale.is_none() && p.reduce_dtype == FloatDtype::F32;
+        run_synchronous(case, strategy, deterministic)
     } else {
         run_local(case, strategy)
     }

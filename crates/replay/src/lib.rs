@@ -40,9 +40,14 @@ pub mod run;
 
 pub use case::Case;
 pub use error::{ErrorClass, ReplayError};
-pub use run::{run, Output};
+pub use run::{run, run_with, Output, ReplayOptions};
 
 /// Parses and runs a case given as JSON text.
 pub fn replay_json(text: &str) -> Result<Output, ReplayError> {
     run(&Case::from_json(text)?)
+}
+
+/// [`replay_json`] with options (deterministic mode).
+pub fn replay_json_with(text: &str, options: &ReplayOptions) -> Result<Output, ReplayError> {
+    run_with(&Case::from_json(text)?, options)
 }

@@ -48,12 +48,36 @@ pub struct Output {
 
 type Result<T> = std::result::Result<T, ReplayError>;
 
+/// How to run a case.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayOptions {
+    /// Deterministic mode: the synchronous strategies step with
+    /// `DataParallel::step_deterministic`, each rank's gradient a term scaled by its
+    /// weight in the reduction (1/W, 1, or b_r / Σb), the terms summed exactly. Cases it
+    /// does not cover run as usual: one process, post-local SGD and DiLoCo, f16 loss
+    /// scaling, and bf16 reduction (whose rounding is the case's point).
+    pub deterministic: bool,
+}
+
+impl ReplayOptions {
+    /// With deterministic mode on or off.
+    pub fn with_deterministic(mut self, deterministic: bool) -> Self {
+        self.deterministic = deterministic;
+        self
+    }
+}
+
 /// Runs a validated case.
 pub fn run(case: &Case) -> Result<Output> {
+    run_with(case, &ReplayOptions::default())
+}
+
+/// Runs a validated case with `options`.
+pub fn run_with(case: &Case, options: &ReplayOptions) -> Result<Output> {
     match (case.strategy, &case.optimizer) {
         (None, OptimizerConfig::Lbfgs(_)) => run_lbfgs(case),
         (None, _) => run_reference(case),
-        (Some(strategy), _) => crate::distributed::run_distributed(case, strategy),
+        (Some(strategy), _) => crate::distributed::run_distributed(case, strategy, options),
     }
 }
 

@@ -451,7 +451,9 @@ impl<T: CandleElement> Trainer<T> {
                 if let Some(snapshots) = self.snapshots.as_mut() {
                     let t = Instant::now();
                     let counters = counters(&self.args, step, self.total_steps);
-                    self.algorithm.snapshot(snapshots, step, (&self.params).into(), &counters).with_context(|| format!("snapshot at step {step}"))?;
+                    self.algorithm
+                        .snapshot(snapshots, step, (&self.params).into(), &counters)
+                        .with_context(|| format!("snapshot at step {step}"))?;
                     self.timings.snapshot.push(t.elapsed());
                 }
             }
@@ -506,7 +508,8 @@ impl<T: CandleElement> Trainer<T> {
     /// elastic job, if there is one.
     fn restore_snapshot(&mut self) -> Result<Option<distoptim::checkpoint::Manifest>> {
         let Some(snapshots) = self.snapshots.take() else { return Ok(None) };
-        let restored = self.with_full_mut(|t, full| Ok(t.algorithm.restore(&snapshots, full.into())?)).context("restoring the elastic snapshot");
+        let restored =
+            self.with_full_mut(|t, full| Ok(t.algorithm.restore(&snapshots, full.into())?)).context("restoring the elastic snapshot");
         self.snapshots = Some(snapshots);
         restored
     }

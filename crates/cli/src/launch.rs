@@ -67,7 +67,11 @@ pub struct ElasticArgs {
 impl ElasticArgs {
     /// The launcher's setting, `None` without --elastic.
     pub fn spec(&self) -> Option<Elastic> {
-        self.elastic.then(|| Elastic { shrink: self.shrink, min_nproc: self.min_nproc as usize, max_restarts: self.max_restarts as usize })
+        self.elastic.then_some(Elastic {
+            shrink: self.shrink,
+            min_nproc: self.min_nproc as usize,
+            max_restarts: self.max_restarts as usize,
+        })
     }
 }
 

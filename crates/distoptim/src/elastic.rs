@@ -261,9 +261,9 @@ fn le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
 /// Reads little-endian f32 `bytes` into `out` (as many as `out` holds).
 fn read_le(bytes: &[u8], out: &mut [f32]) {
     if cfg!(target_endian = "little") {
-        // SAFETY: every bit pattern is a valid f32; the destination is exactly `out`'s
-        // memory, the source at least as long (checked by the slice index).
         let src = &bytes[..out.len() * 4];
+        // SAFETY: every bit pattern is a valid f32; the destination is exactly `out`'s
+        // memory, the source as long (checked by the slice index) and not overlapping it.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.as_mut_ptr().cast::<u8>(), src.len()) };
     } else {
         for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -432,5 +432,82 @@ impl crate::ShardedOptimizer {
         }
         crate::precision::round_into(&full, params);
         Ok(Some(m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DataParallel, ReduceMode, ShardedOptimizer, StepConfig, Strategy};
+    use distoptim_collective::{CommConfig, Communicator};
+    use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup};
+
+    fn layout() -> Layout {
+        Layout::new([("w", vec![7, 5]), ("b", vec![7])]).unwrap()
+    }
+
+    fn groups() -> Vec<ParamGroup> {
+        vec![ParamGroup { params: vec![0, 1], config: OptimizerConfig::Adam(AdamConfig::adamw()) }]
+    }
+
+    /// Runs `steps` steps of `strategy` on `world` ranks, snapshotting after each into
+    /// start `generation` of `root` (rank `skip_last_on` skips the last step's snapshot,
+    /// as if it died first); returns rank 0's parameters and full optimizer state.
+    fn run(
+        root: &std::path::Path,
+        generation: u64,
+        strategy: Strategy,
+        world: usize,
+        steps: u64,
+        skip_last_on: Option<usize>,
+    ) -> (Vec<f32>, Vec<u32>) {
+        let n = layout().numel();
+        let out = Communicator::run_threads(world, &CommConfig::default(), |comm| {
+            let r = comm.rank();
+            let init: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let config = StepConfig::new(strategy).with_reduce(ReduceMode::BatchWeighted);
+            let mut dp = ShardedOptimizer::new(comm.clone(), layout(), groups(), None, config).unwrap();
+            let mut snaps = Snapshots::new(root.to_path_buf(), generation, r, world);
+            let mut params = init.clone();
+            let mut first = 0;
+            if let Some(m) = DataParallel::restore(&mut dp, &snaps, (&mut params).into()).unwrap() {
+                first = m.counters["train_step"];
+            }
+            for step in first + 1..=steps {
+                let mut g: Vec<f32> = (0..n).map(|i| ((i + r) as f32 * 0.11 + step as f32).cos() * 0.1).collect();
+                dp.step(&mut params, &mut g, 1).unwrap();
+                if step == steps && skip_last_on == Some(r) {
+                    continue;
+                }
+                let counters = std::collections::BTreeMap::from([("train_step".to_string(), step)]);
+                DataParallel::snapshot(&dp, &mut snaps, step, (&params).into(), &counters).unwrap();
+            }
+            dp.gather_params(&mut params).unwrap();
+            let state = dp.gather_state().unwrap();
+            let bits = state.buffers.values().flatten().map(|x| x.to_bits()).chain(state.steps.iter().map(|&s| s as u32)).collect();
+            (params, bits)
+        })
+        .unwrap();
+        out[0].clone()
+    }
+
+    #[test]
+    fn a_snapshot_restores_bit_exactly_at_another_world_size_and_strategy() {
+        let root = std::env::temp_dir().join(format!("distoptim-snap-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // Start 0: 3 ranks of ZeRO-2, 4 steps, all snapshotted.
+        let (p3, s3) = run(&root, 0, Strategy::Zero2, 3, 4, None);
+        let found = Snapshots::new(root.clone(), 1, 0, 2).latest().unwrap();
+        assert_eq!(found, Found { generation: 0, world: 3, step: 4 });
+        // Start 1 on 2 ranks of DDP restores step 4 and takes no step: the same bits.
+        let (p2, s2) = run(&root, 1, Strategy::Ddp, 2, 4, None);
+        assert_eq!(p2.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), p3.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert_eq!(s2, s3, "optimizer state");
+        // Start 2 on 2 ranks: step 5 is snapshotted by rank 0 only (rank 1 "died" first),
+        // so the newest complete step stays 4 (start 1 restored and wrote none).
+        let _ = run(&root, 2, Strategy::Zero1, 2, 5, Some(1));
+        let found = Snapshots::new(root.clone(), 3, 0, 2).latest().unwrap();
+        assert_eq!(found.step, 4, "{found:?}");
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

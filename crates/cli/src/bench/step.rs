@@ -75,8 +75,8 @@ pub struct StepArgs {
     /// Deterministic mode's pieces per global batch (a rank adds micro_shards / nproc).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
     micro_shards: u64,
-    /// Also the cost of an elastic snapshot per strategy (a save into shared memory, as
-    /// `train --elastic` takes after every step), next to the normal step.
+    /// Also the cost of an elastic snapshot per strategy (the copy of a rank's state into
+    /// shared memory `train --elastic` makes after every step), next to the normal step.
     #[arg(long)]
     snapshot: bool,
 }
@@ -296,20 +296,23 @@ fn deterministic_rows(setup: &Setup, args: &StepArgs, normal: &[(Strategy, f64)]
     Ok(())
 }
 
-/// An elastic snapshot (the save `train --elastic` takes, into a directory in shared
-/// memory, keeping two) next to the normal step.
+/// An elastic snapshot (what `train --elastic` takes after every step: this rank's
+/// state copied into its slot in shared memory) next to the normal step.
 fn snapshot_rows(setup: &Setup, normal: &[(Strategy, f64)]) -> Result<()> {
     let comm = setup.comm;
     let n = setup.layout.numel();
-    let mut root = [0i64];
+    let mut stamp = [0i64];
     if comm.rank() == 0 {
-        root[0] = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        stamp[0] = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
     }
-    comm.broadcast(&mut root, 0)?;
-    let dir = std::path::PathBuf::from("/dev/shm").join(format!("distoptim-bench-snapshot-{:x}", root[0]));
+    comm.broadcast(&mut stamp, 0)?;
+    let dir = std::path::PathBuf::from("/dev/shm").join(format!("distoptim-bench-snapshot-{:x}", stamp[0]));
     if comm.rank() == 0 {
-        println!("# elastic snapshot: the state a restart needs (this rank's master and AdamW state, counters) saved into {}, keeping 2; ratio = snapshot / normal step", dir.display());
-        println!("{:<7} {:>12} {:>10} {:>8}", "step", "snapshot ms", "normal", "ratio");
+        println!(
+            "# elastic snapshot: this rank's master and AdamW state copied into its slot in {} (two slots, alternating); ratio = snapshot / normal step",
+            dir.display()
+        );
+        println!("{:<7} {:>12} {:>10} {:>8} {:>12}", "step", "snapshot ms", "normal", "ratio", "MB / rank");
     }
     for &(s, normal_step) in normal {
         let mut params: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
@@ -317,13 +320,25 @@ fn snapshot_rows(setup: &Setup, normal: &[(Strategy, f64)]) -> Result<()> {
         let mut grads: Vec<f32> = (0..n).map(|i| ((i % 89) as f32 - 44.0) * 1e-4).collect();
         opt.step((&mut params).into(), (&mut grads).into(), 1)?;
         opt.gather((&mut params).into())?;
-        let options = distoptim::checkpoint::SaveOptions::new().with_keep(2);
+        let mut snapshots = distoptim::elastic::Snapshots::new(dir.join(s.name()), 0, comm.rank(), comm.size());
+        let counters = std::collections::BTreeMap::from([("train_step".to_string(), 1)]);
+        let mut step = 0;
         let snapshot = timed(comm, setup.iters, || {
-            opt.save(&dir, (&params).into(), std::collections::BTreeMap::from([("train_step".to_string(), 1)]), &options)?;
+            step += 1;
+            opt.snapshot(&mut snapshots, step, (&params).into(), &counters)?;
             Ok(())
         })?;
+        // Three buffers of the rank's balanced range: the parameters, exp_avg, exp_avg_sq.
+        let bytes = 3 * 4 * distoptim_collective::shard_range(n, comm.size(), comm.rank()).len();
         if comm.rank() == 0 {
-            println!("{:<7} {:>12.2} {:>10.2} {:>7.1}%", s.name(), snapshot * 1e3, normal_step * 1e3, 100.0 * snapshot / normal_step);
+            println!(
+                "{:<7} {:>12.2} {:>10.2} {:>7.1}% {:>12.1}",
+                s.name(),
+                snapshot * 1e3,
+                normal_step * 1e3,
+                100.0 * snapshot / normal_step,
+                bytes as f64 / 1e6
+            );
         }
         comm.barrier()?;
     }

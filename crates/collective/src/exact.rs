@@ -144,8 +144,8 @@ impl ReproducibleSum {
         round_all(&exps[range.clone()], &acc[range.clone()], q, out);
         // An element with an infinite or NaN term: its f32 sum is +inf, -inf or NaN in any
         // order, so those few elements are summed plainly, as torch would.
-        let nonfinite: Vec<usize> = exps.iter().enumerate().filter(|&(_, &e)| e == NONFINITE).map(|(i, _)| i).collect();
-        if !nonfinite.is_empty() {
+        if exps.contains(&NONFINITE) {
+            let nonfinite: Vec<usize> = exps.iter().enumerate().filter(|&(_, &e)| e == NONFINITE).map(|(i, _)| i).collect();
             let mut sums: Vec<f32> = nonfinite.iter().map(|&i| terms.iter().map(|t| t[i]).sum()).collect();
             comm.all_reduce(&mut sums, ReduceOp::Sum)?;
             for (&i, v) in nonfinite.iter().zip(sums) {

@@ -498,16 +498,22 @@ impl ShardedOptimizer {
         let owned = self.owned.clone();
         // Reduce-scatter when the ranks own the collective's balanced ranges; else the
         // whole sum to every rank, each keeping its range.
-        let scatter = matches!(self.config.strategy, Strategy::Zero2 | Strategy::Zero3) && self.balanced();
+        // The integer sums are reduce-scattered over the balanced ranges and rounded there;
+        // ZeRO ranks own exactly those, DDP ranks all-gather the rounded f32 (half the
+        // bytes of gathering the i64 sums). Ranges snapped to whole matrices take the
+        // whole sum instead.
         let mut reduced = std::mem::take(&mut self.reduced);
-        if scatter || owned.len() == numel {
-            reduced.resize(owned.len(), 0.0);
-            sum.reduce(&self.comm, scatter, &mut reduced)?;
+        reduced.resize(owned.len(), 0.0);
+        if self.balanced() && owned.len() < numel {
+            sum.reduce(&self.comm, true, &mut reduced)?;
+        } else if self.balanced() {
+            let mine = shard_range(numel, self.comm.size(), self.comm.rank());
+            sum.reduce(&self.comm, true, &mut reduced[mine])?;
+            self.comm.all_gather(&mut reduced)?;
         } else {
             let mut full = vec![0f32; numel];
             sum.reduce(&self.comm, false, &mut full)?;
-            reduced.clear();
-            reduced.extend_from_slice(&full[owned.clone()]);
+            reduced.copy_from_slice(&full[owned.clone()]);
         }
         let (grad_norm, scale) = match &self.config.clip {
             None => (None, 1.0),

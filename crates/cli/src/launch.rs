@@ -6,6 +6,10 @@
 //! private. Each output line is prefixed with its rank. When a rank fails, the others get
 //! SIGTERM, then SIGKILL after a grace period, and the launcher exits non-zero naming the
 //! rank; Ctrl-C (SIGINT/SIGTERM to the launcher) stops them all the same way.
+//!
+//! With `--elastic` a dead rank does not end the job: the launcher stops the others and
+//! starts it again (see [`Elastic`]), and the ranks continue from the in-memory snapshots
+//! they keep in the launcher's shared-memory directory (`distoptim::elastic`).
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};

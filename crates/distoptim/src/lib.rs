@@ -18,6 +18,10 @@
 //! - [`precision`]: working types (bf16, f16, f32), the precision policy and loss scaling.
 //! - [`estimate`]: memory, bytes sent and step time of a plan, before running it.
 //! - [`step_lbfgs`]: LBFGS whose closure is reduced over the ranks.
+//! - Deterministic mode: [`DataParallel::step_deterministic`] on a [`ReproducibleSum`] of
+//!   fixed micro-shards' gradients gives the same bits at any world size and backend.
+//! - [`elastic`]: in-memory snapshots in the launcher's shared memory, restored and
+//!   resharded after a rank died (`distoptim launch --elastic`).
 
 // Every public item says what it is for (the docs are the API's contract).
 #![deny(missing_docs)]

@@ -203,3 +203,27 @@ fn children(parent: u32) -> Vec<i32> {
     kids.sort();
     kids
 }
+
+/// (step, loss) per row of a run's metrics.csv.
+fn curve(out: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(out.join("metrics.csv")).expect("metrics.csv was written");
+    text.lines().skip(1).map(|l| l.split(',').collect::<Vec<_>>()).map(|f| (f[0].parse().unwrap(), f[2].parse().unwrap())).collect()
+}
+
+#[test]
+fn without_deterministic_mode_a_shrunk_run_follows_the_loss_curve() {
+    let (a, b) = (scratch("curve-ref"), scratch("curve-kill"));
+    let common = ["--nproc", "4", "--steps", "60", "--eval-every", "20"];
+    let reference = train_env(&[&common[..], &["--out", a.to_str().unwrap()]].concat(), &[]);
+    assert!(reference.status.success(), "{}", text(&reference));
+    let env = [("DISTOPTIM_FAULT_AT", "90".to_string()), ("DISTOPTIM_FAULT_RANK", "3".to_string())];
+    let killed = train_env(&[&common[..], &["--elastic", "--shrink", "--out", b.to_str().unwrap()]].concat(), &env);
+    let t = text(&killed);
+    assert!(killed.status.success() && t.contains("restarting on 3 ranks"), "{t}");
+    let (x, y) = (curve(&a), curve(&b));
+    assert_eq!(x.len(), 60);
+    assert_eq!(x.iter().map(|r| r.0).collect::<Vec<_>>(), y.iter().map(|r| r.0).collect::<Vec<_>>(), "every step once");
+    for ((step, l1), (_, l2)) in x.iter().zip(&y) {
+        assert!((l1 - l2).abs() <= 1e-4 * l1.abs().max(1.0), "step {step}: loss {l1} vs {l2}");
+    }
+}

@@ -83,6 +83,35 @@ pub fn earlier(dir: &Path, step: u64) -> Vec<Row> {
         .collect()
 }
 
+/// The journal of rows an elastic run keeps next to its snapshots.
+const JOURNAL: &str = "train-metrics.csv";
+
+/// Appends `rows` to the journal in `dir` (created with the header on first use): one
+/// small append per snapshot instead of rewriting the metrics.
+pub fn journal(dir: &Path, rows: &[Row]) -> Result<()> {
+    use std::io::Write;
+    let path = dir.join(JOURNAL);
+    let fresh = !path.exists();
+    let mut f = fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let text = to_csv(rows);
+    let body = if fresh { text.as_str() } else { text.split_once('\n').map_or("", |(_, rest)| rest) };
+    f.write_all(body.as_bytes()).with_context(|| format!("appending to {}", path.display()))
+}
+
+/// The journal's rows up to `step` (a step journaled twice, before and after a restart,
+/// keeps its last row).
+pub fn journaled(dir: &Path, step: u64) -> Vec<Row> {
+    let rows = fs::read_to_string(dir.join(JOURNAL)).ok().and_then(|t| from_csv(&t).ok()).unwrap_or_default();
+    merge(Vec::new(), rows.into_iter().filter(|r| r.step <= step).collect())
+}
+
+/// `base` with `newer` laid over it, one row per step, in step order.
+pub fn merge(base: Vec<Row>, newer: Vec<Row>) -> Vec<Row> {
+    let mut by_step: std::collections::BTreeMap<u64, Row> = base.into_iter().map(|r| (r.step, r)).collect();
+    by_step.extend(newer.into_iter().map(|r| (r.step, r)));
+    by_step.into_values().collect()
+}
+
 fn json(rows: &[Row]) -> String {
     let num = |v: Option<f64>| v.filter(|v| v.is_finite()).map_or(serde_json::Value::Null, serde_json::Value::from);
     let rows: Vec<serde_json::Value> = rows

@@ -289,6 +289,8 @@ struct Trainer<T: CandleElement> {
     sum: Option<distoptim::ReproducibleSum>,
     /// Under an elastic launcher: this rank's in-memory snapshots.
     snapshots: Option<distoptim::elastic::Snapshots>,
+    /// Rows already in the elastic metrics journal (rank 0).
+    journaled: usize,
 }
 
 impl<T: CandleElement> Trainer<T> {
@@ -398,6 +400,7 @@ impl<T: CandleElement> Trainer<T> {
             timings: Timings::default(),
             sum: None,
             snapshots,
+            journaled: 0,
         })
     }
 
@@ -450,6 +453,11 @@ impl<T: CandleElement> Trainer<T> {
             if step % self.args.snapshot_every == 0 && step < stop {
                 if let Some(snapshots) = self.snapshots.as_mut() {
                     let t = Instant::now();
+                    // The rows first: a snapshot of step s finds rows up to s after a restart.
+                    if self.comm.rank() == 0 {
+                        metrics::journal(&snapshots_root(), &self.rows[self.journaled..])?;
+                        self.journaled = self.rows.len();
+                    }
                     let counters = counters(&self.args, step, self.total_steps);
                     self.algorithm
                         .snapshot(snapshots, step, (&self.params).into(), &counters)
@@ -498,6 +506,10 @@ impl<T: CandleElement> Trainer<T> {
         let step = manifest.counters.get("train_step").copied().unwrap_or(manifest.step);
         ensure!(step <= self.total_steps, "resuming from {from}: it is at step {step}, past this run's {} steps", self.total_steps);
         self.rows = metrics::earlier(&self.args.out, step);
+        if self.snapshots.is_some() {
+            self.rows = metrics::merge(std::mem::take(&mut self.rows), metrics::journaled(&snapshots_root(), step));
+        }
+        self.journaled = self.rows.len();
         if self.rank0() {
             println!("resumed from {from} at step {step} (written by {} ranks with {})", manifest.world_size, manifest.strategy);
         }
@@ -672,7 +684,12 @@ impl<T: CandleElement> Trainer<T> {
         if let Some(keep) = self.args.keep {
             options = options.with_keep(keep as usize);
         }
-        self.save(dir, step, &options).with_context(|| format!("checkpoint at step {step}"))
+        self.save(dir, step, &options).with_context(|| format!("checkpoint at step {step}"))?;
+        // The metrics up to the checkpoint, for a resume to continue them.
+        if self.rank0() {
+            metrics::write(&self.args.out, &self.title(), &self.rows)?;
+        }
+        Ok(())
     }
 
     /// Saves the state a continuation needs into the checkpoint root `dir`: the
@@ -792,6 +809,11 @@ fn batch_tensors(data: &Dataset, indices: &[usize]) -> Result<(Tensor, Tensor)> 
     let (mut x, mut y) = (Vec::new(), Vec::new());
     data.gather(indices, &mut x, &mut y);
     Ok((Tensor::from_vec(x, (indices.len(), data.dim), &Device::Cpu)?, Tensor::from_vec(y, indices.len(), &Device::Cpu)?))
+}
+
+/// The launcher's snapshot directory (where rank 0 journals the metrics rows).
+fn snapshots_root() -> PathBuf {
+    distoptim::elastic::snapshot_dir().unwrap_or_default()
 }
 
 /// What a checkpoint or snapshot records besides the algorithm's state: the step, and

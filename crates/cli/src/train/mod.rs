@@ -320,11 +320,6 @@ impl<T: CandleElement> Trainer<T> {
                 comm.size(),
                 args.micro_shards
             );
-            ensure!(
-                !matches!(args.optimizer.as_str(), "muon" | "adafactor"),
-                "--deterministic: {} reduces over whole matrices with multi-threaded kernels whose bits depend on the thread count; use sgd, adam, adamw, lion or schedule_free_adamw",
-                args.optimizer
-            );
         }
         let (train, test) = data.split(args.test_fraction, args.seed)?;
         ensure!(train.len() > 0, "the training split is empty");

@@ -177,22 +177,40 @@ impl Staging {
     }
 }
 
-/// The ranges of a sharded layout, one per rank, contiguous and in rank order: the
-/// balanced `shard_range`s, with every boundary that would cut a parameter of a
-/// whole-matrix rule (Muon, Adafactor) moved to that parameter's end. A rank then holds at
-/// most a balanced share plus the largest parameter.
+/// The ranges of a sharded layout, one per rank, contiguous and in rank order. Without a
+/// whole-matrix rule (Muon, Adafactor) they are the balanced `shard_range`s. With one,
+/// every parameter of such a rule must stay whole on one owner, and the owners' work
+/// differs by far more than their element counts (Newton–Schulz grows with m·n·min(m,n)),
+/// so two partitions are weighed by the busiest rank's [`Kernel::cost`]:
+/// - the balanced ranges with every boundary that would cut a whole parameter moved to
+///   its end (the collectives' own partition where no boundary moves);
+/// - the contiguous partition that minimises the busiest rank's cost (bisection on that
+///   cost, each candidate packed greedily in layout order), elementwise parameters cut
+///   anywhere, whole ones never.
+///
+/// The second is taken when it lowers the busiest rank's cost by more than 5%. Either way
+/// no rank holds more than a balanced share plus the largest parameter, the bound the
+/// conformance cases check.
+///
+/// [`Kernel::cost`]: distoptim_optim::kernels::Kernel::cost
 pub(crate) fn partition(layout: &Layout, groups: &[ParamGroup], size: usize) -> Vec<Range<usize>> {
     let n = layout.numel();
+    // Per parameter: whole or not, and its cost per step.
     let mut whole = vec![false; layout.len()];
-    for g in groups.iter().filter(|g| !g.config.elementwise()) {
+    let mut cost: Vec<f64> = layout.params().iter().map(|p| p.numel() as f64 * distoptim_optim::kernels::ELEMENT_COST).collect();
+    for g in groups {
         for &i in &g.params {
-            if let Some(w) = whole.get_mut(i) {
-                *w = true;
+            if let (Some(w), Some(c)) = (whole.get_mut(i), cost.get_mut(i)) {
+                *w = !g.config.elementwise();
+                *c = g.config.kernel().cost(layout.param(i));
             }
         }
     }
     let mut bounds: Vec<usize> = (0..size).map(|r| shard_range(n, size, r).start).collect();
     bounds.push(n);
+    if !whole.contains(&true) {
+        return bounds.windows(2).map(|w| w[0]..w[1]).collect();
+    }
     for b in bounds.iter_mut().skip(1) {
         if let Some(p) = layout.params().iter().enumerate().find(|(i, p)| whole[*i] && p.range().start < *b && *b < p.range().end) {
             *b = p.1.range().end;
@@ -201,7 +219,79 @@ pub(crate) fn partition(layout: &Layout, groups: &[ParamGroup], size: usize) -> 
     for r in 1..bounds.len() {
         bounds[r] = bounds[r].max(bounds[r - 1]);
     }
-    bounds.windows(2).map(|w| w[0]..w[1]).collect()
+    let snapped: Vec<Range<usize>> = bounds.windows(2).map(|w| w[0]..w[1]).collect();
+    let busiest = |ranges: &[Range<usize>]| ranges.iter().map(|r| range_cost(layout, &cost, r)).fold(0.0, f64::max);
+    let limit = n.div_ceil(size) + layout.params().iter().map(|p| p.numel()).max().unwrap_or(0);
+    let (mut lo, mut hi) = (0.0f64, busiest(&snapped));
+    let mut best: Option<Vec<Range<usize>>> = None;
+    for _ in 0..60 {
+        let c = (lo + hi) / 2.0;
+        match pack(layout, &whole, &cost, size, limit, c) {
+            Some(ranges) => {
+                hi = c;
+                best = Some(ranges);
+            }
+            None => lo = c,
+        }
+    }
+    match best {
+        Some(ranges) if busiest(&ranges) < 0.95 * busiest(&snapped) => ranges,
+        _ => snapped,
+    }
+}
+
+/// The cost of the elements `range` (parameters cut by it count in proportion).
+fn range_cost(layout: &Layout, cost: &[f64], range: &Range<usize>) -> f64 {
+    layout.overlapping(range.clone()).map(|(i, piece)| cost[i] * piece.len() as f64 / layout.param(i).numel().max(1) as f64).sum()
+}
+
+/// Packs the layout in order into at most `size` contiguous ranges of cost <= `budget`
+/// and at most `limit` elements each, cutting only elementwise parameters; `None` when
+/// it does not fit.
+fn pack(layout: &Layout, whole: &[bool], cost: &[f64], size: usize, limit: usize, budget: f64) -> Option<Vec<Range<usize>>> {
+    let mut starts = vec![0usize];
+    let (mut used, mut elems) = (0.0f64, 0usize);
+    for (i, p) in layout.params().iter().enumerate() {
+        let range = p.range();
+        if range.is_empty() {
+            continue;
+        }
+        if whole[i] {
+            if cost[i] > budget || range.len() > limit {
+                return None;
+            }
+            if used + cost[i] > budget || elems + range.len() > limit {
+                starts.push(range.start);
+                (used, elems) = (0.0, 0);
+            }
+            used += cost[i];
+            elems += range.len();
+            continue;
+        }
+        let per = cost[i] / range.len() as f64;
+        let mut at = range.start;
+        while at < range.end {
+            let room = if per > 0.0 { ((budget - used) / per).floor().max(0.0) as usize } else { usize::MAX };
+            let take = room.min(limit - elems).min(range.end - at);
+            if take == 0 {
+                if elems == 0 {
+                    return None;
+                }
+                starts.push(at);
+                (used, elems) = (0.0, 0);
+                continue;
+            }
+            used += per * take as f64;
+            elems += take;
+            at += take;
+        }
+    }
+    if starts.len() > size {
+        return None;
+    }
+    starts.resize(size, layout.numel());
+    starts.push(layout.numel());
+    Some(starts.windows(2).map(|w| w[0]..w[1]).collect())
 }
 
 /// All-gathers `buf` whose ranges `ranges[r]` rank r holds (contiguous, tiling the
@@ -287,4 +377,69 @@ fn reduce_chunks<T: Working, R: Working>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distoptim_optim::kernels::Kernel;
+    use distoptim_optim::{AdamConfig, MuonConfig, OptimizerConfig};
+
+    /// Muon matrices of mixed shapes, each with an AdamW bias.
+    fn mixed() -> (Layout, Vec<ParamGroup>) {
+        let shapes = [(1024, 1024), (256, 256), (2048, 512), (512, 512), (1024, 256), (768, 768), (128, 1024), (1536, 1024)];
+        let mut named = Vec::new();
+        for (i, &(r, c)) in shapes.iter().enumerate() {
+            named.push((format!("m{i}.weight"), vec![r, c]));
+            named.push((format!("m{i}.bias"), vec![r]));
+        }
+        let layout = Layout::new(named).unwrap();
+        let groups = vec![
+            ParamGroup { params: (0..layout.len()).step_by(2).collect(), config: OptimizerConfig::Muon(MuonConfig::default()) },
+            ParamGroup { params: (1..layout.len()).step_by(2).collect(), config: OptimizerConfig::Adam(AdamConfig::adamw()) },
+        ];
+        (layout, groups)
+    }
+
+    #[test]
+    fn owners_are_balanced_by_cost_within_the_element_bound() {
+        let (layout, groups) = mixed();
+        let n = layout.numel();
+        let muon = MuonConfig::default();
+        let cost = |range: &Range<usize>| -> f64 {
+            layout
+                .overlapping(range.clone())
+                .map(|(i, piece)| {
+                    let p = layout.param(i);
+                    let whole = if i % 2 == 0 { muon.cost(p) } else { AdamConfig::adamw().cost(p) };
+                    whole * piece.len() as f64 / p.numel() as f64
+                })
+                .sum()
+        };
+        let largest_matrix = (0..layout.len()).step_by(2).map(|i| muon.cost(layout.param(i))).fold(0.0, f64::max);
+        for size in [2usize, 3, 4, 5] {
+            let ranges = partition(&layout, &groups, size);
+            assert_eq!(ranges.len(), size);
+            assert_eq!((ranges[0].start, ranges[size - 1].end), (0, n), "they tile the buffer");
+            assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+            let bound = n.div_ceil(size) + layout.params().iter().map(|p| p.numel()).max().unwrap();
+            assert!(ranges.iter().all(|r| r.len() <= bound), "{size}: {ranges:?} past {bound}");
+            for (i, p) in layout.params().iter().enumerate().step_by(2) {
+                assert!(ranges.iter().any(|r| r.start <= p.offset && p.range().end <= r.end), "{size}: matrix {i} is cut");
+            }
+            // The busiest rank carries no more than the mean plus the largest matrix
+            // (greedy's guarantee), and at 4 ranks exactly the largest matrix's cost
+            // with its bias, the best any assignment can do.
+            let costs: Vec<f64> = ranges.iter().map(|r| cost(r)).collect();
+            let (max, mean) = (costs.iter().cloned().fold(0.0, f64::max), costs.iter().sum::<f64>() / size as f64);
+            assert!(max <= mean + largest_matrix * 1.01, "{size}: {costs:?}");
+            if size == 4 {
+                assert!(max <= largest_matrix * 1.01, "{size}: busiest {max:e} vs the largest matrix {largest_matrix:e}");
+            }
+        }
+        // Elementwise-only layouts keep the collectives' balanced ranges.
+        let adam = vec![ParamGroup { params: (0..layout.len()).collect(), config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
+        let ranges = partition(&layout, &adam, 3);
+        assert!(ranges.iter().enumerate().all(|(r, range)| *range == shard_range(n, 3, r)));
+    }
 }

@@ -274,6 +274,14 @@ impl Kernel for MuonConfig {
         true
     }
 
+    fn cost(&self, param: &ParamSpec) -> f64 {
+        let ns = match param.shape[..] {
+            [rows, cols] => newton_schulz_flops(rows, cols, self.ns_steps),
+            _ => 0.0,
+        };
+        ns + param.numel() as f64 * super::ELEMENT_COST
+    }
+
     fn check_param(&self, param: &ParamSpec) -> Result<()> {
         if param.shape.len() != 2 {
             return Err(OptimError::InvalidConfig(format!(

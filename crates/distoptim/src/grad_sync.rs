@@ -430,7 +430,7 @@ mod tests {
             // The busiest rank carries no more than the mean plus the largest matrix
             // (greedy's guarantee), and at 4 ranks exactly the largest matrix's cost
             // with its bias, the best any assignment can do.
-            let costs: Vec<f64> = ranges.iter().map(|r| cost(r)).collect();
+            let costs: Vec<f64> = ranges.iter().map(&cost).collect();
             let (max, mean) = (costs.iter().cloned().fold(0.0, f64::max), costs.iter().sum::<f64>() / size as f64);
             assert!(max <= mean + largest_matrix * 1.01, "{size}: {costs:?}");
             if size == 4 {

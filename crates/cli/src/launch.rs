@@ -155,12 +155,37 @@ impl SnapshotDir {
     fn create() -> Result<SnapshotDir> {
         use std::os::unix::fs::DirBuilderExt;
         let dir = std::env::var_os("DISTOPTIM_SHM_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| "/dev/shm".into());
+        remove_orphans(&dir);
         let path = dir.join(format!("distoptim-snapshots-{}-{:x}", std::process::id(), random_u64()?));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
             .with_context(|| format!("creating the snapshot directory {}", path.display()))?;
         Ok(SnapshotDir(path))
+    }
+}
+
+/// Removes the snapshot directories of launchers that no longer run (killed with
+/// SIGKILL, which skips their cleanup): named by the dead launcher's pid, and ours
+/// (another user's are not ours to remove, and the OS would refuse).
+fn remove_orphans(dir: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid(2) cannot fail.
+    let me = unsafe { libc::getuid() };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) =
+            name.to_str().and_then(|n| n.strip_prefix("distoptim-snapshots-")).and_then(|r| r.split('-').next()?.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        let ours = std::fs::symlink_metadata(entry.path()).is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if gone && ours {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

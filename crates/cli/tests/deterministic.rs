@@ -239,3 +239,29 @@ fn without_deterministic_mode_a_shrunk_run_follows_the_loss_curve() {
         assert!((l1 - l2).abs() <= 1e-4 * l1.abs().max(1.0), "step {step}: loss {l1} vs {l2}");
     }
 }
+
+#[test]
+fn a_killed_launchers_snapshots_are_removed_by_the_next_one() {
+    let shm = scratch("orphans");
+    std::fs::create_dir_all(&shm).unwrap();
+    // A pid that has exited, and one that runs (this test's own).
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let orphan = shm.join(format!("distoptim-snapshots-{dead}-abc"));
+    let alive = shm.join(format!("distoptim-snapshots-{}-abc", std::process::id()));
+    for d in [&orphan, &alive] {
+        std::fs::create_dir_all(d.join("gen-0000")).unwrap();
+    }
+    let out = scratch("orphans-out");
+    let o = train_env(
+        &["--elastic", "--nproc", "2", "--steps", "5", "--out", out.to_str().unwrap()],
+        &[("DISTOPTIM_SHM_DIR", shm.display().to_string())],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!orphan.exists(), "the dead launcher's directory is left");
+    assert!(alive.exists(), "a running launcher's directory was removed");
+    let left: Vec<_> = std::fs::read_dir(&shm).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 1, "this launcher's own directory is removed at its end: {left:?}");
+    let _ = std::fs::remove_dir_all(&shm);
+}

@@ -25,6 +25,19 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     args.backend.run(args.nproc, suite)
 }
 
+/// Rank 0 all-reduces one element more than the others, on a group split off for the
+/// purpose (a mismatch leaves its group unusable): every rank must get the mismatch
+/// error, naming both calls, instead of a hang or mixed buffers.
+fn mismatch_is_caught(world: &Communicator) -> Result<()> {
+    let me = world.rank();
+    let probe = world.split(Some(0), me as i64)?.ok_or_else(|| anyhow!("split gave no group"))?;
+    let mut buf = vec![1f32; if me == 0 { 7 } else { 6 }];
+    match probe.all_reduce(&mut buf, distoptim_collective::ReduceOp::Sum) {
+        Err(e) if e.to_string().contains("collective mismatch") && e.to_string().contains("all_reduce(f32, 7") => Ok(()),
+        other => Err(anyhow!("rank {me}: a mismatched all_reduce (7 elements on rank 0, 6 elsewhere) was not caught: {other:?}")),
+    }
+}
+
 fn suite(world: &Communicator) -> Result<()> {
     // MPI chooses its own summation order: float sums are compared within tolerance.
     let exact = world.backend() != Backend::Mpi;
@@ -37,6 +50,9 @@ fn suite(world: &Communicator) -> Result<()> {
         let mesh = DeviceMesh::new(world.clone(), &[("dp", n / 2), ("tp", 2)])?;
         checks += on("mesh dp", &mesh.group("dp")?)?;
         checks += on("mesh tp", &mesh.group("tp")?)?;
+    }
+    if n > 1 {
+        mismatch_is_caught(world)?;
     }
     world.barrier()?;
     println!("rank {me} of {n} ({}): {checks} collective results match the sequential reference", world.topology());

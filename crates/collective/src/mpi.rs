@@ -5,8 +5,11 @@
 //! the calls, also those of the non-blocking worker) and finalised when the last
 //! communicator is dropped. `MPI_IN_PLACE` is not portable through the bindings, so
 //! reductions send from a scratch copy kept between calls. 16-bit floats travel as `f32`
-//! (accumulated in f32, as the other backends do). Each call first all-gathers its
-//! fingerprint, so mismatched calls fail with the same error as on shm. A rank that dies
+//! (accumulated in f32, as the other backends do). Each call starts with one all-reduce
+//! of a fixed-size packet whose user-defined operation compares the ranks' fingerprints,
+//! so mismatched calls (another collective, another length, another root) fail with the
+//! same error as on shm before any data moves; an all-reduce's first 256 bytes ride in
+//! that packet, so a small all-reduce costs one round trip, check included. A rank that dies
 //! makes `mpirun` abort the job. A rank that hangs (stopped, deadlocked, livelocked) is
 //! caught by the [`watchdog`]: a call that has not completed within the timeout
 //! (`DISTOPTIM_TIMEOUT_S`, 600 s by default) prints the stuck call and this rank's last
@@ -302,39 +305,53 @@ impl MpiEngine {
     /// Numbers the call, shows it to the watchdog until the returned guard drops, and
     /// checks that every rank makes the same one.
     fn begin(&mut self, kind: OpKind, dtype: Option<Dtype>, count: usize, root: usize) -> Result<watchdog::InFlight> {
+        self.begin_inline(kind, dtype, count, root, &[]).map(|(call, _)| call)
+    }
+
+    /// [`begin`](Self::begin), carrying `inline` (at most [`INLINE`] bytes: the start of an
+    /// all-reduce's data) in the same message: one MPI_Allreduce of a [`Packet`] whose
+    /// operation compares the ranks' fingerprints and, when they agree, reduces the
+    /// inline data. A small all-reduce then costs one round trip, check included. Every
+    /// call of every kind starts with this same fixed-size collective, so a rank making
+    /// another call, or the same call with another length, is caught here before any
+    /// other data moves. Returns the reduced inline bytes.
+    fn begin_inline(
+        &mut self,
+        kind: OpKind,
+        dtype: Option<Dtype>,
+        count: usize,
+        root: usize,
+        inline: &[u8],
+    ) -> Result<(watchdog::InFlight, Box<Packet>)> {
         if let Some(reason) = &self.poisoned {
             return Err(CommError::Poisoned(reason.clone()));
         }
         self.seq += 1;
         let fp = Fingerprint { seq: self.seq, kind, dtype, count: count as u64, root: root as u64 };
         let call = watchdog::InFlight::begin(fp);
-        let mine = fp.to_words();
-        let mut all = vec![0u64; WORDS * self.size];
-        // SAFETY: buffers of the stated sizes; u64 as 8 bytes each.
+        let mut send = Packet::new(fp, self.rank, inline);
+        let mut recv = Packet::new(fp, self.rank, &[]);
+        let (ty, op) = packet_type_and_op()?;
+        // SAFETY: both packets are one element of the committed packet type; the user
+        // operation reads and writes only packets.
         let rc = unsafe {
-            ffi::MPI_Allgather(
-                mine.as_ptr() as *const c_void,
-                (WORDS * 8) as c_int,
-                ffi::RSMPI_UINT8_T,
-                all.as_mut_ptr() as *mut c_void,
-                (WORDS * 8) as c_int,
-                ffi::RSMPI_UINT8_T,
-                self.comm,
-            )
+            ffi::MPI_Allreduce(&mut *send as *mut Packet as *const c_void, &mut *recv as *mut Packet as *mut c_void, 1, ty, op, self.comm)
         };
-        check(rc, "MPI_Allgather (fingerprint)")?;
-        for r in 0..self.size {
-            let mut w = [0u64; WORDS];
-            w.copy_from_slice(&all[r * WORDS..(r + 1) * WORDS]);
-            let theirs = Fingerprint::from_words(w);
-            if theirs.is_none_or(|t| !t.agrees(&fp)) {
-                let theirs = theirs.unwrap_or(Fingerprint { seq: 0, kind: OpKind::Barrier, dtype: None, count: 0, root: 0 });
-                let err = CommError::Mismatch { rank: self.rank, mine: fp, peer: r, theirs };
-                self.poisoned = Some(err.to_string());
-                return Err(err);
-            }
+        check(rc, "MPI_Allreduce (fingerprint check)")?;
+        if recv.mismatch != 0 {
+            let first = Fingerprint::from_words(recv.first);
+            let second = Fingerprint::from_words(recv.second);
+            // Name the side that is not this rank's call.
+            let (peer, theirs) = match first {
+                Some(f) if f.agrees(&fp) => (recv.second_rank, second),
+                _ => (recv.first_rank, first),
+            };
+            let theirs = theirs.unwrap_or(Fingerprint { seq: 0, kind: OpKind::Barrier, dtype: None, count: 0, root: 0 });
+            let err = CommError::Mismatch { rank: self.rank, mine: fp, peer: peer as usize, theirs };
+            self.poisoned = Some(err.to_string());
+            return Err(err);
         }
-        Ok(call)
+        Ok((call, recv))
     }
 
     /// Copies `buf` into the scratch area (as f32 for 16-bit floats) and returns the
@@ -388,7 +405,15 @@ impl MpiEngine {
     }
 
     pub(crate) fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let _call = self.begin(OpKind::AllReduce(op), Some(T::DTYPE), buf.len(), 0)?;
+        if buf.is_empty() || self.hierarchy.is_some() {
+            let _call = self.begin(OpKind::AllReduce(op), Some(T::DTYPE), buf.len(), 0)?;
+            return self.all_reduce_checked(buf, op);
+        }
+        self.all_reduce_flat(buf, op)
+    }
+
+    /// The all-reduce after its check: nothing for an empty buffer, else the hierarchy.
+    fn all_reduce_checked<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
             return Ok(());
@@ -403,14 +428,34 @@ impl MpiEngine {
             } else {
                 h.all_reduce(buf, op)?;
             }
-            return Ok(());
         }
+        Ok(())
+    }
+
+    /// The flat all-reduce, its check carrying the first [`INLINE`] bytes.
+    fn all_reduce_flat<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let len = buf.len();
         let n = count(len, "all_reduce")?;
         let (send, dt, wide) = self.stage(buf);
         let recv = self.result_ptr(buf, 0, wide);
-        // SAFETY: send and recv hold len elements of dt and do not overlap.
-        check(unsafe { ffi::MPI_Allreduce(send, recv, n, dt, mpi_op(op), self.comm) }, "MPI_Allreduce")?;
+        // The first INLINE bytes travel with the fingerprint check; the rest, if any, after.
+        let width = if wide { 4 } else { std::mem::size_of::<T>() };
+        let head = len.min(INLINE / width);
+        // SAFETY: send holds len elements of `width` bytes (the staged copy).
+        let inline = unsafe { std::slice::from_raw_parts(send as *const u8, head * width) };
+        let (_call, packet) = self.begin_inline(OpKind::AllReduce(op), Some(T::DTYPE), len, 0, inline)?;
+        // SAFETY: recv has room for len elements of `width` bytes; the packet's payload
+        // holds head of them; the regions do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(packet.payload.as_ptr() as *const u8, recv as *mut u8, head * width) };
+        if head < len {
+            let (rest_send, rest_recv) = (send as *const u8 as usize + head * width, recv as *mut u8 as usize + head * width);
+            // SAFETY: send and recv hold len elements of dt and do not overlap; both
+            // offsets stay inside them.
+            let rc = unsafe {
+                ffi::MPI_Allreduce(rest_send as *const c_void, rest_recv as *mut c_void, n - head as c_int, dt, mpi_op(op), self.comm)
+            };
+            check(rc, "MPI_Allreduce")?;
+        }
         self.finish(buf, 0..len, wide, op);
         Ok(())
     }
@@ -522,9 +567,9 @@ impl MpiEngine {
     }
 
     pub(crate) fn barrier(&mut self) -> Result<()> {
-        let _call = self.begin(OpKind::Barrier, None, 0, 0)?;
-        // SAFETY: valid communicator.
-        check(unsafe { ffi::MPI_Barrier(self.comm) }, "MPI_Barrier")
+        // The check is an all-reduce, which no rank leaves before every rank has entered
+        // it: a barrier already.
+        self.begin(OpKind::Barrier, None, 0, 0).map(|_| ())
     }
 
     fn check_root(&self, op: &'static str, root: usize) -> Result<()> {
@@ -569,6 +614,137 @@ impl Drop for MpiEngine {
             // universe field drops after this body).
             unsafe { ffi::MPI_Comm_free(&mut self.comm) };
         }
+    }
+}
+
+/// Bytes of an all-reduce's data carried inside its fingerprint check.
+const INLINE: usize = 256;
+
+/// The message of every call's check (see [`MpiEngine::begin_inline`]): the sender's
+/// fingerprint, the first disagreement seen (both sides), and inline data.
+#[repr(C)]
+pub(crate) struct Packet {
+    words: [u64; WORDS],
+    rank: u64,
+    mismatch: u64,
+    first_rank: u64,
+    first: [u64; WORDS],
+    second_rank: u64,
+    second: [u64; WORDS],
+    /// The inline data, 8-byte aligned for any element type.
+    payload: [u64; INLINE / 8],
+}
+
+impl Packet {
+    fn new(fp: Fingerprint, rank: usize, inline: &[u8]) -> Box<Packet> {
+        let mut p = Box::new(Packet {
+            words: fp.to_words(),
+            rank: rank as u64,
+            mismatch: 0,
+            first_rank: 0,
+            first: [0; WORDS],
+            second_rank: 0,
+            second: [0; WORDS],
+            payload: [0; INLINE / 8],
+        });
+        let n = inline.len().min(INLINE);
+        // SAFETY: the payload holds INLINE bytes; n <= INLINE; the regions do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(inline.as_ptr(), p.payload.as_mut_ptr() as *mut u8, n) };
+        p
+    }
+
+    /// Folds `a` into `self` (MPI's inout side): a disagreement is recorded once and
+    /// travels on; agreeing all-reduces add up their inline data.
+    fn combine(&mut self, a: &Packet) {
+        if self.mismatch != 0 {
+            return;
+        }
+        if a.mismatch != 0 {
+            (self.mismatch, self.first_rank, self.first, self.second_rank, self.second) =
+                (1, a.first_rank, a.first, a.second_rank, a.second);
+            return;
+        }
+        let agree = match (Fingerprint::from_words(self.words), Fingerprint::from_words(a.words)) {
+            (Some(x), Some(y)) => x.agrees(&y),
+            _ => false,
+        };
+        if !agree {
+            (self.mismatch, self.first_rank, self.first, self.second_rank, self.second) = (1, self.rank, self.words, a.rank, a.words);
+            return;
+        }
+        let Some(fp) = Fingerprint::from_words(self.words) else { return };
+        let (OpKind::AllReduce(op), Some(dtype)) = (fp.kind, fp.dtype) else { return };
+        let bytes = self.payload.as_mut_ptr() as *mut u8;
+        let theirs = a.payload.as_ptr() as *const u8;
+        // SAFETY: both payloads are INLINE bytes, 8-byte aligned; each view below covers
+        // at most that many bytes of its element type.
+        unsafe {
+            match dtype {
+                Dtype::F32 | Dtype::Bf16 | Dtype::F16 => fold::<f32>(bytes, theirs, fp.count, op),
+                Dtype::F64 => fold::<f64>(bytes, theirs, fp.count, op),
+                Dtype::I32 => fold::<i32>(bytes, theirs, fp.count, op),
+                Dtype::I64 => fold::<i64>(bytes, theirs, fp.count, op),
+                Dtype::U8 => fold::<u8>(bytes, theirs, fp.count, op),
+            }
+        }
+    }
+}
+
+/// `mine[i] = op(theirs[i], mine[i])` over the inline elements of an all-reduce of
+/// `count` elements of `T` (AVG sums; the caller divides).
+///
+/// # Safety
+/// Both pointers address INLINE bytes aligned for `T`.
+unsafe fn fold<T: Element>(mine: *mut u8, theirs: *const u8, count: u64, op: ReduceOp) {
+    let n = (count as usize).min(INLINE / std::mem::size_of::<T>());
+    // SAFETY: the caller's promise: n elements of T fit in INLINE aligned bytes.
+    let (mine, theirs) = unsafe { (std::slice::from_raw_parts_mut(mine as *mut T, n), std::slice::from_raw_parts(theirs as *const T, n)) };
+    for (m, t) in mine.iter_mut().zip(theirs) {
+        *m = T::from_acc(crate::element::combine(t.to_acc(), m.to_acc(), op));
+    }
+}
+
+/// MPI's entry point for the check's operation.
+unsafe extern "C" fn combine_packets(invec: *mut c_void, inoutvec: *mut c_void, len: *mut c_int, _ty: *mut ffi::MPI_Datatype) {
+    // SAFETY: MPI hands `len` packets of the committed packet type on each side.
+    unsafe {
+        for k in 0..(*len).max(0) as usize {
+            let a = &*(invec as *const Packet).add(k);
+            (*(inoutvec as *mut Packet).add(k)).combine(a);
+        }
+    }
+}
+
+/// The packet's MPI type and the check's operation, created once per process after MPI
+/// is initialised (and left to MPI_Finalize, which frees them).
+fn packet_type_and_op() -> Result<(ffi::MPI_Datatype, ffi::MPI_Op)> {
+    struct Handles(ffi::MPI_Datatype, ffi::MPI_Op);
+    // SAFETY: MPI handles are plain values, used under the communicator's lock.
+    unsafe impl Send for Handles {}
+    // SAFETY: as for Send.
+    unsafe impl Sync for Handles {}
+    static HANDLES: std::sync::OnceLock<std::result::Result<Handles, String>> = std::sync::OnceLock::new();
+    let handles = HANDLES.get_or_init(|| {
+        // SAFETY: MPI is initialised (an engine exists); out-pointers to locals; the
+        // function matches MPI_User_function.
+        unsafe {
+            let mut ty = ffi::RSMPI_DATATYPE_NULL;
+            if ffi::MPI_Type_contiguous(std::mem::size_of::<Packet>() as c_int, ffi::RSMPI_UINT8_T, &mut ty) != ffi::MPI_SUCCESS as c_int
+                || ffi::MPI_Type_commit(&mut ty) != ffi::MPI_SUCCESS as c_int
+            {
+                return Err("MPI_Type_contiguous/MPI_Type_commit for the fingerprint packet failed".to_string());
+            }
+            let mut op = ffi::RSMPI_SUM;
+            // (op starts as any handle; MPI_Op_create overwrites it.)
+            if ffi::MPI_Op_create(Some(combine_packets), 1, &mut op) != ffi::MPI_SUCCESS as c_int {
+                return Err("MPI_Op_create for the fingerprint check failed".to_string());
+            }
+            Ok(Handles(ty, op))
+        }
+    });
+    match handles {
+        Ok(h) => Ok((h.0, h.1)),
+        Err(message) => Err(CommError::Backend { backend: "mpi", message: message.clone() }),
     }
 }
 

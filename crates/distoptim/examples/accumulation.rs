@@ -14,40 +14,18 @@
 //! target/release/distoptim launch --nproc 3 -- target/release/examples/accumulation zero2
 //! ```
 
-use distoptim::sampler::{DistributedSampler, SeededRng};
+use distoptim::sampler::DistributedSampler;
 use distoptim::{data_parallel, DataParallelConfig, ReduceMode, Strategy};
 use distoptim_collective::{CommConfig, Communicator};
 use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig, ParamGroup};
 
-const FEATURES: usize = 16;
-const SAMPLES: usize = 512;
+#[path = "common/regression.rs"]
+mod regression;
+use regression::{accumulate, data, FEATURES, SAMPLES};
+
 const GLOBAL_BATCH: usize = 64;
 const MICRO_BATCH: usize = 8;
 const STEPS: u64 = 40;
-
-/// A noiseless linear target: y = x·w* + 0.5.
-fn data() -> (Vec<[f32; FEATURES]>, Vec<f32>) {
-    let mut rng = SeededRng::new(7, 0);
-    let w_true: Vec<f32> = (0..FEATURES).map(|_| rng.unit() * 2.0 - 1.0).collect();
-    let xs: Vec<[f32; FEATURES]> = (0..SAMPLES).map(|_| std::array::from_fn(|_| rng.unit() * 2.0 - 1.0)).collect();
-    let ys = xs.iter().map(|x| x.iter().zip(&w_true).map(|(a, b)| a * b).sum::<f32>() + 0.5).collect();
-    (xs, ys)
-}
-
-/// Adds `scale` × the gradient of the mean squared error (halved) over `samples` to
-/// `grad`; returns their summed loss. Parameters: FEATURES weights, then the bias.
-fn accumulate(params: &[f32], xs: &[[f32; FEATURES]], ys: &[f32], samples: &[usize], scale: f32, grad: &mut [f32]) -> f32 {
-    let mut loss = 0.0;
-    for &i in samples {
-        let pred = xs[i].iter().zip(params).map(|(a, b)| a * b).sum::<f32>() + params[FEATURES];
-        let err = pred - ys[i];
-        loss += 0.5 * err * err;
-        let g = scale * err / samples.len() as f32;
-        grad[..FEATURES].iter_mut().zip(&xs[i]).for_each(|(gw, x)| *gw += g * x);
-        grad[FEATURES] += g;
-    }
-    loss
-}
 
 fn main() -> anyhow::Result<()> {
     let strategy: Strategy = std::env::args().nth(1).as_deref().unwrap_or("zero2").parse()?;

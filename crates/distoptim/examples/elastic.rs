@@ -23,37 +23,19 @@
 use std::collections::BTreeMap;
 
 use distoptim::elastic::Snapshots;
-use distoptim::sampler::{DistributedSampler, SeededRng};
+use distoptim::sampler::DistributedSampler;
 use distoptim::{data_parallel, DataParallelConfig, ReproducibleSum, Strategy};
 use distoptim_collective::Communicator;
 use distoptim_optim::{AdamConfig, Layout, OptimizerConfig, ParamGroup};
 
-const FEATURES: usize = 16;
-const SAMPLES: usize = 512;
+#[path = "common/regression.rs"]
+mod regression;
+use regression::{accumulate, data, FEATURES};
+
+const SAMPLES: usize = regression::SAMPLES;
 const GLOBAL_BATCH: usize = 64;
 const MICRO_SHARDS: usize = 8;
 const STEPS: u64 = 40;
-
-/// A noiseless linear target: y = x·w* + 0.5.
-fn data() -> (Vec<[f32; FEATURES]>, Vec<f32>) {
-    let mut rng = SeededRng::new(7, 0);
-    let w_true: Vec<f32> = (0..FEATURES).map(|_| rng.unit() * 2.0 - 1.0).collect();
-    let xs: Vec<[f32; FEATURES]> = (0..SAMPLES).map(|_| std::array::from_fn(|_| rng.unit() * 2.0 - 1.0)).collect();
-    let ys = xs.iter().map(|x| x.iter().zip(&w_true).map(|(a, b)| a * b).sum::<f32>() + 0.5).collect();
-    (xs, ys)
-}
-
-/// Writes `share` × the gradient of the halved mean squared error over `samples` into
-/// `grad` (overwritten). Parameters: FEATURES weights, then the bias.
-fn gradient(params: &[f32], xs: &[[f32; FEATURES]], ys: &[f32], samples: &[usize], share: f32, grad: &mut [f32]) {
-    grad.fill(0.0);
-    for &i in samples {
-        let err = xs[i].iter().zip(params).map(|(a, b)| a * b).sum::<f32>() + params[FEATURES] - ys[i];
-        let g = share * err / samples.len() as f32;
-        grad[..FEATURES].iter_mut().zip(&xs[i]).for_each(|(gw, x)| *gw += g * x);
-        grad[FEATURES] += g;
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     let comm = Communicator::from_env()?;
@@ -83,7 +65,9 @@ fn main() -> anyhow::Result<()> {
         let (_, batch) = sampler.global_batch(step);
         for piece in DistributedSampler::micro_shards(batch.len(), MICRO_SHARDS, world, rank) {
             let share = piece.len() as f32 / batch.len() as f32;
-            gradient(&params, &xs, &ys, &batch[piece], share, sum.next_term()?);
+            let grad = sum.next_term()?;
+            grad.fill(0.0);
+            accumulate(&params, &xs, &ys, &batch[piece], share, grad);
         }
         dp.step_deterministic((&mut params).into(), &mut sum)?;
         if let Some(s) = snapshots.as_mut() {

@@ -488,7 +488,7 @@ impl<T: CandleElement> Trainer<T> {
             None => {
                 let Some(dir) = self.args.resume.clone() else { return Ok(0) };
                 let manifest = self
-                    .with_full_mut(|t, full| Ok(t.algorithm.load(&dir, full.into())?))
+                    .with_full_params(false, |t, full| Ok(t.algorithm.load(&dir, full.into())?))
                     .with_context(|| format!("resuming from {}", dir.display()))?;
                 (manifest, dir.display().to_string())
             }
@@ -515,29 +515,11 @@ impl<T: CandleElement> Trainer<T> {
     /// elastic job, if there is one.
     fn restore_snapshot(&mut self) -> Result<Option<distoptim::checkpoint::Manifest>> {
         let Some(snapshots) = self.snapshots.take() else { return Ok(None) };
-        let restored =
-            self.with_full_mut(|t, full| Ok(t.algorithm.restore(&snapshots, full.into())?)).context("restoring the elastic snapshot");
+        let restored = self
+            .with_full_params(false, |t, full| Ok(t.algorithm.restore(&snapshots, full.into())?))
+            .context("restoring the elastic snapshot");
         self.snapshots = Some(snapshots);
         restored
-    }
-
-    /// Runs `f` on a full parameter buffer that it may overwrite: the one this rank
-    /// keeps, or under ZeRO-3 a fresh one whose shard is kept afterwards.
-    fn with_full_mut<R>(&mut self, f: impl FnOnce(&mut Self, &mut Vec<T>) -> Result<R>) -> Result<R> {
-        match self.shard.clone() {
-            None => {
-                let mut params = std::mem::take(&mut self.params);
-                let result = f(self, &mut params);
-                self.params = params;
-                result
-            }
-            Some(range) => {
-                let mut full = vec![T::default(); self.flat.layout().numel()];
-                let result = f(self, &mut full);
-                self.params = full[range].to_vec();
-                result
-            }
-        }
     }
 
     /// One training step: forward and backward on this rank's shard, then the
@@ -700,21 +682,31 @@ impl<T: CandleElement> Trainer<T> {
     /// afterwards, so the full copy is never resident next to the model's own during a
     /// backward pass.
     fn with_full<R>(&mut self, f: impl FnOnce(&mut Self, &mut [T]) -> Result<R>) -> Result<R> {
-        match self.shard.clone() {
-            None => {
-                self.algorithm.gather((&mut self.params).into())?;
-                let mut params = std::mem::take(&mut self.params);
-                let result = f(self, &mut params);
-                self.params = params;
-                result
-            }
+        self.with_full_params(true, |t, full| f(t, full))
+    }
+
+    /// Runs `f` on a full parameter buffer: the one this rank keeps, or under ZeRO-3 a
+    /// fresh one holding its shard, all-gathered first when `gather`. What `f` leaves in
+    /// it stays (under ZeRO-3, its shard): a load may overwrite it.
+    fn with_full_params<R>(&mut self, gather: bool, f: impl FnOnce(&mut Self, &mut Vec<T>) -> Result<R>) -> Result<R> {
+        let mut full = match &self.shard {
+            None => std::mem::take(&mut self.params),
             Some(range) => {
                 let mut full = vec![T::default(); self.flat.layout().numel()];
-                full[range].copy_from_slice(&self.params);
-                self.algorithm.gather((&mut full).into())?;
-                f(self, &mut full)
+                full[range.clone()].copy_from_slice(&self.params);
+                full
             }
+        };
+        let result = match gather {
+            true => self.algorithm.gather((&mut full).into()).map_err(anyhow::Error::from),
+            false => Ok(()),
         }
+        .and_then(|()| f(self, &mut full));
+        self.params = match &self.shard {
+            None => full,
+            Some(range) => full[range.clone()].to_vec(),
+        };
+        result
     }
 
     fn title(&self) -> String {

@@ -530,30 +530,7 @@ impl ShardedOptimizer {
                 (Some(total), clip::clip_coefficient(c.max_norm, total))
             }
         };
-        let report = if self.config.precision.has_master() {
-            let mut master = match self.master.take() {
-                Some(m) => m,
-                None => {
-                    let mut m = vec![0.0f32; owned.len()];
-                    widen_into(self.owned_params(params), &mut m);
-                    m
-                }
-            };
-            let report = self.step_owned(&mut master, &mut reduced, grad_norm, scale);
-            round_into(&master, self.owned_params(params));
-            self.master = Some(master);
-            report
-        } else {
-            let full = P::as_f32_mut(params).ok_or_else(|| DistError::Invalid("f32 parameters expected".into()))?;
-            let mine = if full.len() == numel { &mut full[owned.clone()] } else { full };
-            self.step_owned(mine, &mut reduced, grad_norm, scale)
-        };
-        self.keep_reduced(reduced);
-        let report = report?;
-        if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
-            self.all_gather_owned(params)?;
-        }
-        Ok(report)
+        self.step_on_reduced(params, reduced, |opt, mine, grads| opt.step_owned(mine, grads, grad_norm, scale))
     }
 
     /// The mixed-precision step (see the module docs).
@@ -569,7 +546,6 @@ impl ShardedOptimizer {
         let mut reduced = std::mem::take(&mut self.reduced);
         reduced.resize(owned.len(), 0.0);
         let sharded = self.config.strategy.shards_state();
-        let p = self.config.precision;
         // The clip's norm is measured on each chunk as the reduction finishes it (not under
         // loss scaling, which unscales after the reduction).
         let mut measure = match (&self.config.clip, &self.scaler) {
@@ -610,7 +586,21 @@ impl ShardedOptimizer {
             }
             scaler.update(false);
         }
-        let report = if p.has_master() {
+        self.step_on_reduced(params, reduced, |opt, mine, grads| opt.clip_and_step(mine, grads, 1.0, measured))
+    }
+
+    /// Steps the owned range with the reduced gradient `reduced` by `step` (on the f32
+    /// master under a 16-bit working type, rounded back into `params`; else on `params`
+    /// themselves), keeps the buffer for the next step and all-gathers the parameters
+    /// where the strategy needs them complete.
+    fn step_on_reduced<T: Working>(
+        &mut self,
+        params: &mut [T],
+        mut reduced: Vec<f32>,
+        step: impl FnOnce(&mut Self, &mut [f32], &mut [f32]) -> Result<StepReport>,
+    ) -> Result<StepReport> {
+        let owned = self.owned.clone();
+        let report = if self.config.precision.has_master() {
             let mut master = match self.master.take() {
                 Some(m) => m,
                 None => {
@@ -619,14 +609,14 @@ impl ShardedOptimizer {
                     m
                 }
             };
-            let report = self.clip_and_step(&mut master, &mut reduced, 1.0, measured);
+            let report = step(self, &mut master, &mut reduced);
             round_into(&master, self.owned_params(params));
             self.master = Some(master);
             report
         } else {
             let full = T::as_f32_mut(params).ok_or_else(|| DistError::Invalid("f32 parameters expected".into()))?;
-            let mine = if full.len() == self.layout().numel() { &mut full[owned.clone()] } else { full };
-            self.clip_and_step(mine, &mut reduced, 1.0, measured)
+            let mine = if full.len() == self.layout().numel() { &mut full[owned] } else { full };
+            step(self, mine, &mut reduced)
         };
         self.keep_reduced(reduced);
         let report = report?;

@@ -130,7 +130,7 @@ impl Snapshots {
         let meta = serde_json::to_vec(meta).map_err(|e| DistError::Checkpoint(format!("snapshot metadata: {e}")))?;
         let bytes: usize = meta.len() + data.iter().map(|d| d.len() * 4).sum::<usize>();
         if self.file.as_ref().is_none_or(|(_, cap)| *cap < bytes) {
-            self.file = Some(self.create(bytes + SLACK)?);
+            self.file = Some(self.create(bytes + SLACK, self.file.as_ref())?);
         }
         let Some((map, cap)) = self.file.as_mut() else { unreachable!("created above") };
         let slot = (step % 2) as usize;
@@ -162,25 +162,36 @@ impl Snapshots {
         Ok(())
     }
 
-    /// Creates this rank's file with two slots of `cap` bytes each, mapped.
-    fn create(&self, cap: usize) -> Result<(memmap2::MmapMut, usize)> {
+    /// Creates this rank's file with two slots of `cap` bytes each, mapped. A file that
+    /// grows (its metadata outgrew the slack) is built beside the old one with both old
+    /// slots copied in, then renamed over it: the older snapshot survives the growth.
+    fn create(&self, cap: usize, old: Option<&(memmap2::MmapMut, usize)>) -> Result<(memmap2::MmapMut, usize)> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let path = self.file_path(self.generation, self.rank);
         if let Some(dir) = path.parent() {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io_err(dir, e))?;
         }
+        let fresh = path.with_extension("grow");
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&path)
-            .map_err(|e| io_err(&path, e))?;
-        file.set_len((2 * HEADER + 2 * cap) as u64).map_err(|e| io_err(&path, e))?;
+            .open(&fresh)
+            .map_err(|e| io_err(&fresh, e))?;
+        file.set_len((2 * HEADER + 2 * cap) as u64).map_err(|e| io_err(&fresh, e))?;
         // SAFETY: the file is this rank's own, created just now; no other process writes
         // it while this one lives (the launcher starts a new job only after this one ends).
-        let map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(|e| io_err(&path, e))?;
+        let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(|e| io_err(&fresh, e))?;
+        if let Some((before, old_cap)) = old {
+            map[..2 * HEADER].copy_from_slice(&before[..2 * HEADER]);
+            for slot in 0..2 {
+                let from = 2 * HEADER + slot * old_cap;
+                map[2 * HEADER + slot * cap..][..*old_cap].copy_from_slice(&before[from..from + old_cap]);
+            }
+        }
+        std::fs::rename(&fresh, &path).map_err(|e| io_err(&path, e))?;
         Ok((map, cap))
     }
 
@@ -508,6 +519,30 @@ mod tests {
         let _ = run(&root, 2, Strategy::Zero1, 2, 5, Some(1));
         let found = Snapshots::new(root.clone(), 3, 0, 2).latest().unwrap();
         assert_eq!(found.step, 4, "{found:?}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_slot_file_that_grows_keeps_the_older_snapshot() {
+        let root = std::env::temp_dir().join(format!("distoptim-snap-grow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        Communicator::run_threads(1, &CommConfig::default(), |comm| {
+            let n = layout().numel();
+            let init = vec![0.5f32; n];
+            let mut dp = ShardedOptimizer::new(comm, layout(), groups(), None, StepConfig::new(Strategy::Zero1)).unwrap();
+            let mut snaps = Snapshots::new(root.clone(), 0, 0, 1);
+            let mut params = init.clone();
+            let mut g = vec![0.1f32; n];
+            dp.step(&mut params, &mut g, 1).unwrap();
+            DataParallel::snapshot(&dp, &mut snaps, 1, (&params).into(), &Default::default()).unwrap();
+            // Counters past the slot's slack make the file grow at step 2.
+            let big: std::collections::BTreeMap<String, u64> = (0..8000).map(|i| (format!("counter-{i:06}"), i)).collect();
+            DataParallel::snapshot(&dp, &mut snaps, 2, (&params).into(), &big).unwrap();
+            let later = Snapshots::new(root.clone(), 1, 0, 1);
+            assert_eq!(later.slot_step(0, 0, 1), Some(1), "step 1 survived the growth");
+            assert_eq!(later.latest().map(|f| f.step), Some(2));
+        })
+        .unwrap();
         let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -263,12 +263,12 @@ fn mixed_precision_learns_follows_f32_and_resumes_elsewhere() {
     });
 }
 
-/// Muon (AdamW for the biases), Adafactor, Lion and Schedule-Free AdamW (evaluated at its
-/// averaged iterate) train the digits model to >= 90%, with ZeRO ranges snapped to whole
-/// matrices on 3 ranks.
+/// Muon (AdamW for the biases), Adafactor, Lion, Schedule-Free AdamW (evaluated at its
+/// averaged iterate) and 8-bit AdamW train the digits model to >= 90%, with ZeRO ranges
+/// snapped to whole matrices (8-bit: to quantization blocks) on 3 ranks.
 #[test]
 fn the_new_optimizers_learn_the_digits() {
-    for optimizer in ["muon", "adafactor", "lion", "schedule_free_adamw"] {
+    for optimizer in ["muon", "adafactor", "lion", "schedule_free_adamw", "adamw8bit"] {
         let out_dir = scratch(&format!("opt-{optimizer}"));
         let out = train(&["--optimizer", optimizer, "--strategy", "zero2", "--nproc", "3", "--out", out_dir.to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&out.stdout);

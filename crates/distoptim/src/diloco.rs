@@ -212,8 +212,8 @@ impl crate::DataParallel for Diloco {
 
     fn memory(&self) -> MemoryLedger {
         let numel = self.global.len() as u64;
-        let inner: u64 = self.inner.optimizer().buffers().map(|(_, b)| b.len() as u64 * 4).sum();
-        let outer: u64 = self.outer.buffers().map(|(_, b)| b.len() as u64 * 4).sum();
+        let inner: u64 = self.inner.optimizer().state_bytes();
+        let outer: u64 = self.outer.state_bytes();
         // Γ (the global parameters) is DiLoCo's master copy; the scratch buffer averages.
         MemoryLedger {
             working_params: numel * 4,

@@ -354,7 +354,10 @@ impl crate::ShardedOptimizer {
             }
         };
         let optimizer = self.inner_optimizer();
-        let (names, mut data): (Vec<String>, Vec<&[f32]>) = optimizer.buffers().map(|(n, b)| (n.to_string(), &b[local.clone()])).unzip();
+        // Borrowed for f32 state; an 8-bit buffer is dequantized (a state dict's form).
+        let (names, buffers): (Vec<String>, Vec<std::borrow::Cow<'_, [f32]>>) =
+            optimizer.buffers().map(|(n, b)| (n.to_string(), b)).unzip();
+        let mut data: Vec<&[f32]> = buffers.iter().map(|b| &b[local.clone()]).collect();
         data.insert(0, values);
         let manifest = (comm.rank() == 0).then(|| Manifest {
             format_version: crate::checkpoint::FORMAT_VERSION,

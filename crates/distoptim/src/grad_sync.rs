@@ -195,38 +195,50 @@ impl Staging {
 /// [`Kernel::cost`]: distoptim_optim::kernels::Kernel::cost
 pub(crate) fn partition(layout: &Layout, groups: &[ParamGroup], size: usize) -> Vec<Range<usize>> {
     let n = layout.numel();
-    // Per parameter: whole or not, and its cost per step.
+    // Per parameter: whole or not, its quantization block (1: none) and its cost per step.
     let mut whole = vec![false; layout.len()];
+    let mut block = vec![1usize; layout.len()];
     let mut cost: Vec<f64> = layout.params().iter().map(|p| p.numel() as f64 * distoptim_optim::kernels::ELEMENT_COST).collect();
     for g in groups {
         for &i in &g.params {
-            if let (Some(w), Some(c)) = (whole.get_mut(i), cost.get_mut(i)) {
+            if let (Some(w), Some(b), Some(c)) = (whole.get_mut(i), block.get_mut(i), cost.get_mut(i)) {
                 *w = !g.config.elementwise();
+                *b = g.config.kernel().block().max(1);
                 *c = g.config.kernel().cost(layout.param(i));
             }
         }
     }
     let mut bounds: Vec<usize> = (0..size).map(|r| shard_range(n, size, r).start).collect();
     bounds.push(n);
-    if !whole.contains(&true) {
+    if !whole.contains(&true) && block.iter().all(|&b| b == 1) {
         return bounds.windows(2).map(|w| w[0]..w[1]).collect();
     }
+    // A boundary inside a whole parameter moves to its end; inside a quantization block,
+    // to the block's end.
     for b in bounds.iter_mut().skip(1) {
-        if let Some(p) = layout.params().iter().enumerate().find(|(i, p)| whole[*i] && p.range().start < *b && *b < p.range().end) {
-            *b = p.1.range().end;
+        if let Some((i, p)) = layout.params().iter().enumerate().find(|(_, p)| p.range().start < *b && *b < p.range().end) {
+            let (start, end) = (p.range().start, p.range().end);
+            if whole[i] {
+                *b = end;
+            } else {
+                *b = (start + (*b - start).div_ceil(block[i]) * block[i]).min(end);
+            }
         }
     }
     for r in 1..bounds.len() {
         bounds[r] = bounds[r].max(bounds[r - 1]);
     }
     let snapped: Vec<Range<usize>> = bounds.windows(2).map(|w| w[0]..w[1]).collect();
+    if !whole.contains(&true) {
+        return snapped;
+    }
     let busiest = |ranges: &[Range<usize>]| ranges.iter().map(|r| range_cost(layout, &cost, r)).fold(0.0, f64::max);
     let limit = n.div_ceil(size) + layout.params().iter().map(|p| p.numel()).max().unwrap_or(0);
     let (mut lo, mut hi) = (0.0f64, busiest(&snapped));
     let mut best: Option<Vec<Range<usize>>> = None;
     for _ in 0..60 {
         let c = (lo + hi) / 2.0;
-        match pack(layout, &whole, &cost, size, limit, c) {
+        match pack(layout, &whole, &block, &cost, size, limit, c) {
             Some(ranges) => {
                 hi = c;
                 best = Some(ranges);
@@ -246,9 +258,17 @@ fn range_cost(layout: &Layout, cost: &[f64], range: &Range<usize>) -> f64 {
 }
 
 /// Packs the layout in order into at most `size` contiguous ranges of cost <= `budget`
-/// and at most `limit` elements each, cutting only elementwise parameters; `None` when
-/// it does not fit.
-fn pack(layout: &Layout, whole: &[bool], cost: &[f64], size: usize, limit: usize, budget: f64) -> Option<Vec<Range<usize>>> {
+/// and at most `limit` elements each, cutting only elementwise parameters, and those only
+/// between their quantization blocks; `None` when it does not fit.
+fn pack(
+    layout: &Layout,
+    whole: &[bool],
+    block: &[usize],
+    cost: &[f64],
+    size: usize,
+    limit: usize,
+    budget: f64,
+) -> Option<Vec<Range<usize>>> {
     let mut starts = vec![0usize];
     let (mut used, mut elems) = (0.0f64, 0usize);
     for (i, p) in layout.params().iter().enumerate() {
@@ -272,7 +292,10 @@ fn pack(layout: &Layout, whole: &[bool], cost: &[f64], size: usize, limit: usize
         let mut at = range.start;
         while at < range.end {
             let room = if per > 0.0 { ((budget - used) / per).floor().max(0.0) as usize } else { usize::MAX };
-            let take = room.min(limit - elems).min(range.end - at);
+            let mut take = room.min(limit - elems).min(range.end - at);
+            if at + take < range.end {
+                take -= take % block[i];
+            }
             if take == 0 {
                 if elems == 0 {
                     return None;

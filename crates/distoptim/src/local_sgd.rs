@@ -191,7 +191,7 @@ impl crate::DataParallel for PostLocalSgd {
 
     fn memory(&self) -> MemoryLedger {
         let numel = self.opt.optimizer().layout().numel() as u64;
-        let state = self.opt.optimizer().buffers().map(|(_, b)| b.len() as u64 * 4).sum();
+        let state = self.opt.optimizer().state_bytes();
         MemoryLedger { working_params: numel * 4, grads: numel * 4, master: 0, optimizer_state: state, comm_buffers: 0 }
     }
 }

@@ -34,6 +34,10 @@ use crate::scheduled::Scheduled;
 use distoptim_collective::exact::{ExactSum, ReproducibleSum};
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip::{self, NormType};
+
+/// The widest margin [`ShardedOptimizer::fetch_halo`] fetches (elements per side): past
+/// it, snapped ranges take the staged path.
+const HALO_MAX: usize = 1 << 16;
 use distoptim_optim::{Layout, OptimizerConfig, OptimizerStateDict, ParamGroup, Schedule};
 use std::ops::Range;
 
@@ -230,7 +234,7 @@ impl ShardedOptimizer {
     pub fn memory(&self) -> MemoryLedger {
         let numel = self.layout().numel() as u64;
         let working = self.config.precision.param_dtype.size() as u64;
-        let state: u64 = self.opt.optimizer().buffers().map(|(_, b)| b.len() as u64 * 4).sum();
+        let state: u64 = self.opt.optimizer().state_bytes();
         let master = self.master.as_ref().map_or(0, |m| m.len() as u64 * 4);
         // A mixed-precision step: the staging chunk and the reduced f32 gradient of the
         // owned range (ZeRO-3 frees the latter after each step).
@@ -243,10 +247,59 @@ impl ShardedOptimizer {
         MemoryLedger { working_params: kept * working, grads: numel * working, master, optimizer_state: state, comm_buffers: transient }
     }
 
-    /// Whether steps take the mixed-precision path (anything but the all-f32 policy).
+    /// Whether steps take the mixed-precision path: anything but the all-f32 policy, or
+    /// ranges the all-f32 step cannot serve (far from the balanced ones).
     fn mixed(&self) -> bool {
         let p = &self.config.precision;
-        p.param_dtype != FloatDtype::F32 || p.reduce_dtype != FloatDtype::F32 || self.scaler.is_some() || !self.balanced()
+        p.param_dtype != FloatDtype::F32 || p.reduce_dtype != FloatDtype::F32 || self.scaler.is_some() || self.halo().is_none()
+    }
+
+    /// How far the ranges reach past the balanced ones the collectives reduce-scatter
+    /// into, when the all-f32 step can fetch that margin from the neighbours after the
+    /// reduce-scatter ([`fetch_halo`](Self::fetch_halo)): 0 for balanced ranges and under
+    /// ZeRO-1 (its all-reduce leaves every element everywhere); `None` when some range
+    /// reaches past a neighbour's first or last `halo` elements (whole matrices moved
+    /// across ranks), which the staged path serves instead. Ranges snapped to 8-bit
+    /// quantization blocks move by less than a block.
+    fn halo(&self) -> Option<usize> {
+        if self.balanced() || !matches!(self.config.strategy, Strategy::Zero2 | Strategy::Zero3) {
+            return Some(0);
+        }
+        let (n, size) = (self.layout().numel(), self.comm.size());
+        let bal: Vec<Range<usize>> = (0..size).map(|r| shard_range(n, size, r)).collect();
+        let h = self.ranges.iter().zip(&bal).map(|(o, b)| b.start.saturating_sub(o.start).max(o.end.saturating_sub(b.end))).max()?;
+        let fits = h <= bal.iter().map(|b| b.len()).min()?
+            && self.ranges.iter().enumerate().all(|(r, o)| {
+                let lo = if r > 0 { bal[r - 1].end - h } else { 0 };
+                let hi = if r + 1 < size { bal[r + 1].start + h } else { n };
+                lo <= o.start && o.end <= hi
+            });
+        (fits && h <= HALO_MAX).then_some(h)
+    }
+
+    /// After a balanced reduce-scatter of `grads`, brings in the reduced elements of this
+    /// rank's range that lie in its neighbours' balanced ranges: every rank contributes the
+    /// first and last `halo` elements of its balanced range to one small all-gather.
+    fn fetch_halo(&self, grads: &mut [f32]) -> Result<()> {
+        let Some(h) = self.halo().filter(|&h| h > 0) else { return Ok(()) };
+        let (n, size, me) = (grads.len(), self.comm.size(), self.comm.rank());
+        let bal: Vec<Range<usize>> = (0..size).map(|r| shard_range(n, size, r)).collect();
+        let mut slab = vec![0f32; size * 2 * h];
+        let b = &bal[me];
+        slab[me * 2 * h..me * 2 * h + h].copy_from_slice(&grads[b.start..b.start + h]);
+        slab[me * 2 * h + h..(me + 1) * 2 * h].copy_from_slice(&grads[b.end - h..b.end]);
+        self.comm.all_gather(&mut slab)?;
+        let owned = self.owned.clone();
+        for (r, b) in bal.iter().enumerate().filter(|(r, _)| *r != me) {
+            let o = owned.start.max(b.start)..owned.end.min(b.end);
+            if o.is_empty() {
+                continue;
+            }
+            // Within r's first h elements (r follows this rank) or its last h (r precedes).
+            let from = if r > me { r * 2 * h + (o.start - b.start) } else { r * 2 * h + h + (o.start - (b.end - h)) };
+            grads[o.clone()].copy_from_slice(&slab[from..from + o.len()]);
+        }
+        Ok(())
     }
 
     /// For 3-D parallelism: this optimizer's group is the data-parallel one (dp×cp) and its
@@ -365,6 +418,7 @@ impl ShardedOptimizer {
         };
         if matches!(self.config.strategy, Strategy::Zero2 | Strategy::Zero3) {
             self.comm.reduce_scatter_observed(grads, op, &mut observe)?;
+            self.fetch_halo(grads)?;
         } else {
             grad_sync::all_reduce_observed(&self.comm, grads, self.config.bucket_elems(), op, &mut observe)?;
         }
@@ -409,7 +463,7 @@ impl ShardedOptimizer {
         let owned = self.owned.clone();
         let report = self.clip_and_step(self.owned_params(params), &mut grads[owned], divisor, measured)?;
         if matches!(self.config.strategy, Strategy::Zero1 | Strategy::Zero2) {
-            self.comm.all_gather(params)?;
+            self.all_gather_owned(params)?;
         }
         Ok(report)
     }

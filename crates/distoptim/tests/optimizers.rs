@@ -1,4 +1,4 @@
-//! Whole-matrix rules (Muon, Adafactor) and several rules in one optimizer, on real
+//! Whole-matrix rules (Muon, Adafactor), 8-bit AdamW's blocks and several rules in one optimizer, on real
 //! collectives (one thread per rank) against one process: every strategy, W = 1..5, with
 //! ZeRO ranges that would cut the matrices, and checkpoints that reshard.
 
@@ -6,6 +6,7 @@ use distoptim::checkpoint::{self, SaveOptions};
 use distoptim::{ClipConfig, ReduceMode, ShardedOptimizer, StepConfig, Strategy};
 use distoptim_collective::{CommConfig, Communicator};
 use distoptim_optim::clip::{self, NormType};
+use distoptim_optim::kernels::Adamw8bitConfig;
 use distoptim_optim::{
     AdafactorConfig, AdamConfig, AdjustLr, Layout, LionConfig, MuonConfig, Optimizer, OptimizerConfig, ParamGroup, Schedule,
     ScheduleFreeConfig,
@@ -20,8 +21,17 @@ fn layout() -> Layout {
 
 /// 0: Muon for the matrices, AdamW for the rest (the `optimizers` of practice); 1:
 /// Adafactor for everything; 2: Lion, 3: Schedule-Free AdamW, for everything (elementwise:
-/// ranges stay balanced; Schedule-Free's group counters travel in the checkpoint).
+/// ranges stay balanced; Schedule-Free's group counters travel in the checkpoint); 4:
+/// 8-bit AdamW in blocks of 4 for the matrices (ranges cut them only between blocks),
+/// AdamW for the rest.
 fn groups(which: usize) -> Vec<ParamGroup> {
+    if which == 4 {
+        let q = Adamw8bitConfig { lr: 0.01, block_size: 4, ..Adamw8bitConfig::default() };
+        return vec![
+            ParamGroup { params: vec![0, 2, 4], config: OptimizerConfig::Adamw8bit(q) },
+            ParamGroup { params: vec![1, 3, 5], config: OptimizerConfig::Adam(AdamConfig { lr: 0.01, ..AdamConfig::adamw() }) },
+        ];
+    }
     if which == 3 {
         let sf = ScheduleFreeConfig { lr: 0.01, weight_decay: 0.01, warmup_steps: 2, ..ScheduleFreeConfig::default() };
         return vec![ParamGroup { params: (0..6).collect(), config: OptimizerConfig::ScheduleFreeAdamw(sf) }];
@@ -96,7 +106,7 @@ fn distributed(strategy: Strategy, which: usize, w: usize, steps: usize, clip: O
 fn whole_matrix_rules_equal_one_process_for_every_strategy_and_world_size() {
     let n = layout().numel();
     let largest = 24;
-    for which in [0, 1, 2, 3] {
+    for which in [0, 1, 2, 3, 4] {
         for w in 1..=5 {
             let want = reference(which, w, 4, None);
             for strategy in STRATEGIES {
@@ -116,7 +126,7 @@ fn whole_matrix_rules_equal_one_process_for_every_strategy_and_world_size() {
 #[test]
 fn clipping_counts_every_element_once_with_snapped_ranges() {
     let clip = Some(ClipConfig { max_norm: 0.3, norm: NormType::P(2.0), error_if_nonfinite: false });
-    for which in [0, 1, 2, 3] {
+    for which in [0, 1, 2, 3, 4] {
         for w in [2, 3, 4] {
             let want = reference(which, w, 3, clip);
             for strategy in STRATEGIES {
@@ -135,7 +145,7 @@ fn a_checkpoint_at_w3_resumes_at_w2_and_equals_an_uninterrupted_run() {
     let layout = layout();
     let n = layout.numel();
     let sched = Schedule::CosineWithWarmup { warmup: 1, total: 6, cycles: 0.5 };
-    for which in [0, 1, 2, 3] {
+    for which in [0, 1, 2, 3, 4] {
         let run = |strategy: Strategy, w: usize, steps: std::ops::Range<usize>, root: Option<(&std::path::Path, bool)>| {
             Communicator::run_threads(w, &config(), |comm| {
                 let r = comm.rank();

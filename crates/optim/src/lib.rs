@@ -12,12 +12,13 @@
 //!
 //! - [`layout`]: parameters, shapes and offsets over one flat buffer.
 //! - [`kernels`]: one file per rule (SGD, Adam/AdamW, Muon, Adafactor, Lion,
-//!   Schedule-Free AdamW, LBFGS), each a config implementing the [`Kernel`] trait, and the
+//!   Schedule-Free AdamW, 8-bit AdamW, LBFGS), each a config implementing the [`Kernel`] trait, and the
 //!   one-line-per-rule registry that makes [`OptimizerConfig`].
 //! - [`config`]: what every config shares (name, lr, validation through its kernel).
 //! - [`optimizer`]: param groups of any kernels over a range of the flat buffers, with
 //!   state dicts; the kernels never see groups, shards or checkpoints.
 //! - [`lbfgs`]: LBFGS with a closure and the strong-Wolfe line search.
+//! - [`quantize`]: block-wise dynamic 8-bit quantization (8-bit AdamW's state).
 //! - [`schedule`]: the HF `transformers` learning-rate schedules.
 //! - [`clip`]: `clip_grad_norm_`, split into partial norms, total norm and scaling.
 //!
@@ -45,6 +46,7 @@ pub mod error;
 pub mod kernels;
 pub mod layout;
 pub mod optimizer;
+pub mod quantize;
 pub mod schedule;
 
 pub use clip::{clip_grad_norm, NormType};

@@ -9,6 +9,7 @@
 //! A step walks the parameters overlapping the shard, merges neighbours that share a group
 //! and a step count into one segment, and runs one fused, parallel pass per segment.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
@@ -16,8 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::OptimizerConfig;
 use crate::error::{OptimError, Result};
-use crate::kernels::Segment;
+use crate::kernels::{Quantized, Segment, StateStorage};
 use crate::layout::Layout;
+use crate::quantize;
 
 /// A set of parameters (indices into the layout) sharing one set of hyperparameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -129,9 +131,71 @@ pub struct Optimizer {
     group_of: Vec<usize>,
     steps: Vec<u64>,
     /// The named state buffers the groups' rules use (torch's names: `exp_avg`,
-    /// `momentum_buffer`, `row_var`…), each over the whole shard; a parameter's elements
-    /// in a buffer its rule does not use stay zero.
-    state: Vec<(&'static str, Vec<f32>)>,
+    /// `momentum_buffer`, `row_var`…). An `f32` buffer covers the whole shard (a
+    /// parameter's elements in a buffer its rule does not use stay zero); a quantized one
+    /// covers only the parameters of its rule, by [`Blocks`].
+    state: Vec<(&'static str, Buffer)>,
+    /// Where each parameter's quantized state lies.
+    blocks: Blocks,
+}
+
+/// One named state buffer over the shard.
+#[derive(Debug)]
+enum Buffer {
+    /// One `f32` per element of the shard.
+    F32(Vec<f32>),
+    /// Block-wise 8-bit ([`crate::quantize`]): one code per element of the quantized
+    /// parameters' pieces, one scale per block.
+    Q8 { signed: bool, codes: Vec<u8>, scales: Vec<f32> },
+}
+
+/// Per parameter of the layout, where its piece of the shard lies in the quantized
+/// buffers: the offset of its first code and first scale, and its block size (1: its
+/// rule keeps no quantized state).
+#[derive(Debug, Default)]
+struct Blocks {
+    codes: Vec<usize>,
+    scales: Vec<usize>,
+    size: Vec<usize>,
+    total_codes: usize,
+    total_scales: usize,
+}
+
+impl Blocks {
+    /// Lays out the quantized state of `shard`; refuses a shard that cuts a block.
+    fn new(layout: &Layout, groups: &[ParamGroup], group_of: &[usize], shard: &Range<usize>) -> Result<Blocks> {
+        let n = layout.len();
+        let mut b = Blocks { codes: vec![0; n], scales: vec![0; n], size: vec![1; n], ..Default::default() };
+        for (i, piece) in layout.overlapping(shard.clone()) {
+            let size = groups[group_of[i]].config.kernel().block();
+            if size <= 1 {
+                continue;
+            }
+            let spec = layout.param(i);
+            let (from, to) = (piece.start - spec.range().start, piece.end - spec.range().start);
+            for at in [from, to] {
+                if at % size != 0 && at != spec.numel() {
+                    return Err(OptimError::InvalidConfig(format!(
+                        "parameter '{}' is cut by this optimizer's shard {shard:?} at its element {at}, inside a quantization block of {size}: shards must cut it at multiples of {size}",
+                        spec.name
+                    )));
+                }
+            }
+            (b.codes[i], b.scales[i], b.size[i]) = (b.total_codes, b.total_scales, size);
+            b.total_codes += piece.len();
+            b.total_scales += to.div_ceil(size) - from / size;
+        }
+        Ok(b)
+    }
+
+    /// The blocks of parameter `i`'s piece `piece` (layout coordinates), relative to
+    /// `origin`.
+    fn of(&self, layout: &Layout, i: usize, piece: &Range<usize>, origin: usize) -> impl Iterator<Item = Range<usize>> {
+        let size = self.size[i].max(1);
+        let start = layout.param(i).range().start;
+        let (from, to) = (piece.start - start, piece.end - start);
+        (from / size..to.div_ceil(size)).map(move |k| start + k * size - origin..(start + ((k + 1) * size).min(to)) - origin)
+    }
 }
 
 /// A run of neighbouring parameters with the same group and step count.
@@ -160,9 +224,23 @@ impl Optimizer {
                 layout.numel()
             )));
         }
-        let state = buffer_names(&groups).into_iter().map(|n| (n, vec![0.0; shard.len()])).collect();
+        let blocks = Blocks::new(&layout, &groups, &group_of, &shard)?;
+        let state = buffer_names(&groups)
+            .into_iter()
+            .map(|n| {
+                let buffer = match storage(&groups, n)? {
+                    StateStorage::F32 => Buffer::F32(vec![0.0; shard.len()]),
+                    StateStorage::Q8 { signed } => Buffer::Q8 {
+                        signed,
+                        codes: vec![quantize::zero_code(quantize::dynamic_map(signed)); blocks.total_codes],
+                        scales: vec![0.0; blocks.total_scales],
+                    },
+                };
+                Ok((n, buffer))
+            })
+            .collect::<Result<_>>()?;
         let steps = vec![0; layout.len()];
-        Ok(Optimizer { layout, shard, groups, group_of, steps, state })
+        Ok(Optimizer { layout, shard, groups, group_of, steps, state, blocks })
     }
 
     /// The layout it steps.
@@ -211,9 +289,41 @@ impl Optimizer {
         self.steps[index]
     }
 
-    /// The state buffers over the shard, by torch's names.
-    pub fn buffers(&self) -> impl Iterator<Item = (&'static str, &[f32])> {
-        self.state.iter().map(|(n, b)| (*n, b.as_slice()))
+    /// The state buffers over the shard, by torch's names, one `f32` per element:
+    /// borrowed when kept in `f32`, dequantized when kept in 8 bits.
+    pub fn buffers(&self) -> impl Iterator<Item = (&'static str, Cow<'_, [f32]>)> {
+        self.state.iter().map(|(n, b)| (*n, self.buffer_f32(b)))
+    }
+
+    /// Bytes of state this optimizer keeps in memory (codes, scales and `f32` buffers).
+    pub fn state_bytes(&self) -> u64 {
+        self.state
+            .iter()
+            .map(|(_, b)| match b {
+                Buffer::F32(v) => v.len() as u64 * 4,
+                Buffer::Q8 { codes, scales, .. } => codes.len() as u64 + scales.len() as u64 * 4,
+            })
+            .sum()
+    }
+
+    /// One buffer as one `f32` per element of the shard.
+    fn buffer_f32<'s>(&'s self, buffer: &'s Buffer) -> Cow<'s, [f32]> {
+        let Buffer::Q8 { signed, codes, scales } = buffer else {
+            let Buffer::F32(v) = buffer else { unreachable!("two kinds") };
+            return Cow::Borrowed(v);
+        };
+        let mut out = vec![0f32; self.shard.len()];
+        for (i, piece) in self.layout.overlapping(self.shard.clone()) {
+            if self.blocks.size[i] <= 1 {
+                continue;
+            }
+            let (c0, s0) = (self.blocks.codes[i], self.blocks.scales[i]);
+            for (k, r) in self.blocks.of(&self.layout, i, &piece, piece.start).enumerate() {
+                let local = piece.start - self.shard.start + r.start..piece.start - self.shard.start + r.end;
+                quantize::dequantize(&codes[c0 + r.start..c0 + r.end], scales[s0 + k], *signed, &mut out[local]);
+            }
+        }
+        Cow::Owned(out)
     }
 
     /// The parameters to evaluate and ship, over the shard: `params` itself, except for
@@ -228,7 +338,10 @@ impl Optimizer {
             let state: Vec<&[f32]> = kernel
                 .state_buffers()
                 .iter()
-                .filter_map(|name| self.state.iter().find(|(n, _)| n == name).map(|(_, b)| &b[l.clone()]))
+                .filter_map(|name| match self.state.iter().find(|(n, _)| n == name) {
+                    Some((_, Buffer::F32(b))) => Some(&b[l.clone()]),
+                    _ => None,
+                })
                 .collect();
             kernel.eval_params(&params[l.clone()], &state, seg.step - 1, &mut out[l]);
         }
@@ -256,12 +369,24 @@ impl Optimizer {
             let local = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
             let kernel = self.groups[seg.group].config.kernel();
             let names = kernel.state_buffers();
-            let mut state: Vec<&mut [f32]> = Vec::with_capacity(names.len());
-            let mut slots: Vec<(&str, Option<&mut [f32]>)> =
-                self.state.iter_mut().map(|(n, b)| (*n, Some(&mut b[local.clone()]))).collect();
+            // The segment's quantized pieces: its first parameter's codes and scales on.
+            let first = self.layout.overlapping(seg.range.clone()).next().map_or(0, |(i, _)| i);
+            let mut blocks = Vec::new();
+            if self.blocks.size[first] > 1 {
+                for (i, piece) in self.layout.overlapping(seg.range.clone()) {
+                    blocks.extend(self.blocks.of(&self.layout, i, &piece, seg.range.start));
+                }
+            }
+            let (c0, s0) = (self.blocks.codes[first], self.blocks.scales[first]);
+            let mut state = Vec::with_capacity(names.len());
+            let mut quantized = Vec::new();
+            let mut slots: Vec<(&str, Option<&mut Buffer>)> = self.state.iter_mut().map(|(n, b)| (*n, Some(b))).collect();
             for name in &names {
                 match slots.iter_mut().find(|(n, _)| n == name).and_then(|(_, b)| b.take()) {
-                    Some(b) => state.push(b),
+                    Some(Buffer::F32(b)) => state.push(&mut b[local.clone()]),
+                    Some(Buffer::Q8 { codes, scales, .. }) => {
+                        quantized.push(Quantized { codes: &mut codes[c0..c0 + local.len()], scales: &mut scales[s0..s0 + blocks.len()] })
+                    }
                     None => return Err(OptimError::StateDict(format!("the optimizer holds no '{name}' buffer"))),
                 }
             }
@@ -270,6 +395,8 @@ impl Optimizer {
                 params: &mut params[local.clone()],
                 grads: &grads[local],
                 state,
+                quantized,
+                blocks,
                 step: seg.step,
                 grad_scale,
                 whole,
@@ -301,7 +428,7 @@ impl Optimizer {
             shard: self.shard.clone(),
             groups: self.groups.clone(),
             steps: self.steps.clone(),
-            buffers: self.buffers().map(|(n, b)| (n.to_string(), b.to_vec())).collect(),
+            buffers: self.buffers().map(|(n, b)| (n.to_string(), b.into_owned())).collect(),
         }
     }
 
@@ -343,10 +470,38 @@ impl Optimizer {
         if let Some(extra) = sd.buffers.keys().find(|k| !names.contains(&k.as_str())) {
             return mismatch(format!("unexpected buffer '{extra}'"));
         }
+        let mut state = Vec::with_capacity(names.len());
+        for n in names {
+            let values = &sd.buffers[n];
+            let buffer = match self.state.iter().find(|(m, _)| *m == n).map(|(_, b)| b) {
+                Some(Buffer::Q8 { signed, codes, scales }) => {
+                    let (mut codes, mut scales) = (codes.clone(), scales.clone());
+                    self.quantize_into(values, *signed, &mut codes, &mut scales);
+                    Buffer::Q8 { signed: *signed, codes, scales }
+                }
+                _ => Buffer::F32(values.clone()),
+            };
+            state.push((n, buffer));
+        }
         self.groups = sd.groups.clone();
         self.steps = sd.steps.clone();
-        self.state = names.into_iter().map(|n| (n, sd.buffers[n].clone())).collect();
+        self.state = state;
         Ok(())
+    }
+
+    /// Quantizes `values` (one per element of the shard) block by block: the inverse of
+    /// [`buffer_f32`](Self::buffer_f32), exactly so on values it produced.
+    fn quantize_into(&self, values: &[f32], signed: bool, codes: &mut [u8], scales: &mut [f32]) {
+        for (i, piece) in self.layout.overlapping(self.shard.clone()) {
+            if self.blocks.size[i] <= 1 {
+                continue;
+            }
+            let (c0, s0) = (self.blocks.codes[i], self.blocks.scales[i]);
+            for (k, r) in self.blocks.of(&self.layout, i, &piece, piece.start).enumerate() {
+                let local = piece.start - self.shard.start + r.start..piece.start - self.shard.start + r.end;
+                scales[s0 + k] = quantize::quantize(&values[local], signed, &mut codes[c0 + r.start..c0 + r.end]);
+            }
+        }
     }
 }
 
@@ -400,6 +555,29 @@ fn cut(name: &str, shard: &Range<usize>) -> OptimError {
     OptimError::InvalidConfig(format!(
         "parameter '{name}' is cut by this optimizer's shard {shard:?}: muon and adafactor need whole parameters (use ddp, or shards on parameter boundaries)"
     ))
+}
+
+/// How buffer `name` is stored: as every group that keeps it says, or an error naming
+/// the two rules that disagree.
+fn storage(groups: &[ParamGroup], name: &str) -> Result<StateStorage> {
+    let mut found: Option<(StateStorage, &str)> = None;
+    for g in groups {
+        let kernel = g.config.kernel();
+        if !kernel.state_buffers().contains(&name) {
+            continue;
+        }
+        let s = kernel.state_storage(name);
+        match found {
+            Some((t, other)) if t != s => {
+                return Err(OptimError::InvalidConfig(format!(
+                    "state buffer '{name}' is kept as {t:?} by {other} and as {s:?} by {}: one buffer, one storage",
+                    kernel.name()
+                )))
+            }
+            _ => found = Some((s, kernel.name())),
+        }
+    }
+    Ok(found.map_or(StateStorage::F32, |(s, _)| s))
 }
 
 /// Every buffer the groups use, each once, in a fixed (sorted) order.
@@ -710,5 +888,57 @@ mod add_param_group_tests {
         let mut middle = Optimizer::with_groups(layout, groups, 2..6).unwrap();
         let err = middle.add_param_group(vec![("x".into(), vec![2])], OptimizerConfig::Adam(AdamConfig::adam())).unwrap_err().to_string();
         assert!(err.contains("consolidate"), "{err}");
+    }
+
+    /// 8-bit AdamW over shards cut between blocks: the bits of one process; 2 bytes of
+    /// state per quantized element plus a scale per block; a state dict (the moments as
+    /// f32) restores the same codes, so a resumed run continues bit for bit.
+    #[test]
+    fn adamw8bit_shards_and_resumes_exactly_and_refuses_a_cut_block() {
+        use crate::kernels::{Adamw8bitConfig, CHUNK};
+        let layout = Layout::new([("w", vec![3 * CHUNK + 100]), ("b", vec![37]), ("v", vec![700])]).unwrap();
+        let n = layout.numel();
+        let q = OptimizerConfig::Adamw8bit(Adamw8bitConfig { block_size: 256, ..Adamw8bitConfig::default() });
+        let groups = vec![
+            ParamGroup { params: vec![0, 2], config: q },
+            ParamGroup { params: vec![1], config: OptimizerConfig::Adam(AdamConfig::adamw()) },
+        ];
+        let grads = |t: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7 + t * 13) % 29) as f32 * 0.01 - 0.14).collect() };
+        let mut whole = Optimizer::with_groups(layout.clone(), groups.clone(), 0..n).unwrap();
+        let mut p: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut parts: Vec<(Optimizer, Vec<f32>)> =
+            [0..256 * 100, 256 * 100..layout.param(1).range().start + 20, layout.param(1).range().start + 20..n]
+                .into_iter()
+                .map(|r| (Optimizer::with_groups(layout.clone(), groups.clone(), r.clone()).unwrap(), p[r].to_vec()))
+                .collect();
+        for t in 0..4 {
+            let g = grads(t);
+            whole.step(&mut p, &g).unwrap();
+            for (opt, mine) in &mut parts {
+                opt.step(mine, &g[opt.shard()]).unwrap();
+            }
+        }
+        let joined: Vec<f32> = parts.iter().flat_map(|(_, x)| x.clone()).collect();
+        assert!(joined.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()));
+        // Codes and scales: (1 + 4/256) bytes per element and moment for the matrices,
+        // f32 moments over the whole shard for AdamW's group.
+        let quantized = (3 * CHUNK + 100 + 700) as u64;
+        let scales = ((3 * CHUNK + 100).div_ceil(256) + 700usize.div_ceil(256)) as u64;
+        assert_eq!(whole.state_bytes(), 2 * (quantized + 4 * scales) + 2 * 4 * n as u64);
+
+        // Resume from the state dict: the same bits as going on.
+        let sd = whole.state_dict();
+        let mut resumed = Optimizer::with_groups(layout.clone(), groups.clone(), 0..n).unwrap();
+        resumed.load_state_dict(&sd).unwrap();
+        assert_eq!(resumed.state_dict(), sd);
+        let mut q = p.clone();
+        for t in 4..7 {
+            whole.step(&mut p, &grads(t)).unwrap();
+            resumed.step(&mut q, &grads(t)).unwrap();
+        }
+        assert!(p.iter().zip(&q).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+        let err = Optimizer::with_groups(layout, groups, 100..n).unwrap_err().to_string();
+        assert!(err.contains("'w'") && err.contains("element 100") && err.contains("multiples of 256"), "{err}");
     }
 }

@@ -132,7 +132,7 @@ fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize)
         let layout = Layout::new((0..tensors).map(|i| (format!("t{i}"), vec![10_000])))?;
         workloads.push(Workload { label: format!("{tensors}x10K"), layout });
     }
-    let optimizers: [(&str, OptimizerConfig, usize); 5] = [
+    let optimizers: [(&str, OptimizerConfig, usize); 6] = [
         ("sgd_momentum", OptimizerConfig::Sgd(SgdConfig { lr: 1e-3, momentum: 0.9, ..Default::default() }), 20),
         ("adamw", OptimizerConfig::Adam(AdamConfig::adamw()), 28),
         ("lion", OptimizerConfig::Lion(LionConfig { weight_decay: 0.1, ..LionConfig::default() }), 20),
@@ -142,6 +142,8 @@ fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize)
             28,
         ),
         ("adafactor", OptimizerConfig::Adafactor(AdafactorConfig::default()), 40),
+        // p read and written, g read, two code bytes read and written (scales: 1/64 more).
+        ("adamw8bit", OptimizerConfig::Adamw8bit(distoptim_optim::kernels::Adamw8bitConfig::default()), 16),
     ];
     println!(
         "# distoptim bench optim: median of {iters} steps after one warm-up; copy = parallel memcpy of the same bytes on the same pool"

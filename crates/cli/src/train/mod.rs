@@ -35,6 +35,7 @@ use distoptim::{FloatDtype, Precision};
 use distoptim_candle::{CandleElement, FlatParams};
 use distoptim_collective::{bf16, f16};
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
+use distoptim_optim::kernels::Adamw8bitConfig;
 use distoptim_optim::{
     AdafactorConfig, AdamConfig, AdjustLr, Layout, LionConfig, MuonConfig, OptimizerConfig, ParamGroup, Schedule, ScheduleFreeConfig,
     SgdConfig,
@@ -62,8 +63,9 @@ pub struct TrainArgs {
     #[arg(long, value_delimiter = ',', default_value = "128,128", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     hidden: Vec<usize>,
     /// The optimizer. muon: Muon for the weight matrices, AdamW for the biases (as in
-    /// practice; Muon takes 2-D parameters only).
-    #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw", "muon", "adafactor", "lion", "schedule_free_adamw"])]
+    /// practice; Muon takes 2-D parameters only). adamw8bit: bitsandbytes' 8-bit AdamW
+    /// (2 bytes of state per parameter).
+    #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw", "muon", "adafactor", "lion", "schedule_free_adamw", "adamw8bit"])]
     optimizer: String,
     /// The model's parameters and gradients: f32, or bf16/f16 with an f32 master copy
     /// and f32 optimizer state (f16 with dynamic loss scaling). ddp and zero* only.
@@ -853,7 +855,11 @@ fn param_groups(layout: &Layout, args: &TrainArgs) -> Result<Vec<ParamGroup>> {
             "lion" => {
                 OptimizerConfig::Lion(LionConfig { lr: args.lr.unwrap_or(1e-3), weight_decay: weight_decay * 3.0, ..LionConfig::default() })
             }
-            other => bail!("unknown --optimizer {other:?} (sgd, adam, adamw, muon, adafactor, lion or schedule_free_adamw)"),
+            // bitsandbytes' AdamW8bit with AdamW's lr: both moments in 8 bits, blocks of 256.
+            "adamw8bit" => {
+                OptimizerConfig::Adamw8bit(Adamw8bitConfig { lr: args.lr.unwrap_or(3e-3), weight_decay, ..Adamw8bitConfig::default() })
+            }
+            other => bail!("unknown --optimizer {other:?} (sgd, adam, adamw, muon, adafactor, lion, schedule_free_adamw or adamw8bit)"),
         })
     };
     let (biases, weights): (Vec<usize>, Vec<usize>) = (0..layout.len()).partition(|&i| layout.param(i).shape.len() < 2);

@@ -248,7 +248,7 @@ impl Kernel for AdafactorConfig {
     }
 
     fn update(&self, segment: Segment<'_>) -> Result<()> {
-        let Segment { params, grads, state, step, grad_scale, whole } = segment;
+        let Segment { params, grads, state, step, grad_scale, whole, .. } = segment;
         let [row, col, var]: [&mut [f32]; 3] =
             state.try_into().map_err(|_| OptimError::ShapeMismatch("adafactor runs without its three buffers".into()))?;
         for (spec, l) in whole {

@@ -110,6 +110,24 @@ registry! {
     Lion(lion::LionConfig),
     /// Schedule-Free AdamW (Defazio et al. 2024).
     ScheduleFreeAdamw(schedule_free::ScheduleFreeConfig),
+    /// 8-bit AdamW (bitsandbytes' block-wise quantized moments).
+    Adamw8bit(adamw8bit::Adamw8bitConfig),
+}
+
+/// How the optimizer keeps one state buffer in memory. Either way a state dict carries
+/// it as one `f32` per element, so checkpoints, consolidation and resharding treat every
+/// buffer alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateStorage {
+    /// One `f32` per element.
+    F32,
+    /// One code byte per element and one `f32` scale per [`Kernel::block`] of a parameter
+    /// ([`crate::quantize`]); `signed` picks the code map (a first moment is signed, a
+    /// second moment is not).
+    Q8 {
+        /// Whether the values may be negative.
+        signed: bool,
+    },
 }
 
 /// One optimizer rule. The implementing type is the rule's hyperparameters (one param
@@ -133,6 +151,19 @@ pub trait Kernel: std::fmt::Debug + Send + Sync {
     /// [`Segment::state`] hands them over. A name shared with another kernel
     /// (`exp_avg`) is one buffer: each element belongs to one group, so one rule.
     fn state_buffers(&self) -> Vec<&'static str>;
+
+    /// How each of [`state_buffers`](Self::state_buffers) is stored (all `f32` unless
+    /// the rule quantizes its state).
+    fn state_storage(&self, _name: &str) -> StateStorage {
+        StateStorage::F32
+    }
+
+    /// Elements per quantization block: a shard may cut one of this rule's parameters
+    /// only at a multiple of it from the parameter's start, so that every block and its
+    /// scale stay whole on one rank (1: anywhere).
+    fn block(&self) -> usize {
+        1
+    }
 
     /// Whether an element's update reads other elements of its parameter (Newton–Schulz,
     /// factored moments): then every segment holds whole parameters and ZeRO gives each
@@ -189,9 +220,14 @@ pub struct Segment<'a> {
     pub params: &'a mut [f32],
     /// Their gradients (to be multiplied by [`grad_scale`](Self::grad_scale) as read).
     pub grads: &'a [f32],
-    /// The kernel's state buffers over the same elements, in
+    /// The kernel's `f32` state buffers over the same elements, in
     /// [`Kernel::state_buffers`] order.
     pub state: Vec<&'a mut [f32]>,
+    /// Its quantized ([`StateStorage::Q8`]) buffers, in the same order.
+    pub quantized: Vec<Quantized<'a>>,
+    /// The segment's quantization blocks, relative to its start, in order (empty unless
+    /// [`Kernel::block`] is above 1): scale `k` of every [`Quantized`] belongs to block `k`.
+    pub blocks: Vec<Range<usize>>,
     /// The step count the parameters reach with this update (1 on their first).
     pub step: u64,
     /// The clip coefficient, applied as each gradient is read (1: none): the same bits
@@ -213,6 +249,14 @@ impl<'a> Segment<'a> {
         let state = std::array::from_fn(|_| given.next().unwrap_or_default());
         Ok(Buffers { params: self.params, grads: self.grads, state })
     }
+}
+
+/// A block-wise 8-bit state buffer over a segment.
+pub struct Quantized<'a> {
+    /// One code per element.
+    pub codes: &'a mut [u8],
+    /// One scale per block of [`Segment::blocks`].
+    pub scales: &'a mut [f32],
 }
 
 /// Elements per piece of work: five buffers of 128 KiB stay in a core's L2 cache.

@@ -1,0 +1,337 @@
+//! 8-bit AdamW: bitsandbytes' `AdamW8bit` (Dettmers et al. 2022, "8-bit Optimizers via
+//! Block-wise Quantization"), both moments block-wise quantized with the dynamic map
+//! ([`crate::quantize`]): 2 bytes of state per parameter, plus one `f32` scale per block
+//! and moment, instead of AdamW's 8.
+//!
+//! Per block, as bitsandbytes' `kOptimizerStatic8bit2StateBlockwise` does it, in `f32`:
+//!
+//! ```text
+//! c1 = 1 - β1^t,  c2 = sqrt(1 - β2^t),  step_size = -lr·c2/c1
+//! for each element (g = -g if maximize; g·grad_scale):
+//!     if g is finite:  m = dequant(m)·β1 + (1-β1)·g;  v = dequant(v)·β2 + (1-β2)·g·g
+//!     else:            m = 0;  v = 0                    (the step skips the element)
+//!     p = p + step_size · m / (sqrt(v) + c2·eps)      (finite g only)
+//!     p = p · (1 - lr·λ)                                (λ > 0, finite g only)
+//! scale_m, scale_v = the block's new largest |m|, |v| (m's keeps its sign, see quantize)
+//! m, v = nearest codes of m/scale_m (signed map, sign kept), v/scale_v (unsigned map)
+//! ```
+//!
+//! The parameter update reads the fresh `f32` moments, before they are re-quantized.
+//! The weight decay follows the Adam update, as in bitsandbytes (torch's AdamW applies it
+//! first). Not implemented: bitsandbytes' `min_8bit_size` (tensors under 4096 elements
+//! kept in 32 bits: here every parameter is quantized), `percentile_clipping`,
+//! `max_unorm`, paged state.
+//!
+//! Blocks start at each parameter's first element, as bitsandbytes quantizes each tensor
+//! alone. [`Kernel::block`] makes ZeRO cut a parameter only between blocks, so a block
+//! and its scale are always whole on one rank and a sharded run has the bits of one
+//! process.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::non_negative;
+use crate::error::{OptimError, Result};
+use crate::kernels::{check_lr, invalid, Kernel, Quantized, Segment, StateStorage, CHUNK};
+use crate::quantize::{dynamic_map, quantize_with, scale_of, Quantizer};
+
+/// bitsandbytes' `AdamW8bit` hyperparameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Adamw8bitConfig {
+    /// The learning rate.
+    pub lr: f64,
+    /// β1 and β2, the moments' decay rates.
+    pub betas: (f64, f64),
+    /// Added to the second moment's root (scaled by `sqrt(1 - β2^t)`, as bitsandbytes).
+    pub eps: f64,
+    /// Decoupled weight decay λ.
+    pub weight_decay: f64,
+    /// Elements per quantization block: bitsandbytes uses 256 (its default) or 2048.
+    pub block_size: usize,
+    /// Ascend instead of descend.
+    pub maximize: bool,
+}
+
+impl Default for Adamw8bitConfig {
+    /// bitsandbytes' `AdamW8bit` defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8,
+    /// weight decay 1e-2, blocks of 256.
+    fn default() -> Self {
+        Adamw8bitConfig { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 1e-2, block_size: 256, maximize: false }
+    }
+}
+
+/// The largest block accepted (a block's fresh moments are held in a scratch buffer
+/// until its new scale is known).
+pub const MAX_BLOCK: usize = 4096;
+
+/// The per-step scalars, computed once per segment in `f32` as bitsandbytes does.
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    beta1: f32,
+    beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    step_size: f32,
+    eps: f32,
+    decay: Option<f32>,
+    sign: f32,
+}
+
+impl Step {
+    fn new(c: &Adamw8bitConfig, step: u64, grad_scale: f32) -> Self {
+        let (beta1, beta2) = (c.betas.0 as f32, c.betas.1 as f32);
+        let t = step as f32;
+        let correction1 = 1.0 - beta1.powf(t);
+        let correction2 = (1.0 - beta2.powf(t)).sqrt();
+        let lr = c.lr as f32;
+        let wd = c.weight_decay as f32;
+        Step {
+            beta1,
+            beta2,
+            one_minus_beta1: 1.0 - beta1,
+            one_minus_beta2: 1.0 - beta2,
+            step_size: -lr * correction2 / correction1,
+            eps: correction2 * c.eps as f32,
+            decay: (wd > 0.0).then_some(1.0 - lr * wd),
+            sign: if c.maximize { -grad_scale } else { grad_scale },
+        }
+    }
+
+    /// Steps one block: `params`, `grads` and the codes cover it; `scratch` holds the
+    /// fresh moments until the new scales are known. Returns the new scales.
+    fn block(
+        &self,
+        params: &mut [f32],
+        grads: &[f32],
+        m: (&mut [u8], f32),
+        v: (&mut [u8], f32),
+        scratch: &mut (Vec<f32>, Vec<f32>),
+    ) -> (f32, f32) {
+        let (map1, map2) = (dynamic_map(true), dynamic_map(false));
+        let (q1, q2) = (Quantizer::get(true), Quantizer::get(false));
+        let n = params.len();
+        scratch.0.resize(n, 0.0);
+        scratch.1.resize(n, 0.0);
+        let (s1, s2) = (&mut scratch.0[..n], &mut scratch.1[..n]);
+        let (codes1, scale1) = m;
+        let (codes2, scale2) = v;
+        // Dequantize (table lookups), then the arithmetic as straight-line selects the
+        // compiler vectorizes, then the new scales and the codes.
+        for ((a, b), (&c1, &c2)) in s1.iter_mut().zip(s2.iter_mut()).zip(codes1.iter().zip(codes2.iter())) {
+            (*a, *b) = (map1[c1 as usize] * scale1, map2[c2 as usize] * scale2);
+        }
+        let decay = self.decay.unwrap_or(1.0);
+        let decays = self.decay.is_some();
+        for ((p, &g), (a, b)) in params.iter_mut().zip(grads).zip(s1.iter_mut().zip(s2.iter_mut())) {
+            let g = g * self.sign;
+            let finite = g.is_finite();
+            let m = *a * self.beta1 + self.one_minus_beta1 * g;
+            let v = *b * self.beta2 + self.one_minus_beta2 * g * g;
+            let stepped = *p + self.step_size * (m / (v.sqrt() + self.eps));
+            let decayed = if decays { stepped * decay } else { stepped };
+            *p = if finite { decayed } else { *p };
+            (*a, *b) = if finite { (m, v) } else { (0.0, 0.0) };
+        }
+        let (new1, new2) = (scale_of(s1, true), scale_of(s2, false));
+        quantize_with(q1, s1, new1, codes1);
+        quantize_with(q2, s2, new2, codes2);
+        (new1, new2)
+    }
+}
+
+/// The buffers of a run of whole blocks.
+struct Part<'a> {
+    params: &'a mut [f32],
+    grads: &'a [f32],
+    m: Quantized<'a>,
+    v: Quantized<'a>,
+    /// The blocks, relative to `params`' start.
+    blocks: &'a [Range<usize>],
+}
+
+/// Runs the blocks in parallel pieces of about [`CHUNK`] elements (blocks are
+/// independent, so any split gives the same bits).
+fn run(s: &Step, part: Part<'_>, base: usize) {
+    let elems = part.blocks.last().map_or(0, |b| b.end) - part.blocks.first().map_or(0, |b| b.start);
+    if elems <= CHUNK || part.blocks.len() < 2 {
+        let mut scratch = (Vec::new(), Vec::new());
+        for (k, r) in part.blocks.iter().enumerate() {
+            let r = r.start - base..r.end - base;
+            let scales = (part.m.scales[k], part.v.scales[k]);
+            (part.m.scales[k], part.v.scales[k]) = s.block(
+                &mut part.params[r.clone()],
+                &part.grads[r.clone()],
+                (&mut part.m.codes[r.clone()], scales.0),
+                (&mut part.v.codes[r.clone()], scales.1),
+                &mut scratch,
+            );
+        }
+        return;
+    }
+    let mid = part.blocks.len() / 2;
+    let at = part.blocks[mid].start;
+    let (left, right) = part.split(mid, base);
+    rayon::join(|| run(s, left, base), || run(s, right, at));
+}
+
+impl<'a> Part<'a> {
+    /// Splits before block `k`; the part's slices start at segment offset `base`.
+    fn split(self, k: usize, base: usize) -> (Part<'a>, Part<'a>) {
+        let at = self.blocks[k].start - base;
+        let (p0, p1) = self.params.split_at_mut(at);
+        let (g0, g1) = self.grads.split_at(at);
+        let (mc0, mc1) = self.m.codes.split_at_mut(at);
+        let (vc0, vc1) = self.v.codes.split_at_mut(at);
+        let (ms0, ms1) = self.m.scales.split_at_mut(k);
+        let (vs0, vs1) = self.v.scales.split_at_mut(k);
+        let (b0, b1) = self.blocks.split_at(k);
+        (
+            Part { params: p0, grads: g0, m: Quantized { codes: mc0, scales: ms0 }, v: Quantized { codes: vc0, scales: vs0 }, blocks: b0 },
+            Part { params: p1, grads: g1, m: Quantized { codes: mc1, scales: ms1 }, v: Quantized { codes: vc1, scales: vs1 }, blocks: b1 },
+        )
+    }
+}
+
+impl Kernel for Adamw8bitConfig {
+    fn name(&self) -> &'static str {
+        "adamw8bit"
+    }
+
+    lr_field!();
+
+    fn validate(&self) -> Result<()> {
+        check_lr(self.lr)?;
+        if !non_negative(self.eps) {
+            return invalid(format!("invalid epsilon value: {}", self.eps));
+        }
+        let (b1, b2) = self.betas;
+        if !(0.0..1.0).contains(&b1) {
+            return invalid(format!("invalid beta parameter at index 0: {b1}"));
+        }
+        if !(0.0..1.0).contains(&b2) {
+            return invalid(format!("invalid beta parameter at index 1: {b2}"));
+        }
+        if !non_negative(self.weight_decay) {
+            return invalid(format!("invalid weight_decay value: {}", self.weight_decay));
+        }
+        if !self.block_size.is_power_of_two() || !(2..=MAX_BLOCK).contains(&self.block_size) {
+            return invalid(format!(
+                "invalid block_size: {} (a power of two from 2 to {MAX_BLOCK}; bitsandbytes uses 256 or 2048)",
+                self.block_size
+            ));
+        }
+        Ok(())
+    }
+
+    fn state_buffers(&self) -> Vec<&'static str> {
+        vec!["state1", "state2"]
+    }
+
+    fn state_storage(&self, name: &str) -> StateStorage {
+        StateStorage::Q8 { signed: name == "state1" }
+    }
+
+    fn block(&self) -> usize {
+        self.block_size
+    }
+
+    fn update(&self, segment: Segment<'_>) -> Result<()> {
+        let Segment { params, grads, quantized, blocks, step, grad_scale, .. } = segment;
+        let [m, v]: [Quantized<'_>; 2] = quantized
+            .try_into()
+            .map_err(|q: Vec<_>| OptimError::ShapeMismatch(format!("{} quantized buffers for adamw8bit, which keeps 2", q.len())))?;
+        let covered = blocks.last().map_or(0, |b| b.end);
+        if covered != params.len() || m.scales.len() != blocks.len() || v.scales.len() != blocks.len() {
+            return Err(OptimError::ShapeMismatch(format!(
+                "adamw8bit segment of {} elements with blocks covering {covered} and {}/{} scales for {} blocks",
+                params.len(),
+                m.scales.len(),
+                v.scales.len(),
+                blocks.len()
+            )));
+        }
+        if let Some(b) = blocks.iter().find(|b| b.len() > MAX_BLOCK) {
+            return Err(OptimError::ShapeMismatch(format!("quantization block {b:?} is over {MAX_BLOCK} elements")));
+        }
+        let s = Step::new(self, step, grad_scale);
+        run(&s, Part { params, grads, m, v, blocks: &blocks }, 0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quantize::{dequantize, quantize};
+
+    /// One block of four elements, two steps, against the rule written out by hand with
+    /// the dequantized moments.
+    #[test]
+    fn the_published_rule_by_hand() {
+        let c = Adamw8bitConfig { lr: 0.1, betas: (0.9, 0.99), eps: 1e-8, weight_decay: 0.5, block_size: 4, maximize: false };
+        let mut p = vec![1.0f32, -0.5, 0.25, 2.0];
+        let (mut m, mut v) = (vec![0u8; 4], vec![0u8; 4]);
+        let zero1 = crate::quantize::zero_code(dynamic_map(true));
+        m.fill(zero1);
+        let (mut sm, mut sv) = ([0f32], [0f32]);
+        let grads = [[0.5f32, -1.0, 0.0, 2.0], [-0.25, 0.5, 1.0, f32::NAN]];
+        let (mut want_p, mut want_m, mut want_v) = (p.clone(), [0f32; 4], [0f32; 4]);
+        for (t, g) in grads.iter().enumerate() {
+            let step = t as u64 + 1;
+            // By hand: the moments from the dequantized state, then the update.
+            let (c1, c2) = (1.0 - 0.9f32.powf(step as f32), (1.0 - 0.99f32.powf(step as f32)).sqrt());
+            let mut fresh = ([0f32; 4], [0f32; 4]);
+            for j in 0..4 {
+                if g[j].is_finite() {
+                    fresh.0[j] = want_m[j] * 0.9 + (1.0 - 0.9f32) * g[j];
+                    fresh.1[j] = want_v[j] * 0.99 + (1.0 - 0.99f32) * g[j] * g[j];
+                    want_p[j] = (want_p[j] + (-0.1 * c2 / c1) * (fresh.0[j] / (fresh.1[j].sqrt() + c2 * 1e-8))) * (1.0 - 0.1 * 0.5);
+                }
+            }
+            // The state the kernel keeps is the quantized fresh moments.
+            let (mut q1, mut q2) = ([0u8; 4], [0u8; 4]);
+            let (a, b) = (quantize(&fresh.0, true, &mut q1), quantize(&fresh.1, false, &mut q2));
+            dequantize(&q1, a, true, &mut want_m);
+            dequantize(&q2, b, false, &mut want_v);
+
+            let blocks = vec![0..4];
+            let seg = Segment {
+                params: &mut p,
+                grads: g,
+                state: vec![],
+                quantized: vec![Quantized { codes: &mut m, scales: &mut sm }, Quantized { codes: &mut v, scales: &mut sv }],
+                blocks,
+                step,
+                grad_scale: 1.0,
+                whole: vec![],
+            };
+            c.update(seg).unwrap();
+            for j in 0..4 {
+                assert!((p[j] - want_p[j]).abs() <= 1e-6 * want_p[j].abs().max(1.0), "step {step} p[{j}]: {} vs {}", p[j], want_p[j]);
+            }
+            let (mut got_m, mut got_v) = ([0f32; 4], [0f32; 4]);
+            dequantize(&m, sm[0], true, &mut got_m);
+            dequantize(&v, sv[0], false, &mut got_v);
+            assert_eq!(got_m, want_m, "step {step}");
+            assert_eq!(got_v, want_v, "step {step}");
+        }
+        // Step 1 by the numbers: m = 0.1·g, v = 0.01·g², c2/c1 = 0.1/0.1 = 1, so an
+        // element with g ≠ 0 moves by lr·sign(g), then decays; step 2's NaN gradient left
+        // element 3 where step 1 put it.
+        assert!((want_p[3] - ((2.0 - 0.1) * 0.95)).abs() < 1e-5, "{}", want_p[3]);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_their_value() {
+        let bad = |f: fn(&mut Adamw8bitConfig)| {
+            let mut c = Adamw8bitConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|c| c.block_size = 100).contains("block_size: 100"));
+        assert!(bad(|c| c.block_size = 8192).contains("8192"));
+        assert!(bad(|c| c.betas.1 = 1.0).contains("index 1"));
+        assert!(bad(|c| c.lr = f64::NAN).contains("learning rate"));
+    }
+}

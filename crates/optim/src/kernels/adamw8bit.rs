@@ -295,7 +295,7 @@ mod tests {
             dequantize(&q1, a, true, &mut want_m);
             dequantize(&q2, b, false, &mut want_v);
 
-            let blocks = vec![0..4];
+            let blocks: Vec<Range<usize>> = std::iter::once(0..4).collect();
             let seg = Segment {
                 params: &mut p,
                 grads: g,

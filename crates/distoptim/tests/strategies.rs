@@ -3,20 +3,43 @@
 use distoptim::{verify_replicas, ClipConfig, ReduceMode, ShardedOptimizer, StepConfig, Strategy};
 use distoptim_collective::{CommConfig, Communicator};
 use distoptim_optim::clip::{self, NormType};
-use distoptim_optim::{AdamConfig, Layout, LrScheduler, Optimizer, OptimizerConfig, ParamGroup, Schedule, SgdConfig};
+use distoptim_optim::kernels::Adamw8bitConfig;
+use distoptim_optim::{
+    AdafactorConfig, AdamConfig, Layout, LionConfig, LrScheduler, MuonConfig, Optimizer, OptimizerConfig, ParamGroup, Schedule,
+    ScheduleFreeConfig, SgdConfig,
+};
 
 fn layout() -> Layout {
     Layout::new([("w", vec![7, 3]), ("b", vec![5]), ("tiny", vec![1])]).unwrap()
 }
 
 fn groups(layout: &Layout) -> Vec<ParamGroup> {
-    vec![
-        ParamGroup { params: vec![0], config: OptimizerConfig::Adam(AdamConfig { lr: 0.01, ..AdamConfig::adamw() }) },
-        ParamGroup { params: vec![1, 2], config: OptimizerConfig::Adam(AdamConfig { lr: 0.05, amsgrad: true, ..AdamConfig::adamw() }) },
-    ]
-    .into_iter()
-    .filter(|g| g.params.iter().all(|&i| i < layout.len()))
-    .collect()
+    rules(layout, 0)
+}
+
+/// The rule sets the property tests run: 0 AdamW (amsgrad for the vectors), 1 SGD with
+/// Nesterov momentum, 2 Muon for the matrix + AdamW, 3 Adafactor, 4 Lion, 5 Schedule-Free
+/// AdamW, 6 8-bit AdamW in blocks of 2 (ZeRO cuts the matrix only between blocks).
+const RULES: usize = 7;
+
+fn rules(layout: &Layout, which: usize) -> Vec<ParamGroup> {
+    let all = |config: OptimizerConfig| vec![ParamGroup { params: (0..layout.len()).collect(), config }];
+    let adamw = |lr: f64, amsgrad: bool| OptimizerConfig::Adam(AdamConfig { lr, amsgrad, ..AdamConfig::adamw() });
+    match which {
+        1 => all(OptimizerConfig::Sgd(SgdConfig { lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 0.01, ..Default::default() })),
+        2 => vec![
+            ParamGroup { params: vec![0], config: OptimizerConfig::Muon(MuonConfig { lr: 0.02, ..MuonConfig::default() }) },
+            ParamGroup { params: (1..layout.len()).collect(), config: adamw(0.05, false) },
+        ],
+        3 => all(OptimizerConfig::Adafactor(AdafactorConfig { lr: 0.05, ..AdafactorConfig::default() })),
+        4 => all(OptimizerConfig::Lion(LionConfig { lr: 0.01, weight_decay: 0.1, ..LionConfig::default() })),
+        5 => all(OptimizerConfig::ScheduleFreeAdamw(ScheduleFreeConfig { lr: 0.01, warmup_steps: 2, ..ScheduleFreeConfig::default() })),
+        6 => all(OptimizerConfig::Adamw8bit(Adamw8bitConfig { lr: 0.01, block_size: 2, ..Adamw8bitConfig::default() })),
+        _ => vec![ParamGroup { params: vec![0], config: adamw(0.01, false) }, ParamGroup { params: vec![1, 2], config: adamw(0.05, true) }]
+            .into_iter()
+            .filter(|g| g.params.iter().all(|&i| i < layout.len()))
+            .collect(),
+    }
 }
 
 /// Rank r's gradient at step t.
@@ -26,10 +49,14 @@ fn grad(numel: usize, r: usize, t: usize) -> Vec<f32> {
 
 /// One process: reduce as the mode says, clip, step.
 fn reference(steps: usize, w: usize, batch: &[usize], mode: ReduceMode, clip: Option<ClipConfig>) -> Vec<f32> {
+    reference_with(0, steps, w, batch, mode, clip)
+}
+
+fn reference_with(which: usize, steps: usize, w: usize, batch: &[usize], mode: ReduceMode, clip: Option<ClipConfig>) -> Vec<f32> {
     let layout = layout();
     let n = layout.numel();
     let mut params: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
-    let mut opt = Optimizer::with_groups(layout.clone(), groups(&layout), 0..n).unwrap();
+    let mut opt = Optimizer::with_groups(layout.clone(), rules(&layout, which), 0..n).unwrap();
     for t in 0..steps {
         let mut total = vec![0f32; n];
         for (r, &batch_size) in batch.iter().enumerate().take(w) {
@@ -51,13 +78,25 @@ fn reference(steps: usize, w: usize, batch: &[usize], mode: ReduceMode, clip: Op
 }
 
 fn distributed(strategy: Strategy, steps: usize, w: usize, batch: &[usize], mode: ReduceMode, clip: Option<ClipConfig>) -> Vec<Vec<f32>> {
+    distributed_with(0, strategy, steps, w, batch, mode, clip)
+}
+
+fn distributed_with(
+    which: usize,
+    strategy: Strategy,
+    steps: usize,
+    w: usize,
+    batch: &[usize],
+    mode: ReduceMode,
+    clip: Option<ClipConfig>,
+) -> Vec<Vec<f32>> {
     let config = CommConfig::default().with_timeout(std::time::Duration::from_secs(30)).with_slot_bytes(4096);
     Communicator::run_threads(w, &config, |comm| {
         let layout = layout();
         let n = layout.numel();
         let r = comm.rank();
         let step_config = StepConfig { reduce: mode, clip, bucket_cap_mb: 16.0 * 4.0 / 1048576.0, ..StepConfig::new(strategy) };
-        let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), groups(&layout), None, step_config).unwrap();
+        let mut opt = ShardedOptimizer::new(comm.clone(), layout.clone(), rules(&layout, which), None, step_config).unwrap();
         let mut params: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
         for t in 0..steps {
             // Gradient accumulation: two micro-batches (halves, so the sum is exact) summed
@@ -75,16 +114,24 @@ fn distributed(strategy: Strategy, steps: usize, w: usize, batch: &[usize], mode
     .unwrap()
 }
 
+/// Every rule, every strategy, W = 1..5 with a rank of batch 0, gradient accumulation and
+/// every reduce mode: the bits of one process (Muon too: each matrix has one owner, who
+/// runs the same Newton-Schulz on the same reduced gradient).
 #[test]
 fn every_strategy_and_reduce_mode_equals_one_process_to_the_bit() {
-    for w in [1, 2, 3, 5] {
-        let batch: Vec<usize> = (0..w).map(|r| [3, 0, 5, 1, 2][r]).collect();
-        for mode in [ReduceMode::Mean, ReduceMode::Sum, ReduceMode::BatchWeighted] {
-            let batch = if mode == ReduceMode::BatchWeighted && w == 1 { vec![4] } else { batch.clone() };
-            let want = reference(4, w, &batch, mode, None);
-            for strategy in [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3] {
-                for (r, got) in distributed(strategy, 4, w, &batch, mode, None).iter().enumerate() {
-                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{strategy:?} {mode:?} w={w} rank {r}");
+    for which in 0..RULES {
+        for w in [1, 2, 3, 4, 5] {
+            let batch: Vec<usize> = (0..w).map(|r| [3, 0, 5, 1, 2][r]).collect();
+            for mode in [ReduceMode::Mean, ReduceMode::Sum, ReduceMode::BatchWeighted] {
+                let batch = if mode == ReduceMode::BatchWeighted && w == 1 { vec![4] } else { batch.clone() };
+                let want = reference_with(which, 4, w, &batch, mode, None);
+                for strategy in [Strategy::Ddp, Strategy::Zero1, Strategy::Zero2, Strategy::Zero3] {
+                    for (r, got) in distributed_with(which, strategy, 4, w, &batch, mode, None).iter().enumerate() {
+                        assert!(
+                            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "rules {which} {strategy:?} {mode:?} w={w} rank {r}"
+                        );
+                    }
                 }
             }
         }

@@ -32,14 +32,21 @@ pub fn dynamic_map(signed: bool) -> &'static [f32; CODES] {
     cell.get_or_init(|| build_map(signed))
 }
 
-/// [`nearest`] by table instead of binary search (no unpredictable branches): the top 16
-/// bits of `x` (sign, exponent, 7 bits of mantissa) pick a bucket narrower than the gap
-/// between any two entries, so the entry at or below `x` is the bucket's or the next,
-/// and the nearest is that one or the next. The same answer as [`nearest`] for every `x`.
+/// [`nearest`] by table instead of binary search, without branches: the top 16 bits of
+/// `x` (sign, exponent, 7 bits of mantissa) pick a bucket narrower than the gap between
+/// any two map entries, so the nearest code is constant over a bucket or steps up once at
+/// a threshold inside it (a midpoint between two entries, or 0 for the kept sign). Each
+/// bucket stores its lower code and the index of its threshold (+inf when none): the code
+/// is `low + (x > threshold)`. Built from [`nearest`] itself, so the answer is the same
+/// for every `x`; a map where some bucket held two steps would fall back to the search.
 pub struct Quantizer {
     map: &'static [f32; CODES],
-    /// Per bucket: the last index whose entry is <= the bucket's smallest value.
-    floor: Vec<u8>,
+    /// Per bucket: the lower code (low byte) and the threshold's index (high byte).
+    entries: Vec<u16>,
+    /// The thresholds; index 0 is +inf (no step in the bucket).
+    thresholds: Vec<f32>,
+    /// Whether every bucket fitted the table.
+    tabulated: bool,
     keep_sign: bool,
     zero: u8,
 }
@@ -50,39 +57,59 @@ impl Quantizer {
         static SIGNED: OnceLock<Quantizer> = OnceLock::new();
         static UNSIGNED: OnceLock<Quantizer> = OnceLock::new();
         let cell = if signed { &SIGNED } else { &UNSIGNED };
-        cell.get_or_init(|| {
-            let map = dynamic_map(signed);
-            let floor = (0..1u32 << 16)
-                .map(|b| {
-                    let (a, z) = (f32::from_bits(b << 16), f32::from_bits((b << 16) | 0xffff));
-                    let low = a.min(z); // f32::min ignores a NaN end (the inf/NaN bucket)
-                    map.iter().rposition(|&m| m <= low).unwrap_or(0) as u8
-                })
-                .collect();
-            Quantizer { map, floor, keep_sign: signed, zero: zero_code(map) }
-        })
+        cell.get_or_init(|| Quantizer::build(dynamic_map(signed), signed))
+    }
+
+    fn build(map: &'static [f32; CODES], keep_sign: bool) -> Quantizer {
+        let zero = zero_code(map);
+        let mut thresholds = vec![f32::INFINITY];
+        let mut tabulated = true;
+        let entries = (0..1u32 << 16)
+            .map(|b| {
+                // The bucket's values in value order (negative buckets run downwards as
+                // their bits grow). An all-ones exponent holds only ±inf and NaNs.
+                if b & 0x7f80 == 0x7f80 {
+                    let only = f32::from_bits(b << 16);
+                    return if b & 0x7fff == 0x7f80 { nearest(map, only, keep_sign) as u16 } else { zero as u16 };
+                }
+                let value = |k: u32| f32::from_bits(if b & 0x8000 == 0 { (b << 16) | k } else { (b << 16) | (0xffff - k) });
+                let (low, high) = (nearest(map, value(0), keep_sign), nearest(map, value(0xffff), keep_sign));
+                if low == high {
+                    return low as u16;
+                }
+                if high != low.wrapping_add(1) || thresholds.len() > 255 {
+                    tabulated = false;
+                    return low as u16;
+                }
+                // The last value still coding to `low` (codes never fall as x grows).
+                let (mut lo, mut hi) = (0u32, 0xffffu32);
+                while hi - lo > 1 {
+                    let mid = (lo + hi) / 2;
+                    if nearest(map, value(mid), keep_sign) == low {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                thresholds.push(value(lo));
+                low as u16 | ((thresholds.len() as u16 - 1) << 8)
+            })
+            .collect();
+        Quantizer { map, entries, thresholds, tabulated, keep_sign, zero }
     }
 
     /// The code of `x` (already divided by its block's scale).
     #[inline]
     pub fn code(&self, x: f32) -> u8 {
+        if !self.tabulated {
+            return nearest(self.map, x, self.keep_sign);
+        }
         if x.is_nan() {
             return self.zero;
         }
-        let map = self.map;
-        let t = self.floor[(x.to_bits() >> 16) as usize] as usize;
-        let up = (t + 1).min(CODES - 1);
-        let lo = if map[up] <= x { up } else { t };
-        let hi = (lo + 1).min(CODES - 1);
-        let mut code = if hi != lo && map[hi] - x < x - map[lo] { hi } else { lo };
-        if self.keep_sign {
-            if x < 0.0 && map[code] >= 0.0 && code > 0 {
-                code -= 1;
-            } else if x > 0.0 && map[code] <= 0.0 && code + 1 < CODES {
-                code += 1;
-            }
-        }
-        code as u8
+        let e = self.entries[(x.to_bits() >> 16) as usize];
+        let step = x > self.thresholds[(e >> 8) as usize];
+        (e as u8).wrapping_add(step as u8)
     }
 }
 
@@ -197,15 +224,24 @@ pub fn quantize_with(q: &Quantizer, values: &[f32], scale: f32, codes: &mut [u8]
         codes.fill(q.zero);
         return;
     }
-    // Divide in vectorizable pieces, then look the codes up.
+    if !q.tabulated {
+        for (c, &v) in codes.iter_mut().zip(values) {
+            *c = q.code(v / scale);
+        }
+        return;
+    }
+    // Divide in vectorizable pieces (a NaN becomes +0.0, which codes to zero as NaN
+    // does), then look the codes up without branches.
     let mut x = [0f32; 64];
     for (cs, vs) in codes.chunks_mut(64).zip(values.chunks(64)) {
         let x = &mut x[..vs.len()];
         for (x, &v) in x.iter_mut().zip(vs) {
-            *x = v / scale;
+            let y = v / scale;
+            *x = if y.is_nan() { 0.0 } else { y };
         }
         for (c, &x) in cs.iter_mut().zip(x.iter()) {
-            *c = q.code(x);
+            let e = q.entries[(x.to_bits() >> 16) as usize];
+            *c = (e as u8).wrapping_add((x > q.thresholds[(e >> 8) as usize]) as u8);
         }
     }
 }
@@ -261,6 +297,7 @@ mod tests {
     fn the_table_quantizer_equals_the_search() {
         for signed in [true, false] {
             let (map, q) = (dynamic_map(signed), Quantizer::get(signed));
+            assert!(q.tabulated, "every bucket fits the table");
             let mut xs: Vec<f32> = Vec::new();
             for w in map.windows(2) {
                 for x in [w[0], w[1], (w[0] + w[1]) / 2.0] {

@@ -99,11 +99,11 @@ for mode in 1 0; do
     done
 done
 
-echo "== two hosts: latency across the link (flat MPI, 1 rank per host, 16 B to 4 KB; every call's fingerprint check is one all-reduce that also carries an all-reduce's first 256 bytes)"
+echo "== two hosts: latency across the link (flat MPI, 1 rank per host, 16 B to 4 KB; every call's fingerprint check is one all-reduce that also carries an all-reduce's first 256 bytes, or the whole of a broadcast, all-gather or reduce-scatter of up to 256 bytes)"
 printf '10.77.0.1 slots=1\n10.77.0.2 slots=1\n' >"$work/hosts1"
 mpi1="mpirun --allow-run-as-root --oversubscribe --hostfile $work/hosts1 -np 2 --mca plm_rsh_agent $work/ns-agent \
   --mca oob_tcp_if_include 10.77.0.0/24 --mca btl self,vader,tcp --mca btl_tcp_if_include 10.77.0.0/24 --mca mpi_yield_when_idle 1"
-on_host0 "$mpi1 -x DISTOPTIM_MPI_HIERARCHY=0 $bin bench collectives --ops all_reduce,all_gather,broadcast --min-bytes 16 --max-bytes 4K --factor 16 --iters 2000 --warmup 100"
+on_host0 "$mpi1 -x DISTOPTIM_MPI_HIERARCHY=0 $bin bench collectives --ops all_reduce,reduce_scatter,all_gather,broadcast --min-bytes 16 --max-bytes 4K --factor 16 --iters 2000 --warmup 100"
 
 echo "== two hosts: a checkpoint into host-local directories is refused, and leaves nothing to resume"
 if on_host0 "$mpi $bin train --strategy zero3 --steps 40 --stop-at 20 --checkpoint-dir $work/local/run --out $work/run0" >"$work/local.log" 2>&1; then

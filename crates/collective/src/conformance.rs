@@ -88,7 +88,8 @@ fn exercise<T: Sample>(comm: &Communicator, registered: bool, exact: bool) -> Re
     let float = T::DTYPE.is_float();
     let err = |e: crate::CommError| e.to_string();
     let mut checks = 0;
-    for len in [0, 1, n.saturating_sub(1), n + 1, 1001, 5003] {
+    // 64 and 256: where an MPI call's data stops riding in its check (256 bytes).
+    for len in [0, 1, n.saturating_sub(1), n + 1, 64, 65, 256, 1001, 5003] {
         let inputs: Vec<Vec<T>> = (0..n).map(|r| (0..len).map(|i| T::sample(r, i)).collect()).collect();
         let refs: Vec<&[T]> = inputs.iter().map(|v| v.as_slice()).collect();
         let mut storage = if registered { Buf::Shared(comm.alloc::<T>(len).map_err(err)?) } else { Buf::Owned(Vec::new()) };

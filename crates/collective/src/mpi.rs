@@ -309,7 +309,8 @@ impl MpiEngine {
     }
 
     /// [`begin`](Self::begin), carrying `inline` (at most [`INLINE`] bytes: the start of an
-    /// all-reduce's data) in the same message: one MPI_Allreduce of a [`Packet`] whose
+    /// all-reduce's data, or a whole small broadcast, all-gather or reduce-scatter) in the
+    /// same message: one MPI_Allreduce of a [`Packet`] whose
     /// operation compares the ranks' fingerprints and, when they agree, reduces the
     /// inline data. A small all-reduce then costs one round trip, check included. Every
     /// call of every kind starts with this same fixed-size collective, so a rank making
@@ -405,7 +406,7 @@ impl MpiEngine {
     }
 
     pub(crate) fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        if buf.is_empty() || self.hierarchy.is_some() {
+        if buf.is_empty() || (self.hierarchy.is_some() && !fits_inline::<T>(buf.len())) {
             let _call = self.begin(OpKind::AllReduce(op), Some(T::DTYPE), buf.len(), 0)?;
             return self.all_reduce_checked(buf, op);
         }
@@ -461,6 +462,28 @@ impl MpiEngine {
     }
 
     pub(crate) fn reduce_scatter<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        if !buf.is_empty() && fits_inline::<T>(buf.len()) {
+            // Small: the whole buffer is reduced inside the check; this rank keeps its part.
+            let len = buf.len();
+            let (send, _, wide) = self.stage(buf);
+            let width = if wide { 4 } else { std::mem::size_of::<T>() };
+            // SAFETY: send holds len staged elements of `width` bytes.
+            let inline = unsafe { std::slice::from_raw_parts(send as *const u8, len * width) };
+            let (_call, packet) = self.begin_inline(OpKind::ReduceScatter(op), Some(T::DTYPE), len, 0, inline)?;
+            let mine = shard_range(len, self.size, self.rank);
+            let recv = self.result_ptr(buf, mine.start, wide);
+            // SAFETY: the payload holds len reduced elements of `width` bytes; recv has
+            // room for this rank's part; the regions do not overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (packet.payload.as_ptr() as *const u8).add(mine.start * width),
+                    recv as *mut u8,
+                    mine.len() * width,
+                )
+            };
+            self.finish(buf, mine, wide, op);
+            return Ok(());
+        }
         let _call = self.begin(OpKind::ReduceScatter(op), Some(T::DTYPE), buf.len(), 0)?;
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
@@ -510,6 +533,19 @@ impl MpiEngine {
     }
 
     pub(crate) fn all_gather<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
+        if !buf.is_empty() && std::mem::size_of_val(buf) <= INLINE {
+            // Small: every rank's piece rides in the check, at its place, zeros elsewhere.
+            let mine = shard_range(buf.len(), self.size, self.rank);
+            let size = std::mem::size_of::<T>();
+            let mut inline = [0u8; INLINE];
+            // SAFETY: buf holds its elements' bytes; the view covers exactly them.
+            let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, std::mem::size_of_val(buf)) };
+            inline[mine.start * size..mine.end * size].copy_from_slice(&bytes[mine.start * size..mine.end * size]);
+            let (_call, packet) = self.begin_inline(OpKind::AllGather, Some(T::DTYPE), buf.len(), 0, &inline[..bytes.len()])?;
+            // SAFETY: the payload holds the whole buffer's bytes; buf has room for them.
+            unsafe { std::ptr::copy_nonoverlapping(packet.payload.as_ptr() as *const u8, buf.as_mut_ptr() as *mut u8, bytes.len()) };
+            return Ok(());
+        }
         let _call = self.begin(OpKind::AllGather, Some(T::DTYPE), buf.len(), 0)?;
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
@@ -551,6 +587,18 @@ impl MpiEngine {
 
     pub(crate) fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
         self.check_root("broadcast", root)?;
+        if !buf.is_empty() && std::mem::size_of_val(buf) <= INLINE {
+            // Small: the root's bytes ride in the check (the others send zeros).
+            let bytes = std::mem::size_of_val(buf);
+            // SAFETY: buf holds `bytes` bytes.
+            let mine = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, bytes) };
+            let zeros = [0u8; INLINE];
+            let inline = if self.rank == root { mine } else { &zeros[..bytes] };
+            let (_call, packet) = self.begin_inline(OpKind::Broadcast, Some(T::DTYPE), buf.len(), root, inline)?;
+            // SAFETY: the payload holds the root's `bytes` bytes; buf has room for them.
+            unsafe { std::ptr::copy_nonoverlapping(packet.payload.as_ptr() as *const u8, buf.as_mut_ptr() as *mut u8, bytes) };
+            return Ok(());
+        }
         let _call = self.begin(OpKind::Broadcast, Some(T::DTYPE), buf.len(), root)?;
         if buf.is_empty() {
             // Nothing to move (and an empty slice's pointer could read as MPI_IN_PLACE).
@@ -617,8 +665,17 @@ impl Drop for MpiEngine {
     }
 }
 
-/// Bytes of an all-reduce's data carried inside its fingerprint check.
+/// Bytes of data carried inside a call's fingerprint check: an all-reduce's first ones,
+/// or the whole of a broadcast, all-gather or reduce-scatter that fits (then the call is
+/// one round trip, check included).
 const INLINE: usize = 256;
+
+/// Whether a reduction of `len` elements of `T` fits the check's payload (16-bit floats
+/// travel as f32).
+fn fits_inline<T: Element>(len: usize) -> bool {
+    let width = if matches!(T::DTYPE, Dtype::Bf16 | Dtype::F16) { 4 } else { std::mem::size_of::<T>() };
+    len.saturating_mul(width) <= INLINE
+}
 
 /// The message of every call's check (see [`MpiEngine::begin_inline`]): the sender's
 /// fingerprint, the first disagreement seen (both sides), and inline data.
@@ -654,7 +711,8 @@ impl Packet {
     }
 
     /// Folds `a` into `self` (MPI's inout side): a disagreement is recorded once and
-    /// travels on; agreeing all-reduces add up their inline data.
+    /// travels on; agreeing reductions combine their inline data, broadcasts and
+    /// all-gathers OR it (each byte is one rank's, the others' are zero).
     fn combine(&mut self, a: &Packet) {
         if self.mismatch != 0 {
             return;
@@ -673,7 +731,13 @@ impl Packet {
             return;
         }
         let Some(fp) = Fingerprint::from_words(self.words) else { return };
-        let (OpKind::AllReduce(op), Some(dtype)) = (fp.kind, fp.dtype) else { return };
+        if matches!(fp.kind, OpKind::Broadcast | OpKind::AllGather) {
+            // Each byte comes from one rank (the root's, or the one whose piece it is);
+            // every other rank sends zeros there.
+            self.payload.iter_mut().zip(&a.payload).for_each(|(m, t)| *m |= t);
+            return;
+        }
+        let (OpKind::AllReduce(op) | OpKind::ReduceScatter(op), Some(dtype)) = (fp.kind, fp.dtype) else { return };
         let bytes = self.payload.as_mut_ptr() as *mut u8;
         let theirs = a.payload.as_ptr() as *const u8;
         // SAFETY: both payloads are INLINE bytes, 8-byte aligned; each view below covers

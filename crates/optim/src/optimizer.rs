@@ -131,33 +131,69 @@ pub struct Optimizer {
     group_of: Vec<usize>,
     steps: Vec<u64>,
     /// The named state buffers the groups' rules use (torch's names: `exp_avg`,
-    /// `momentum_buffer`, `row_var`…). An `f32` buffer covers the whole shard (a
-    /// parameter's elements in a buffer its rule does not use stay zero); a quantized one
-    /// covers only the parameters of its rule, by [`Blocks`].
+    /// `momentum_buffer`, `row_var`…), each covering only the parameters whose rule
+    /// keeps it: Muon + AdamW holds 4 bytes per matrix element and 8 per vector element,
+    /// as torch's two optimizers do, not 12 everywhere.
     state: Vec<(&'static str, Buffer)>,
-    /// Where each parameter's quantized state lies.
+    /// Where each parameter's quantization blocks and scales lie.
     blocks: Blocks,
 }
 
-/// One named state buffer over the shard.
+/// One named state buffer: its values, packed over the pieces of the parameters that
+/// use it, in layout order.
 #[derive(Debug)]
-enum Buffer {
-    /// One `f32` per element of the shard.
+struct Buffer {
+    data: Data,
+    /// Per parameter of the layout: where its piece starts in `data` (`None`: its rule
+    /// keeps no such buffer).
+    at: Vec<Option<usize>>,
+}
+
+/// A buffer's values.
+#[derive(Debug)]
+enum Data {
+    /// One `f32` per element.
     F32(Vec<f32>),
-    /// Block-wise 8-bit ([`crate::quantize`]): one code per element of the quantized
-    /// parameters' pieces, one scale per block.
+    /// Block-wise 8-bit ([`crate::quantize`]): one code per element, one scale per block.
     Q8 { signed: bool, codes: Vec<u8>, scales: Vec<f32> },
 }
 
-/// Per parameter of the layout, where its piece of the shard lies in the quantized
-/// buffers: the offset of its first code and first scale, and its block size (1: its
-/// rule keeps no quantized state).
+impl Buffer {
+    /// Lays out buffer `name` over the pieces of `shard` whose rule keeps it.
+    fn new(
+        layout: &Layout,
+        groups: &[ParamGroup],
+        group_of: &[usize],
+        shard: &Range<usize>,
+        name: &str,
+        blocks: &Blocks,
+    ) -> Result<Buffer> {
+        let mut at = vec![None; layout.len()];
+        let mut total = 0;
+        for (i, piece) in layout.overlapping(shard.clone()) {
+            if groups[group_of[i]].config.kernel().state_buffers().contains(&name) {
+                at[i] = Some(total);
+                total += piece.len();
+            }
+        }
+        let data = match storage(groups, name)? {
+            StateStorage::F32 => Data::F32(vec![0.0; total]),
+            StateStorage::Q8 { signed } => Data::Q8 {
+                signed,
+                codes: vec![quantize::zero_code(quantize::dynamic_map(signed)); total],
+                scales: vec![0.0; blocks.total_scales],
+            },
+        };
+        Ok(Buffer { data, at })
+    }
+}
+
+/// Per parameter of the layout, where its piece's quantization blocks lie: the offset
+/// of its first scale, and its block size (1: its rule keeps no quantized state).
 #[derive(Debug, Default)]
 struct Blocks {
-    codes: Vec<usize>,
     scales: Vec<usize>,
     size: Vec<usize>,
-    total_codes: usize,
     total_scales: usize,
 }
 
@@ -165,7 +201,7 @@ impl Blocks {
     /// Lays out the quantized state of `shard`; refuses a shard that cuts a block.
     fn new(layout: &Layout, groups: &[ParamGroup], group_of: &[usize], shard: &Range<usize>) -> Result<Blocks> {
         let n = layout.len();
-        let mut b = Blocks { codes: vec![0; n], scales: vec![0; n], size: vec![1; n], ..Default::default() };
+        let mut b = Blocks { scales: vec![0; n], size: vec![1; n], ..Default::default() };
         for (i, piece) in layout.overlapping(shard.clone()) {
             let size = groups[group_of[i]].config.kernel().block();
             if size <= 1 {
@@ -181,8 +217,7 @@ impl Blocks {
                     )));
                 }
             }
-            (b.codes[i], b.scales[i], b.size[i]) = (b.total_codes, b.total_scales, size);
-            b.total_codes += piece.len();
+            (b.scales[i], b.size[i]) = (b.total_scales, size);
             b.total_scales += to.div_ceil(size) - from / size;
         }
         Ok(b)
@@ -227,17 +262,7 @@ impl Optimizer {
         let blocks = Blocks::new(&layout, &groups, &group_of, &shard)?;
         let state = buffer_names(&groups)
             .into_iter()
-            .map(|n| {
-                let buffer = match storage(&groups, n)? {
-                    StateStorage::F32 => Buffer::F32(vec![0.0; shard.len()]),
-                    StateStorage::Q8 { signed } => Buffer::Q8 {
-                        signed,
-                        codes: vec![quantize::zero_code(quantize::dynamic_map(signed)); blocks.total_codes],
-                        scales: vec![0.0; blocks.total_scales],
-                    },
-                };
-                Ok((n, buffer))
-            })
+            .map(|n| Ok((n, Buffer::new(&layout, &groups, &group_of, &shard, n, &blocks)?)))
             .collect::<Result<_>>()?;
         let steps = vec![0; layout.len()];
         Ok(Optimizer { layout, shard, groups, group_of, steps, state, blocks })
@@ -289,8 +314,9 @@ impl Optimizer {
         self.steps[index]
     }
 
-    /// The state buffers over the shard, by torch's names, one `f32` per element:
-    /// borrowed when kept in `f32`, dequantized when kept in 8 bits.
+    /// The state buffers over the shard, by torch's names, one `f32` per element of the
+    /// shard (zero where a parameter's rule keeps no such buffer): borrowed when the
+    /// buffer is kept in `f32` over the whole shard, else unpacked or dequantized.
     pub fn buffers(&self) -> impl Iterator<Item = (&'static str, Cow<'_, [f32]>)> {
         self.state.iter().map(|(n, b)| (*n, self.buffer_f32(b)))
     }
@@ -299,28 +325,33 @@ impl Optimizer {
     pub fn state_bytes(&self) -> u64 {
         self.state
             .iter()
-            .map(|(_, b)| match b {
-                Buffer::F32(v) => v.len() as u64 * 4,
-                Buffer::Q8 { codes, scales, .. } => codes.len() as u64 + scales.len() as u64 * 4,
+            .map(|(_, b)| match &b.data {
+                Data::F32(v) => v.len() as u64 * 4,
+                Data::Q8 { codes, scales, .. } => codes.len() as u64 + scales.len() as u64 * 4,
             })
             .sum()
     }
 
     /// One buffer as one `f32` per element of the shard.
     fn buffer_f32<'s>(&'s self, buffer: &'s Buffer) -> Cow<'s, [f32]> {
-        let Buffer::Q8 { signed, codes, scales } = buffer else {
-            let Buffer::F32(v) = buffer else { unreachable!("two kinds") };
-            return Cow::Borrowed(v);
-        };
+        if let Data::F32(v) = &buffer.data {
+            if v.len() == self.shard.len() {
+                return Cow::Borrowed(v);
+            }
+        }
         let mut out = vec![0f32; self.shard.len()];
         for (i, piece) in self.layout.overlapping(self.shard.clone()) {
-            if self.blocks.size[i] <= 1 {
-                continue;
-            }
-            let (c0, s0) = (self.blocks.codes[i], self.blocks.scales[i]);
-            for (k, r) in self.blocks.of(&self.layout, i, &piece, piece.start).enumerate() {
-                let local = piece.start - self.shard.start + r.start..piece.start - self.shard.start + r.end;
-                quantize::dequantize(&codes[c0 + r.start..c0 + r.end], scales[s0 + k], *signed, &mut out[local]);
+            let Some(at) = buffer.at[i] else { continue };
+            let local = piece.start - self.shard.start..piece.end - self.shard.start;
+            match &buffer.data {
+                Data::F32(v) => out[local].copy_from_slice(&v[at..at + piece.len()]),
+                Data::Q8 { signed, codes, scales } => {
+                    let s0 = self.blocks.scales[i];
+                    for (k, r) in self.blocks.of(&self.layout, i, &piece, piece.start).enumerate() {
+                        let out = &mut out[local.start + r.start..local.start + r.end];
+                        quantize::dequantize(&codes[at + r.start..at + r.end], scales[s0 + k], *signed, out);
+                    }
+                }
             }
         }
         Cow::Owned(out)
@@ -335,11 +366,12 @@ impl Optimizer {
         for seg in segments(&self.layout, &self.group_of, &self.steps, self.shard.clone()) {
             let l = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
             let kernel = self.groups[seg.group].config.kernel();
+            let first = self.layout.overlapping(seg.range.clone()).next().map_or(0, |(i, _)| i);
             let state: Vec<&[f32]> = kernel
                 .state_buffers()
                 .iter()
                 .filter_map(|name| match self.state.iter().find(|(n, _)| n == name) {
-                    Some((_, Buffer::F32(b))) => Some(&b[l.clone()]),
+                    Some((_, Buffer { data: Data::F32(b), at })) => at[first].map(|a| &b[a..a + l.len()]),
                     _ => None,
                 })
                 .collect();
@@ -377,17 +409,22 @@ impl Optimizer {
                     blocks.extend(self.blocks.of(&self.layout, i, &piece, seg.range.start));
                 }
             }
-            let (c0, s0) = (self.blocks.codes[first], self.blocks.scales[first]);
+            let s0 = self.blocks.scales[first];
             let mut state = Vec::with_capacity(names.len());
             let mut quantized = Vec::new();
             let mut slots: Vec<(&str, Option<&mut Buffer>)> = self.state.iter_mut().map(|(n, b)| (*n, Some(b))).collect();
             for name in &names {
-                match slots.iter_mut().find(|(n, _)| n == name).and_then(|(_, b)| b.take()) {
-                    Some(Buffer::F32(b)) => state.push(&mut b[local.clone()]),
-                    Some(Buffer::Q8 { codes, scales, .. }) => {
-                        quantized.push(Quantized { codes: &mut codes[c0..c0 + local.len()], scales: &mut scales[s0..s0 + blocks.len()] })
+                let Some(buffer) = slots.iter_mut().find(|(n, _)| n == name).and_then(|(_, b)| b.take()) else {
+                    return Err(OptimError::StateDict(format!("the optimizer holds no '{name}' buffer")));
+                };
+                let Some(at) = buffer.at[first] else {
+                    return Err(OptimError::StateDict(format!("buffer '{name}' holds nothing for '{}'", self.layout.param(first).name)));
+                };
+                match &mut buffer.data {
+                    Data::F32(b) => state.push(&mut b[at..at + local.len()]),
+                    Data::Q8 { codes, scales, .. } => {
+                        quantized.push(Quantized { codes: &mut codes[at..at + local.len()], scales: &mut scales[s0..s0 + blocks.len()] })
                     }
-                    None => return Err(OptimError::StateDict(format!("the optimizer holds no '{name}' buffer"))),
                 }
             }
             let whole = if kernel.whole_params() { whole_params(&self.layout, seg.range.clone(), &self.shard)? } else { Vec::new() };
@@ -457,6 +494,13 @@ impl Optimizer {
         for g in &sd.groups {
             g.config.validate()?;
         }
+        if let Some(i) = (0..sd.groups.len()).find(|&i| sd.groups[i].config.kernel().block() != self.groups[i].config.kernel().block()) {
+            return mismatch(format!(
+                "param group {i} was saved with quantization blocks of {}, this optimizer's are {}",
+                sd.groups[i].config.kernel().block(),
+                self.groups[i].config.kernel().block()
+            ));
+        }
         let names = buffer_names(&sd.groups);
         for n in &names {
             match sd.buffers.get(*n) {
@@ -472,15 +516,8 @@ impl Optimizer {
         }
         let mut state = Vec::with_capacity(names.len());
         for n in names {
-            let values = &sd.buffers[n];
-            let buffer = match self.state.iter().find(|(m, _)| *m == n).map(|(_, b)| b) {
-                Some(Buffer::Q8 { signed, codes, scales }) => {
-                    let (mut codes, mut scales) = (codes.clone(), scales.clone());
-                    self.quantize_into(values, *signed, &mut codes, &mut scales);
-                    Buffer::Q8 { signed: *signed, codes, scales }
-                }
-                _ => Buffer::F32(values.clone()),
-            };
+            let mut buffer = Buffer::new(&self.layout, &self.groups, &self.group_of, &self.shard, n, &self.blocks)?;
+            self.pack(&sd.buffers[n], &mut buffer);
             state.push((n, buffer));
         }
         self.groups = sd.groups.clone();
@@ -489,17 +526,22 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Quantizes `values` (one per element of the shard) block by block: the inverse of
-    /// [`buffer_f32`](Self::buffer_f32), exactly so on values it produced.
-    fn quantize_into(&self, values: &[f32], signed: bool, codes: &mut [u8], scales: &mut [f32]) {
+    /// Fills `buffer` from `values` (one per element of the shard): the inverse of
+    /// [`buffer_f32`](Self::buffer_f32), exactly so on values it produced (quantizing a
+    /// dequantized block gives back its codes and scale).
+    fn pack(&self, values: &[f32], buffer: &mut Buffer) {
         for (i, piece) in self.layout.overlapping(self.shard.clone()) {
-            if self.blocks.size[i] <= 1 {
-                continue;
-            }
-            let (c0, s0) = (self.blocks.codes[i], self.blocks.scales[i]);
-            for (k, r) in self.blocks.of(&self.layout, i, &piece, piece.start).enumerate() {
-                let local = piece.start - self.shard.start + r.start..piece.start - self.shard.start + r.end;
-                scales[s0 + k] = quantize::quantize(&values[local], signed, &mut codes[c0 + r.start..c0 + r.end]);
+            let Some(at) = buffer.at[i] else { continue };
+            let local = piece.start - self.shard.start..piece.end - self.shard.start;
+            match &mut buffer.data {
+                Data::F32(v) => v[at..at + piece.len()].copy_from_slice(&values[local]),
+                Data::Q8 { signed, codes, scales } => {
+                    let s0 = self.blocks.scales[i];
+                    for (k, r) in self.blocks.of(&self.layout, i, &piece, piece.start).enumerate() {
+                        let part = &values[local.start + r.start..local.start + r.end];
+                        scales[s0 + k] = quantize::quantize(part, *signed, &mut codes[at + r.start..at + r.end]);
+                    }
+                }
             }
         }
     }
@@ -920,11 +962,11 @@ mod add_param_group_tests {
         }
         let joined: Vec<f32> = parts.iter().flat_map(|(_, x)| x.clone()).collect();
         assert!(joined.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()));
-        // Codes and scales: (1 + 4/256) bytes per element and moment for the matrices,
-        // f32 moments over the whole shard for AdamW's group.
+        // Codes and scales: (1 + 4/256) bytes per element and moment for the 8-bit
+        // group's parameters, f32 moments for AdamW's 37 elements only.
         let quantized = (3 * CHUNK + 100 + 700) as u64;
         let scales = ((3 * CHUNK + 100).div_ceil(256) + 700usize.div_ceil(256)) as u64;
-        assert_eq!(whole.state_bytes(), 2 * (quantized + 4 * scales) + 2 * 4 * n as u64);
+        assert_eq!(whole.state_bytes(), 2 * (quantized + 4 * scales) + 2 * 4 * 37);
 
         // Resume from the state dict: the same bits as going on.
         let sd = whole.state_dict();

@@ -139,14 +139,18 @@ pub struct Optimizer {
     blocks: Blocks,
 }
 
-/// One named state buffer: its values, packed over the pieces of the parameters that
-/// use it, in layout order.
+/// One named state buffer: its values, packed over the parameters that use it, in
+/// layout order (one per element of a parameter's piece, or what a whole-parameter rule
+/// asks for: [`Kernel::state_len`](crate::kernels::Kernel::state_len)).
 #[derive(Debug)]
 struct Buffer {
     data: Data,
-    /// Per parameter of the layout: where its piece starts in `data` (`None`: its rule
+    /// Per parameter of the layout: where its state starts in `data` (`None`: its rule
     /// keeps no such buffer).
     at: Vec<Option<usize>>,
+    /// Per parameter: how many elements of `data` it holds (at the start of its piece
+    /// when unpacked to one per element).
+    len: Vec<usize>,
 }
 
 /// A buffer's values.
@@ -169,11 +173,16 @@ impl Buffer {
         blocks: &Blocks,
     ) -> Result<Buffer> {
         let mut at = vec![None; layout.len()];
+        let mut len = vec![0; layout.len()];
         let mut total = 0;
         for (i, piece) in layout.overlapping(shard.clone()) {
-            if groups[group_of[i]].config.kernel().state_buffers().contains(&name) {
+            let kernel = groups[group_of[i]].config.kernel();
+            if kernel.state_buffers().contains(&name) {
+                let spec = layout.param(i);
+                let whole = kernel.whole_params() && piece == spec.range();
                 at[i] = Some(total);
-                total += piece.len();
+                len[i] = if whole { kernel.state_len(name, spec).min(piece.len()) } else { piece.len() };
+                total += len[i];
             }
         }
         let data = match storage(groups, name)? {
@@ -184,7 +193,12 @@ impl Buffer {
                 scales: vec![0.0; blocks.total_scales],
             },
         };
-        Ok(Buffer { data, at })
+        Ok(Buffer { data, at, len })
+    }
+
+    /// Where the state of the segment of parameters `first..=last` lies in `data`.
+    fn span(&self, first: usize, last: usize) -> Option<Range<usize>> {
+        Some(self.at[first]?..self.at[last]? + self.len[last])
     }
 }
 
@@ -343,8 +357,9 @@ impl Optimizer {
         for (i, piece) in self.layout.overlapping(self.shard.clone()) {
             let Some(at) = buffer.at[i] else { continue };
             let local = piece.start - self.shard.start..piece.end - self.shard.start;
+            let n = buffer.len[i];
             match &buffer.data {
-                Data::F32(v) => out[local].copy_from_slice(&v[at..at + piece.len()]),
+                Data::F32(v) => out[local.start..local.start + n].copy_from_slice(&v[at..at + n]),
                 Data::Q8 { signed, codes, scales } => {
                     let s0 = self.blocks.scales[i];
                     for (k, r) in self.blocks.of(&self.layout, i, &piece, piece.start).enumerate() {
@@ -366,12 +381,12 @@ impl Optimizer {
         for seg in segments(&self.layout, &self.group_of, &self.steps, self.shard.clone()) {
             let l = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
             let kernel = self.groups[seg.group].config.kernel();
-            let first = self.layout.overlapping(seg.range.clone()).next().map_or(0, |(i, _)| i);
+            let (first, last) = ends(&self.layout, &seg.range);
             let state: Vec<&[f32]> = kernel
                 .state_buffers()
                 .iter()
                 .filter_map(|name| match self.state.iter().find(|(n, _)| n == name) {
-                    Some((_, Buffer { data: Data::F32(b), at })) => at[first].map(|a| &b[a..a + l.len()]),
+                    Some((_, b @ Buffer { data: Data::F32(v), .. })) => b.span(first, last).map(|r| &v[r]),
                     _ => None,
                 })
                 .collect();
@@ -401,8 +416,8 @@ impl Optimizer {
             let local = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
             let kernel = self.groups[seg.group].config.kernel();
             let names = kernel.state_buffers();
-            // The segment's quantized pieces: its first parameter's codes and scales on.
-            let first = self.layout.overlapping(seg.range.clone()).next().map_or(0, |(i, _)| i);
+            // The segment's state: from its first parameter's on, to its last one's end.
+            let (first, last) = ends(&self.layout, &seg.range);
             let mut blocks = Vec::new();
             if self.blocks.size[first] > 1 {
                 for (i, piece) in self.layout.overlapping(seg.range.clone()) {
@@ -417,13 +432,13 @@ impl Optimizer {
                 let Some(buffer) = slots.iter_mut().find(|(n, _)| n == name).and_then(|(_, b)| b.take()) else {
                     return Err(OptimError::StateDict(format!("the optimizer holds no '{name}' buffer")));
                 };
-                let Some(at) = buffer.at[first] else {
+                let Some(span) = buffer.span(first, last) else {
                     return Err(OptimError::StateDict(format!("buffer '{name}' holds nothing for '{}'", self.layout.param(first).name)));
                 };
                 match &mut buffer.data {
-                    Data::F32(b) => state.push(&mut b[at..at + local.len()]),
+                    Data::F32(b) => state.push(&mut b[span]),
                     Data::Q8 { codes, scales, .. } => {
-                        quantized.push(Quantized { codes: &mut codes[at..at + local.len()], scales: &mut scales[s0..s0 + blocks.len()] })
+                        quantized.push(Quantized { codes: &mut codes[span], scales: &mut scales[s0..s0 + blocks.len()] })
                     }
                 }
             }
@@ -533,8 +548,9 @@ impl Optimizer {
         for (i, piece) in self.layout.overlapping(self.shard.clone()) {
             let Some(at) = buffer.at[i] else { continue };
             let local = piece.start - self.shard.start..piece.end - self.shard.start;
+            let n = buffer.len[i];
             match &mut buffer.data {
-                Data::F32(v) => v[at..at + piece.len()].copy_from_slice(&values[local]),
+                Data::F32(v) => v[at..at + n].copy_from_slice(&values[local.start..local.start + n]),
                 Data::Q8 { signed, codes, scales } => {
                     let s0 = self.blocks.scales[i];
                     for (k, r) in self.blocks.of(&self.layout, i, &piece, piece.start).enumerate() {
@@ -545,6 +561,13 @@ impl Optimizer {
             }
         }
     }
+}
+
+/// The first and last parameters a segment overlaps.
+fn ends(layout: &Layout, range: &Range<usize>) -> (usize, usize) {
+    let mut it = layout.overlapping(range.clone()).map(|(i, _)| i);
+    let first = it.next().unwrap_or(0);
+    (first, it.last().unwrap_or(first))
 }
 
 /// Neighbouring parameters of `shard` with the same group and step count, with the step

@@ -22,6 +22,7 @@ use crate::config::non_negative;
 use crate::kernels::{check_lr, invalid};
 use crate::error::{OptimError, Result};
 use crate::kernels::{Kernel, Segment};
+use crate::layout::ParamSpec;
 use crate::kernels::muon::lerp;
 use rayon::prelude::*;
 
@@ -247,25 +248,28 @@ impl Kernel for AdafactorConfig {
         true
     }
 
+    fn state_len(&self, name: &str, param: &ParamSpec) -> usize {
+        let [rows, cols, variance] = state_sizes(&param.shape);
+        match name {
+            "row_var" => rows,
+            "col_var" => cols,
+            _ => variance,
+        }
+    }
+
     fn update(&self, segment: Segment<'_>) -> Result<()> {
         let Segment { params, grads, state, step, grad_scale, whole, .. } = segment;
         let [row, col, var]: [&mut [f32]; 3] =
             state.try_into().map_err(|_| OptimError::ShapeMismatch("adafactor runs without its three buffers".into()))?;
+        // Each buffer holds the parameters' packed statistics one after another.
+        let (mut r0, mut c0, mut v0) = (0, 0, 0);
         for (spec, l) in whole {
-            // The factored statistics are kept at the start of the parameter's own range
-            // in each buffer.
             let [nr, nc, nv] = state_sizes(&spec.shape);
-            update(
-                self,
-                &spec.shape,
-                step,
-                &mut params[l.clone()],
-                &grads[l.clone()],
-                &mut row[l.start..l.start + nr],
-                &mut col[l.start..l.start + nc],
-                &mut var[l.start..l.start + nv],
-                grad_scale,
-            );
+            let (Some(rows), Some(cols), Some(vars)) = (row.get_mut(r0..r0 + nr), col.get_mut(c0..c0 + nc), var.get_mut(v0..v0 + nv)) else {
+                return Err(OptimError::ShapeMismatch(format!("adafactor state too short for '{}'", spec.name)));
+            };
+            update(self, &spec.shape, step, &mut params[l.clone()], &grads[l.clone()], rows, cols, vars, grad_scale);
+            (r0, c0, v0) = (r0 + nr, c0 + nc, v0 + nv);
         }
         Ok(())
     }

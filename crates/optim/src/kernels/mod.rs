@@ -158,6 +158,15 @@ pub trait Kernel: std::fmt::Debug + Send + Sync {
         StateStorage::F32
     }
 
+    /// Elements of buffer `name` that a whole parameter `param` needs, kept packed
+    /// (Adafactor's row and column statistics: R + C of a matrix's R·C). Read only for a
+    /// [`whole_params`](Self::whole_params) rule; the kernel then receives, per buffer,
+    /// its parameters' packed state one after another in segment order. Elementwise
+    /// rules keep one element per element.
+    fn state_len(&self, _name: &str, param: &ParamSpec) -> usize {
+        param.numel()
+    }
+
     /// Elements per quantization block: a shard may cut one of this rule's parameters
     /// only at a multiple of it from the parameter's start, so that every block and its
     /// scale stay whole on one rank (1: anywhere).

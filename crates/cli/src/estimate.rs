@@ -12,19 +12,23 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use distoptim::estimate::{estimate, Machine, Plan};
+use distoptim::estimate::{estimate, Machine, OptimizerPlan, Plan};
 use distoptim::{FloatDtype, Precision, Strategy};
 use distoptim_collective::{CommConfig, Communicator, ReduceOp};
-use distoptim_optim::{AdamConfig, Layout, Optimizer, OptimizerConfig};
+use distoptim_optim::kernels::Adamw8bitConfig;
+use distoptim_optim::{
+    AdafactorConfig, AdamConfig, Layout, LionConfig, MuonConfig, Optimizer, OptimizerConfig, ParamGroup, ScheduleFreeConfig, SgdConfig,
+};
 
 #[derive(Args, Debug)]
 pub struct EstimateArgs {
     /// Parameters of the model: a number with an optional K, M or B suffix (25M, 1.3B).
     #[arg(long, value_parser = crate::value::count, conflicts_with = "layers")]
     params: Option<usize>,
-    /// Or the model's tensors as shapes, e.g. `2048x4096,4096,4096x4096,4096,4096x10,10`.
+    /// Or the model's tensors as shapes, e.g. `2048x4096,4096,4096x4096,4096,4096x10,10`
+    /// (needed for muon, which takes the matrices; exact for adafactor's factored state).
     #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
-    layers: Vec<usize>,
+    layers: Vec<Vec<usize>>,
     /// World sizes.
     #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [1usize, 2, 4, 8], value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     nproc: Vec<usize>,
@@ -37,8 +41,9 @@ pub struct EstimateArgs {
     /// What gradients are summed in.
     #[arg(long, default_value = "f32", value_parser = crate::value::reduce_dtype())]
     reduce_dtype: FloatDtype,
-    /// The optimizer (its f32 state buffers per parameter: adam/adamw 2, sgd 1).
-    #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw"])]
+    /// The optimizer, with `train`'s param groups (muon: Muon for the matrices, AdamW for
+    /// the rest); its state is computed as the live optimizer keeps it.
+    #[arg(long, default_value = "adamw", value_parser = ["sgd", "adam", "adamw", "muon", "adafactor", "lion", "schedule_free_adamw", "adamw8bit"])]
     optimizer: String,
     /// Latency per collective step, in microseconds (default: calibrated on this host).
     #[arg(long, value_parser = positive)]
@@ -58,12 +63,43 @@ fn positive(s: &str) -> Result<f64, String> {
     }
 }
 
-/// `4096x2048` → 8388608 elements.
-fn parse_shape(s: &str) -> Result<usize, String> {
-    s.split('x').try_fold(1usize, |n, d| {
-        let d: usize = d.trim().parse().map_err(|_| format!("{s:?} is not a shape like 4096x2048"))?;
-        n.checked_mul(d).filter(|&n| n <= 1 << 48).ok_or_else(|| format!("{s:?} has too many elements"))
-    })
+/// `4096x2048` → [4096, 2048] (at most 2^48 elements).
+fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
+    let shape = s
+        .split('x')
+        .map(|d| d.trim().parse::<usize>().map_err(|_| format!("{s:?} is not a shape like 4096x2048")))
+        .collect::<Result<Vec<_>, _>>()?;
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d).filter(|&n| n <= 1 << 48))
+        .ok_or_else(|| format!("{s:?} has too many elements"))?;
+    Ok(shape)
+}
+
+/// `train`'s param groups for `optimizer` over `layout`, with its default hyperparameters
+/// (only the state matters here).
+fn groups_for(optimizer: &str, layout: &Layout) -> Result<Vec<ParamGroup>> {
+    let config = |name: &str| -> OptimizerConfig {
+        match name {
+            "sgd" => SgdConfig { momentum: 0.9, ..SgdConfig::default() }.into(),
+            "adam" => AdamConfig::adam().into(),
+            "adafactor" => AdafactorConfig::default().into(),
+            "lion" => LionConfig::default().into(),
+            "schedule_free_adamw" => ScheduleFreeConfig::default().into(),
+            "adamw8bit" => Adamw8bitConfig::default().into(),
+            _ => AdamConfig::adamw().into(),
+        }
+    };
+    if optimizer != "muon" {
+        return Ok(vec![ParamGroup { params: (0..layout.len()).collect(), config: config(optimizer) }]);
+    }
+    let (matrices, rest): (Vec<usize>, Vec<usize>) = (0..layout.len()).partition(|&i| layout.param(i).shape.len() == 2);
+    ensure!(!matrices.is_empty(), "muon updates 2-D parameters: give the model's shapes with --layers (4096x2048,4096,…)");
+    let mut groups = vec![ParamGroup { params: matrices, config: MuonConfig::default().into() }];
+    if !rest.is_empty() {
+        groups.push(ParamGroup { params: rest, config: config("adamw") });
+    }
+    Ok(groups)
 }
 
 /// The alpha-beta figures of `comm`'s all-reduce (collective): the latency per ring step
@@ -164,13 +200,16 @@ fn calibrate(sizes: &[usize]) -> Result<Vec<(usize, Machine)>> {
 }
 
 pub fn run(args: EstimateArgs) -> Result<()> {
-    let params = match (args.params, args.layers.is_empty()) {
-        (Some(p), _) => p,
-        (None, false) => args.layers.iter().sum(),
+    let shapes: Vec<Vec<usize>> = match (args.params, args.layers.is_empty()) {
+        (Some(p), _) => vec![vec![p]],
+        (None, false) => args.layers.clone(),
         (None, true) => bail!("give the model size with --params (25M, 1.3B) or --layers (4096x2048,4096,…)"),
     };
+    let layout = Layout::new(shapes.iter().enumerate().map(|(i, s)| (format!("t{i}"), s.clone())))?;
+    let params = layout.numel();
     ensure!(params > 0, "the model has no parameters");
-    let state_buffers = if args.optimizer == "sgd" { 1 } else { 2 };
+    let groups = groups_for(&args.optimizer, &layout)?;
+    let per_param = Optimizer::planned_state_bytes(&layout, &groups, 0..params)? as f64 / params as f64;
     let reduce_dtype = args.reduce_dtype;
     let given = (args.latency_us, args.bandwidth_gbs);
     let measured = if given.0.is_some() && given.1.is_some() && args.memory_gbs.is_some() {
@@ -192,8 +231,8 @@ pub fn run(args: EstimateArgs) -> Result<()> {
         }
     };
     println!(
-        "# distoptim estimate: {params} parameters, {} ({} f32 state buffers per parameter), reduce in {reduce_dtype}",
-        args.optimizer, state_buffers
+        "# distoptim estimate: {params} parameters, {} ({per_param:.3} bytes of state per parameter), reduce in {reduce_dtype}",
+        args.optimizer
     );
     for &w in &args.nproc {
         let m = machine_for(w);
@@ -216,8 +255,9 @@ pub fn run(args: EstimateArgs) -> Result<()> {
         for &dtype in &args.precision {
             let precision = Precision::new(dtype).with_reduce_dtype(reduce_dtype);
             for &w in &args.nproc {
-                let plan = Plan { params, world_size: w, strategy, precision, state_buffers };
-                let e = estimate(&plan, &machine_for(w));
+                let optimizer = OptimizerPlan::Groups { layout: layout.clone(), groups: groups.clone() };
+                let plan = Plan { params, world_size: w, strategy, precision, optimizer };
+                let e = estimate(&plan, &machine_for(w))?;
                 let mib = |b: u64| b as f64 / 1048576.0;
                 let m = e.memory;
                 println!(
@@ -249,7 +289,7 @@ mod tests {
 
     #[test]
     fn counts_and_shapes_parse_with_checks() {
-        assert_eq!(parse_shape("4096x2048"), Ok(8_388_608));
+        assert_eq!(parse_shape("4096x2048"), Ok(vec![4096, 2048]));
         assert!(parse_shape("99999999x99999999x99999").is_err());
     }
 }

@@ -38,6 +38,25 @@ use distoptim_optim::clip::{self, NormType};
 /// The widest margin [`ShardedOptimizer::fetch_halo`] fetches (elements per side): past
 /// it, snapped ranges take the staged path.
 const HALO_MAX: usize = 1 << 16;
+
+/// How far `ranges` (one per rank, over `n` elements) reach past the balanced ones, when
+/// the all-f32 step of `strategy` can fetch that margin after its reduce-scatter; `None`
+/// when it cannot (see `ShardedOptimizer::halo`).
+pub(crate) fn halo(ranges: &[Range<usize>], n: usize, strategy: Strategy) -> Option<usize> {
+    let size = ranges.len();
+    let bal: Vec<Range<usize>> = (0..size).map(|r| shard_range(n, size, r)).collect();
+    if ranges == bal.as_slice() || !matches!(strategy, Strategy::Zero2 | Strategy::Zero3) {
+        return Some(0);
+    }
+    let h = ranges.iter().zip(&bal).map(|(o, b)| b.start.saturating_sub(o.start).max(o.end.saturating_sub(b.end))).max()?;
+    let fits = h <= bal.iter().map(|b| b.len()).min()?
+        && ranges.iter().enumerate().all(|(r, o)| {
+            let lo = if r > 0 { bal[r - 1].end - h } else { 0 };
+            let hi = if r + 1 < size { bal[r + 1].start + h } else { n };
+            lo <= o.start && o.end <= hi
+        });
+    (fits && h <= HALO_MAX).then_some(h)
+}
 use distoptim_optim::{Layout, OptimizerConfig, OptimizerStateDict, ParamGroup, Schedule};
 use std::ops::Range;
 
@@ -262,19 +281,7 @@ impl ShardedOptimizer {
     /// across ranks), which the staged path serves instead. Ranges snapped to 8-bit
     /// quantization blocks move by less than a block.
     fn halo(&self) -> Option<usize> {
-        if self.balanced() || !matches!(self.config.strategy, Strategy::Zero2 | Strategy::Zero3) {
-            return Some(0);
-        }
-        let (n, size) = (self.layout().numel(), self.comm.size());
-        let bal: Vec<Range<usize>> = (0..size).map(|r| shard_range(n, size, r)).collect();
-        let h = self.ranges.iter().zip(&bal).map(|(o, b)| b.start.saturating_sub(o.start).max(o.end.saturating_sub(b.end))).max()?;
-        let fits = h <= bal.iter().map(|b| b.len()).min()?
-            && self.ranges.iter().enumerate().all(|(r, o)| {
-                let lo = if r > 0 { bal[r - 1].end - h } else { 0 };
-                let hi = if r + 1 < size { bal[r + 1].start + h } else { n };
-                lo <= o.start && o.end <= hi
-            });
-        (fits && h <= HALO_MAX).then_some(h)
+        halo(&self.ranges, self.layout().numel(), self.config.strategy)
     }
 
     /// After a balanced reduce-scatter of `grads`, brings in the reduced elements of this

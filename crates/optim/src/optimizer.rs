@@ -172,6 +172,26 @@ impl Buffer {
         name: &str,
         blocks: &Blocks,
     ) -> Result<Buffer> {
+        let (at, len, total) = Self::placement(layout, groups, group_of, shard, name);
+        let data = match storage(groups, name)? {
+            StateStorage::F32 => Data::F32(vec![0.0; total]),
+            StateStorage::Q8 { signed } => Data::Q8 {
+                signed,
+                codes: vec![quantize::zero_code(quantize::dynamic_map(signed)); total],
+                scales: vec![0.0; blocks.total_scales],
+            },
+        };
+        Ok(Buffer { data, at, len })
+    }
+
+    /// Where each parameter's state of buffer `name` starts, how long it is, and the total.
+    fn placement(
+        layout: &Layout,
+        groups: &[ParamGroup],
+        group_of: &[usize],
+        shard: &Range<usize>,
+        name: &str,
+    ) -> (Vec<Option<usize>>, Vec<usize>, usize) {
         let mut at = vec![None; layout.len()];
         let mut len = vec![0; layout.len()];
         let mut total = 0;
@@ -185,15 +205,7 @@ impl Buffer {
                 total += len[i];
             }
         }
-        let data = match storage(groups, name)? {
-            StateStorage::F32 => Data::F32(vec![0.0; total]),
-            StateStorage::Q8 { signed } => Data::Q8 {
-                signed,
-                codes: vec![quantize::zero_code(quantize::dynamic_map(signed)); total],
-                scales: vec![0.0; blocks.total_scales],
-            },
-        };
-        Ok(Buffer { data, at, len })
+        (at, len, total)
     }
 
     /// Where the state of the segment of parameters `first..=last` lies in `data`.
@@ -333,6 +345,27 @@ impl Optimizer {
     /// buffer is kept in `f32` over the whole shard, else unpacked or dequantized.
     pub fn buffers(&self) -> impl Iterator<Item = (&'static str, Cow<'_, [f32]>)> {
         self.state.iter().map(|(n, b)| (*n, self.buffer_f32(b)))
+    }
+
+    /// The bytes of state an optimizer with these groups over `shard` would keep (what
+    /// [`state_bytes`](Self::state_bytes) reports once it exists), without allocating
+    /// it: for planning a job (`distoptim estimate`). Refuses what
+    /// [`with_groups`](Self::with_groups) refuses.
+    pub fn planned_state_bytes(layout: &Layout, groups: &[ParamGroup], shard: Range<usize>) -> Result<u64> {
+        let group_of = assign_groups(layout, groups)?;
+        if shard.start > shard.end || shard.end > layout.numel() {
+            return Err(OptimError::ShapeMismatch(format!("shard {shard:?} is not inside the layout's {} elements", layout.numel())));
+        }
+        let blocks = Blocks::new(layout, groups, &group_of, &shard)?;
+        let mut bytes = 0u64;
+        for name in buffer_names(groups) {
+            let (_, _, total) = Buffer::placement(layout, groups, &group_of, &shard, name);
+            bytes += match storage(groups, name)? {
+                StateStorage::F32 => total as u64 * 4,
+                StateStorage::Q8 { .. } => total as u64 + blocks.total_scales as u64 * 4,
+            };
+        }
+        Ok(bytes)
     }
 
     /// Bytes of state this optimizer keeps in memory (codes, scales and `f32` buffers).
@@ -990,6 +1023,10 @@ mod add_param_group_tests {
         let quantized = (3 * CHUNK + 100 + 700) as u64;
         let scales = ((3 * CHUNK + 100).div_ceil(256) + 700usize.div_ceil(256)) as u64;
         assert_eq!(whole.state_bytes(), 2 * (quantized + 4 * scales) + 2 * 4 * 37);
+        assert_eq!(Optimizer::planned_state_bytes(&layout, &groups, 0..n).unwrap(), whole.state_bytes());
+        for (opt, _) in &parts {
+            assert_eq!(Optimizer::planned_state_bytes(&layout, &groups, opt.shard()).unwrap(), opt.state_bytes());
+        }
 
         // Resume from the state dict: the same bits as going on.
         let sd = whole.state_dict();

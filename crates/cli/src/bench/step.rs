@@ -28,7 +28,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use distoptim::estimate::{estimate, Plan};
+use distoptim::estimate::{estimate, OptimizerPlan, Plan};
 use distoptim::{data_parallel, ClipConfig, DataParallel, DataParallelConfig, FloatDtype, Precision, ReduceMode, Strategy, Working};
 use distoptim_collective::{bf16, f16};
 use distoptim_collective::{Communicator, ReduceOp};
@@ -100,7 +100,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
     let out = comm.rank() == 0;
     let machine = crate::estimate::measure_machine(comm)?;
     let predict = |s: Strategy, precision: Precision| {
-        estimate(&Plan { params: n, world_size: comm.size(), strategy: s, precision, state_buffers: 2 }, &machine)
+        estimate(&Plan { params: n, world_size: comm.size(), strategy: s, precision, optimizer: OptimizerPlan::Buffers(2) }, &machine)
     };
     if out {
         println!(
@@ -171,7 +171,7 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
         })?;
         let parts = collectives + adam;
         let (moved, minimum) = traffic(s, n, owned.len(), comm.size());
-        let predicted = predict(s, Precision::f32());
+        let predicted = predict(s, Precision::f32())?;
         check_ledger(opt.as_ref(), &predicted.memory)?;
         f32_times.push((s, step));
         if out {
@@ -209,8 +209,8 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
                 FloatDtype::Bf16 => setup.mixed_step::<bf16>(s, precision)?,
                 FloatDtype::F16 => setup.mixed_step::<f16>(s, precision)?,
             };
-            let predicted = predict(s, precision);
-            let reference = predict(s, Precision::f32());
+            let predicted = predict(s, precision)?;
+            let reference = predict(s, Precision::f32())?;
             if out {
                 println!(
                     "{:<7} {:>6} {:>10.2} {:>8.2}x {:>12.1} {:>16.1} {:>10.2} {:>6.0}% {:>16.1}",

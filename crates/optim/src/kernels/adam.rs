@@ -7,10 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::non_negative;
-use crate::kernels::{check_lr, invalid};
 use crate::error::Result;
-use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
+use crate::kernels::{check_adam, par_for_each, Buffers, Kernel, Segment};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Decay {
@@ -212,21 +210,7 @@ impl Kernel for AdamConfig {
     lr_field!();
 
     fn validate(&self) -> Result<()> {
-        check_lr(self.lr)?;
-        if !non_negative(self.eps) {
-            return invalid(format!("invalid epsilon value: {}", self.eps));
-        }
-        let (b1, b2) = self.betas;
-        if !(0.0..1.0).contains(&b1) {
-            return invalid(format!("invalid beta parameter at index 0: {b1}"));
-        }
-        if !(0.0..1.0).contains(&b2) {
-            return invalid(format!("invalid beta parameter at index 1: {b2}"));
-        }
-        if !non_negative(self.weight_decay) {
-            return invalid(format!("invalid weight_decay value: {}", self.weight_decay));
-        }
-        Ok(())
+        check_adam(self.lr, self.eps, self.betas, self.weight_decay)
     }
 
     fn state_buffers(&self) -> Vec<&'static str> {

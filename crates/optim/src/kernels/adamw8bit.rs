@@ -31,9 +31,8 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::non_negative;
 use crate::error::{OptimError, Result};
-use crate::kernels::{check_lr, invalid, Kernel, Quantized, Segment, StateStorage, CHUNK};
+use crate::kernels::{check_adam, invalid, Kernel, Quantized, Segment, StateStorage, CHUNK};
 use crate::quantize::{dynamic_map, quantize_with, scale_of, Quantizer};
 
 /// bitsandbytes' `AdamW8bit` hyperparameters.
@@ -253,20 +252,7 @@ impl Kernel for Adamw8bitConfig {
     lr_field!();
 
     fn validate(&self) -> Result<()> {
-        check_lr(self.lr)?;
-        if !non_negative(self.eps) {
-            return invalid(format!("invalid epsilon value: {}", self.eps));
-        }
-        let (b1, b2) = self.betas;
-        if !(0.0..1.0).contains(&b1) {
-            return invalid(format!("invalid beta parameter at index 0: {b1}"));
-        }
-        if !(0.0..1.0).contains(&b2) {
-            return invalid(format!("invalid beta parameter at index 1: {b2}"));
-        }
-        if !non_negative(self.weight_decay) {
-            return invalid(format!("invalid weight_decay value: {}", self.weight_decay));
-        }
+        check_adam(self.lr, self.eps, self.betas, self.weight_decay)?;
         if !self.block_size.is_power_of_two() || !(2..=MAX_BLOCK).contains(&self.block_size) {
             return invalid(format!(
                 "invalid block_size: {} (a power of two from 2 to {MAX_BLOCK}; bitsandbytes uses 256 or 2048)",

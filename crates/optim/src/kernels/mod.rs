@@ -57,6 +57,24 @@ pub(crate) fn check_lr(lr: f64) -> Result<()> {
     }
 }
 
+/// torch's Adam checks, in its words: lr, eps and weight decay non-negative, each beta in
+/// [0, 1) (shared by every Adam-family rule).
+pub(crate) fn check_adam(lr: f64, eps: f64, betas: (f64, f64), weight_decay: f64) -> Result<()> {
+    check_lr(lr)?;
+    if !crate::config::non_negative(eps) {
+        return invalid(format!("invalid epsilon value: {eps}"));
+    }
+    for (i, b) in [betas.0, betas.1].into_iter().enumerate() {
+        if !(0.0..1.0).contains(&b) {
+            return invalid(format!("invalid beta parameter at index {i}: {b}"));
+        }
+    }
+    if !crate::config::non_negative(weight_decay) {
+        return invalid(format!("invalid weight_decay value: {weight_decay}"));
+    }
+    Ok(())
+}
+
 /// A refused configuration, with the reference implementation's message.
 pub(crate) fn invalid(message: String) -> Result<()> {
     Err(OptimError::InvalidConfig(message))

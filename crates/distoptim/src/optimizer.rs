@@ -34,6 +34,8 @@ use crate::scheduled::Scheduled;
 use distoptim_collective::exact::{ExactSum, ReproducibleSum};
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip::{self, NormType};
+use distoptim_optim::{Layout, OptimizerConfig, OptimizerStateDict, ParamGroup, Schedule};
+use std::ops::Range;
 
 /// The widest margin [`ShardedOptimizer::fetch_halo`] fetches (elements per side): past
 /// it, snapped ranges take the staged path.
@@ -57,8 +59,6 @@ pub(crate) fn halo(ranges: &[Range<usize>], n: usize, strategy: Strategy) -> Opt
         });
     (fits && h <= HALO_MAX).then_some(h)
 }
-use distoptim_optim::{Layout, OptimizerConfig, OptimizerStateDict, ParamGroup, Schedule};
-use std::ops::Range;
 
 /// DDP and ZeRO-1/2/3 over one flat buffer (see the module docs): what Megatron-LM calls
 /// its distributed optimizer. Named apart from torch's RPC `DistributedOptimizer`, which

@@ -107,9 +107,15 @@ impl Quantizer {
         if x.is_nan() {
             return self.zero;
         }
+        self.lookup(x)
+    }
+
+    /// The table's answer for a non-NaN `x`: the bucket's lower code, one more past its
+    /// threshold.
+    #[inline]
+    fn lookup(&self, x: f32) -> u8 {
         let e = self.entries[(x.to_bits() >> 16) as usize];
-        let step = x > self.thresholds[(e >> 8) as usize];
-        (e as u8).wrapping_add(step as u8)
+        (e as u8).wrapping_add((x > self.thresholds[(e >> 8) as usize]) as u8)
     }
 }
 
@@ -240,8 +246,7 @@ pub fn quantize_with(q: &Quantizer, values: &[f32], scale: f32, codes: &mut [u8]
             *x = if y.is_nan() { 0.0 } else { y };
         }
         for (c, &x) in cs.iter_mut().zip(x.iter()) {
-            let e = q.entries[(x.to_bits() >> 16) as usize];
-            *c = (e as u8).wrapping_add((x > q.thresholds[(e >> 8) as usize]) as u8);
+            *c = q.lookup(x);
         }
     }
 }

@@ -289,9 +289,6 @@ impl Kernel for Adamw8bitConfig {
                 blocks.len()
             )));
         }
-        if let Some(b) = blocks.iter().find(|b| b.len() > MAX_BLOCK) {
-            return Err(OptimError::ShapeMismatch(format!("quantization block {b:?} is over {MAX_BLOCK} elements")));
-        }
         let s = Step::new(self, step, grad_scale);
         run(&s, Part { params, grads, m, v, blocks: &blocks }, 0);
         Ok(())

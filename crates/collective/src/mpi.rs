@@ -259,7 +259,7 @@ impl MpiEngine {
         let contiguous = first.iter().all(|&f| f == self.rank as i64 - l as i64);
         let mut shape = [local_size as i64, -(local_size as i64), i64::from(contiguous), i64::from(wanted)];
         self.all_reduce(&mut shape, ReduceOp::Min)?;
-        let regular = shape[0] == -shape[1] && shape[2] == 1 && self.size % local_size == 0;
+        let regular = shape[0] == -shape[1] && shape[2] == 1 && self.size.is_multiple_of(local_size);
         if !regular || shape[3] == 0 || local_size < 2 {
             return Ok(());
         }

@@ -142,7 +142,7 @@ impl Diloco {
 
     /// Whether the last step ended with an outer step, so every rank's parameters are Γ.
     pub fn params_in_sync(&self) -> bool {
-        self.steps % self.inner_steps == 0
+        self.steps.is_multiple_of(self.inner_steps)
     }
 
     /// One inner step on this rank's `params` with its own gradient; every
@@ -150,7 +150,7 @@ impl Diloco {
     pub fn step(&mut self, params: &mut [f32], grads: &mut [f32]) -> Result<StepReport> {
         let report = self.inner.step_local(params, grads, self.clip.as_ref())?;
         self.steps += 1;
-        if self.steps % self.inner_steps == 0 {
+        if self.steps.is_multiple_of(self.inner_steps) {
             self.scratch.copy_from_slice(params);
             self.comm.all_reduce(&mut self.scratch, ReduceOp::Sum)?;
             let w = self.comm.size() as f32;

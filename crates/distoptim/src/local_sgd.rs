@@ -101,7 +101,7 @@ impl PostLocalSgd {
         }
         let report = self.opt.step_local(params, grads, self.clip.as_ref())?;
         self.steps += 1;
-        if local && (t - self.averaging.warmup_steps) % self.averaging.period == 0 {
+        if local && (t - self.averaging.warmup_steps).is_multiple_of(self.averaging.period) {
             average(&self.comm, params)?;
         }
         Ok(report)
@@ -111,7 +111,7 @@ impl PostLocalSgd {
     /// step, or one that averaged), so a replica check may run.
     pub fn params_in_sync(&self) -> bool {
         let w = self.averaging.warmup_steps;
-        self.steps <= w || (self.steps - 1 - w) % self.averaging.period == 0
+        self.steps <= w || (self.steps - 1 - w).is_multiple_of(self.averaging.period)
     }
 
     /// This rank's optimizer state, schedule position and the averager's counter, for

@@ -30,7 +30,7 @@ pub fn header(tensors: &[(String, Vec<usize>)], dtype: FloatDtype, metadata: &BT
         header.insert("__metadata__".into(), json!(metadata));
     }
     let mut text = Value::Object(header).to_string().into_bytes();
-    while (8 + text.len()) % 8 != 0 {
+    while !(8 + text.len()).is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + text.len());

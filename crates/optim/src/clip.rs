@@ -305,7 +305,7 @@ impl NormAccumulator {
 /// lanes by value, in a function of its own, so they stay in registers through the loop.
 #[inline(never)]
 fn feed<L: Lanes>(lanes: L, pos: usize, piece: &[f32]) -> L {
-    if pos % LANES == 0 {
+    if pos.is_multiple_of(LANES) {
         // Aligned (the collectives hand over blocks of a multiple of LANES): the same
         // loop as a whole chunk's.
         return feed_aligned(lanes, piece);

@@ -270,7 +270,7 @@ pub fn read_head<R: Read, H: for<'de> Deserialize<'de>>(
     if data_len > max_data {
         return Err(FrameError::TooLarge { got: data_len, max: max_data });
     }
-    if data_len % 4 != 0 {
+    if !data_len.is_multiple_of(4) {
         return Err(FrameError::Malformed(format!("data of {data_len} bytes is not whole f32s")));
     }
     let mut header = vec![0u8; header_len];

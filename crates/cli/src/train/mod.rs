@@ -913,7 +913,7 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.set_position(row.step);
             bar.set_message(msg);
-        } else if self.log && (row.step % log_every.max(1) == 0 || row.test_accuracy.is_some()) {
+        } else if self.log && (row.step.is_multiple_of(log_every.max(1)) || row.test_accuracy.is_some()) {
             println!("step {} epoch {} {msg}", row.step, row.epoch);
         }
     }

@@ -190,7 +190,7 @@ impl SharedEngine {
             }
             spins += 1;
             // Reading the clock costs more than a spin: do it every 256 spins while spinning.
-            if spins % 256 != 0 && !self.spin_for.is_zero() {
+            if !spins.is_multiple_of(256) && !self.spin_for.is_zero() {
                 std::hint::spin_loop();
                 continue;
             }

@@ -48,6 +48,7 @@ pub mod layout;
 pub mod optimizer;
 pub mod quantize;
 pub mod schedule;
+mod simd;
 
 pub use clip::{clip_grad_norm, NormType};
 pub use config::{

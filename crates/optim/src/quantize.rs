@@ -370,17 +370,7 @@ pub(crate) mod x86 {
 
     use super::{Normalize, Quantizer, CODES};
 
-    /// Whether this CPU runs the AVX-512 loops (std caches the answer).
-    #[inline]
-    pub(crate) fn has_avx512() -> bool {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vl")
-    }
-
-    /// Whether this CPU also has AVX-512 VBMI, for byte permutes across a register.
-    #[inline]
-    pub(crate) fn has_vbmi() -> bool {
-        has_avx512() && std::is_x86_feature_detected!("avx512vbmi")
-    }
+    pub(crate) use crate::simd::{has_avx512, has_vbmi};
 
     /// The mask of the first `n` lanes (all 16 from 16 on).
     #[inline]

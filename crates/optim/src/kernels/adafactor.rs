@@ -26,6 +26,8 @@ use crate::layout::ParamSpec;
 use crate::kernels::muon::lerp;
 use rayon::prelude::*;
 
+use crate::simd::wide_fn;
+
 /// f32's machine epsilon, torch's `finfo(float32).eps`: eps1's default.
 pub const F32_EPS: f64 = f32::EPSILON as f64;
 
@@ -47,7 +49,7 @@ const SUM_CHUNK: usize = 1 << 14;
 
 /// Σ x² over `x` in f64: [`SUM_CHUNK`] pieces in parallel, added up in order.
 fn sum_sq_f64(x: &[f32]) -> f64 {
-    let partials: Vec<f64> = x.par_chunks(SUM_CHUNK).map(sum_sq).collect();
+    let partials: Vec<f64> = x.par_chunks(SUM_CHUNK).map(|c| sum_sq(c, 1.0)).collect();
     partials.iter().sum()
 }
 
@@ -77,14 +79,12 @@ pub fn update(
 ) {
     // -(x·s) and x·(-s) are the same bits; one multiplier keeps the loops branch-free.
     let scale = if c.maximize { -grad_scale } else { grad_scale };
-    let grad = move |x: f32| x * scale;
     let eps1 = c.eps.0.unwrap_or(F32_EPS) as f32;
     let eps1_sq = eps1 * eps1;
     
     let s = step as f64;
     let omega = s.powf(c.beta2_decay) as f32;
     let rho = c.lr.min(1.0 / s.sqrt());
-    let alpha = c.eps.1.max(rms_of(sum_sq_f64(p), p.len())) * rho;
     let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
     let n = g.len();
     let factored = shape.len() >= 2;
@@ -96,7 +96,7 @@ pub fn update(
             let gm = &g[bi * r * cn..(bi + 1) * r * cn];
             let (rows, cols) = (&mut row[bi * r..(bi + 1) * r], &mut col[bi * cn..(bi + 1) * cn]);
             rows.par_iter_mut().enumerate().for_each(|(i, ri)| {
-                let norm = gm[i * cn..(i + 1) * cn].iter().map(|&x| f64::from(grad(x)) * f64::from(grad(x))).sum::<f64>().sqrt() as f32;
+                let norm = sum_sq(&gm[i * cn..(i + 1) * cn], scale).sqrt() as f32;
                 *ri = lerp(*ri, norm * norm / cn as f32, omega);
             });
             // Column sums row by row (i ascending, as a column walk would add them), in
@@ -105,8 +105,7 @@ pub fn update(
                 let j0 = bj * 256;
                 let mut acc = vec![0f64; cb.len()];
                 for i in 0..r {
-                    let src = &gm[i * cn + j0..i * cn + j0 + cb.len()];
-                    acc.iter_mut().zip(src).for_each(|(a, &x)| *a += f64::from(grad(x)) * f64::from(grad(x)));
+                    add_squares(&mut acc, &gm[i * cn + j0..i * cn + j0 + cb.len()], scale);
                 }
                 cb.iter_mut().zip(&acc).for_each(|(cj, a)| {
                     let norm = a.sqrt() as f32;
@@ -124,38 +123,108 @@ pub fn update(
                 let len = (cn - j).min(k0 + gc.len() - k);
                 let (ri, mean) = (row[bi * r + i], means[bi]);
                 let cols = &col[bi * cn + j..bi * cn + j + len];
-                let (gs, os) = (&gc[k - k0..k - k0 + len], &mut out[k - k0..k - k0 + len]);
-                for ((o, &gk), &cj) in os.iter_mut().zip(gs).zip(cols) {
-                    *o = 1.0 / (ri * cj / mean).max(eps1_sq).sqrt() * grad(gk);
-                }
+                factored_u(&mut out[k - k0..k - k0 + len], &gc[k - k0..k - k0 + len], cols, ri, mean, eps1_sq, scale);
                 k += len;
             }
         };
+        let alpha = c.eps.1.max(rms_of(sum_sq_f64(p), p.len())) * rho;
         apply(p, g, fill, alpha, c.d, decay);
     } else {
-        v.par_chunks_mut(SUM_CHUNK).zip(g.par_chunks(SUM_CHUNK)).for_each(|(vc, gc)| {
-            vc.iter_mut().zip(gc).for_each(|(v, &gk)| *v = lerp(*v, grad(gk) * grad(gk), omega));
+        // Two passes over pieces: Σp², the new v and ΣU² in the first (RMS(p) is of p
+        // before the step, which only the second changes); the update in the second, U
+        // computed again from g and v. Each piece's sums are the ones the separate passes
+        // took, added up in the same order.
+        let sums: Vec<(f64, f64)> = p
+            .par_chunks(SUM_CHUNK)
+            .zip(g.par_chunks(SUM_CHUNK))
+            .zip(v.par_chunks_mut(SUM_CHUNK))
+            .map_init(|| vec![0f32; SUM_CHUNK], |u, ((pc, gc), vc)| variance_piece(pc, gc, vc, &mut u[..gc.len()], scale, omega, eps1_sq))
+            .collect();
+        let alpha = c.eps.1.max(rms_of(sums.iter().map(|s| s.0).sum(), n)) * rho;
+        let step_size = (-alpha / (rms_of(sums.iter().map(|s| s.1).sum(), n) / c.d).max(1.0)) as f32;
+        // A decay of 1 when there is none: x·1 + s·u is x + s·u, bit for bit.
+        let decay = decay.unwrap_or(1.0);
+        p.par_chunks_mut(SUM_CHUNK).zip(g.par_chunks(SUM_CHUNK)).zip(v.par_chunks(SUM_CHUNK)).for_each(|((pc, gc), vc)| {
+            update_piece(pc, gc, vc, scale, eps1_sq, step_size, decay);
         });
-        let v = &*v;
-        let fill = |k0: usize, gc: &[f32], out: &mut [f32]| {
-            for ((o, &gk), &vk) in out.iter_mut().zip(gc).zip(&v[k0..k0 + gc.len()]) {
-                *o = 1.0 / vk.max(eps1_sq).sqrt() * grad(gk);
-            }
-        };
-        apply(p, g, fill, alpha, c.d, decay);
     }
 }
 
-/// Σ x² in f64 over a piece, in 8 lanes added up in order.
-fn sum_sq(x: &[f32]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let mut pieces = x.chunks_exact(8);
-    for piece in pieces.by_ref() {
-        for (l, &v) in lanes.iter_mut().zip(piece) {
-            *l += f64::from(v) * f64::from(v);
+wide_fn! {
+    /// The first pass over a piece of an unfactored parameter: `v = lerp(v, g², ω)`, then
+    /// U = g / sqrt(max(v, eps1²)) into `u`; returns (Σp², ΣU²).
+    fn variance_piece(p: &[f32], g: &[f32], v: &mut [f32], u: &mut [f32], scale: f32, omega: f32, eps1_sq: f32) -> (f64, f64) {
+        // torch's lerp, its branch on the weight taken once for the piece.
+        if omega.abs() < 0.5 {
+            for (vk, &gk) in v.iter_mut().zip(g) {
+                let gk = gk * scale;
+                *vk += omega * (gk * gk - *vk);
+            }
+        } else {
+            for (vk, &gk) in v.iter_mut().zip(g) {
+                let gk = gk * scale;
+                *vk = gk * gk - (gk * gk - *vk) * (1.0 - omega);
+            }
+        }
+        for ((o, &gk), &vk) in u.iter_mut().zip(g).zip(v.iter()) {
+            *o = 1.0 / vk.max(eps1_sq).sqrt() * (gk * scale);
+        }
+        (sum_sq(p, 1.0), sum_sq(u, 1.0))
+    }
+}
+
+wide_fn! {
+    /// The second pass over a piece of an unfactored parameter: `p = p·decay + s·U`.
+    fn update_piece(p: &mut [f32], g: &[f32], v: &[f32], scale: f32, eps1_sq: f32, step_size: f32, decay: f32) {
+        for ((x, &gk), &vk) in p.iter_mut().zip(g).zip(v) {
+            let u = 1.0 / vk.max(eps1_sq).sqrt() * (gk * scale);
+            *x = *x * decay + step_size * u;
         }
     }
-    lanes.iter().sum::<f64>() + pieces.remainder().iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()
+}
+
+wide_fn! {
+    /// Σ (x·scale)² in f64 over a piece, in 8 lanes added up in order (a scale of 1 is
+    /// exact).
+    fn sum_sq(x: &[f32], scale: f32) -> f64 {
+        let mut lanes = [0f64; 8];
+        let mut pieces = x.chunks_exact(8);
+        for piece in pieces.by_ref() {
+            for (l, &v) in lanes.iter_mut().zip(piece) {
+                let v = f64::from(v * scale);
+                *l += v * v;
+            }
+        }
+        lanes.iter().sum::<f64>() + pieces.remainder().iter().map(|&v| f64::from(v * scale) * f64::from(v * scale)).sum::<f64>()
+    }
+}
+
+wide_fn! {
+    /// `acc[j] += (x[j]·scale)²` in f64: one row's share of the column sums.
+    fn add_squares(acc: &mut [f64], x: &[f32], scale: f32) {
+        for (a, &v) in acc.iter_mut().zip(x) {
+            let v = f64::from(v * scale);
+            *a += v * v;
+        }
+    }
+}
+
+wide_fn! {
+    /// U along one row of a factored parameter: g / sqrt(max(row·col/mean, eps1²)).
+    fn factored_u(out: &mut [f32], g: &[f32], cols: &[f32], row: f32, mean: f32, eps1_sq: f32, scale: f32) {
+        for ((o, &gk), &cj) in out.iter_mut().zip(g).zip(cols) {
+            *o = 1.0 / (row * cj / mean).max(eps1_sq).sqrt() * (gk * scale);
+        }
+    }
+}
+
+wide_fn! {
+    /// `p = p·decay + s·u`.
+    fn descend(p: &mut [f32], u: &[f32], step_size: f32, decay: f32) {
+        for (x, &uk) in p.iter_mut().zip(u) {
+            *x = *x * decay + step_size * uk;
+        }
+    }
 }
 
 /// The update `p = p·decay - α / max(1, RMS(U)/d) · U`, where `fill(k0, g_piece, out)`
@@ -176,7 +245,7 @@ fn apply(
             || vec![0f32; SUM_CHUNK],
             |u, (ci, gc)| {
                 fill(ci * SUM_CHUNK, gc, &mut u[..gc.len()]);
-                sum_sq(&u[..gc.len()])
+                sum_sq(&u[..gc.len()], 1.0)
             },
         )
         .collect();
@@ -185,10 +254,8 @@ fn apply(
         || vec![0f32; SUM_CHUNK],
         |u, (ci, (pc, gc))| {
             fill(ci * SUM_CHUNK, gc, &mut u[..gc.len()]);
-            match decay {
-                Some(d) => pc.iter_mut().zip(u.iter()).for_each(|(x, &uk)| *x = *x * d + step_size * uk),
-                None => pc.iter_mut().zip(u.iter()).for_each(|(x, &uk)| *x += step_size * uk),
-            }
+            // A decay of 1 when there is none: x·1 + s·u is x + s·u, bit for bit.
+            descend(pc, &u[..gc.len()], step_size, decay.unwrap_or(1.0));
         },
     );
 }
@@ -296,5 +363,53 @@ mod tests {
         update(&c, &[], 1, &mut p, &[2.0], &mut [], &mut [], &mut v, 1.0);
         assert_eq!(v[0], 4.0);
         assert!((p[0] - (0.5 - 0.5 * 0.01)).abs() < 1e-7, "{}", p[0]);
+    }
+
+    /// The fused passes over an unfactored parameter give the bits of the rule taken a
+    /// pass at a time (torch's order: RMS(p), v, U whole, RMS(U), the update), at every
+    /// branch of the lerp, with and without decay, maximizing or not, over several pieces
+    /// and a ragged end.
+    #[test]
+    fn the_fused_passes_equal_the_rule_pass_by_pass() {
+        // Σx² as `sum_sq_f64` takes it: pieces of SUM_CHUNK, eight lanes each, in order.
+        fn plain_sum_sq(x: &[f32]) -> f64 {
+            let piece = |x: &[f32]| {
+                let mut lanes = [0f64; 8];
+                let whole = x.len() / 8 * 8;
+                for (k, &v) in x[..whole].iter().enumerate() {
+                    lanes[k % 8] += f64::from(v) * f64::from(v);
+                }
+                lanes.iter().sum::<f64>() + x[whole..].iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()
+            };
+            x.chunks(SUM_CHUNK).map(piece).collect::<Vec<f64>>().iter().sum()
+        }
+        let n = 3 * SUM_CHUNK + 77;
+        let wave = |k: f32, a: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin() * a).collect() };
+        for (weight_decay, maximize) in [(0.0, false), (0.1, true)] {
+            let c = AdafactorConfig { weight_decay, maximize, ..AdafactorConfig::default() };
+            let (mut p, mut v) = (wave(0.013, 2.0), vec![0f32; n]);
+            let (mut want_p, mut want_v) = (p.clone(), v.clone());
+            for step in 1..=4u64 {
+                let g = wave(0.7 + step as f32, 0.3);
+                update(&c, &[n], step, &mut p, &g, &mut [], &mut [], &mut v, 0.5);
+                // By the rule, a pass at a time.
+                let scale = if maximize { -0.5f32 } else { 0.5 };
+                let eps1_sq = (F32_EPS as f32) * (F32_EPS as f32);
+                let omega = (step as f64).powf(c.beta2_decay) as f32;
+                let alpha = c.eps.1.max(rms_of(plain_sum_sq(&want_p), n)) * c.lr.min(1.0 / (step as f64).sqrt());
+                for (vk, &gk) in want_v.iter_mut().zip(&g) {
+                    *vk = lerp(*vk, (gk * scale) * (gk * scale), omega);
+                }
+                let u: Vec<f32> = want_v.iter().zip(&g).map(|(&vk, &gk)| 1.0 / vk.max(eps1_sq).sqrt() * (gk * scale)).collect();
+                let step_size = (-alpha / (rms_of(plain_sum_sq(&u), n) / c.d).max(1.0)) as f32;
+                let decay = (1.0 - c.lr * c.weight_decay) as f32;
+                for (x, &uk) in want_p.iter_mut().zip(&u) {
+                    *x = if weight_decay != 0.0 { *x * decay + step_size * uk } else { *x + step_size * uk };
+                }
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&v), bits(&want_v), "v, step {step}");
+                assert_eq!(bits(&p), bits(&want_p), "p, step {step}");
+            }
+        }
     }
 }

@@ -137,7 +137,7 @@ impl Step {
     fn moments(&self, params: &mut [f32], grads: &[f32], s1: &mut [f32], s2: &mut [f32]) -> [f32; 2] {
         let n = params.len().min(grads.len()).min(s1.len()).min(s2.len());
         #[cfg(target_arch = "x86_64")]
-        if crate::quantize::x86::has_avx512() {
+        if crate::simd::has_avx512() {
             // SAFETY: the CPU has the features, checked just above.
             return unsafe { self.moments_avx512(&mut params[..n], &grads[..n], &mut s1[..n], &mut s2[..n]) };
         }
@@ -199,7 +199,7 @@ impl Step {
     /// and scalar loops (no fused multiply-adds), so the same bits.
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F, BW and VL (`quantize::x86::has_avx512`).
+    /// The CPU must have AVX-512 F, BW and VL (`simd::has_avx512`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn moments_avx512(&self, params: &mut [f32], grads: &[f32], s1: &mut [f32], s2: &mut [f32]) -> [f32; 2] {

@@ -328,16 +328,35 @@ impl Kernel for AdafactorConfig {
         let Segment { params, grads, state, step, grad_scale, whole, .. } = segment;
         let [row, col, var]: [&mut [f32]; 3] =
             state.try_into().map_err(|_| OptimError::ShapeMismatch("adafactor runs without its three buffers".into()))?;
-        // Each buffer holds the parameters' packed statistics one after another.
-        let (mut r0, mut c0, mut v0) = (0, 0, 0);
+        // Each buffer holds the parameters' packed statistics one after another. The
+        // parameters are independent: cut everything into per-parameter pieces and step
+        // them in parallel (a layout of many small tensors has no parallelism inside one).
+        type Piece<'a> = (&'a ParamSpec, &'a mut [f32], &'a [f32], [&'a mut [f32]; 3]);
+        let mut pieces: Vec<Piece<'_>> = Vec::with_capacity(whole.len());
+        let (mut p_rest, mut g_rest, mut at) = (params, grads, 0usize);
+        let mut stats = [row, col, var];
         for (spec, l) in whole {
-            let [nr, nc, nv] = state_sizes(&spec.shape);
-            let (Some(rows), Some(cols), Some(vars)) = (row.get_mut(r0..r0 + nr), col.get_mut(c0..c0 + nc), var.get_mut(v0..v0 + nv)) else {
-                return Err(OptimError::ShapeMismatch(format!("adafactor state too short for '{}'", spec.name)));
+            let too_short = || OptimError::ShapeMismatch(format!("adafactor segment or state too short for '{}'", spec.name));
+            let skip = l.start.checked_sub(at).filter(|&k| k + l.len() <= p_rest.len().min(g_rest.len())).ok_or_else(too_short)?;
+            let (p, g);
+            (p, p_rest) = std::mem::take(&mut p_rest)[skip..].split_at_mut(l.len());
+            (g, g_rest) = g_rest[skip..].split_at(l.len());
+            at = l.end;
+            let sizes = state_sizes(&spec.shape);
+            if stats.iter().zip(&sizes).any(|(b, &k)| b.len() < k) {
+                return Err(too_short());
+            }
+            let mut take = |b: usize| {
+                let (mine, rest) = std::mem::take(&mut stats[b]).split_at_mut(sizes[b]);
+                stats[b] = rest;
+                mine
             };
-            update(self, &spec.shape, step, &mut params[l.clone()], &grads[l.clone()], rows, cols, vars, grad_scale);
-            (r0, c0, v0) = (r0 + nr, c0 + nc, v0 + nv);
+            let (rows, cols, vars) = (take(0), take(1), take(2));
+            pieces.push((spec, p, g, [rows, cols, vars]));
         }
+        pieces.into_par_iter().for_each(|(spec, p, g, [rows, cols, vars])| {
+            update(self, &spec.shape, step, p, g, rows, cols, vars, grad_scale);
+        });
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::kernels::{check_adam, par_for_each, Buffers, Kernel, Segment};
+use crate::simd::wide_fn;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Decay {
@@ -81,16 +82,18 @@ impl AdamStep {
     }
 }
 
-/// One fused pass over a range: updates `params`, `exp_avg` and `exp_avg_sq` in place;
-/// `max_exp_avg_sq` (same length) only with amsgrad.
-pub fn update(s: &AdamStep, params: &mut [f32], grads: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], max_exp_avg_sq: &mut [f32]) {
-    debug_assert_eq!(params.len(), grads.len());
-    debug_assert_eq!(params.len(), exp_avg.len());
-    debug_assert_eq!(params.len(), exp_avg_sq.len());
-    if s.maximize {
-        with_decay::<true>(s, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq)
-    } else {
-        with_decay::<false>(s, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq)
+wide_fn! {
+    /// One fused pass over a range: updates `params`, `exp_avg` and `exp_avg_sq` in place;
+    /// `max_exp_avg_sq` (same length) only with amsgrad.
+    pub fn update(s: &AdamStep, params: &mut [f32], grads: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], max_exp_avg_sq: &mut [f32]) {
+        debug_assert_eq!(params.len(), grads.len());
+        debug_assert_eq!(params.len(), exp_avg.len());
+        debug_assert_eq!(params.len(), exp_avg_sq.len());
+        if s.maximize {
+            with_decay::<true>(s, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq)
+        } else {
+            with_decay::<false>(s, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq)
+        }
     }
 }
 
@@ -98,6 +101,7 @@ const NONE: u8 = 0;
 const COUPLED: u8 = 1;
 const DECOUPLED: u8 = 2;
 
+#[inline(always)]
 fn with_decay<const MAX: bool>(s: &AdamStep, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], vm: &mut [f32]) {
     match s.decay {
         Decay::None => with_lerp::<MAX, NONE>(s, p, g, m, v, vm),
@@ -106,6 +110,7 @@ fn with_decay<const MAX: bool>(s: &AdamStep, p: &mut [f32], g: &[f32], m: &mut [
     }
 }
 
+#[inline(always)]
 fn with_lerp<const MAX: bool, const DECAY: u8>(s: &AdamStep, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], vm: &mut [f32]) {
     match (s.lerp_small, s.amsgrad) {
         (true, false) => plain::<MAX, DECAY, true>(s, p, g, m, v),
@@ -135,6 +140,7 @@ fn apply(s: &AdamStep, p: &mut f32, m: f32, v: f32) {
     *p += s.neg_step_size * m / denom;
 }
 
+#[inline(always)]
 fn plain<const MAX: bool, const DECAY: u8, const SMALL: bool>(s: &AdamStep, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         moments::<MAX, DECAY, SMALL>(s, p, g, m, v);
@@ -142,6 +148,7 @@ fn plain<const MAX: bool, const DECAY: u8, const SMALL: bool>(s: &AdamStep, p: &
     }
 }
 
+#[inline(always)]
 fn amsgrad<const MAX: bool, const DECAY: u8, const SMALL: bool>(
     s: &AdamStep,
     p: &mut [f32],

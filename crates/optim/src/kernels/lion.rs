@@ -16,25 +16,28 @@ use crate::config::non_negative;
 use crate::kernels::{check_lr, invalid};
 use crate::error::Result;
 use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
+use crate::simd::wide_fn;
 
-/// Updates `params` and `exp_avg` in place, with every gradient multiplied by
-/// `grad_scale` as it is read (the clip coefficient).
-pub fn update(c: &LionConfig, params: &mut [f32], grads: &[f32], exp_avg: &mut [f32], grad_scale: f32) {
-    let (b1, b2) = (c.betas.0 as f32, c.betas.1 as f32);
-    let decay = (1.0 - c.lr * c.weight_decay) as f32;
-    let lr = c.lr as f32;
-    for ((p, &g), m) in params.iter_mut().zip(grads).zip(exp_avg.iter_mut()) {
-        let g = if c.maximize { -g * grad_scale } else { g * grad_scale };
-        let u = b1 * *m + (1.0 - b1) * g;
-        let sign = if u > 0.0 {
-            1.0
-        } else if u < 0.0 {
-            -1.0
-        } else {
-            0.0
-        };
-        *p = *p * decay - lr * sign;
-        *m = b2 * *m + (1.0 - b2) * g;
+wide_fn! {
+    /// Updates `params` and `exp_avg` in place, with every gradient multiplied by
+    /// `grad_scale` as it is read (the clip coefficient).
+    pub fn update(c: &LionConfig, params: &mut [f32], grads: &[f32], exp_avg: &mut [f32], grad_scale: f32) {
+        let (b1, b2) = (c.betas.0 as f32, c.betas.1 as f32);
+        let decay = (1.0 - c.lr * c.weight_decay) as f32;
+        let lr = c.lr as f32;
+        for ((p, &g), m) in params.iter_mut().zip(grads).zip(exp_avg.iter_mut()) {
+            let g = if c.maximize { -g * grad_scale } else { g * grad_scale };
+            let u = b1 * *m + (1.0 - b1) * g;
+            let sign = if u > 0.0 {
+                1.0
+            } else if u < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            *p = *p * decay - lr * sign;
+            *m = b2 * *m + (1.0 - b2) * g;
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::non_negative;
 use crate::kernels::{check_lr, invalid};
+use crate::simd::wide_fn;
 use crate::error::Result;
 use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
 use crate::kernels::muon::lerp;
@@ -61,36 +62,38 @@ pub fn current(c: &ScheduleFreeConfig) -> ScheduleFreeStep {
     ScheduleFreeStep { lr, ckp1, bias_correction2: 1.0 - c.betas.1.powf(k as f64 + 1.0) }
 }
 
-/// One step over a range: `y` the parameters, `z` and `v` the state (`first`: the
-/// parameters' first step, where z starts at y). Gradients are multiplied by
-/// `grad_scale` as they are read.
-#[allow(clippy::too_many_arguments)]
-pub fn update(
-    c: &ScheduleFreeConfig,
-    s: &ScheduleFreeStep,
-    first: bool,
-    y: &mut [f32],
-    g: &[f32],
-    z: &mut [f32],
-    v: &mut [f32],
-    grad_scale: f32,
-) {
-    let b2 = c.betas.1 as f32;
-    let (eps, wd, bc2) = (c.eps as f32, c.weight_decay as f32, s.bias_correction2 as f32);
-    let (ckp1, y_lr, z_lr) = (s.ckp1 as f32, (s.lr * (c.betas.0 * (1.0 - s.ckp1) - 1.0)) as f32, s.lr as f32);
-    for (((y, &g), z), v) in y.iter_mut().zip(g).zip(z.iter_mut()).zip(v.iter_mut()) {
-        if first {
-            *z = *y;
+wide_fn! {
+    /// One step over a range: `y` the parameters, `z` and `v` the state (`first`: the
+    /// parameters' first step, where z starts at y). Gradients are multiplied by
+    /// `grad_scale` as they are read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        c: &ScheduleFreeConfig,
+        s: &ScheduleFreeStep,
+        first: bool,
+        y: &mut [f32],
+        g: &[f32],
+        z: &mut [f32],
+        v: &mut [f32],
+        grad_scale: f32,
+    ) {
+        let b2 = c.betas.1 as f32;
+        let (eps, wd, bc2) = (c.eps as f32, c.weight_decay as f32, s.bias_correction2 as f32);
+        let (ckp1, y_lr, z_lr) = (s.ckp1 as f32, (s.lr * (c.betas.0 * (1.0 - s.ckp1) - 1.0)) as f32, s.lr as f32);
+        for (((y, &g), z), v) in y.iter_mut().zip(g).zip(z.iter_mut()).zip(v.iter_mut()) {
+            if first {
+                *z = *y;
+            }
+            let g = g * grad_scale;
+            *v = *v * b2 + (1.0 - b2) * g * g;
+            let mut gn = g / ((*v / bc2).sqrt() + eps);
+            if wd != 0.0 {
+                gn += wd * *y;
+            }
+            *y = lerp(*y, *z, ckp1);
+            *y += y_lr * gn;
+            *z -= z_lr * gn;
         }
-        let g = g * grad_scale;
-        *v = *v * b2 + (1.0 - b2) * g * g;
-        let mut gn = g / ((*v / bc2).sqrt() + eps);
-        if wd != 0.0 {
-            gn += wd * *y;
-        }
-        *y = lerp(*y, *z, ckp1);
-        *y += y_lr * gn;
-        *z -= z_lr * gn;
     }
 }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::non_negative;
 use crate::kernels::{check_lr, invalid};
+use crate::simd::wide_fn;
 use crate::error::Result;
 use crate::kernels::{par_for_each, Buffers, Kernel, Segment};
 
@@ -55,39 +56,41 @@ impl SgdStep {
     }
 }
 
-/// Updates `params` in place. `momentum_buffer` has the same length as `params` when the
-/// step uses momentum and is ignored otherwise.
-pub fn update(s: &SgdStep, params: &mut [f32], grads: &[f32], momentum_buffer: &mut [f32]) {
-    debug_assert_eq!(params.len(), grads.len());
-    let wd = s.weight_decay != 0.0;
-    if !s.has_momentum {
-        match (s.maximize, wd) {
-            (false, false) => plain::<false, false>(s, params, grads),
-            (false, true) => plain::<false, true>(s, params, grads),
-            (true, false) => plain::<true, false>(s, params, grads),
-            (true, true) => plain::<true, true>(s, params, grads),
+wide_fn! {
+    /// Updates `params` in place. `momentum_buffer` has the same length as `params` when the
+    /// step uses momentum and is ignored otherwise.
+    pub fn update(s: &SgdStep, params: &mut [f32], grads: &[f32], momentum_buffer: &mut [f32]) {
+        debug_assert_eq!(params.len(), grads.len());
+        let wd = s.weight_decay != 0.0;
+        if !s.has_momentum {
+            match (s.maximize, wd) {
+                (false, false) => plain::<false, false>(s, params, grads),
+                (false, true) => plain::<false, true>(s, params, grads),
+                (true, false) => plain::<true, false>(s, params, grads),
+                (true, true) => plain::<true, true>(s, params, grads),
+            }
+            return;
         }
-        return;
-    }
-    debug_assert_eq!(params.len(), momentum_buffer.len());
-    let b = momentum_buffer;
-    match (s.maximize, wd, s.first_step, s.nesterov) {
-        (false, false, false, false) => momentum::<false, false, false, false>(s, params, grads, b),
-        (false, false, false, true) => momentum::<false, false, false, true>(s, params, grads, b),
-        (false, false, true, false) => momentum::<false, false, true, false>(s, params, grads, b),
-        (false, false, true, true) => momentum::<false, false, true, true>(s, params, grads, b),
-        (false, true, false, false) => momentum::<false, true, false, false>(s, params, grads, b),
-        (false, true, false, true) => momentum::<false, true, false, true>(s, params, grads, b),
-        (false, true, true, false) => momentum::<false, true, true, false>(s, params, grads, b),
-        (false, true, true, true) => momentum::<false, true, true, true>(s, params, grads, b),
-        (true, false, false, false) => momentum::<true, false, false, false>(s, params, grads, b),
-        (true, false, false, true) => momentum::<true, false, false, true>(s, params, grads, b),
-        (true, false, true, false) => momentum::<true, false, true, false>(s, params, grads, b),
-        (true, false, true, true) => momentum::<true, false, true, true>(s, params, grads, b),
-        (true, true, false, false) => momentum::<true, true, false, false>(s, params, grads, b),
-        (true, true, false, true) => momentum::<true, true, false, true>(s, params, grads, b),
-        (true, true, true, false) => momentum::<true, true, true, false>(s, params, grads, b),
-        (true, true, true, true) => momentum::<true, true, true, true>(s, params, grads, b),
+        debug_assert_eq!(params.len(), momentum_buffer.len());
+        let b = momentum_buffer;
+        match (s.maximize, wd, s.first_step, s.nesterov) {
+            (false, false, false, false) => momentum::<false, false, false, false>(s, params, grads, b),
+            (false, false, false, true) => momentum::<false, false, false, true>(s, params, grads, b),
+            (false, false, true, false) => momentum::<false, false, true, false>(s, params, grads, b),
+            (false, false, true, true) => momentum::<false, false, true, true>(s, params, grads, b),
+            (false, true, false, false) => momentum::<false, true, false, false>(s, params, grads, b),
+            (false, true, false, true) => momentum::<false, true, false, true>(s, params, grads, b),
+            (false, true, true, false) => momentum::<false, true, true, false>(s, params, grads, b),
+            (false, true, true, true) => momentum::<false, true, true, true>(s, params, grads, b),
+            (true, false, false, false) => momentum::<true, false, false, false>(s, params, grads, b),
+            (true, false, false, true) => momentum::<true, false, false, true>(s, params, grads, b),
+            (true, false, true, false) => momentum::<true, false, true, false>(s, params, grads, b),
+            (true, false, true, true) => momentum::<true, false, true, true>(s, params, grads, b),
+            (true, true, false, false) => momentum::<true, true, false, false>(s, params, grads, b),
+            (true, true, false, true) => momentum::<true, true, false, true>(s, params, grads, b),
+            (true, true, true, false) => momentum::<true, true, true, false>(s, params, grads, b),
+            (true, true, true, true) => momentum::<true, true, true, true>(s, params, grads, b),
+        }
     }
 }
 
@@ -102,6 +105,7 @@ fn direction<const MAXIMIZE: bool, const WD: bool>(s: &SgdStep, p: f32, g: f32) 
     }
 }
 
+#[inline(always)]
 fn plain<const MAXIMIZE: bool, const WD: bool>(s: &SgdStep, params: &mut [f32], grads: &[f32]) {
     for (p, &g) in params.iter_mut().zip(grads) {
         let d = direction::<MAXIMIZE, WD>(s, *p, g);
@@ -109,6 +113,7 @@ fn plain<const MAXIMIZE: bool, const WD: bool>(s: &SgdStep, params: &mut [f32], 
     }
 }
 
+#[inline(always)]
 fn momentum<const MAXIMIZE: bool, const WD: bool, const FIRST: bool, const NESTEROV: bool>(
     s: &SgdStep,
     params: &mut [f32],

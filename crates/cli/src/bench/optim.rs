@@ -5,8 +5,11 @@
 //! momentum reads p, g, buf and writes p, buf (20 B); Lion reads p, g, m and writes p, m
 //! (20 B); Schedule-Free AdamW reads y, g, z, v and writes y, z, v (28 B). Adafactor (a
 //! 1-D parameter) needs RMS(p) before it may write p and RMS(U) over the whole parameter
-//! before it may apply U, so it cannot be one pass: statistics (read p, g, v, write v:
-//! 16 B), RMS(U) (read g, v: 8 B), update (read p, g, v, write p: 16 B), 40 B in all.
+//! before it may apply U, so it cannot be one pass: RMS(p), v and RMS(U) (read p, g, v,
+//! write v: 16 B), then the update (read g, v, p, write p: 16 B), 32 B in all. 8-bit AdamW
+//! reads p, g and two code bytes and writes p and two code bytes (16 B, plus 1/64 of that
+//! in scales); under it the table prints the floor of its table work alone (both moments
+//! dequantized and re-quantized from data in L1), which no step can beat.
 //!
 //! Muon is compute-bound: its table gives the GFLOP/s of the Newton–Schulz products
 //! (X·Xᵀ, S·S and T·X, five times, in bf16 rounding) next to the same three products of
@@ -17,6 +20,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use distoptim_optim::kernels::muon::{matmul, newton_schulz, newton_schulz_flops, MatrixView};
+use distoptim_optim::quantize::{dequantize, quantize_with, Quantizer};
 use distoptim_optim::{
     AdafactorConfig, AdamConfig, Layout, LionConfig, MuonConfig, Optimizer, OptimizerConfig, ScheduleFreeConfig, SgdConfig,
 };
@@ -178,10 +182,41 @@ fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize)
                     copy_gbs,
                     100.0 * gbs / copy_gbs
                 );
+                if *name == "adamw8bit" {
+                    let codes_s = pool.install(|| time_codes(n, iters));
+                    println!(
+                        "#   adamw8bit's table work alone (both moments dequantized and re-quantized, in L1): {:.3} ms = {:.0}% of its step; a step at 70% of copy would take {:.3} ms",
+                        codes_s * 1e3,
+                        100.0 * codes_s / step_s,
+                        copy_s / 0.7 * 1e3
+                    );
+                }
             }
         }
     }
     Ok(())
+}
+
+/// Seconds for the 8-bit step's table work alone over `n` parameters, 256-element block
+/// by block on the pool: both moments dequantized and re-quantized from one block that
+/// stays in L1, so no parameter, gradient or code traffic: a floor under the step.
+fn time_codes(n: usize, iters: usize) -> f64 {
+    const BLOCK: usize = 256;
+    let (q1, q2) = (Quantizer::get(true), Quantizer::get(false));
+    let signed: Vec<f32> = (0..BLOCK).map(|i| (i as f32 * 0.37).sin() * 0.5).collect();
+    let unsigned: Vec<f32> = signed.iter().map(|x| x.abs()).collect();
+    timed(iters, || {
+        (0..n.div_ceil(BLOCK)).into_par_iter().for_each_init(
+            || (vec![0u8; BLOCK], vec![0f32; BLOCK]),
+            |(codes, out), _| {
+                quantize_with(q1, &signed, 0.5, codes);
+                dequantize(codes, 0.5, true, out);
+                quantize_with(q2, &unsigned, 0.5, codes);
+                dequantize(codes, 0.5, false, out);
+                std::hint::black_box(&out);
+            },
+        )
+    })
 }
 
 /// Seconds per optimizer step over the whole layout.

@@ -43,6 +43,14 @@ pub fn state_sizes(shape: &[usize]) -> [usize; 3] {
     }
 }
 
+/// Row blocks (at most) of a factored matrix's statistics pass: each keeps one partial
+/// sum per column, so the partial sums cost at most this many rows of f64.
+const ROW_BLOCKS: usize = 64;
+/// Rows per block (at least): the partial sums stay under 1/16 of the matrix's elements.
+const MIN_BLOCK_ROWS: usize = 16;
+/// Columns per tile of that pass (16 KiB of each row).
+const COL_CHUNK: usize = 4096;
+
 /// Elements per partial sum: sums are taken chunk by chunk in a fixed order, so the
 /// result is the same bits on any number of threads.
 const SUM_CHUNK: usize = 1 << 14;
@@ -95,17 +103,40 @@ pub fn update(
         for bi in 0..batch {
             let gm = &g[bi * r * cn..(bi + 1) * r * cn];
             let (rows, cols) = (&mut row[bi * r..(bi + 1) * r], &mut col[bi * cn..(bi + 1) * cn]);
+            // One streaming pass over the gradient in tiles of rows × columns: each tile
+            // adds its rows' Σg² over its columns (eight lanes) and its columns' Σg²
+            // over its rows (rows in order). A row then adds its tiles left to right, a
+            // column its tiles top to bottom. The tiling depends on the shape only, so
+            // the bits do not depend on the number of threads; the partial sums cost at
+            // most ROW_BLOCKS rows and 1/MIN_BLOCK_ROWS of the matrix in f64.
+            let per = r.div_ceil(ROW_BLOCKS).max(MIN_BLOCK_ROWS).min(r).max(1);
+            let width = COL_CHUNK.min(cn).max(1);
+            let (blocks, chunks) = (r.div_ceil(per), cn.div_ceil(width));
+            let mut col_part = vec![0f64; blocks * cn];
+            let mut row_part = vec![0f64; blocks * chunks * per];
+            col_part.par_chunks_mut(cn.max(1)).zip(row_part.par_chunks_mut(chunks * per)).enumerate().for_each(|(b, (cols_b, rows_b))| {
+                cols_b.par_chunks_mut(width).zip(rows_b.par_chunks_mut(per)).enumerate().for_each(|(c, (acc, sums))| {
+                    let (j0, rows) = (c * width, (r - b * per).min(per));
+                    for (k, sum) in sums[..rows].iter_mut().enumerate() {
+                        let at = (b * per + k) * cn + j0;
+                        let gr = &gm[at..at + acc.len()];
+                        *sum = sum_sq(gr, scale);
+                        add_squares(acc, gr, scale);
+                    }
+                });
+            });
             rows.par_iter_mut().enumerate().for_each(|(i, ri)| {
-                let norm = sum_sq(&gm[i * cn..(i + 1) * cn], scale).sqrt() as f32;
+                let (b, k) = (i / per, i % per);
+                let sum = (0..chunks).fold(0f64, |t, c| t + row_part[(b * chunks + c) * per + k]);
+                let norm = sum.sqrt() as f32;
                 *ri = lerp(*ri, norm * norm / cn as f32, omega);
             });
-            // Column sums row by row (i ascending, as a column walk would add them), in
-            // column blocks across threads.
+            let col_part = &col_part;
             cols.par_chunks_mut(256).enumerate().for_each(|(bj, cb)| {
                 let j0 = bj * 256;
                 let mut acc = vec![0f64; cb.len()];
-                for i in 0..r {
-                    add_squares(&mut acc, &gm[i * cn + j0..i * cn + j0 + cb.len()], scale);
+                for block in col_part.chunks(cn) {
+                    add(&mut acc, &block[j0..j0 + cb.len()]);
                 }
                 cb.iter_mut().zip(&acc).for_each(|(cj, a)| {
                     let norm = a.sqrt() as f32;
@@ -205,6 +236,15 @@ wide_fn! {
         for (a, &v) in acc.iter_mut().zip(x) {
             let v = f64::from(v * scale);
             *a += v * v;
+        }
+    }
+}
+
+wide_fn! {
+    /// `acc[j] += x[j]`: one row block's column sums into the total.
+    fn add(acc: &mut [f64], x: &[f64]) {
+        for (a, &v) in acc.iter_mut().zip(x) {
+            *a += v;
         }
     }
 }
@@ -428,6 +468,41 @@ mod tests {
                 let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&v), bits(&want_v), "v, step {step}");
                 assert_eq!(bits(&p), bits(&want_p), "p, step {step}");
+            }
+        }
+    }
+
+    /// The factored statistics pass is tiled by shape only: the same bits on 1 and 3
+    /// threads, and each row's and column's mean of g² as a plain sum gives it.
+    #[test]
+    fn the_factored_statistics_are_tiled_by_shape_only() {
+        let c = AdafactorConfig::default();
+        for shape in [vec![37usize, 29], vec![100, 4100], vec![2, 17, 5000]] {
+            let n: usize = shape.iter().product();
+            let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * (1.0 + (i % 7) as f32)).collect();
+            let run = |threads: usize| {
+                let [nr, nc, _] = state_sizes(&shape);
+                let (mut p, mut row, mut col) = (vec![1f32; n], vec![0f32; nr], vec![0f32; nc]);
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| update(&c, &shape, 1, &mut p, &g, &mut row, &mut col, &mut [], 1.0));
+                (p, row, col)
+            };
+            let (one, three) = (run(1), run(3));
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!((bits(&one.0), bits(&one.1), bits(&one.2)), (bits(&three.0), bits(&three.1), bits(&three.2)), "{shape:?}");
+            // Step 1 (ω = 1): the statistics are the means of g² themselves.
+            let (r, cn) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+            for (m, block) in g.chunks(r * cn).enumerate() {
+                for i in 0..r {
+                    let want = block[i * cn..(i + 1) * cn].iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / cn as f64;
+                    let got = f64::from(one.1[m * r + i]);
+                    assert!((got - want).abs() <= 1e-6 * want, "{shape:?} row {i}: {got} vs {want}");
+                }
+                for j in 0..cn {
+                    let want = (0..r).map(|i| f64::from(block[i * cn + j]).powi(2)).sum::<f64>() / r as f64;
+                    let got = f64::from(one.2[m * cn + j]);
+                    assert!((got - want).abs() <= 1e-6 * want, "{shape:?} column {j}: {got} vs {want}");
+                }
             }
         }
     }

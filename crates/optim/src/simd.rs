@@ -23,6 +23,7 @@ pub(crate) fn has_avx512() -> bool {
 
 /// Whether this CPU also has AVX-512 VBMI, for byte permutes across a register.
 #[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn has_vbmi() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -261,6 +261,8 @@ const PREFETCH_AHEAD: usize = 1024;
 /// hardware prefetcher to run ahead on its own).
 #[inline]
 fn prefetch(part: &Part<'_>, at: usize, len: usize) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (part, at, len);
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

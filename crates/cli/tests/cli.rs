@@ -40,14 +40,29 @@ fn replay_errors_go_to_stderr_with_their_class() {
 
 #[test]
 fn bench_optim_prints_steps_next_to_copy() {
-    let out = distoptim(&["bench", "optim", "--sizes", "100000", "--tensors", "3", "--threads", "1,2", "--iters", "2"]);
+    let out = distoptim(&[
+        "bench",
+        "optim",
+        "--sizes",
+        "100000",
+        "--tensors",
+        "3",
+        "--threads",
+        "1,2",
+        "--iters",
+        "2",
+        "--adafactor-shapes",
+        "32x48",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("% of copy"), "{text}");
-    // 2 workloads x 6 optimizers x 2 thread counts, each with a positive copy figure.
+    // 2 workloads x 6 optimizers x 2 thread counts, then Adafactor on the matrix at both
+    // thread counts, each with a positive copy figure.
     let names = ["sgd_momentum", "adamw", "lion", "schedule_free", "adafactor", "adamw8bit"];
     let rows: Vec<&str> = text.lines().filter(|l| l.split_whitespace().next().is_some_and(|w| names.contains(&w))).collect();
-    assert_eq!(rows.len(), 24, "{text}");
+    assert_eq!(rows.len(), 26, "{text}");
+    assert_eq!(rows.iter().filter(|r| r.contains(" 32x48 ")).count(), 2, "{text}");
     for r in rows {
         let copy: f64 = r.split_whitespace().nth(6).unwrap().parse().unwrap();
         assert!(copy > 0.0, "{r}");

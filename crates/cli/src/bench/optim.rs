@@ -9,7 +9,10 @@
 //! write v: 16 B), then the update (read g, v, p, write p: 16 B), 32 B in all. 8-bit AdamW
 //! reads p, g and two code bytes and writes p and two code bytes (16 B, plus 1/64 of that
 //! in scales); under it the table prints the floor of its table work alone (both moments
-//! dequantized and re-quantized from data in L1), which no step can beat.
+//! dequantized and re-quantized from data in L1), which no step can beat. On a matrix
+//! (`--adafactor-shapes`) Adafactor keeps factored statistics: its row and column sums in
+//! one pass (read g), RMS(p) (read p), RMS(U) (read g), the update (read g, p, write p):
+//! 24 B.
 //!
 //! Muon is compute-bound: its table gives the GFLOP/s of the Newton–Schulz products
 //! (X·Xᵀ, S·S and T·X, five times, in bf16 rounding) next to the same three products of
@@ -45,13 +48,16 @@ pub struct OptimArgs {
     /// Matrix shapes for the Muon table (`ROWSxCOLS`; none: skip it).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1024x1024,1024x4096", value_parser = crate::value::matrix)]
     muon_shapes: Vec<(usize, usize)>,
+    /// Matrix shapes for Adafactor's factored rows (`ROWSxCOLS`; none: skip them).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "4096x2442", value_parser = crate::value::matrix)]
+    adafactor_shapes: Vec<(usize, usize)>,
 }
 
 pub fn run(args: OptimArgs) -> Result<()> {
     if args.threads.contains(&0) {
         bail!("--threads must be at least 1");
     }
-    bench_optim(&args.sizes, args.tensors, &args.threads, args.iters.max(1))?;
+    bench_optim(&args.sizes, args.tensors, &args.adafactor_shapes, &args.threads, args.iters.max(1))?;
     bench_muon(&args.muon_shapes, &args.threads, args.iters.max(1))
 }
 
@@ -124,19 +130,23 @@ fn timed(iters: usize, mut f: impl FnMut()) -> f64 {
     )
 }
 
+/// An optimizer row of the table: its name, its configuration and the bytes one step
+/// moves per parameter (the copy's size).
+type Row = (&'static str, OptimizerConfig, usize);
+
 struct Workload {
     label: String,
     layout: Layout,
 }
 
-fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize) -> Result<()> {
+fn bench_optim(sizes: &[usize], tensors: usize, matrices: &[(usize, usize)], threads: &[usize], iters: usize) -> Result<()> {
     let mut workloads: Vec<Workload> =
         sizes.iter().map(|&n| Ok(Workload { label: human(n), layout: Layout::new([("flat", vec![n])])? })).collect::<Result<_>>()?;
     if tensors > 0 {
         let layout = Layout::new((0..tensors).map(|i| (format!("t{i}"), vec![10_000])))?;
         workloads.push(Workload { label: format!("{tensors}x10K"), layout });
     }
-    let optimizers: [(&str, OptimizerConfig, usize); 6] = [
+    let optimizers: Vec<Row> = vec![
         ("sgd_momentum", OptimizerConfig::Sgd(SgdConfig { lr: 1e-3, momentum: 0.9, ..Default::default() }), 20),
         ("adamw", OptimizerConfig::Adam(AdamConfig::adamw()), 28),
         ("lion", OptimizerConfig::Lion(LionConfig { weight_decay: 0.1, ..LionConfig::default() }), 20),
@@ -151,6 +161,12 @@ fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize)
         // p read and written, g read, two code bytes read and written (scales: 1/64 more).
         ("adamw8bit", OptimizerConfig::Adamw8bit(distoptim_optim::kernels::Adamw8bitConfig::default()), 16),
     ];
+    // A matrix takes Adafactor's factored path: its row and column sums in one pass
+    // (read g), RMS(p) (read p), RMS(U) (read g), the update (read g and p, write p).
+    let factored: Vec<Workload> = matrices
+        .iter()
+        .map(|&(r, c)| Ok(Workload { label: format!("{r}x{c}"), layout: Layout::new([("w", vec![r, c])])? }))
+        .collect::<Result<_>>()?;
     println!(
         "# distoptim bench optim: median of {iters} steps after one warm-up; copy = parallel memcpy of the same bytes on the same pool"
     );
@@ -158,9 +174,11 @@ fn bench_optim(sizes: &[usize], tensors: usize, threads: &[usize], iters: usize)
         "{:<13} {:>9} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10}",
         "optimizer", "params", "threads", "ms/step", "Mparam/s", "GB/s", "copy GB/s", "% of copy"
     );
-    for w in &workloads {
+    let mut runs: Vec<(&Workload, Vec<Row>)> = workloads.iter().map(|w| (w, optimizers.clone())).collect();
+    runs.extend(factored.iter().map(|w| (w, vec![("adafactor", OptimizerConfig::Adafactor(AdafactorConfig::default()), 24)])));
+    for (w, optimizers) in &runs {
         let n = w.layout.numel();
-        for (name, config, bytes_per_param) in &optimizers {
+        for (name, config, bytes_per_param) in optimizers {
             for &t in threads {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().context("building the thread pool")?;
                 let bytes = (n * bytes_per_param) as f64;

@@ -362,8 +362,9 @@ fn dequantize_portable(map: &[f32; CODES], codes: &[u8], scale: f32, out: &mut [
 }
 
 /// The block loops in AVX-512, 16 lanes with masked tails: the same IEEE operations and
-/// the same table as the portable loops, so the same bits (tested against them). Gathers
-/// do the table lookups, which the compiler cannot vectorize on its own.
+/// the same tables as the portable loops, so the same bits (tested against them). A code
+/// is one gathered cell; a dequantized value comes from byte permutes in registers where
+/// the CPU has VBMI, else from a gather (lookups the compiler cannot vectorize itself).
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;

@@ -165,11 +165,13 @@ fn bench_step_prints_every_strategy_next_to_its_parts() {
 #[test]
 fn bench_step_and_optim_time_muon_with_its_balance_and_gemm_reference() {
     let shapes = "128x128,128x128,64x256,256x64";
+    // Three ranks over 1000 parameters: shards of 334, 333 and 333 (the ledger check is
+    // against rank 0's estimate).
     let out = distoptim(&[
         "bench",
         "step",
         "--nproc",
-        "2",
+        "3",
         "--params",
         "1000",
         "--iters",
@@ -188,6 +190,7 @@ fn bench_step_and_optim_time_muon_with_its_balance_and_gemm_reference() {
         .map(|l| l.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect())
         .collect();
     assert_eq!(rows.len(), 2, "{stdout}");
+    assert!(stdout.contains("# reference: longest-processing-time bin-packing"), "{stdout}");
     // DDP: every rank runs every matrix; ZeRO-2: each matrix has one owner.
     assert_eq!(rows[0][3], 1.0, "{stdout}");
     assert!(rows[1][1] < rows[0][1] && rows[1][3] >= 1.0, "{stdout}");

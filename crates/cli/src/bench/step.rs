@@ -172,7 +172,10 @@ fn body(comm: &Communicator, args: &StepArgs) -> Result<()> {
         let parts = collectives + adam;
         let (moved, minimum) = traffic(s, n, owned.len(), comm.size());
         let predicted = predict(s, Precision::f32())?;
-        check_ledger(opt.as_ref(), &predicted.memory)?;
+        // The estimate is rank 0's (the largest shard when W does not divide the model).
+        if comm.rank() == 0 {
+            check_ledger(opt.as_ref(), &predicted.memory)?;
+        }
         f32_times.push((s, step));
         if out {
             println!(
@@ -382,6 +385,13 @@ fn muon_rows(comm: &Communicator, args: &StepArgs, clip: Option<ClipConfig>) -> 
             args.muon_shapes.len(),
             total / 1e9
         );
+        let costs: Vec<f64> = args.muon_shapes.iter().map(|&(r, c)| newton_schulz_flops(r, c, steps)).collect();
+        let largest = costs.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "# reference: longest-processing-time bin-packing of the same matrices (Megatron's layer-wise Muon, owners not contiguous) would give balance {:.2}; no assignment of whole matrices can beat {:.2}",
+            lpt_balance(&costs, w),
+            largest.max(total / w as f64) / (total / w as f64)
+        );
         println!("{:<7} {:>10} {:>16} {:>16} {:>9}", "step", "ms/step", "NS GFLOP max", "NS GFLOP mean", "balance");
     }
     for &s in &args.strategies {
@@ -405,6 +415,25 @@ fn muon_rows(comm: &Communicator, args: &StepArgs, clip: Option<ClipConfig>) -> 
         }
     }
     Ok(())
+}
+
+/// The busiest owner's cost over the mean when longest-processing-time bin-packing
+/// gives whole jobs of `costs` to `owners`: largest first, each to the least-loaded one.
+fn lpt_balance(costs: &[f64], owners: usize) -> f64 {
+    let mut sorted = costs.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let mut load = vec![0f64; owners.max(1)];
+    for c in sorted {
+        if let Some(least) = load.iter_mut().min_by(|a, b| a.total_cmp(b)) {
+            *least += c;
+        }
+    }
+    let mean = load.iter().sum::<f64>() / load.len() as f64;
+    if mean > 0.0 {
+        load.iter().cloned().fold(0.0, f64::max) / mean
+    } else {
+        1.0
+    }
 }
 
 /// What every row of one run shares: the group, the model, the optimizer and the clip.

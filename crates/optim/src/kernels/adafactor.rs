@@ -55,12 +55,6 @@ const COL_CHUNK: usize = 4096;
 /// result is the same bits on any number of threads.
 const SUM_CHUNK: usize = 1 << 14;
 
-/// Σ x² over `x` in f64: [`SUM_CHUNK`] pieces in parallel, added up in order.
-fn sum_sq_f64(x: &[f32]) -> f64 {
-    let partials: Vec<f64> = x.par_chunks(SUM_CHUNK).map(|c| sum_sq(c, 1.0)).collect();
-    partials.iter().sum()
-}
-
 /// torch's RMS: the f64 2-norm rounded to f32, over sqrt(numel).
 fn rms_of(sum_sq: f64, n: usize) -> f64 {
     (sum_sq.sqrt() as f32) as f64 / (n as f64).sqrt()
@@ -70,9 +64,11 @@ fn rms_of(sum_sq: f64, n: usize) -> f64 {
 /// `row`, `col`, `v` are its state (sized by [`state_sizes`]). Gradients are multiplied by
 /// `grad_scale` as they are read (the clip coefficient).
 ///
-/// Passes, each parallel over fixed pieces: RMS(p), the second moments, Σ U² with U
-/// computed piece by piece from g and the new moments (never stored whole), then the
-/// update with U computed again: re-reading g and V costs what a stored U would.
+/// Passes, each parallel over fixed pieces: a matrix's row and column statistics (one
+/// streaming pass over g); then Σp² with Σ U², U computed piece by piece from g and the
+/// new moments (never stored whole; a vector's v is updated in this pass); then the
+/// update with U computed again: re-reading g costs less than writing and reading a
+/// stored U. The pieces are fixed by the shape, so the bits do not depend on threads.
 #[allow(clippy::too_many_arguments)]
 pub fn update(
     c: &AdafactorConfig,
@@ -119,9 +115,7 @@ pub fn update(
                     let (j0, rows) = (c * width, (r - b * per).min(per));
                     for (k, sum) in sums[..rows].iter_mut().enumerate() {
                         let at = (b * per + k) * cn + j0;
-                        let gr = &gm[at..at + acc.len()];
-                        *sum = sum_sq(gr, scale);
-                        add_squares(acc, gr, scale);
+                        *sum = row_col_squares(acc, &gm[at..at + acc.len()], scale);
                     }
                 });
             });
@@ -158,7 +152,7 @@ pub fn update(
                 k += len;
             }
         };
-        let alpha = c.eps.1.max(rms_of(sum_sq_f64(p), p.len())) * rho;
+        let alpha = |sum_sq_p: f64| c.eps.1.max(rms_of(sum_sq_p, n)) * rho;
         apply(p, g, fill, alpha, c.d, decay);
     } else {
         // Two passes over pieces: Σp², the new v and ΣU² in the first (RMS(p) is of p
@@ -214,11 +208,19 @@ wide_fn! {
     }
 }
 
+/// Σ (x·scale)² in f64 over a piece, in 8 lanes added up in order (a scale of 1 is
+/// exact).
+fn sum_sq(x: &[f32], scale: f32) -> f64 {
+    let mut lanes = [0f64; 8];
+    let rest = add_sq_lanes(&mut lanes, x, scale);
+    lanes.iter().sum::<f64>() + rest
+}
+
 wide_fn! {
-    /// Σ (x·scale)² in f64 over a piece, in 8 lanes added up in order (a scale of 1 is
-    /// exact).
-    fn sum_sq(x: &[f32], scale: f32) -> f64 {
-        let mut lanes = [0f64; 8];
+    /// [`sum_sq`] taken piece by piece: element k of `x` adds its (x·scale)² to lane k % 8
+    /// up to the last multiple of 8; returns the sum of the rest. A sum over pieces whose
+    /// lengths are multiples of 8 (but the last) is [`sum_sq`] over the whole, bit for bit.
+    fn add_sq_lanes(lanes: &mut [f64; 8], x: &[f32], scale: f32) -> f64 {
         let mut pieces = x.chunks_exact(8);
         for piece in pieces.by_ref() {
             for (l, &v) in lanes.iter_mut().zip(piece) {
@@ -226,17 +228,33 @@ wide_fn! {
                 *l += v * v;
             }
         }
-        lanes.iter().sum::<f64>() + pieces.remainder().iter().map(|&v| f64::from(v * scale) * f64::from(v * scale)).sum::<f64>()
+        pieces.remainder().iter().map(|&v| f64::from(v * scale) * f64::from(v * scale)).sum::<f64>()
     }
 }
 
 wide_fn! {
-    /// `acc[j] += (x[j]·scale)²` in f64: one row's share of the column sums.
-    fn add_squares(acc: &mut [f64], x: &[f32], scale: f32) {
-        for (a, &v) in acc.iter_mut().zip(x) {
-            let v = f64::from(v * scale);
-            *a += v * v;
+    /// One row's piece of a factored matrix's statistics: `acc[j] += (x[j]·scale)²` (its
+    /// share of the column sums, in f64), and returns its own Σ (x·scale)², the bits of
+    /// [`sum_sq`]. Each square is taken once for both.
+    fn row_col_squares(acc: &mut [f64], x: &[f32], scale: f32) -> f64 {
+        let mut lanes = [0f64; 8];
+        let whole = x.len() / 8 * 8;
+        for (a, piece) in acc[..whole].chunks_exact_mut(8).zip(x[..whole].chunks_exact(8)) {
+            for ((l, a), &v) in lanes.iter_mut().zip(a).zip(piece) {
+                let v = f64::from(v * scale);
+                let sq = v * v;
+                *l += sq;
+                *a += sq;
+            }
         }
+        let mut rest = 0f64;
+        for (a, &v) in acc[whole..].iter_mut().zip(&x[whole..]) {
+            let v = f64::from(v * scale);
+            let sq = v * v;
+            rest += sq;
+            *a += sq;
+        }
+        lanes.iter().sum::<f64>() + rest
     }
 }
 
@@ -267,35 +285,53 @@ wide_fn! {
     }
 }
 
-/// The update `p = p·decay - α / max(1, RMS(U)/d) · U`, where `fill(k0, g_piece, out)`
-/// writes U for the elements `k0..` of a piece: one pass for RMS(U), one for the update,
-/// U recomputed in each (a piece-sized buffer, never the whole of it).
+/// Elements of U held at a time inside a [`SUM_CHUNK`] piece: 4 KiB, so U stays in L1
+/// between the loop that computes it and the one that reads it (a multiple of 8, so the
+/// piece's Σ U² keeps its lanes).
+const U_PIECE: usize = 1024;
+
+/// The update `p = p·decay - α / max(1, RMS(U)/d) · U`, where α = `alpha(Σp²)` and
+/// `fill(k0, g_piece, out)` writes U for the elements `k0..` of a piece: one pass for
+/// Σp² and RMS(U), one for the update, U recomputed in each ([`U_PIECE`] elements at a
+/// time, never the whole of it). Σp² rides along with the pass that computes U, whose
+/// divisions and square roots leave the memory idle.
 fn apply(
     p: &mut [f32],
     g: &[f32],
     fill: impl Fn(usize, &[f32], &mut [f32]) + Sync,
-    alpha: f64,
+    alpha: impl FnOnce(f64) -> f64,
     d: f64,
     decay: Option<f32>,
 ) {
-    let partials: Vec<f64> = g
+    // Per SUM_CHUNK piece, in order: (Σp², ΣU²), each the bits of `sum_sq` over the piece.
+    let partials: Vec<(f64, f64)> = p
         .par_chunks(SUM_CHUNK)
+        .zip(g.par_chunks(SUM_CHUNK))
         .enumerate()
         .map_init(
-            || vec![0f32; SUM_CHUNK],
-            |u, (ci, gc)| {
-                fill(ci * SUM_CHUNK, gc, &mut u[..gc.len()]);
-                sum_sq(&u[..gc.len()], 1.0)
+            || vec![0f32; U_PIECE],
+            |u, (ci, (pc, gc))| {
+                let (mut lanes, mut rest) = ([0f64; 8], 0f64);
+                for (k, gs) in gc.chunks(U_PIECE).enumerate() {
+                    let u = &mut u[..gs.len()];
+                    fill(ci * SUM_CHUNK + k * U_PIECE, gs, u);
+                    rest += add_sq_lanes(&mut lanes, u, 1.0);
+                }
+                (sum_sq(pc, 1.0), lanes.iter().sum::<f64>() + rest)
             },
         )
         .collect();
-    let step_size = (-alpha / (rms_of(partials.iter().sum(), g.len()) / d).max(1.0)) as f32;
+    let alpha = alpha(partials.iter().map(|s| s.0).sum());
+    let step_size = (-alpha / (rms_of(partials.iter().map(|s| s.1).sum(), g.len()) / d).max(1.0)) as f32;
     p.par_chunks_mut(SUM_CHUNK).zip(g.par_chunks(SUM_CHUNK)).enumerate().for_each_init(
-        || vec![0f32; SUM_CHUNK],
+        || vec![0f32; U_PIECE],
         |u, (ci, (pc, gc))| {
-            fill(ci * SUM_CHUNK, gc, &mut u[..gc.len()]);
-            // A decay of 1 when there is none: x·1 + s·u is x + s·u, bit for bit.
-            descend(pc, &u[..gc.len()], step_size, decay.unwrap_or(1.0));
+            for (k, (ps, gs)) in pc.chunks_mut(U_PIECE).zip(gc.chunks(U_PIECE)).enumerate() {
+                let u = &mut u[..gs.len()];
+                fill(ci * SUM_CHUNK + k * U_PIECE, gs, u);
+                // A decay of 1 when there is none: x·1 + s·u is x + s·u, bit for bit.
+                descend(ps, u, step_size, decay.unwrap_or(1.0));
+            }
         },
     );
 }
@@ -424,24 +460,25 @@ mod tests {
         assert!((p[0] - (0.5 - 0.5 * 0.01)).abs() < 1e-7, "{}", p[0]);
     }
 
+    /// Σx² as the kernel takes it: pieces of SUM_CHUNK, eight lanes each, in order.
+    fn plain_sum_sq(x: &[f32]) -> f64 {
+        let piece = |x: &[f32]| {
+            let mut lanes = [0f64; 8];
+            let whole = x.len() / 8 * 8;
+            for (k, &v) in x[..whole].iter().enumerate() {
+                lanes[k % 8] += f64::from(v) * f64::from(v);
+            }
+            lanes.iter().sum::<f64>() + x[whole..].iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()
+        };
+        x.chunks(SUM_CHUNK).map(piece).collect::<Vec<f64>>().iter().sum()
+    }
+
     /// The fused passes over an unfactored parameter give the bits of the rule taken a
     /// pass at a time (torch's order: RMS(p), v, U whole, RMS(U), the update), at every
     /// branch of the lerp, with and without decay, maximizing or not, over several pieces
     /// and a ragged end.
     #[test]
     fn the_fused_passes_equal_the_rule_pass_by_pass() {
-        // Σx² as `sum_sq_f64` takes it: pieces of SUM_CHUNK, eight lanes each, in order.
-        fn plain_sum_sq(x: &[f32]) -> f64 {
-            let piece = |x: &[f32]| {
-                let mut lanes = [0f64; 8];
-                let whole = x.len() / 8 * 8;
-                for (k, &v) in x[..whole].iter().enumerate() {
-                    lanes[k % 8] += f64::from(v) * f64::from(v);
-                }
-                lanes.iter().sum::<f64>() + x[whole..].iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()
-            };
-            x.chunks(SUM_CHUNK).map(piece).collect::<Vec<f64>>().iter().sum()
-        }
         let n = 3 * SUM_CHUNK + 77;
         let wave = |k: f32, a: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin() * a).collect() };
         for (weight_decay, maximize) in [(0.0, false), (0.1, true)] {
@@ -473,7 +510,8 @@ mod tests {
     }
 
     /// The factored statistics pass is tiled by shape only: the same bits on 1 and 3
-    /// threads, and each row's and column's mean of g² as a plain sum gives it.
+    /// threads, and each row's and column's mean of g² as a plain sum gives it. The
+    /// update is the rule's, U taken whole, to the bit.
     #[test]
     fn the_factored_statistics_are_tiled_by_shape_only() {
         let c = AdafactorConfig::default();
@@ -504,6 +542,20 @@ mod tests {
                     assert!((got - want).abs() <= 1e-6 * want, "{shape:?} column {j}: {got} vs {want}");
                 }
             }
+            // The update by the rule from those statistics, a pass at a time, from p = 1.
+            let eps1_sq = (F32_EPS as f32) * (F32_EPS as f32);
+            let mut u = vec![0f32; n];
+            for (m, (ub, gb)) in u.chunks_mut(r * cn).zip(g.chunks(r * cn)).enumerate() {
+                let rows = &one.1[m * r..(m + 1) * r];
+                let mean = ((rows.iter().map(|&x| f64::from(x)).sum::<f64>() / r as f64) as f32).max(F32_EPS as f32);
+                for (k, (uk, &gk)) in ub.iter_mut().zip(gb).enumerate() {
+                    *uk = 1.0 / (rows[k / cn] * one.2[m * cn + k % cn] / mean).max(eps1_sq).sqrt() * gk;
+                }
+            }
+            let alpha = c.eps.1.max(rms_of(plain_sum_sq(&vec![1f32; n]), n)) * c.lr.min(1.0);
+            let step_size = (-alpha / (rms_of(plain_sum_sq(&u), n) / c.d).max(1.0)) as f32;
+            let want: Vec<u32> = u.iter().map(|&uk| (1.0 + step_size * uk).to_bits()).collect();
+            assert_eq!(bits(&one.0), want, "{shape:?}: the update");
         }
     }
 }

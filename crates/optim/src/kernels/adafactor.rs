@@ -232,6 +232,23 @@ wide_fn! {
     }
 }
 
+/// How far ahead of the element being read the statistics pass asks for its cache line:
+/// 16 KiB. The pass reads g too slowly for the hardware prefetcher to keep ahead of it
+/// (4096x2442 at 1 thread: 8.6 -> 7.6 ms; 16384 ahead measured the same, 1024 less).
+const AHEAD: usize = 4096;
+
+/// Asks for the cache line at `at` (any address: a prefetch is a hint).
+#[inline(always)]
+fn prefetch(at: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address; nothing is read.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
 wide_fn! {
     /// One row's piece of a factored matrix's statistics: `acc[j] += (x[j]·scale)²` (its
     /// share of the column sums, in f64), and returns its own Σ (x·scale)², the bits of
@@ -239,7 +256,10 @@ wide_fn! {
     fn row_col_squares(acc: &mut [f64], x: &[f32], scale: f32) -> f64 {
         let mut lanes = [0f64; 8];
         let whole = x.len() / 8 * 8;
-        for (a, piece) in acc[..whole].chunks_exact_mut(8).zip(x[..whole].chunks_exact(8)) {
+        for (j, (a, piece)) in acc[..whole].chunks_exact_mut(8).zip(x[..whole].chunks_exact(8)).enumerate() {
+            if j % 2 == 0 {
+                prefetch(piece.as_ptr().wrapping_add(AHEAD));
+            }
             for ((l, a), &v) in lanes.iter_mut().zip(a).zip(piece) {
                 let v = f64::from(v * scale);
                 let sq = v * v;

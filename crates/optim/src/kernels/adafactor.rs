@@ -141,19 +141,27 @@ pub fn update(
         }
         let (row, col, means) = (&*row, &*col, &means);
         // U over elements k0.. of the parameter, row segment by row segment.
-        let fill = |k0: usize, gc: &[f32], out: &mut [f32]| {
+        // One of the two passes over the elements k0.. of a piece, row segment by row
+        // segment (a segment shares its row statistic).
+        let pass = |k0: usize, gc: &[f32], mut pass: UPass<'_>| {
             let mut k = k0;
             while k < k0 + gc.len() {
                 let (bi, i, j) = (k / (r * cn), k / cn % r, k % cn);
                 let len = (cn - j).min(k0 + gc.len() - k);
                 let (ri, mean) = (row[bi * r + i], means[bi]);
                 let cols = &col[bi * cn + j..bi * cn + j + len];
-                factored_u(&mut out[k - k0..k - k0 + len], &gc[k - k0..k - k0 + len], cols, ri, mean, eps1_sq, scale);
+                let (at, gs) = (k - k0..k - k0 + len, &gc[k - k0..k - k0 + len]);
+                match &mut pass {
+                    UPass::Measure { u, p, p_lanes } => {
+                        factored_u_p_sq(&mut u[at.clone()], gs, cols, &p[at], ri, mean, eps1_sq, scale, p_lanes, k % 8)
+                    }
+                    UPass::Step { p, step_size, decay } => factored_step(&mut p[at], gs, cols, ri, mean, eps1_sq, scale, *step_size, *decay),
+                }
                 k += len;
             }
         };
         let alpha = |sum_sq_p: f64| c.eps.1.max(rms_of(sum_sq_p, n)) * rho;
-        apply(p, g, fill, alpha, c.d, decay);
+        apply(p, g, pass, alpha, c.d, decay);
     } else {
         // Two passes over pieces: Σp², the new v and ΣU² in the first (RMS(p) is of p
         // before the step, which only the second changes); the update in the second, U
@@ -287,43 +295,98 @@ wide_fn! {
     }
 }
 
+/// U along one row of a factored parameter: g / sqrt(max(row·col/mean, eps1²)).
+#[inline(always)]
+fn factored_u(gk: f32, cj: f32, row: f32, mean: f32, eps1_sq: f32, scale: f32) -> f32 {
+    1.0 / (row * cj / mean).max(eps1_sq).sqrt() * (gk * scale)
+}
+
 wide_fn! {
-    /// U along one row of a factored parameter: g / sqrt(max(row·col/mean, eps1²)).
-    fn factored_u(out: &mut [f32], g: &[f32], cols: &[f32], row: f32, mean: f32, eps1_sq: f32, scale: f32) {
-        for ((o, &gk), &cj) in out.iter_mut().zip(g).zip(cols) {
-            *o = 1.0 / (row * cj / mean).max(eps1_sq).sqrt() * (gk * scale);
+    /// The step along one row segment of a factored parameter: `p = p·decay + s·U`, U
+    /// computed as it goes.
+    fn factored_step(p: &mut [f32], g: &[f32], cols: &[f32], row: f32, mean: f32, eps1_sq: f32, scale: f32, step_size: f32, decay: f32) {
+        for ((x, &gk), &cj) in p.iter_mut().zip(g).zip(cols) {
+            *x = *x * decay + step_size * factored_u(gk, cj, row, mean, eps1_sq, scale);
         }
     }
 }
 
 wide_fn! {
-    /// `p = p·decay + s·u`.
-    fn descend(p: &mut [f32], u: &[f32], step_size: f32, decay: f32) {
-        for (x, &uk) in p.iter_mut().zip(u) {
-            *x = *x * decay + step_size * uk;
+    /// U along one row segment into `out` ([`factored_u`]), adding each p² of the segment
+    /// to lane `(lane0 + i) % 8` as it goes: Σp² rides in the loop whose divisions and
+    /// roots leave the memory idle, where a loop of its own would wait on it.
+    fn factored_u_p_sq(
+        out: &mut [f32],
+        g: &[f32],
+        cols: &[f32],
+        p: &[f32],
+        row: f32,
+        mean: f32,
+        eps1_sq: f32,
+        scale: f32,
+        lanes: &mut [f64; 8],
+        lane0: usize,
+    ) {
+        let u = |gk: f32, cj: f32| factored_u(gk, cj, row, mean, eps1_sq, scale);
+        let head = ((8 - lane0 % 8) % 8).min(out.len());
+        for (i, (((o, &gk), &cj), &pk)) in out.iter_mut().zip(g).zip(cols).zip(p).take(head).enumerate() {
+            *o = u(gk, cj);
+            lanes[(lane0 + i) % 8] += f64::from(pk) * f64::from(pk);
+        }
+        // From here element i goes to lane i % 8.
+        let (out, g, cols, p) = (&mut out[head..], &g[head..], &cols[head..], &p[head..]);
+        // Sixteen at a time, so that U is computed sixteen lanes wide.
+        let whole = out.len().min(g.len()).min(cols.len()).min(p.len()) / 16 * 16;
+        let (o16, g16, c16, p16) = (out[..whole].chunks_exact_mut(16), g[..whole].chunks_exact(16), cols[..whole].chunks_exact(16), p[..whole].chunks_exact(16));
+        for (((o16, g16), c16), p16) in o16.zip(g16).zip(c16).zip(p16) {
+            for ((o, &gk), &cj) in o16.iter_mut().zip(g16).zip(c16) {
+                *o = u(gk, cj);
+            }
+            for p8 in p16.chunks_exact(8) {
+                for (l, &pk) in lanes.iter_mut().zip(p8) {
+                    *l += f64::from(pk) * f64::from(pk);
+                }
+            }
+        }
+        for (i, (((o, &gk), &cj), &pk)) in out.iter_mut().zip(g).zip(cols).zip(p).enumerate().skip(whole) {
+            *o = u(gk, cj);
+            lanes[i % 8] += f64::from(pk) * f64::from(pk);
         }
     }
 }
 
-/// Elements of U held at a time inside a [`SUM_CHUNK`] piece: 4 KiB, so U stays in L1
-/// between the loop that computes it and the one that reads it (a multiple of 8, so the
-/// piece's Σ U² keeps its lanes).
+
+/// Elements of U held at a time inside a [`SUM_CHUNK`] piece of the first pass: 4 KiB,
+/// so U stays in L1 between the loop that computes it and the one that squares it (a
+/// multiple of 8, so the piece's Σ U² keeps its lanes).
 const U_PIECE: usize = 1024;
 
+/// What a pass over a factored matrix does with U, computed from g and the statistics.
+enum UPass<'a> {
+    /// Writes U into `u` and adds Σp² of the same elements into `p_lanes` (element k of
+    /// the matrix into lane k % 8).
+    Measure { u: &'a mut [f32], p: &'a [f32], p_lanes: &'a mut [f64; 8] },
+    /// `p = p·decay + step_size·U`.
+    Step { p: &'a mut [f32], step_size: f32, decay: f32 },
+}
+
 /// The update `p = p·decay - α / max(1, RMS(U)/d) · U`, where α = `alpha(Σp²)` and
-/// `fill(k0, g_piece, out)` writes U for the elements `k0..` of a piece: one pass for
-/// Σp² and RMS(U), one for the update, U recomputed in each ([`U_PIECE`] elements at a
-/// time, never the whole of it). Σp² rides along with the pass that computes U, whose
-/// divisions and square roots leave the memory idle.
+/// `pass(k0, g_piece, what)` runs one of the two passes over the elements `k0..` of a
+/// piece: the first measures Σp² and Σ U² ([`U_PIECE`] elements of U at a time, never the
+/// whole of it), the second steps p, U computed again in the same loop. Σp² rides along
+/// with the first pass, whose divisions and square roots leave the memory idle, and the
+/// step writes p in the loop that computes U.
+///
+/// Σp² per [`SUM_CHUNK`] piece is 8 lanes over it (element k to lane k % 8), added up in
+/// order; Σ U² the bits of `sum_sq` over the piece.
 fn apply(
     p: &mut [f32],
     g: &[f32],
-    fill: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+    pass: impl Fn(usize, &[f32], UPass<'_>) + Sync,
     alpha: impl FnOnce(f64) -> f64,
     d: f64,
     decay: Option<f32>,
 ) {
-    // Per SUM_CHUNK piece, in order: (Σp², ΣU²), each the bits of `sum_sq` over the piece.
     let partials: Vec<(f64, f64)> = p
         .par_chunks(SUM_CHUNK)
         .zip(g.par_chunks(SUM_CHUNK))
@@ -331,29 +394,23 @@ fn apply(
         .map_init(
             || vec![0f32; U_PIECE],
             |u, (ci, (pc, gc))| {
-                let (mut lanes, mut rest) = ([0f64; 8], 0f64);
-                for (k, gs) in gc.chunks(U_PIECE).enumerate() {
+                let (mut lanes, mut rest, mut p_lanes) = ([0f64; 8], 0f64, [0f64; 8]);
+                for (k, (gs, ps)) in gc.chunks(U_PIECE).zip(pc.chunks(U_PIECE)).enumerate() {
                     let u = &mut u[..gs.len()];
-                    fill(ci * SUM_CHUNK + k * U_PIECE, gs, u);
+                    pass(ci * SUM_CHUNK + k * U_PIECE, gs, UPass::Measure { u, p: ps, p_lanes: &mut p_lanes });
                     rest += add_sq_lanes(&mut lanes, u, 1.0);
                 }
-                (sum_sq(pc, 1.0), lanes.iter().sum::<f64>() + rest)
+                (p_lanes.iter().sum::<f64>(), lanes.iter().sum::<f64>() + rest)
             },
         )
         .collect();
     let alpha = alpha(partials.iter().map(|s| s.0).sum());
     let step_size = (-alpha / (rms_of(partials.iter().map(|s| s.1).sum(), g.len()) / d).max(1.0)) as f32;
-    p.par_chunks_mut(SUM_CHUNK).zip(g.par_chunks(SUM_CHUNK)).enumerate().for_each_init(
-        || vec![0f32; U_PIECE],
-        |u, (ci, (pc, gc))| {
-            for (k, (ps, gs)) in pc.chunks_mut(U_PIECE).zip(gc.chunks(U_PIECE)).enumerate() {
-                let u = &mut u[..gs.len()];
-                fill(ci * SUM_CHUNK + k * U_PIECE, gs, u);
-                // A decay of 1 when there is none: x·1 + s·u is x + s·u, bit for bit.
-                descend(ps, u, step_size, decay.unwrap_or(1.0));
-            }
-        },
-    );
+    // A decay of 1 when there is none: x·1 + s·u is x + s·u, bit for bit.
+    let decay = decay.unwrap_or(1.0);
+    p.par_chunks_mut(SUM_CHUNK).zip(g.par_chunks(SUM_CHUNK)).enumerate().for_each(|(ci, (pc, gc))| {
+        pass(ci * SUM_CHUNK, gc, UPass::Step { p: pc, step_size, decay });
+    });
 }
 
 /// `torch.optim.Adafactor`.
@@ -531,16 +588,17 @@ mod tests {
 
     /// The factored statistics pass is tiled by shape only: the same bits on 1 and 3
     /// threads, and each row's and column's mean of g² as a plain sum gives it. The
-    /// update is the rule's, U taken whole, to the bit.
+    /// update is the rule's, U taken whole, to the bit, with Σp² as `apply` defines it.
     #[test]
     fn the_factored_statistics_are_tiled_by_shape_only() {
         let c = AdafactorConfig::default();
         for shape in [vec![37usize, 29], vec![100, 4100], vec![2, 17, 5000]] {
             let n: usize = shape.iter().product();
             let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * (1.0 + (i % 7) as f32)).collect();
+            let p0: Vec<f32> = (0..n).map(|i| 1.0 + (i as f32 * 0.011).cos()).collect();
             let run = |threads: usize| {
                 let [nr, nc, _] = state_sizes(&shape);
-                let (mut p, mut row, mut col) = (vec![1f32; n], vec![0f32; nr], vec![0f32; nc]);
+                let (mut p, mut row, mut col) = (p0.clone(), vec![0f32; nr], vec![0f32; nc]);
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 pool.install(|| update(&c, &shape, 1, &mut p, &g, &mut row, &mut col, &mut [], 1.0));
                 (p, row, col)
@@ -572,9 +630,20 @@ mod tests {
                     *uk = 1.0 / (rows[k / cn] * one.2[m * cn + k % cn] / mean).max(eps1_sq).sqrt() * gk;
                 }
             }
-            let alpha = c.eps.1.max(rms_of(plain_sum_sq(&vec![1f32; n]), n)) * c.lr.min(1.0);
+            // Σp² per SUM_CHUNK piece: element k to lane k % 8, lanes added up in order.
+            let p_sq: f64 = p0
+                .chunks(SUM_CHUNK)
+                .map(|piece| {
+                    let mut lanes = [0f64; 8];
+                    piece.iter().enumerate().for_each(|(k, &x)| lanes[k % 8] += f64::from(x) * f64::from(x));
+                    lanes.iter().sum::<f64>()
+                })
+                .collect::<Vec<f64>>()
+                .iter()
+                .sum();
+            let alpha = c.eps.1.max(rms_of(p_sq, n)) * c.lr.min(1.0);
             let step_size = (-alpha / (rms_of(plain_sum_sq(&u), n) / c.d).max(1.0)) as f32;
-            let want: Vec<u32> = u.iter().map(|&uk| (1.0 + step_size * uk).to_bits()).collect();
+            let want: Vec<u32> = u.iter().zip(&p0).map(|(&uk, &x)| (x + step_size * uk).to_bits()).collect();
             assert_eq!(bits(&one.0), want, "{shape:?}: the update");
         }
     }

@@ -140,7 +140,6 @@ pub fn update(
             means.push(((rows.iter().map(|&x| f64::from(x)).sum::<f64>() / r as f64) as f32).max(eps1));
         }
         let (row, col, means) = (&*row, &*col, &means);
-        // U over elements k0.. of the parameter, row segment by row segment.
         // One of the two passes over the elements k0.. of a piece, row segment by row
         // segment (a segment shares its row statistic).
         let pass = |k0: usize, gc: &[f32], mut pass: UPass<'_>| {
@@ -354,7 +353,6 @@ wide_fn! {
         }
     }
 }
-
 
 /// Elements of U held at a time inside a [`SUM_CHUNK`] piece of the first pass: 4 KiB,
 /// so U stays in L1 between the loop that computes it and the one that squares it (a
@@ -620,7 +618,7 @@ mod tests {
                     assert!((got - want).abs() <= 1e-6 * want, "{shape:?} column {j}: {got} vs {want}");
                 }
             }
-            // The update by the rule from those statistics, a pass at a time, from p = 1.
+            // The update by the rule from those statistics, a pass at a time.
             let eps1_sq = (F32_EPS as f32) * (F32_EPS as f32);
             let mut u = vec![0f32; n];
             for (m, (ub, gb)) in u.chunks_mut(r * cn).zip(g.chunks(r * cn)).enumerate() {

@@ -377,7 +377,8 @@ fn muon_rows(comm: &Communicator, args: &StepArgs, clip: Option<ClipConfig>) -> 
         ParamGroup { params: (1..layout.len()).step_by(2).collect(), config: OptimizerConfig::Adam(AdamConfig::adamw()) },
     ];
     let (w, n) = (comm.size(), layout.numel());
-    let total: f64 = args.muon_shapes.iter().map(|&(r, c)| newton_schulz_flops(r, c, steps)).sum();
+    let costs: Vec<f64> = args.muon_shapes.iter().map(|&(r, c)| newton_schulz_flops(r, c, steps)).collect();
+    let total: f64 = costs.iter().sum();
     let setup = Setup { comm, layout: layout.clone(), groups, clip, iters: args.iters };
     if comm.rank() == 0 {
         println!(
@@ -385,7 +386,6 @@ fn muon_rows(comm: &Communicator, args: &StepArgs, clip: Option<ClipConfig>) -> 
             args.muon_shapes.len(),
             total / 1e9
         );
-        let costs: Vec<f64> = args.muon_shapes.iter().map(|&(r, c)| newton_schulz_flops(r, c, steps)).collect();
         let largest = costs.iter().cloned().fold(0.0, f64::max);
         println!(
             "# reference: longest-processing-time bin-packing of the same matrices (Megatron's layer-wise Muon, owners not contiguous) would give balance {:.2}; no assignment of whole matrices can beat {:.2}",

@@ -265,16 +265,27 @@ fn mixed_precision_learns_follows_f32_and_resumes_elsewhere() {
 
 /// Muon (AdamW for the biases), Adafactor, Lion, Schedule-Free AdamW (evaluated at its
 /// averaged iterate) and 8-bit AdamW train the digits model to >= 90%, with ZeRO ranges
-/// snapped to whole matrices (8-bit: to quantization blocks) on 3 ranks.
+/// snapped to whole matrices (8-bit: to quantization blocks) on 3 ranks; Schedule-Free
+/// also in bf16 under ZeRO-3 (its iterate from the f32 master).
 #[test]
 fn the_new_optimizers_learn_the_digits() {
-    for optimizer in ["muon", "adafactor", "lion", "schedule_free_adamw", "adamw8bit"] {
-        let out_dir = scratch(&format!("opt-{optimizer}"));
-        let out = train(&["--optimizer", optimizer, "--strategy", "zero2", "--nproc", "3", "--out", out_dir.to_str().unwrap()]);
+    let zero2 = ["--strategy", "zero2"];
+    let runs = [
+        ("muon", &zero2[..]),
+        ("adafactor", &zero2),
+        ("lion", &zero2),
+        ("schedule_free_adamw", &zero2),
+        ("schedule_free_adamw", &["--strategy", "zero3", "--precision", "bf16"]),
+        ("adamw8bit", &zero2),
+    ];
+    for (optimizer, extra) in runs {
+        let out_dir = scratch(&format!("opt-{optimizer}-{}", extra.join("-")));
+        let args = [&["--optimizer", optimizer, "--nproc", "3", "--out", out_dir.to_str().unwrap()][..], extra].concat();
+        let out = train(&args);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let line = stdout.lines().find(|l| l.starts_with("test accuracy")).unwrap_or_else(|| panic!("{stdout}"));
         let accuracy: f64 = line.split_whitespace().nth(2).unwrap().trim_end_matches('%').parse().unwrap();
-        assert!(accuracy >= 90.0, "{optimizer}: {line}");
+        assert!(accuracy >= 90.0, "{optimizer} {extra:?}: {line}");
         let _ = std::fs::remove_dir_all(&out_dir);
     }
 }

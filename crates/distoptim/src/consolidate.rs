@@ -302,7 +302,7 @@ mod tests {
             }
             checkpoint::save(&dir, &opt, &params, &BTreeMap::new(), &checkpoint::SaveOptions::new()).unwrap();
             let mut x = vec![0f32; numel];
-            DataParallel::eval_params(&opt, &params, &mut x).unwrap();
+            DataParallel::eval_params(&opt, (&params).into(), (&mut x).into()).unwrap();
             (params, x)
         })
         .unwrap();
@@ -316,5 +316,52 @@ mod tests {
         let opt = safetensors::decode(&fs::read(&c.optimizer).unwrap()).unwrap();
         assert!(opt.tensors.contains_key("z/fc.weight") && opt.tensors.contains_key("exp_avg_sq/fc.weight"));
         let _ = fs::remove_dir_all(&base);
+    }
+    /// Under bf16 a Schedule-Free run evaluates x from its f32 master y, rounded once:
+    /// the view each strategy's ranks assemble in memory equals the consolidated model
+    /// file's (written from the rank files), and differs from the master rounded.
+    #[test]
+    fn a_bf16_schedule_free_run_evaluates_its_averaged_iterate_from_the_master() {
+        use crate::{DataParallel, FloatDtype, Precision};
+        use distoptim_collective::bf16;
+        use distoptim_optim::ScheduleFreeConfig;
+        for strategy in [Strategy::Ddp, Strategy::Zero2, Strategy::Zero3] {
+            let base = std::env::temp_dir().join(format!("distoptim-consolidate-sf-bf16-{strategy}-{}", std::process::id()));
+            let (dir, out) = (base.join("ckpt"), base.join("out"));
+            let results = Communicator::run_threads(3, &CommConfig::default(), |comm| {
+                let numel = layout().numel();
+                let sf = ScheduleFreeConfig { lr: 0.05, warmup_steps: 1, ..ScheduleFreeConfig::default() };
+                let groups = vec![ParamGroup { params: vec![0, 1, 2], config: OptimizerConfig::ScheduleFreeAdamw(sf) }];
+                let config = StepConfig { precision: Precision::new(FloatDtype::Bf16), ..StepConfig::new(strategy) };
+                let mut opt = ShardedOptimizer::new(comm.clone(), layout(), groups, None, config).unwrap();
+                let init: Vec<f32> = (0..numel).map(|i| i as f32 * 0.1 + 0.003).collect();
+                opt.set_master(&init).unwrap();
+                let mut params: Vec<bf16> = init.iter().map(|&x| bf16::from_f32(x)).collect();
+                for step in 0..3 {
+                    opt.gather_params(&mut params).unwrap();
+                    let mut grads: Vec<bf16> =
+                        (0..numel).map(|i| bf16::from_f32(((i * 7 + comm.rank() + step) % 5) as f32 - 2.0)).collect();
+                    opt.step(&mut params, &mut grads, 1).unwrap();
+                }
+                opt.gather_params(&mut params).unwrap();
+                checkpoint::save(&dir, &opt, &params, &BTreeMap::new(), &checkpoint::SaveOptions::new()).unwrap();
+                let mut x = vec![bf16::from_f32(0.0); numel];
+                DataParallel::eval_params(&opt, (&params).into(), (&mut x).into()).unwrap();
+                let mut wrong = vec![0f32; numel];
+                let type_error = DataParallel::eval_params(&opt, (&params).into(), (&mut wrong).into()).unwrap_err().to_string();
+                (x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>(), opt.gather_master().unwrap().unwrap(), type_error)
+            })
+            .unwrap();
+            let (x, master, type_error) = &results[0];
+            assert!(results.iter().all(|r| r.0 == *x), "{strategy}: every rank evaluates the same x");
+            assert!(type_error.contains("bf16 parameters into a buffer of f32"), "{type_error}");
+            let model = safetensors::decode(&fs::read(consolidate(&dir, &out).unwrap().model).unwrap()).unwrap();
+            for p in layout().params() {
+                assert_eq!(model.tensors[&p.name], x[p.range()], "{strategy} {}: the consolidated x", p.name);
+            }
+            let rounded: Vec<f32> = master.iter().map(|&y| FloatDtype::Bf16.round(y)).collect();
+            assert!(*x != rounded, "{strategy}: x is not the master y rounded");
+            let _ = fs::remove_dir_all(&base);
+        }
     }
 }

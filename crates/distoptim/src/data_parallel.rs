@@ -113,12 +113,13 @@ pub trait DataParallel: Send {
     /// one another; the periodic ones only at the world size and strategy that saved.
     fn load(&mut self, path: &Path, params: FlatMut<'_>) -> Result<Manifest>;
 
-    /// The parameters to evaluate and ship, from this rank's full `params` into `out`:
-    /// a copy, except for Schedule-Free AdamW, whose buffer holds the gradient point y and
-    /// whose averaged iterate x is what to evaluate (collective under ZeRO).
-    fn eval_params(&self, params: &[f32], out: &mut [f32]) -> Result<()> {
-        out.copy_from_slice(params);
-        Ok(())
+    /// The parameters to evaluate and ship, from this rank's full `params` into `out`
+    /// (both of the working type): a copy, except for Schedule-Free AdamW, whose buffer
+    /// holds the gradient point y and whose averaged iterate x is what to evaluate
+    /// (collective under ZeRO). Under mixed precision x comes from the f32 master and is
+    /// rounded once, as the step rounds the parameters.
+    fn eval_params(&self, params: Flat<'_>, mut out: FlatMut<'_>) -> Result<()> {
+        out.copy_from(params)
     }
 
     /// The full f32 master weights under a 16-bit working type, `None` when the

@@ -190,6 +190,13 @@ impl crate::DataParallel for Diloco {
         Diloco::params_in_sync(self)
     }
 
+    /// This rank's own evaluation view: from its parameters and its inner optimizer's
+    /// state, which is never averaged.
+    fn eval_params(&self, params: Flat<'_>, out: FlatMut<'_>) -> Result<()> {
+        let (params, out) = (params.into_f32(STRATEGY.name())?, out.into_f32(STRATEGY.name())?);
+        Ok(self.inner.optimizer().eval_params(params, out)?)
+    }
+
     fn finish(&mut self, params: FlatMut<'_>) -> Result<()> {
         let params = params.into_f32(STRATEGY.name())?;
         params.copy_from_slice(self.global_params());

@@ -167,6 +167,13 @@ impl crate::DataParallel for PostLocalSgd {
         PostLocalSgd::params_in_sync(self)
     }
 
+    /// This rank's own evaluation view: from its parameters and its inner optimizer's
+    /// state, which is never averaged.
+    fn eval_params(&self, params: Flat<'_>, out: FlatMut<'_>) -> Result<()> {
+        let (params, out) = (params.into_f32(STRATEGY.name())?, out.into_f32(STRATEGY.name())?);
+        Ok(self.opt.optimizer().eval_params(params, out)?)
+    }
+
     fn finish(&mut self, params: FlatMut<'_>) -> Result<()> {
         let params = params.into_f32(STRATEGY.name())?;
         if !PostLocalSgd::params_in_sync(self) {

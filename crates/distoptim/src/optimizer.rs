@@ -701,6 +701,38 @@ impl ShardedOptimizer {
         Ok(())
     }
 
+    /// [`DataParallel::eval_params`](crate::DataParallel::eval_params): this rank's range
+    /// of the evaluation view, from the f32 master where there is one (else from the
+    /// parameters, widened), rounded into `out` and all-gathered.
+    fn eval_view<T: Working>(&self, params: &[T], out: &mut [T]) -> Result<()> {
+        let numel = self.layout().numel();
+        if params.len() != numel || out.len() != numel {
+            return Err(DistError::Invalid(format!("eval_params needs full buffers of {numel} elements")));
+        }
+        let owned = self.owned.clone();
+        match (&self.master, T::as_f32(params), T::as_f32_mut(out)) {
+            (None, Some(y), Some(x)) => self.opt.optimizer().eval_params(&y[owned.clone()], &mut x[owned])?,
+            (master, _, _) => {
+                let mut widened = Vec::new();
+                let y = match master {
+                    Some(m) => m.as_slice(),
+                    None => {
+                        widened.resize(owned.len(), 0f32);
+                        widen_into(&params[owned.clone()], &mut widened);
+                        &widened
+                    }
+                };
+                let mut x = vec![0f32; owned.len()];
+                self.opt.optimizer().eval_params(y, &mut x)?;
+                round_into(&x, &mut out[owned]);
+            }
+        }
+        if self.config.strategy.shards_state() {
+            self.all_gather_owned(out)?;
+        }
+        Ok(())
+    }
+
     /// ZeRO-3: the range of the parameters this rank keeps between steps (a step may be
     /// given just that range; [`gather_params`](Self::gather_params) makes a full buffer
     /// from it). `None` for the others, which step the full buffer.
@@ -939,17 +971,13 @@ impl crate::DataParallel for ShardedOptimizer {
         self.owned()
     }
 
-    fn eval_params(&self, params: &[f32], out: &mut [f32]) -> Result<()> {
-        let numel = self.layout().numel();
-        if params.len() != numel || out.len() != numel {
-            return Err(DistError::Invalid(format!("eval_params needs full buffers of {numel} elements")));
+    fn eval_params(&self, params: Flat<'_>, out: FlatMut<'_>) -> Result<()> {
+        match (params, out) {
+            (Flat::F32(p), FlatMut::F32(o)) => self.eval_view(p, o),
+            (Flat::Bf16(p), FlatMut::Bf16(o)) => self.eval_view(p, o),
+            (Flat::F16(p), FlatMut::F16(o)) => self.eval_view(p, o),
+            (p, o) => Err(DistError::Invalid(format!("eval_params: {} parameters into a buffer of {}", p.dtype(), o.dtype()))),
         }
-        let owned = self.owned.clone();
-        self.opt.optimizer().eval_params(&params[owned.clone()], &mut out[owned])?;
-        if self.config.strategy.shards_state() {
-            self.all_gather_owned(out)?;
-        }
-        Ok(())
     }
 
     fn loss_scale(&self) -> f32 {

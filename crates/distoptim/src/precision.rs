@@ -369,6 +369,20 @@ impl FlatMut<'_> {
         self.len() == 0
     }
 
+    /// Copies `src`, which must have this buffer's type and length.
+    pub fn copy_from(&mut self, src: Flat<'_>) -> Result<()> {
+        if src.len() != self.len() {
+            return Err(DistError::Invalid(format!("a copy of {} elements into a buffer of {}", src.len(), self.len())));
+        }
+        match (self, src) {
+            (FlatMut::F32(d), Flat::F32(s)) => d.copy_from_slice(s),
+            (FlatMut::Bf16(d), Flat::Bf16(s)) => d.copy_from_slice(s),
+            (FlatMut::F16(d), Flat::F16(s)) => d.copy_from_slice(s),
+            (d, s) => return Err(DistError::Invalid(format!("a copy of {} elements into a buffer of {}", s.dtype(), d.dtype()))),
+        }
+        Ok(())
+    }
+
     /// Reborrows for a shorter lifetime, so one buffer can be passed to several calls.
     pub fn reborrow(&mut self) -> FlatMut<'_> {
         match self {
@@ -408,6 +422,20 @@ impl Flat<'_> {
             Flat::Bf16(_) => FloatDtype::Bf16,
             Flat::F16(_) => FloatDtype::F16,
         }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Flat::F32(v) => v.len(),
+            Flat::Bf16(v) => v.len(),
+            Flat::F16(v) => v.len(),
+        }
+    }
+
+    /// Whether it holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

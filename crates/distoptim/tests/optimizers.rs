@@ -179,3 +179,36 @@ fn a_checkpoint_at_w3_resumes_at_w2_and_equals_an_uninterrupted_run() {
         }
     }
 }
+
+/// Every strategy evaluates Schedule-Free's averaged iterate x, post-local SGD and DiLoCo
+/// from each rank's own parameters and state: at W = 1, where each strategy is one
+/// process, x is one process's to the bit (and not the y it steps).
+#[test]
+fn every_strategy_evaluates_the_schedule_free_iterate() {
+    use distoptim::{data_parallel, DataParallelConfig};
+    let n = layout().numel();
+    let mut y = init(n);
+    let mut one = Optimizer::with_groups(layout(), groups(3), 0..n).unwrap();
+    for t in 0..3 {
+        one.step(&mut y, &grad(n, 0, t)).unwrap();
+    }
+    let mut want = vec![0f32; n];
+    one.eval_params(&y, &mut want).unwrap();
+    assert!(want != y, "x and y differ after three steps");
+    for strategy in [Strategy::Ddp, Strategy::Zero3, Strategy::PostLocalSgd, Strategy::Diloco] {
+        let got = Communicator::run_threads(1, &config(), |comm| {
+            let mut params = init(n);
+            let mut dp = data_parallel(strategy, comm, layout(), groups(3), None, &DataParallelConfig::new(), &params).unwrap();
+            for t in 0..3 {
+                dp.gather((&mut params).into()).unwrap();
+                dp.step((&mut params).into(), (&mut grad(n, 0, t)).into(), 1).unwrap();
+            }
+            dp.gather((&mut params).into()).unwrap();
+            let mut x = vec![0f32; n];
+            dp.eval_params((&params).into(), (&mut x).into()).unwrap();
+            x
+        })
+        .unwrap();
+        assert_eq!(got[0], want, "{strategy}");
+    }
+}

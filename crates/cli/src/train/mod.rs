@@ -638,10 +638,8 @@ impl<T: CandleElement> Trainer<T> {
             if !schedule_free {
                 return Ok(t.flat.write_params(full)?);
             }
-            let Some(y) = T::as_f32(full) else { bail!("schedule_free_adamw trains in f32 only (--precision f32)") };
-            let mut x = vec![0f32; y.len()];
-            t.algorithm.eval_params(y, &mut x)?;
-            let x: Vec<T> = x.into_iter().map(T::from_f32).collect();
+            let mut x = vec![T::default(); full.len()];
+            t.algorithm.eval_params((&*full).into(), (&mut x).into())?;
             Ok(t.flat.write_params(&x)?)
         })?;
         let mine: Vec<usize> = shard_range(self.test.len(), self.comm.size(), self.comm.rank()).collect();

@@ -60,7 +60,7 @@ fn the_same_bits_at_every_world_size_strategy_and_across_a_resume() {
     assert!(first.status.success(), "{}", text(&first));
     let resumed = hash(&run(3, &["--strategy", "zero3", "--resume", c], &out, &[]), "resumed on 3 ranks");
     assert_eq!(resumed, reference, "2 ranks to step 20, then 3");
-    // Muon (Newton–Schulz on GEMM kernels, whole matrices per owner) and Adafactor
+    // Muon (Newton–Schulz on GEMM kernels, one rank per matrix) and Adafactor
     // (factored statistics), on wider layers, at other world and thread counts.
     for opt in ["muon", "adafactor"] {
         let args = ["--optimizer", opt, "--hidden", "384,256", "--steps", "15"];

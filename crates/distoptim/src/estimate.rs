@@ -21,6 +21,7 @@ use crate::config::{StepConfig, Strategy};
 use crate::error::{DistError, Result};
 use crate::optimizer::MemoryLedger;
 use crate::precision::{FloatDtype, Precision};
+use crate::transforms::TransformPlan;
 use distoptim_collective::shard_range;
 use distoptim_optim::{Layout, Optimizer, ParamGroup};
 
@@ -47,7 +48,7 @@ pub enum OptimizerPlan {
     Buffers(usize),
     /// The model's layout and param groups: rank 0's range and state are the live
     /// optimizer's, exactly (ranges snapped to whole matrices or quantization blocks,
-    /// packed Adafactor statistics, 8-bit codes and scales).
+    /// packed Adafactor statistics, 8-bit codes and scales, Muon's exchange buffers).
     Groups {
         /// The parameters.
         layout: Layout,
@@ -104,19 +105,20 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Result<Estimate> {
     let p = plan.precision;
     let config = StepConfig { precision: p, ..StepConfig::new(plan.strategy) };
     let shards = plan.strategy.shards_state();
-    let (ranges, state_bytes) = match &plan.optimizer {
+    let (ranges, state_bytes, transforms) = match &plan.optimizer {
         OptimizerPlan::Buffers(k) => {
             let ranges: Vec<_> = (0..w).map(|r| if shards { shard_range(n, w, r) } else { 0..n }).collect();
             let state = (ranges[0].len() * k) as u64 * 4;
-            (ranges, state)
+            (ranges, state, TransformPlan::default())
         }
         OptimizerPlan::Groups { layout, groups } => {
             if layout.numel() != n {
                 return Err(DistError::Invalid(format!("the plan has {n} parameters, its layout {}", layout.numel())));
             }
-            let ranges = if shards { crate::grad_sync::partition(layout, groups, w) } else { vec![0..n; w] };
+            let (ranges, transforms) =
+                if shards { crate::transforms::shard(layout, groups, w) } else { (vec![0..n; w], TransformPlan::default()) };
             let state = Optimizer::planned_state_bytes(layout, groups, ranges[0].clone())?;
-            (ranges, state)
+            (ranges, state, transforms)
         }
     };
     // Ranges snapped far from the balanced ones take the staged path, as mixed precision does.
@@ -133,7 +135,7 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Result<Estimate> {
         grads: n as u64 * psize,
         master: if p.has_master() { owned as u64 * 4 } else { 0 },
         optimizer_state: state_bytes,
-        comm_buffers: transient,
+        comm_buffers: transient + transforms.exchange_bytes(),
     };
     let grad_bytes = (n as u64 * rsize) as f64;
     let param_bytes = (n as u64 * psize) as f64;
@@ -146,6 +148,10 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Result<Estimate> {
             _ => vec![ring(w, grad_bytes, false), ring(w, param_bytes, false)],
         }
     };
+    // The whole-matrix transforms' two all-gathers (Muon's inputs and outputs, in f32).
+    let exchange = (transforms.elements() as u64 * 4) as f64;
+    let collectives: Vec<(f64, f64)> =
+        collectives.into_iter().chain(transforms.exchanges().then(|| [ring(w, exchange, false); 2]).into_iter().flatten()).collect();
     let comm_seconds = collectives.iter().fold(0.0, |t, (steps, bytes)| t + steps * machine.alpha + bytes / machine.beta);
     let sent_bytes = collectives.iter().fold(0.0, |t, (_, b)| t + b);
     // The kernel reads g and p, writes p, and reads and writes its state. A
@@ -180,7 +186,7 @@ mod tests {
         let layout = Layout::new([("w", vec![n])]).unwrap();
         let groups = vec![ParamGroup { params: vec![0], config: OptimizerConfig::Adam(AdamConfig::adamw()) }];
         check_ledgers(&layout, &groups, OptimizerPlan::Buffers(2));
-        // Rules whose ranges snap (Muon's whole matrices, 8-bit blocks) and whose state
+        // Muon (its exchange buffers), rules whose ranges snap (8-bit blocks) and whose state
         // is packed (Adafactor), planned from their groups.
         let layout = Layout::new([("a", vec![24, 20]), ("b", vec![24]), ("c", vec![30, 17]), ("d", vec![7])]).unwrap();
         let muon = OptimizerConfig::Muon(distoptim_optim::MuonConfig::default());

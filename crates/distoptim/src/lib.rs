@@ -5,7 +5,8 @@
 //!   [`Strategy`] by [`data_parallel()`].
 //! - [`ShardedOptimizer`]: DDP and ZeRO-1/2/3 over balanced contiguous ranges of
 //!   one flat buffer, with mean / sum / batch-weighted reduction, gradient accumulation
-//!   and clipping by the global norm across shards.
+//!   and clipping by the global norm across shards; Muon's Newton–Schulz on one rank per
+//!   matrix, packed by cost ([`transform_loads`]).
 //! - [`GradBuckets`]: DDP's buckets, all-reduced while the backward pass still runs.
 //! - [`PostLocalSgd`]: torch's post-local SGD with periodic model averaging.
 //! - [`Diloco`]: inner steps per rank, an outer Nesterov SGD on the averaged delta.
@@ -45,6 +46,7 @@ mod replicas;
 pub mod safetensors;
 pub mod sampler;
 mod scheduled;
+mod transforms;
 
 pub use buckets::GradBuckets;
 pub use config::{ClipConfig, ReduceMode, StepConfig, StepReport, Strategy};
@@ -60,3 +62,4 @@ pub use local_sgd::{LocalSgdConfig, PostLocalSgd};
 pub use optimizer::{MemoryLedger, ShardedOptimizer};
 pub use precision::{FlatMut, FloatDtype, LossScaleConfig, LossScaler, Precision, Working};
 pub use replicas::verify_replicas;
+pub use transforms::transform_loads;

@@ -31,6 +31,7 @@ use crate::error::{DistError, Result};
 use crate::grad_sync;
 use crate::precision::{round_into, widen_into, Flat, FlatMut, FloatDtype, LossScaler, Precision, Working};
 use crate::scheduled::Scheduled;
+use crate::transforms::{self, TransformPlan};
 use distoptim_collective::exact::{ExactSum, ReproducibleSum};
 use distoptim_collective::{shard_range, Communicator, ReduceOp, SharedBuf};
 use distoptim_optim::clip::{self, NormType};
@@ -83,8 +84,11 @@ pub struct ShardedOptimizer {
     /// steps except under ZeRO-3).
     reduced: Vec<f32>,
     /// Every rank's range (ZeRO; `owned` is this rank's): the balanced ranges, snapped to
-    /// parameter boundaries where a whole-matrix rule (Muon, Adafactor) would be cut.
+    /// parameter boundaries where a whole-parameter rule (Adafactor) would be cut.
     ranges: Vec<Range<usize>>,
+    /// Who runs each whole-matrix transform (Muon's Newton–Schulz) and whether the step
+    /// exchanges them (see [`transforms`]).
+    transforms: TransformPlan,
 }
 
 /// The bytes one rank holds, by what they are for: what `train` prints beside the peak
@@ -138,7 +142,7 @@ impl ShardedOptimizer {
             )));
         }
         config.precision.validate()?;
-        let ranges = Self::ranges_for(&config, &layout, &groups, comm.size());
+        let (ranges, transforms) = Self::ranges_for(&config, &layout, &groups, comm.size());
         let owned = ranges[comm.rank()].clone();
         let opt = Scheduled::new(layout, groups, owned.clone(), schedule)?;
         let scaler = config.precision.loss_scale.map(LossScaler::new);
@@ -154,15 +158,19 @@ impl ShardedOptimizer {
             staging: Default::default(),
             reduced: Vec::new(),
             ranges,
+            transforms,
         })
     }
 
-    /// Every rank's range: the whole buffer for DDP, else [`grad_sync::partition`].
-    fn ranges_for(config: &StepConfig, layout: &Layout, groups: &[ParamGroup], size: usize) -> Vec<Range<usize>> {
+    /// Every rank's range and where the whole-matrix transforms run: the whole buffer
+    /// and every transform on every rank for DDP, else [`transforms::shard`].
+    fn ranges_for(config: &StepConfig, layout: &Layout, groups: &[ParamGroup], size: usize) -> (Vec<Range<usize>>, TransformPlan) {
         if config.strategy.shards_state() {
-            grad_sync::partition(layout, groups, size)
+            transforms::shard(layout, groups, size)
         } else {
-            vec![0..layout.numel(); size]
+            let ranges = vec![0..layout.numel(); size];
+            let plan = TransformPlan::local(layout, groups, &ranges);
+            (ranges, plan)
         }
     }
 
@@ -263,7 +271,8 @@ impl ShardedOptimizer {
             0
         };
         let kept = self.param_shard().map_or(numel, |r| r.len() as u64);
-        MemoryLedger { working_params: kept * working, grads: numel * working, master, optimizer_state: state, comm_buffers: transient }
+        let comm_buffers = transient + self.transforms.exchange_bytes();
+        MemoryLedger { working_params: kept * working, grads: numel * working, master, optimizer_state: state, comm_buffers }
     }
 
     /// Whether steps take the mixed-precision path: anything but the all-f32 policy, or
@@ -521,7 +530,8 @@ impl ShardedOptimizer {
     /// Steps the owned range with the reduced, divided gradient and the clip coefficient.
     fn step_owned(&mut self, params: &mut [f32], mine: &mut [f32], grad_norm: Option<f32>, scale: f32) -> Result<StepReport> {
         let report = StepReport { lrs: self.opt.lrs(), grad_norm, skipped: false };
-        self.opt.step_scaled(params, mine, scale)?;
+        let exchange = self.transforms.exchanges().then_some((&mut self.transforms, &self.comm));
+        self.opt.step_with(params, mine, scale, exchange)?;
         self.steps += 1;
         Ok(report)
     }
@@ -804,9 +814,10 @@ impl ShardedOptimizer {
         }
         let mut full = self.gather_state()?;
         let added = full.add_param_group(params, config)?;
-        let ranges = Self::ranges_for(&self.config, &full.layout, &full.groups, self.comm.size());
+        let (ranges, transforms) = Self::ranges_for(&self.config, &full.layout, &full.groups, self.comm.size());
         let owned = ranges[self.comm.rank()].clone();
         self.opt.regrow(&full.restrict(owned.clone())?)?;
+        self.transforms = transforms;
         self.owned = owned;
         self.ranges = ranges;
         Ok(added)

@@ -7,7 +7,9 @@ use crate::checkpoint::ReplicaState;
 use crate::config::{ClipConfig, StepReport};
 use crate::dist_clip;
 use crate::error::Result;
-use distoptim_optim::{Layout, LrScheduler, Optimizer, OptimizerStateDict, ParamGroup, Schedule};
+use crate::transforms::TransformPlan;
+use distoptim_collective::Communicator;
+use distoptim_optim::{Layout, LrScheduler, OptimError, Optimizer, OptimizerStateDict, ParamGroup, Schedule, Transforms};
 use std::ops::Range;
 
 pub(crate) struct Scheduled {
@@ -41,7 +43,36 @@ impl Scheduled {
 
     /// [`step`](Self::step) with the gradients multiplied by `scale` as they are read.
     pub(crate) fn step_scaled(&mut self, params: &mut [f32], grads: &[f32], scale: f32) -> Result<()> {
-        self.opt.step_scaled(params, grads, scale)?;
+        self.step_with(params, grads, scale, None)
+    }
+
+    /// [`step_scaled`](Self::step_scaled) with the whole-matrix transforms exchanged by
+    /// `plan` over `comm` (collective), when given; else run here.
+    pub(crate) fn step_with(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        scale: f32,
+        exchange: Option<(&mut TransformPlan, &Communicator)>,
+    ) -> Result<()> {
+        match exchange {
+            Some((plan, comm)) => {
+                // The exchange's own error (a peer died, a timeout), not the core's wrapper.
+                let mut failed = None;
+                let stepped = self.opt.step_with(params, grads, scale, &mut |t: &mut Transforms<'_>| {
+                    plan.exchange(comm, t).map_err(|e| {
+                        let wrapped = OptimError::Closure(e.to_string().into());
+                        failed = Some(e);
+                        wrapped
+                    })
+                });
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                stepped?;
+            }
+            None => self.opt.step_scaled(params, grads, scale)?,
+        }
         if let Some(s) = &mut self.sched {
             let lrs = s.advance();
             self.opt.set_lrs(&lrs)?;

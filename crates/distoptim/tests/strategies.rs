@@ -115,8 +115,8 @@ fn distributed_with(
 }
 
 /// Every rule, every strategy, W = 1..5 with a rank of batch 0, gradient accumulation and
-/// every reduce mode: the bits of one process (Muon too: each matrix has one owner, who
-/// runs the same Newton-Schulz on the same reduced gradient).
+/// every reduce mode: the bits of one process (Muon too: the rank that runs a matrix's
+/// Newton–Schulz assembles the same input U from the ranks' pieces).
 #[test]
 fn every_strategy_and_reduce_mode_equals_one_process_to_the_bit() {
     for which in 0..RULES {

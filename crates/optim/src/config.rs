@@ -22,8 +22,8 @@ impl OptimizerConfig {
         self.kernel().name()
     }
 
-    /// Whether the update of each element depends only on that element (so a shard may
-    /// cut a parameter anywhere): not for Muon and Adafactor, which need whole matrices.
+    /// Whether a shard may cut a parameter anywhere: not for Adafactor, whose statistics
+    /// need whole matrices (Muon may be cut: its transform is assembled by the caller).
     pub fn elementwise(&self) -> bool {
         !self.kernel().whole_params()
     }

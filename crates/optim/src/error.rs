@@ -18,7 +18,8 @@ pub enum OptimError {
     /// A state dict that does not belong to this optimizer (other layout, algorithm or shard).
     #[error("incompatible state dict: {0}")]
     StateDict(String),
-    /// The user's closure (LBFGS) failed.
+    /// The user's closure (LBFGS) or the caller's whole-matrix transform
+    /// ([`Optimizer::step_with`](crate::Optimizer::step_with)) failed.
     #[error("closure failed: {0}")]
     Closure(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

@@ -58,5 +58,5 @@ pub use config::{
 pub use error::OptimError;
 pub use kernels::lbfgs::{self, Lbfgs};
 pub use layout::{Layout, ParamSpec};
-pub use optimizer::{Optimizer, OptimizerStateDict, ParamGroup};
+pub use optimizer::{Optimizer, OptimizerStateDict, ParamGroup, TransformPiece, Transforms};
 pub use schedule::{LrScheduler, Schedule};

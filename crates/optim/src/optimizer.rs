@@ -266,6 +266,68 @@ struct Run {
     step: u64,
 }
 
+/// One piece of a parameter whose rule transforms whole matrices, as a shard holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransformPiece {
+    /// The parameter's index in the layout.
+    pub param: usize,
+    /// The elements of it the shard holds (layout coordinates).
+    pub range: Range<usize>,
+    /// Where their values start in [`Transforms::values`].
+    pub at: usize,
+}
+
+/// The whole-matrix transforms of one step (Muon's Newton–Schulz), between the two
+/// passes of [`Optimizer::step_with`]: the inputs of the pieces the shard holds, to be
+/// replaced by the outputs.
+pub struct Transforms<'a> {
+    layout: &'a Layout,
+    groups: &'a [ParamGroup],
+    group_of: &'a [usize],
+    /// The pieces, in layout order.
+    pub pieces: Vec<TransformPiece>,
+    /// Their values, packed in piece order: inputs on entry, outputs on return.
+    pub values: Vec<f32>,
+}
+
+impl Transforms<'_> {
+    /// The layout the pieces index.
+    pub fn layout(&self) -> &Layout {
+        self.layout
+    }
+
+    /// Whether parameter `param`'s rule transforms whole matrices (a parameter of the
+    /// layout whose pieces some shard holds).
+    pub fn transforms(&self, param: usize) -> bool {
+        self.group_of.get(param).is_some_and(|&g| self.groups[g].config.kernel().transforms_whole())
+    }
+
+    /// Parameter `param`'s transform: `values`, its whole input, become its output.
+    pub fn transform(&self, param: usize, values: &mut [f32]) -> Result<()> {
+        let spec = self.layout.params().get(param).ok_or_else(|| OptimError::ShapeMismatch(format!("no parameter {param}")))?;
+        self.groups[self.group_of[param]].config.kernel().transform(spec, values)
+    }
+
+    /// Runs every transform here: each piece must be its whole parameter.
+    pub fn run_local(&mut self) -> Result<()> {
+        let mut values = std::mem::take(&mut self.values);
+        for p in &self.pieces {
+            let spec = self.layout.param(p.param);
+            if p.range != spec.range() {
+                return Err(OptimError::InvalidConfig(format!(
+                    "parameter '{}' is cut by this optimizer's shard (it holds elements {:?} of {:?}): its rule transforms whole matrices, so the caller must assemble them (distoptim's ZeRO does)",
+                    spec.name,
+                    p.range,
+                    spec.range()
+                )));
+            }
+            self.transform(p.param, &mut values[p.at..p.at + p.range.len()])?;
+        }
+        self.values = values;
+        Ok(())
+    }
+}
+
 impl Optimizer {
     /// One group of all parameters, over the whole buffer.
     pub fn new(layout: Layout, config: OptimizerConfig) -> Result<Self> {
@@ -436,8 +498,27 @@ impl Optimizer {
 
     /// [`step`](Self::step) with every gradient multiplied by `grad_scale` as it is read:
     /// a clip coefficient applied without a separate pass over the gradients, with the
-    /// same bits as clipping the buffer first.
+    /// same bits as clipping the buffer first. Whole-matrix transforms run here, so the
+    /// shard must hold their parameters whole ([`Transforms::run_local`]).
     pub fn step_scaled(&mut self, params: &mut [f32], grads: &[f32], grad_scale: f32) -> Result<()> {
+        self.step_with(params, grads, grad_scale, &mut |t: &mut Transforms<'_>| t.run_local())
+    }
+
+    /// [`step_scaled`](Self::step_scaled) with the whole-matrix transforms
+    /// ([`Kernel::transforms_whole`]) left to `transform`: it is handed the inputs of every
+    /// piece of such a parameter the shard holds and must replace them by the outputs,
+    /// however it assembles each matrix (a sharded caller exchanges the pieces between
+    /// ranks there). It is called once per step whenever some group has such a rule, even
+    /// with no piece, so a collective inside it is reached by every rank.
+    ///
+    /// [`Kernel::transforms_whole`]: crate::kernels::Kernel::transforms_whole
+    pub fn step_with(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        grad_scale: f32,
+        transform: &mut dyn FnMut(&mut Transforms<'_>) -> Result<()>,
+    ) -> Result<()> {
         self.layout.check_len("the parameter buffer", params.len(), &self.shard)?;
         self.layout.check_len("the gradient buffer", grads.len(), &self.shard)?;
         // Group-level counters (Schedule-Free's k, lr_max, weight_sum) advance once per
@@ -445,54 +526,117 @@ impl Optimizer {
         for g in &mut self.groups {
             g.config.kernel_mut().begin_step();
         }
-        for seg in segments(&self.layout, &self.group_of, &self.steps, self.shard.clone()) {
-            let local = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
-            let kernel = self.groups[seg.group].config.kernel();
-            let names = kernel.state_buffers();
-            // The segment's state: from its first parameter's on, to its last one's end.
-            let (first, last) = ends(&self.layout, &seg.range);
-            let mut blocks = Vec::new();
-            if self.blocks.size[first] > 1 {
+        let runs: Vec<Run> = segments(&self.layout, &self.group_of, &self.steps, self.shard.clone()).collect();
+        let view = View { layout: &self.layout, groups: &self.groups, blocks: &self.blocks, shard: &self.shard };
+        // First pass: every update, or the first half of a transforming one (its inputs
+        // packed in segment order).
+        let (mut pieces, mut values) = (Vec::new(), Vec::new());
+        for seg in &runs {
+            let (segment, kernel) = view.segment(&mut self.state, seg, params, grads, grad_scale)?;
+            if kernel.transforms_whole() {
+                let at = values.len();
+                values.resize(at + seg.range.len(), 0f32);
                 for (i, piece) in self.layout.overlapping(seg.range.clone()) {
-                    blocks.extend(self.blocks.of(&self.layout, i, &piece, seg.range.start));
+                    pieces.push(TransformPiece { param: i, range: piece.clone(), at: at + piece.start - seg.range.start });
                 }
+                kernel.prepare(segment, &mut values[at..])?;
+            } else {
+                kernel.update(segment)?;
             }
-            let s0 = self.blocks.scales[first];
-            let mut state = Vec::with_capacity(names.len());
-            let mut quantized = Vec::new();
-            let mut slots: Vec<(&str, Option<&mut Buffer>)> = self.state.iter_mut().map(|(n, b)| (*n, Some(b))).collect();
-            for name in &names {
-                let Some(buffer) = slots.iter_mut().find(|(n, _)| n == name).and_then(|(_, b)| b.take()) else {
-                    return Err(OptimError::StateDict(format!("the optimizer holds no '{name}' buffer")));
-                };
-                let Some(span) = buffer.span(first, last) else {
-                    return Err(OptimError::StateDict(format!("buffer '{name}' holds nothing for '{}'", self.layout.param(first).name)));
-                };
-                match &mut buffer.data {
-                    Data::F32(b) => state.push(&mut b[span]),
-                    Data::Q8 { codes, scales, .. } => {
-                        quantized.push(Quantized { codes: &mut codes[span], scales: &mut scales[s0..s0 + blocks.len()] })
-                    }
-                }
+        }
+        if self.groups.iter().any(|g| g.config.kernel().transforms_whole()) {
+            let mut t = Transforms { layout: &self.layout, groups: &self.groups, group_of: &self.group_of, pieces, values };
+            transform(&mut t)?;
+            values = t.values;
+            // Second pass: the transforming rules' outputs applied.
+            let mut at = 0;
+            for seg in runs.iter().filter(|seg| self.groups[seg.group].config.kernel().transforms_whole()) {
+                let (segment, kernel) = view.segment(&mut self.state, seg, params, grads, grad_scale)?;
+                kernel.finish(segment, &values[at..at + seg.range.len()])?;
+                at += seg.range.len();
             }
-            let whole = if kernel.whole_params() { whole_params(&self.layout, seg.range.clone(), &self.shard)? } else { Vec::new() };
-            kernel.update(Segment {
-                params: &mut params[local.clone()],
-                grads: &grads[local],
-                state,
-                quantized,
-                blocks,
-                step: seg.step,
-                grad_scale,
-                whole,
-            })?;
         }
         for (i, _) in self.layout.overlapping(self.shard.clone()) {
             self.steps[i] += 1;
         }
         Ok(())
     }
+}
 
+/// The parts of an [`Optimizer`] that a segment's buffers are cut from, borrowed apart
+/// from its state.
+struct View<'a> {
+    layout: &'a Layout,
+    groups: &'a [ParamGroup],
+    blocks: &'a Blocks,
+    shard: &'a Range<usize>,
+}
+
+impl<'a> View<'a> {
+    /// The [`Segment`] of run `seg` over the shard's `params` and `grads`, with its kernel.
+    fn segment<'b>(
+        &self,
+        buffers: &'b mut [(&'static str, Buffer)],
+        seg: &Run,
+        params: &'b mut [f32],
+        grads: &'b [f32],
+        grad_scale: f32,
+    ) -> Result<(Segment<'b>, &'a dyn crate::kernels::Kernel)>
+    where
+        'a: 'b,
+    {
+        let local = seg.range.start - self.shard.start..seg.range.end - self.shard.start;
+        let kernel = self.groups[seg.group].config.kernel();
+        let names = kernel.state_buffers();
+        // The segment's state: from its first parameter's on, to its last one's end.
+        let (first, last) = ends(self.layout, &seg.range);
+        let mut blocks = Vec::new();
+        if self.blocks.size[first] > 1 {
+            for (i, piece) in self.layout.overlapping(seg.range.clone()) {
+                blocks.extend(self.blocks.of(self.layout, i, &piece, seg.range.start));
+            }
+        }
+        let s0 = self.blocks.scales[first];
+        let mut state = Vec::with_capacity(names.len());
+        let mut quantized = Vec::new();
+        let mut slots: Vec<(&str, Option<&mut Buffer>)> = buffers.iter_mut().map(|(n, b)| (*n, Some(b))).collect();
+        for name in &names {
+            let Some(buffer) = slots.iter_mut().find(|(n, _)| n == name).and_then(|(_, b)| b.take()) else {
+                return Err(OptimError::StateDict(format!("the optimizer holds no '{name}' buffer")));
+            };
+            let Some(span) = buffer.span(first, last) else {
+                return Err(OptimError::StateDict(format!("buffer '{name}' holds nothing for '{}'", self.layout.param(first).name)));
+            };
+            match &mut buffer.data {
+                Data::F32(b) => state.push(&mut b[span]),
+                Data::Q8 { codes, scales, .. } => {
+                    quantized.push(Quantized { codes: &mut codes[span], scales: &mut scales[s0..s0 + blocks.len()] })
+                }
+            }
+        }
+        let whole = if kernel.whole_params() {
+            whole_params(self.layout, seg.range.clone(), self.shard)?
+        } else if kernel.transforms_whole() {
+            let start = seg.range.start;
+            self.layout.overlapping(seg.range.clone()).map(|(i, r)| (self.layout.param(i), r.start - start..r.end - start)).collect()
+        } else {
+            Vec::new()
+        };
+        let segment = Segment {
+            params: &mut params[local.clone()],
+            grads: &grads[local],
+            state,
+            quantized,
+            blocks,
+            step: seg.step,
+            grad_scale,
+            whole,
+        };
+        Ok((segment, kernel))
+    }
+}
+
+impl Optimizer {
     /// torch's `add_param_group`: appends `params` to the layout as a new group with
     /// `config`; their state starts empty, the other parameters' state is kept. The
     /// parameter and gradient buffers passed to later steps grow by the new elements, at
@@ -651,7 +795,7 @@ fn whole_params<'a>(
 /// The error for a whole-matrix rule whose parameter `name` the shard cuts.
 fn cut(name: &str, shard: &Range<usize>) -> OptimError {
     OptimError::InvalidConfig(format!(
-        "parameter '{name}' is cut by this optimizer's shard {shard:?}: muon and adafactor need whole parameters (use ddp, or shards on parameter boundaries)"
+        "parameter '{name}' is cut by this optimizer's shard {shard:?}: adafactor needs whole parameters (use ddp, or shards on parameter boundaries)"
     ))
 }
 

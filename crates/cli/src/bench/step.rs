@@ -360,9 +360,9 @@ fn check_ledger(opt: &dyn DataParallel, predicted: &distoptim::MemoryLedger) -> 
     Ok(())
 }
 
-/// The distributed Muon step: each matrix's Newton–Schulz runs on the one rank whose
-/// range holds it (every rank under DDP), so the step waits for the busiest owner; the
-/// balance is the largest owner's NS work over the mean.
+/// The distributed Muon step: under ZeRO each matrix's Newton–Schulz runs on one rank,
+/// packed by cost (LPT; every rank runs every matrix under DDP), so the step waits for the
+/// busiest one; the balance is its NS work over the mean.
 fn muon_rows(comm: &Communicator, args: &StepArgs, clip: Option<ClipConfig>) -> Result<()> {
     let mut named = Vec::new();
     for (i, &(r, c)) in args.muon_shapes.iter().enumerate() {
@@ -388,8 +388,7 @@ fn muon_rows(comm: &Communicator, args: &StepArgs, clip: Option<ClipConfig>) -> 
         );
         let largest = costs.iter().cloned().fold(0.0, f64::max);
         println!(
-            "# reference: longest-processing-time bin-packing of the same matrices (Megatron's layer-wise Muon, owners not contiguous) would give balance {:.2}; no assignment of whole matrices can beat {:.2}",
-            lpt_balance(&costs, w),
+            "# reference: no assignment of whole matrices to {w} ranks can beat balance {:.2} (the largest matrix, or the mean)",
             largest.max(total / w as f64) / (total / w as f64)
         );
         println!("{:<7} {:>10} {:>16} {:>16} {:>9}", "step", "ms/step", "NS GFLOP max", "NS GFLOP mean", "balance");
@@ -399,41 +398,13 @@ fn muon_rows(comm: &Communicator, args: &StepArgs, clip: Option<ClipConfig>) -> 
         params.iter_mut().enumerate().for_each(|(i, p)| *p = ((i % 97) as f32 - 48.0) * 1e-3);
         let mut opt = setup.build(s, Precision::f32(), &params)?;
         let step = timed_step(comm, opt.as_mut(), &mut params, &mut grads, args.iters)?;
-        let owned = opt.state_range();
-        let mine: f64 = layout
-            .params()
-            .iter()
-            .filter(|p| p.shape.len() == 2 && owned.start <= p.offset && p.range().end <= owned.end)
-            .map(|p| newton_schulz_flops(p.shape[0], p.shape[1], steps))
-            .sum();
-        let mut costs = vec![0f64; w];
-        costs[comm.rank()] = mine;
-        comm.all_gather(&mut costs)?;
+        let costs = distoptim::transform_loads(&layout, &setup.groups, s, w);
         let (max, mean) = (costs.iter().cloned().fold(0.0, f64::max), costs.iter().sum::<f64>() / w as f64);
         if comm.rank() == 0 {
             println!("{:<7} {:>10.1} {:>16.3} {:>16.3} {:>9.2}", s.name(), step * 1e3, max / 1e9, mean / 1e9, max / mean);
         }
     }
     Ok(())
-}
-
-/// The busiest owner's cost over the mean when longest-processing-time bin-packing
-/// gives whole jobs of `costs` to `owners`: largest first, each to the least-loaded one.
-fn lpt_balance(costs: &[f64], owners: usize) -> f64 {
-    let mut sorted = costs.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let mut load = vec![0f64; owners.max(1)];
-    for c in sorted {
-        if let Some(least) = load.iter_mut().min_by(|a, b| a.total_cmp(b)) {
-            *least += c;
-        }
-    }
-    let mean = load.iter().sum::<f64>() / load.len() as f64;
-    if mean > 0.0 {
-        load.iter().cloned().fold(0.0, f64::max) / mean
-    } else {
-        1.0
-    }
 }
 
 /// What every row of one run shares: the group, the model, the optimizer and the clip.

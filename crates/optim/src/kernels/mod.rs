@@ -12,8 +12,11 @@
 //! the operation order of torch's single-tensor code. Because no element depends on
 //! another, the result is the same bits whatever the split: [`par_for_each`] cuts the
 //! buffers into [`CHUNK`]-aligned pieces and hands them to rayon, so 1 and N threads
-//! agree exactly. Kernels that need whole parameters (Muon, Adafactor) say so with
-//! [`Kernel::whole_params`]; the optimizer then never gives them a cut parameter.
+//! agree exactly. Kernels that need whole parameters (Adafactor) say so with
+//! [`Kernel::whole_params`]; the optimizer then never gives them a cut parameter. Kernels
+//! whose update is elementwise around one whole-matrix transform (Muon's Newton–Schulz)
+//! say [`Kernel::transforms_whole`] instead: shards may cut them, and the transform runs
+//! wherever the caller assembles the matrix.
 //!
 //! # Adding an optimizer
 //!
@@ -120,7 +123,7 @@ registry! {
     Adam(adam::AdamConfig),
     /// `torch.optim.LBFGS` (closure-driven: run by [`Lbfgs`](crate::Lbfgs), not by `Optimizer`).
     Lbfgs(lbfgs::LbfgsConfig),
-    /// `torch.optim.Muon` (2-D parameters, whole).
+    /// `torch.optim.Muon` (2-D parameters; Newton–Schulz on whole matrices).
     Muon(muon::MuonConfig),
     /// `torch.optim.Adafactor` (whole parameters).
     Adafactor(adafactor::AdafactorConfig),
@@ -201,10 +204,46 @@ pub trait Kernel: std::fmt::Debug + Send + Sync {
 
     /// The work of one step on `param`, in flop-equivalents: what ZeRO balances when it
     /// gives whole parameters to owners. An elementwise update costs [`ELEMENT_COST`] an
-    /// element (its memory traffic, at this host's measured kernel speeds); Muon adds
-    /// its Newton–Schulz matmuls.
+    /// element (its memory traffic, at this host's measured kernel speeds).
     fn cost(&self, param: &ParamSpec) -> f64 {
         param.numel() as f64 * ELEMENT_COST
+    }
+
+    /// Whether the update runs each parameter through a transform of the whole matrix
+    /// between two elementwise passes (Muon: momentum, Newton–Schulz, the step):
+    /// [`prepare`](Self::prepare) over any range writes the transform's input,
+    /// [`transform`](Self::transform) maps one whole parameter's input to its output
+    /// wherever the input was assembled, and [`finish`](Self::finish) applies the output
+    /// over the range. Shards may then cut the rule's parameters: only the transform
+    /// needs a whole matrix, and a sharded caller chooses which rank runs it
+    /// ([`Optimizer::step_with`](crate::Optimizer::step_with)).
+    fn transforms_whole(&self) -> bool {
+        false
+    }
+
+    /// The work of [`transform`](Self::transform) on `param`, in flops: what a sharded
+    /// caller balances when it gives each matrix's transform to one rank.
+    fn transform_cost(&self, _param: &ParamSpec) -> f64 {
+        0.0
+    }
+
+    /// The first pass of a [`transforms_whole`](Self::transforms_whole) rule over one
+    /// segment (its parameters possibly cut): updates the state and writes the
+    /// transform's input, one value per element, into `input`.
+    fn prepare(&self, _segment: Segment<'_>, _input: &mut [f32]) -> Result<()> {
+        Err(OptimError::InvalidConfig(format!("{} has no whole-matrix transform", self.name())))
+    }
+
+    /// The transform of whole parameter `param`: `values` holds its input on entry
+    /// and its output on return.
+    fn transform(&self, _param: &ParamSpec, _values: &mut [f32]) -> Result<()> {
+        Err(OptimError::InvalidConfig(format!("{} has no whole-matrix transform", self.name())))
+    }
+
+    /// The second pass over the segment [`prepare`](Self::prepare) saw: applies the
+    /// transform's `output`, one value per element.
+    fn finish(&self, _segment: Segment<'_>, _output: &[f32]) -> Result<()> {
+        Err(OptimError::InvalidConfig(format!("{} has no whole-matrix transform", self.name())))
     }
 
     /// Refuses a parameter this rule cannot update (Muon: not 2-D), naming it.
@@ -261,7 +300,8 @@ pub struct Segment<'a> {
     /// as clipping the buffer first, one pass less.
     pub grad_scale: f32,
     /// The parameters in the segment, each with its range relative to the segment's
-    /// start. Whole for a [`Kernel::whole_params`] rule.
+    /// start: whole for a [`Kernel::whole_params`] rule, the pieces the segment holds for
+    /// a [`Kernel::transforms_whole`] one, empty for the others.
     pub whole: Vec<(&'a ParamSpec, Range<usize>)>,
 }
 

@@ -12,7 +12,9 @@
 //! p  -= lr'·O,   lr' = lr·sqrt(max(1, A/B))  | lr·0.2·sqrt(max(A, B))  | lr·sqrt(A/B)
 //! ```
 //!
-//! The update needs the whole matrix, so it runs on whole parameters.
+//! Only NS needs the whole matrix: the momentum and the step are elementwise, so shards
+//! may cut a parameter ([`Kernel::transforms_whole`]) and NS runs wherever its input U
+//! was assembled.
 
 use half::bf16;
 
@@ -164,25 +166,30 @@ pub fn adjusted_lr(c: &MuonConfig, rows: usize, cols: usize) -> f64 {
 /// One Muon step of a whole `rows`×`cols` parameter; gradients are multiplied by
 /// `grad_scale` as they are read (the clip coefficient).
 pub fn update(c: &MuonConfig, rows: usize, cols: usize, p: &mut [f32], g: &[f32], buf: &mut [f32], grad_scale: f32) {
+    let mut u = vec![0f32; p.len()];
+    momentum(c, g, buf, grad_scale, &mut u);
+    let o = newton_schulz(&u, rows, cols, c);
+    apply(c, rows, cols, p, &o);
+}
+
+/// The elementwise first part of the step, on any piece of a parameter: the momentum
+/// buffer's update and the Newton–Schulz input U (Nesterov's or the buffer).
+pub fn momentum(c: &MuonConfig, g: &[f32], buf: &mut [f32], grad_scale: f32, u: &mut [f32]) {
     let mu = c.momentum as f32;
     let scaled = |x: f32| if grad_scale == 1.0 { x } else { x * grad_scale };
-    let u: Vec<f32> = buf
-        .iter_mut()
-        .zip(g)
-        .map(|(b, &g)| {
-            let g = scaled(g);
-            *b = lerp(*b, g, 1.0 - mu);
-            if c.nesterov {
-                lerp(g, *b, mu)
-            } else {
-                *b
-            }
-        })
-        .collect();
-    let o = newton_schulz(&u, rows, cols, c);
+    for ((b, &g), u) in buf.iter_mut().zip(g).zip(u) {
+        let g = scaled(g);
+        *b = lerp(*b, g, 1.0 - mu);
+        *u = if c.nesterov { lerp(g, *b, mu) } else { *b };
+    }
+}
+
+/// The elementwise last part, on any piece of a `rows`×`cols` parameter: decay, then the
+/// step along the orthogonalised `o`.
+pub fn apply(c: &MuonConfig, rows: usize, cols: usize, p: &mut [f32], o: &[f32]) {
     let decay = (1.0 - c.lr * c.weight_decay) as f32;
     let step = -adjusted_lr(c, rows, cols) as f32;
-    p.iter_mut().zip(&o).for_each(|(p, o)| {
+    p.iter_mut().zip(o).for_each(|(p, o)| {
         *p *= decay;
         *p += step * o;
     });
@@ -270,16 +277,41 @@ impl Kernel for MuonConfig {
         vec!["momentum_buffer"]
     }
 
-    fn whole_params(&self) -> bool {
+    fn transforms_whole(&self) -> bool {
         true
     }
 
-    fn cost(&self, param: &ParamSpec) -> f64 {
-        let ns = match param.shape[..] {
+    fn transform_cost(&self, param: &ParamSpec) -> f64 {
+        match param.shape[..] {
             [rows, cols] => newton_schulz_flops(rows, cols, self.ns_steps),
             _ => 0.0,
-        };
-        ns + param.numel() as f64 * super::ELEMENT_COST
+        }
+    }
+
+    fn prepare(&self, segment: Segment<'_>, input: &mut [f32]) -> Result<()> {
+        let Segment { grads, mut state, grad_scale, .. } = segment;
+        let buf = state.pop().ok_or_else(|| OptimError::ShapeMismatch("muon runs without its momentum buffer".into()))?;
+        momentum(self, grads, buf, grad_scale, input);
+        Ok(())
+    }
+
+    fn transform(&self, param: &ParamSpec, values: &mut [f32]) -> Result<()> {
+        let [rows, cols] = param.shape[..] else { return self.check_param(param) };
+        if values.len() != rows * cols {
+            return Err(OptimError::ShapeMismatch(format!("{} values for '{}' of shape {:?}", values.len(), param.name, param.shape)));
+        }
+        let o = newton_schulz(values, rows, cols, self);
+        values.copy_from_slice(&o);
+        Ok(())
+    }
+
+    fn finish(&self, segment: Segment<'_>, output: &[f32]) -> Result<()> {
+        let Segment { params, whole, .. } = segment;
+        for (spec, l) in whole {
+            let [rows, cols] = spec.shape[..] else { return self.check_param(spec) };
+            apply(self, rows, cols, &mut params[l.clone()], &output[l]);
+        }
+        Ok(())
     }
 
     fn check_param(&self, param: &ParamSpec) -> Result<()> {
@@ -292,11 +324,17 @@ impl Kernel for MuonConfig {
         Ok(())
     }
 
+    /// The three passes on a segment of whole parameters (the optimizer itself calls
+    /// them apart, so that shards may cut a matrix).
     fn update(&self, segment: Segment<'_>) -> Result<()> {
         let Segment { params, grads, mut state, grad_scale, whole, .. } = segment;
         let buf = state.pop().ok_or_else(|| OptimError::ShapeMismatch("muon runs without its momentum buffer".into()))?;
         for (spec, l) in whole {
-            update(self, spec.shape[0], spec.shape[1], &mut params[l.clone()], &grads[l.clone()], &mut buf[l], grad_scale);
+            let [rows, cols] = spec.shape[..] else { return self.check_param(spec) };
+            if l.len() != spec.numel() {
+                return Err(OptimError::InvalidConfig(format!("muon's update needs '{}' whole", spec.name)));
+            }
+            update(self, rows, cols, &mut params[l.clone()], &grads[l.clone()], &mut buf[l], grad_scale);
         }
         Ok(())
     }

@@ -277,7 +277,7 @@ mod tests {
     }
 
     /// Square matrices of sides `sides` in layout order, Muon, each with an AdamW bias.
-    pub(crate) fn squares(sides: &[usize]) -> (Layout, Vec<ParamGroup>) {
+    fn squares(sides: &[usize]) -> (Layout, Vec<ParamGroup>) {
         let mut named = Vec::new();
         for (i, &k) in sides.iter().enumerate() {
             named.push((format!("m{i}.weight"), vec![k, k]));

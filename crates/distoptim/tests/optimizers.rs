@@ -213,24 +213,31 @@ fn every_strategy_evaluates_the_schedule_free_iterate() {
     }
 }
 
-/// Muon's exchange between ranks (each matrix's Newton–Schulz on one rank, packed by
-/// LPT over balanced ranges; taken here at 3 and 4 ranks, where it beats keeping each
-/// matrix whole on its range's owner) gives one process's bits at every ZeRO stage, and
-/// every rank holds a balanced share of the state.
-#[test]
-fn muon_exchanged_between_ranks_equals_one_process() {
+/// Square Muon matrices, largest first, each with an AdamW bias: a layout where the
+/// contiguous partition falls well short of LPT at 3 and 4 ranks, so ZeRO exchanges.
+fn largest_first() -> (Layout, Vec<ParamGroup>) {
     let mut named = Vec::new();
     for (i, k) in [256usize, 256, 224, 224, 192, 192].into_iter().enumerate() {
         named.push((format!("m{i}.weight"), vec![k, k]));
         named.push((format!("m{i}.bias"), vec![k]));
     }
     let layout = Layout::new(named).unwrap();
-    let n = layout.numel();
     let muon = MuonConfig { lr: 0.02, ..MuonConfig::default() };
     let groups = vec![
         ParamGroup { params: (0..layout.len()).step_by(2).collect(), config: OptimizerConfig::Muon(muon) },
         ParamGroup { params: (1..layout.len()).step_by(2).collect(), config: OptimizerConfig::Adam(AdamConfig::adamw()) },
     ];
+    (layout, groups)
+}
+
+/// Muon's exchange between ranks (each matrix's Newton–Schulz on one rank, packed by
+/// LPT over balanced ranges; taken here at 3 and 4 ranks, where it beats keeping each
+/// matrix whole on its range's owner) gives one process's bits at every ZeRO stage, and
+/// every rank holds a balanced share of the state.
+#[test]
+fn muon_exchanged_between_ranks_equals_one_process() {
+    let (layout, groups) = largest_first();
+    let n = layout.numel();
     for w in [3, 4] {
         let mut want = init(n);
         let mut one = Optimizer::with_groups(layout.clone(), groups.clone(), 0..n).unwrap();
@@ -267,20 +274,8 @@ fn muon_exchanged_between_ranks_equals_one_process() {
 /// range's owner) and on 4 (exchanged again) and equals an uninterrupted run.
 #[test]
 fn muon_exchanged_checkpoints_resume_at_another_world_size() {
-    let mut named = Vec::new();
-    for (i, k) in [256usize, 256, 224, 224, 192, 192].into_iter().enumerate() {
-        named.push((format!("m{i}.weight"), vec![k, k]));
-        named.push((format!("m{i}.bias"), vec![k]));
-    }
-    let layout = Layout::new(named).unwrap();
+    let (layout, groups) = largest_first();
     let n = layout.numel();
-    let groups = vec![
-        ParamGroup {
-            params: (0..layout.len()).step_by(2).collect(),
-            config: OptimizerConfig::Muon(MuonConfig { lr: 0.02, ..MuonConfig::default() }),
-        },
-        ParamGroup { params: (1..layout.len()).step_by(2).collect(), config: OptimizerConfig::Adam(AdamConfig::adamw()) },
-    ];
     // Rank 0 carries the whole gradient (a sum), so every world size sees the same one.
     let run = |w: usize, steps: std::ops::Range<usize>, save: Option<&std::path::Path>, load: Option<&std::path::Path>| {
         Communicator::run_threads(w, &config(), |comm| {

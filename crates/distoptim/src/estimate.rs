@@ -148,8 +148,8 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Result<Estimate> {
             _ => vec![ring(w, grad_bytes, false), ring(w, param_bytes, false)],
         }
     };
-    // The whole-matrix transforms' two all-gathers (Muon's inputs and outputs, in f32).
-    let exchange = (transforms.elements() as u64 * 4) as f64;
+    // The whole-matrix transforms' two all-gathers (Muon's inputs and outputs, in bf16).
+    let exchange = transforms.gather_bytes() as f64;
     let collectives: Vec<(f64, f64)> =
         collectives.into_iter().chain(transforms.exchanges().then(|| [ring(w, exchange, false); 2]).into_iter().flatten()).collect();
     let comm_seconds = collectives.iter().fold(0.0, |t, (steps, bytes)| t + steps * machine.alpha + bytes / machine.beta);

@@ -12,7 +12,8 @@
 //!
 //! 1. the inputs U: every rank contributes the pieces its range holds to one all-gather
 //!    over the concatenation of the transformed parameters in layout order (a
-//!    contiguous range of it per rank);
+//!    contiguous range of it per rank), in bf16 for Muon (whose Newton–Schulz rounds U
+//!    to bf16 first and ends on bf16 values, so nothing changes a bit), else in f32;
 //! 2. each worker transforms its matrices;
 //! 3. the outputs: one all-gather over the same parameters ordered by worker (again a
 //!    contiguous range per rank), from which every rank takes its pieces.
@@ -21,7 +22,8 @@
 //! not depend on the world size or on who ran it.
 //!
 //! The exchange is not free (two all-gathers and four copies of every transformed
-//! element, about one elementwise update's memory traffic, [`ELEMENT_COST`] each), and
+//! element in f32, about one elementwise update's memory traffic, [`ELEMENT_COST`] each;
+//! half that in bf16), and
 //! a contiguous partition that keeps every matrix whole on its range's owner, balanced
 //! by cost, often comes close to LPT (a stack of identical layers packs evenly). So
 //! [`shard`] weighs both and exchanges only when LPT's busiest rank plus the exchange
@@ -33,13 +35,14 @@
 
 use std::ops::Range;
 
-use distoptim_collective::Communicator;
+use distoptim_collective::{bf16, Communicator};
 use distoptim_optim::kernels::ELEMENT_COST;
 use distoptim_optim::{Layout, ParamGroup, Transforms};
 
 use crate::config::Strategy;
 use crate::error::{DistError, Result};
 use crate::grad_sync;
+use crate::precision::{round_into, widen_into, Working};
 
 /// Where each transformed parameter lives in the two exchanges, and who transforms it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -58,10 +61,15 @@ pub(crate) struct TransformPlan {
     output_ranges: Vec<Range<usize>>,
     /// Per rank: the cost of the transforms it runs.
     loads: Vec<f64>,
+    /// Whether the exchange carries bf16 (every transforming rule reads and writes bf16
+    /// values, [`Kernel::transform_in_bf16`]), else f32.
+    ///
+    /// [`Kernel::transform_in_bf16`]: distoptim_optim::kernels::Kernel::transform_in_bf16
+    bf16: bool,
     /// The exchange's two buffers, kept between steps (faulting fresh pages in each
-    /// step costs more than the copies).
-    input: Vec<f32>,
-    output: Vec<f32>,
+    /// step costs more than the copies): f32 or bf16.
+    buffers: (Vec<f32>, Vec<f32>),
+    buffers16: (Vec<bf16>, Vec<bf16>),
 }
 
 /// The ranges of a layout sharded over `size` ranks (ZeRO) and how its whole-matrix
@@ -78,7 +86,7 @@ pub(crate) fn shard(layout: &Layout, groups: &[ParamGroup], size: usize) -> (Vec
     let whole = grad_sync::partition(layout, groups, size, true);
     let local = TransformPlan::local(layout, groups, &whole);
     let exchanged = TransformPlan::new(layout, groups, &balanced);
-    let exchange_cost = exchanged.elements() as f64 * ELEMENT_COST;
+    let exchange_cost = exchanged.elements() as f64 * ELEMENT_COST * exchanged.element_bytes() as f64 / 4.0;
     if exchanged.busiest() + exchange_cost < local.busiest() {
         (balanced, exchanged)
     } else {
@@ -111,11 +119,13 @@ impl TransformPlan {
         let size = ranges.len().max(1);
         let mut plan = TransformPlan { slot: vec![None; layout.len()], loads: vec![0.0; size], ..Default::default() };
         let mut costs = Vec::new();
+        plan.bf16 = true;
         for g in groups {
             let kernel = g.config.kernel();
             if !kernel.transforms_whole() {
                 continue;
             }
+            plan.bf16 &= kernel.transform_in_bf16();
             for &i in &g.params {
                 if i < layout.len() {
                     costs.push((i, kernel.transform_cost(layout.param(i))));
@@ -184,39 +194,69 @@ impl TransformPlan {
         self.output_ranges.last().map_or(0, |r| r.end)
     }
 
-    /// The bytes of the exchange's buffers: the gathered inputs and outputs, in f32 (part
-    /// of the memory ledger's communication buffers).
+    /// Bytes of one exchanged element: 2 in bf16, else 4.
+    fn element_bytes(&self) -> usize {
+        if self.bf16 {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// The bytes of the exchange's buffers, the gathered inputs and outputs (part of the
+    /// memory ledger's communication buffers).
     pub(crate) fn exchange_bytes(&self) -> u64 {
-        2 * self.elements() as u64 * 4
+        2 * (self.elements() * self.element_bytes()) as u64
+    }
+
+    /// The bytes of one of the exchange's all-gathers.
+    pub(crate) fn gather_bytes(&self) -> u64 {
+        (self.elements() * self.element_bytes()) as u64
     }
 
     /// The exchange of one step (collective): gathers the inputs, runs this rank's
     /// transforms, gathers the outputs and writes this rank's pieces of them into `t`.
     pub(crate) fn exchange(&mut self, comm: &Communicator, t: &mut Transforms<'_>) -> Result<()> {
+        if self.bf16 {
+            let mut buffers = std::mem::take(&mut self.buffers16);
+            self.exchange_as(comm, t, &mut buffers)?;
+            self.buffers16 = buffers;
+        } else {
+            let mut buffers = std::mem::take(&mut self.buffers);
+            self.exchange_as(comm, t, &mut buffers)?;
+            self.buffers = buffers;
+        }
+        Ok(())
+    }
+
+    /// [`exchange`](Self::exchange) carrying the values as `T` (exact: f32, or bf16 for
+    /// rules that read and write bf16 values).
+    fn exchange_as<T: Working>(&self, comm: &Communicator, t: &mut Transforms<'_>, (input, output): &mut (Vec<T>, Vec<T>)) -> Result<()> {
         let me = comm.rank();
         let n = self.elements();
-        let (mut input, mut output) = (std::mem::take(&mut self.input), std::mem::take(&mut self.output));
-        input.resize(n, 0f32);
-        output.resize(n, 0f32);
+        input.resize(n, T::default());
+        output.resize(n, T::default());
         for p in &t.pieces {
             let k = self.slot(t.layout(), p.param)?;
             let at = self.input_at[k] + p.range.start - t.layout().param(p.param).offset;
-            input[at..at + p.range.len()].copy_from_slice(&t.values[p.at..p.at + p.range.len()]);
+            round_into(&t.values[p.at..p.at + p.range.len()], &mut input[at..at + p.range.len()]);
         }
-        grad_sync::all_gather_ranges(comm, &mut input, &self.input_ranges)?;
+        grad_sync::all_gather_ranges(comm, input, &self.input_ranges)?;
+        let mut matrix = Vec::new();
         for k in (0..self.params.len()).filter(|&k| self.worker[k] == me) {
             let numel = t.layout().param(self.params[k]).numel();
             let (from, to) = (self.input_at[k], self.output_at[k]);
-            output[to..to + numel].copy_from_slice(&input[from..from + numel]);
-            t.transform(self.params[k], &mut output[to..to + numel])?;
+            matrix.resize(numel, 0f32);
+            widen_into(&input[from..from + numel], &mut matrix);
+            t.transform(self.params[k], &mut matrix)?;
+            round_into(&matrix, &mut output[to..to + numel]);
         }
-        grad_sync::all_gather_ranges(comm, &mut output, &self.output_ranges)?;
+        grad_sync::all_gather_ranges(comm, output, &self.output_ranges)?;
         for p in &t.pieces {
             let k = self.slot(t.layout(), p.param)?;
             let at = self.output_at[k] + p.range.start - t.layout().param(p.param).offset;
-            t.values[p.at..p.at + p.range.len()].copy_from_slice(&output[at..at + p.range.len()]);
+            widen_into(&output[at..at + p.range.len()], &mut t.values[p.at..p.at + p.range.len()]);
         }
-        (self.input, self.output) = (input, output);
         Ok(())
     }
 
@@ -292,14 +332,14 @@ mod tests {
     }
 
     /// The exchange is taken where LPT's gain pays for it: largest first in layout order
-    /// leaves a contiguous partition well short of LPT at 3 and 4 ranks, not at 2 (LPT
-    /// gains less than the exchange costs) or 5 (both reach the largest matrix); a stack
-    /// of equal layers always packs contiguously.
+    /// leaves a contiguous partition short of LPT at 2, 3 and 4 ranks (at 2 by less than
+    /// the exchange would cost in f32, more than in bf16), not at 5 (both reach the
+    /// largest matrix); a stack of equal layers always packs contiguously.
     #[test]
     fn the_exchange_is_taken_where_it_pays() {
         let (layout, groups) = squares(&[256, 256, 224, 224, 192, 192]);
         let n = layout.numel();
-        for (size, exchanges) in [(2, false), (3, true), (4, true), (5, false)] {
+        for (size, exchanges) in [(2, true), (3, true), (4, true), (5, false)] {
             let (ranges, plan) = shard(&layout, &groups, size);
             assert_eq!(plan.exchanges(), exchanges, "{size} ranks");
             let local = TransformPlan::local(&layout, &groups, &grad_sync::partition(&layout, &groups, size, true));
@@ -307,7 +347,7 @@ mod tests {
             if exchanges {
                 // Balanced ranges, and LPT's busiest rank well under the contiguous one's.
                 assert!(ranges.iter().enumerate().all(|(r, range)| *range == distoptim_collective::shard_range(n, size, r)));
-                assert!(plan.busiest() + plan.elements() as f64 * ELEMENT_COST < local.busiest(), "{size}");
+                assert!(plan.busiest() + plan.elements() as f64 * ELEMENT_COST / 2.0 < local.busiest(), "{size}");
             } else {
                 // Every matrix whole on the rank that runs it.
                 for i in (0..layout.len()).step_by(2) {

@@ -227,6 +227,13 @@ pub trait Kernel: std::fmt::Debug + Send + Sync {
         0.0
     }
 
+    /// Whether [`transform`](Self::transform) reads its input rounded to bf16 and writes
+    /// values that bf16 holds exactly (Muon's Newton–Schulz iterates in bf16), so an
+    /// exchange may carry both in bf16, half the bytes, without changing a bit.
+    fn transform_in_bf16(&self) -> bool {
+        false
+    }
+
     /// The first pass of a [`transforms_whole`](Self::transforms_whole) rule over one
     /// segment (its parameters possibly cut): updates the state and writes the
     /// transform's input, one value per element, into `input`.

@@ -288,6 +288,11 @@ impl Kernel for MuonConfig {
         }
     }
 
+    /// NS starts by rounding U to bf16 and ends on a bf16 rounding.
+    fn transform_in_bf16(&self) -> bool {
+        true
+    }
+
     fn prepare(&self, segment: Segment<'_>, input: &mut [f32]) -> Result<()> {
         let Segment { grads, mut state, grad_scale, .. } = segment;
         let buf = state.pop().ok_or_else(|| OptimError::ShapeMismatch("muon runs without its momentum buffer".into()))?;

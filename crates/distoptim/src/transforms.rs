@@ -22,12 +22,11 @@
 //! not depend on the world size or on who ran it.
 //!
 //! The exchange is not free (two all-gathers and four copies of every transformed
-//! element in f32, about one elementwise update's memory traffic, [`ELEMENT_COST`] each;
-//! half that in bf16), and
-//! a contiguous partition that keeps every matrix whole on its range's owner, balanced
-//! by cost, often comes close to LPT (a stack of identical layers packs evenly). So
-//! [`shard`] weighs both and exchanges only when LPT's busiest rank plus the exchange
-//! costs less than the contiguous partition's busiest rank.
+//! element: in f32 about one elementwise update's memory traffic, [`ELEMENT_COST`]; half
+//! that in bf16), and a contiguous partition that keeps every matrix whole on its range's
+//! owner, balanced by cost, often comes close to LPT (a stack of identical layers packs
+//! evenly). So [`shard`] weighs both and exchanges only when LPT's busiest rank plus the
+//! exchange costs less than the contiguous partition's busiest rank.
 //!
 //! [`ELEMENT_COST`]: distoptim_optim::kernels::ELEMENT_COST
 //! [`Kernel::transforms_whole`]: distoptim_optim::kernels::Kernel::transforms_whole

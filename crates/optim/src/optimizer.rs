@@ -296,12 +296,6 @@ impl Transforms<'_> {
         self.layout
     }
 
-    /// Whether parameter `param`'s rule transforms whole matrices (a parameter of the
-    /// layout whose pieces some shard holds).
-    pub fn transforms(&self, param: usize) -> bool {
-        self.group_of.get(param).is_some_and(|&g| self.groups[g].config.kernel().transforms_whole())
-    }
-
     /// Parameter `param`'s transform: `values`, its whole input, become its output.
     pub fn transform(&self, param: usize, values: &mut [f32]) -> Result<()> {
         let spec = self.layout.params().get(param).ok_or_else(|| OptimError::ShapeMismatch(format!("no parameter {param}")))?;

@@ -115,8 +115,7 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Result<Estimate> {
             if layout.numel() != n {
                 return Err(DistError::Invalid(format!("the plan has {n} parameters, its layout {}", layout.numel())));
             }
-            let (ranges, transforms) =
-                if shards { crate::transforms::shard(layout, groups, w) } else { (vec![0..n; w], TransformPlan::default()) };
+            let (ranges, transforms) = crate::ShardedOptimizer::ranges_for(&config, layout, groups, w);
             let state = Optimizer::planned_state_bytes(layout, groups, ranges[0].clone())?;
             (ranges, state, transforms)
         }

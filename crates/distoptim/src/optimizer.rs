@@ -163,14 +163,18 @@ impl ShardedOptimizer {
     }
 
     /// Every rank's range and where the whole-matrix transforms run: the whole buffer
-    /// and every transform on every rank for DDP, else [`transforms::shard`].
-    fn ranges_for(config: &StepConfig, layout: &Layout, groups: &[ParamGroup], size: usize) -> (Vec<Range<usize>>, TransformPlan) {
+    /// and every transform on every rank for DDP (no exchange), else
+    /// [`transforms::shard`]. What `estimate` plans with too.
+    pub(crate) fn ranges_for(
+        config: &StepConfig,
+        layout: &Layout,
+        groups: &[ParamGroup],
+        size: usize,
+    ) -> (Vec<Range<usize>>, TransformPlan) {
         if config.strategy.shards_state() {
             transforms::shard(layout, groups, size)
         } else {
-            let ranges = vec![0..layout.numel(); size];
-            let plan = TransformPlan::local(layout, groups, &ranges);
-            (ranges, plan)
+            (vec![0..layout.numel(); size], TransformPlan::default())
         }
     }
 

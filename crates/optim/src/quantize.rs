@@ -51,6 +51,9 @@ pub struct Quantizer {
     planes: [[u8; CODES]; 4],
     /// Whether every bucket fitted the table.
     tabulated: bool,
+    /// The map as linear grids, for the vector loop without lookups; `None` when its
+    /// proof failed (a map of another shape), and the table serves alone.
+    grid: Option<DecadeGrid>,
     keep_sign: bool,
     zero: u8,
 }
@@ -108,7 +111,15 @@ impl Quantizer {
                 planes[j][c] = b;
             }
         }
-        Quantizer { map, cells, planes, tabulated, keep_sign, zero }
+        let grid = DecadeGrid::build(map, keep_sign);
+        Quantizer { map, cells, planes, tabulated, grid, keep_sign, zero }
+    }
+
+    /// Whether the vector loop computes codes from [`DecadeGrid`] (tests check it does for
+    /// both maps).
+    #[cfg(test)]
+    fn has_grid(&self) -> bool {
+        self.grid.is_some()
     }
 
     /// The code of `x` (already divided by its block's scale).
@@ -131,6 +142,193 @@ impl Quantizer {
         let cell = self.cells[(bits >> 16) as usize];
         let key = (bits ^ ((bits as i32 >> 31) as u32)) & 0xffff;
         (cell as u8).wrapping_add((key >= cell >> 8) as u8)
+    }
+}
+
+/// The dynamic map as seven linear grids, one per decade, so that a vector loop computes
+/// a code with a few multiplies and register permutes instead of a memory lookup per value
+/// (a gather of 16 costs as much as the rest of the 8-bit step on some cores, Zen 4).
+///
+/// Inside decade `i` (scale `L = 10^(i-6)`) the entries are the midpoints of `2^i` (signed
+/// map) or `2^(i+1)` (unsigned) equal cells over `[0.1·L, L]`, so the nearest entry of `y`
+/// is the cell holding it: `first_i + floor((y/L - 0.1)·cells/0.9)`, one fused multiply-add
+/// `u = y·slope - offset`. The decade itself comes from the binade of `y`: each binade
+/// holds at most one decade boundary (`cut`, the exact least `y` of the next decade, found
+/// by search on [`nearest`]), so the decade is the one at the binade's foot, plus one at
+/// or above its cut.
+///
+/// `u` is held offset by 256, in `[256, 512)`, where its bits are fixed-point: bits 15..23
+/// are the code and the low 15 bits its fraction. A fraction within 2^-14 of a whole
+/// number marks the value *uncertain* (it lies within rounding of a threshold, where the
+/// grid's real arithmetic and the map's `f32` entries may disagree), and the loop takes
+/// that value's code from the exact table instead: about one value in eight thousand.
+///
+/// The rest is exact by construction, and [`DecadeGrid::build`] proves it before the grid
+/// is used: at every threshold of the map (each sign), `u` lies within the uncertain band
+/// of the right whole number on both sides; `u` is monotone in `y` within a decade, so a
+/// value the grid calls certain gets the code of [`nearest`], bit for bit.
+#[derive(Debug)]
+pub(crate) struct DecadeGrid {
+    /// Per binade (index: the low five bits of the biased exponent of `y`, clamped to
+    /// [`Self::FLOOR`, `Self::TOP`]), the decade at its foot.
+    foot: [i32; 32],
+    /// Per binade, the least `y` of the next decade, `+inf` when no boundary falls inside.
+    /// For the signed map, the least *negative* value's magnitude: one ulp lower than the
+    /// positive one where the positive side ties there (ties go to the lower entry), and
+    /// positive values equal to it are marked uncertain.
+    cut: [f32; 32],
+    /// Per decade, with decade 7 the entry 1.0: `u = y·slope - offset` (both with the 256
+    /// offset in), and `ceiling`, the top of the decade's last cell (a `y` between `L` and
+    /// the cut codes to the last entry, not the next decade's first).
+    slope: [f32; 16],
+    offset: [f32; 16],
+    ceiling: [f32; 16],
+    /// Unsigned map: the least `x` coding above 0.0 (below it, code 0).
+    above_zero: f32,
+    signed: bool,
+}
+
+/// A decade boundary where the positive and negative sides differ: the two cuts.
+type Cuts = (f32, f32);
+
+impl DecadeGrid {
+    /// The least `y` the grid works with (smaller ones code as it does): 2^-23, below the
+    /// map's smallest entries.
+    const FLOOR: f32 = f32::from_bits(104 << 23);
+    /// The largest `y` the grid works with (larger ones code as it does: 1.0's code).
+    const TOP: f32 = 1.5;
+    /// Half-width of the uncertain band, in units of the 15-bit fraction (2^-14 of a
+    /// cell; the proof holds down to one unit, this keeps a margin).
+    const BAND: u32 = 2;
+    /// The bits of 256.0, the offset of `u`.
+    const BASE: u32 = 0x4380_0000;
+
+    /// The grid of `map`, if it has the dynamic map's shape and the proof holds.
+    fn build(map: &[f32; CODES], signed: bool) -> Option<DecadeGrid> {
+        // Decade i's first code and its number of cells; decade 7 is the entry 1.0.
+        let mut first = [255i32; 8];
+        let mut cells = [1i32; 8];
+        for i in 0..7 {
+            cells[i] = if signed { 1 << i } else { 2 << i };
+            first[i] = if signed { 128 + (1 << i) - 1 } else { (2 << i) - 1 };
+        }
+        let least = |pred: &dyn Fn(f32) -> bool| -> f32 {
+            // The least y in (0, 2] with pred(y), for a pred false then true as y grows.
+            let (mut lo, mut hi) = (0u32, 2f32.to_bits());
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if pred(f32::from_bits(mid)) {
+                    hi = mid;
+                } else {
+                    lo = mid;
+                }
+            }
+            f32::from_bits(hi)
+        };
+        // The least y whose code reaches c: positive x = y, and negative x = -y (where the
+        // code falls as y grows, from 254 - c for the same entry's mirror).
+        let up_to = |c: i32| least(&|y| i32::from(nearest(map, y, signed)) >= c);
+        let down_to = |c: i32| least(&|y| i32::from(nearest(map, -y, signed)) <= 254 - c);
+        let mut cuts: [Cuts; 7] = [(0.0, 0.0); 7];
+        for (i, cut) in cuts.iter_mut().enumerate() {
+            let positive = up_to(first[i + 1]);
+            // A negative value never reaches 1.0; past the last cut it codes as -0.99…
+            // whichever decade the grid gives it, so decade 6's cut serves both.
+            let negative = if signed && i < 6 { down_to(first[i + 1]) } else { positive };
+            if negative != positive && negative.to_bits() + 1 != positive.to_bits() {
+                return None;
+            }
+            *cut = (positive, negative);
+        }
+        let mut grid = DecadeGrid {
+            foot: [0; 32],
+            cut: [f32::INFINITY; 32],
+            slope: [0.0; 16],
+            offset: [0.0; 16],
+            ceiling: [0.0; 16],
+            above_zero: if signed { 0.0 } else { up_to(1) },
+            signed,
+        };
+        for e in 104..=127u32 {
+            let (low, high) = (f32::from_bits(e << 23), f32::from_bits((e + 1) << 23));
+            let k = (e & 31) as usize;
+            grid.foot[k] = cuts.iter().filter(|c| c.1 <= low).count() as i32;
+            let inside: Vec<Cuts> = cuts.iter().copied().filter(|c| c.1 > low && c.1 < high).collect();
+            match inside[..] {
+                [] => {}
+                [c] if c.0 < high => grid.cut[k] = c.1,
+                _ => return None,
+            }
+        }
+        for i in 0..8 {
+            let scale = 10f64.powi(i as i32 - 6);
+            let n = f64::from(cells[i]);
+            if i < 7 {
+                grid.slope[i] = (n / (0.9 * scale)) as f32;
+                grid.offset[i] = (0.1 * n / 0.9 - f64::from(first[i]) - 256.0) as f32;
+            } else {
+                grid.offset[i] = -(255.5 + 256.0);
+            }
+            grid.ceiling[i] = (first[i] + cells[i]) as f32 - 0.5 + 256.0;
+        }
+        // The proof: at both sides of every threshold inside a decade, u is within the band
+        // of the threshold's code; at each decade's least y, u is at or above the band of
+        // its first code.
+        let whole = |c: i32| (c as u32) << 15;
+        let w = |y: f32| grid.fixed(y).0.wrapping_sub(Self::BASE);
+        for i in 0..7 {
+            let lowest = match i {
+                0 if signed => vec![Self::FLOOR],
+                0 => vec![grid.above_zero.max(Self::FLOOR)],
+                _ => vec![cuts[i - 1].0, cuts[i - 1].1],
+            };
+            if lowest.iter().any(|&y| w(y) < whole(first[i]) - Self::BAND) {
+                return None;
+            }
+            for c in first[i] + 1..first[i] + cells[i] {
+                let sides = if signed { vec![up_to(c), down_to(c)] } else { vec![up_to(c)] };
+                for t in sides {
+                    let below = f32::from_bits(t.to_bits() - 1);
+                    if w(t) < whole(c) - Self::BAND || w(below) >= whole(c) + Self::BAND {
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(grid)
+    }
+
+    /// `u`'s bits for a magnitude `y` (not NaN), and whether `y` sits on its binade's cut
+    /// (uncertain on the signed map). The same IEEE operations as the vector loop.
+    fn fixed(&self, y: f32) -> (u32, bool) {
+        let y = y.clamp(Self::FLOOR, Self::TOP);
+        let k = ((y.to_bits() >> 23) & 31) as usize;
+        let cut = self.cut[k];
+        let decade = (self.foot[k] + i32::from(y >= cut)) as usize;
+        let u = y.mul_add(self.slope[decade], -self.offset[decade]).min(self.ceiling[decade]);
+        (u.to_bits(), y == cut)
+    }
+
+    /// The code of `x` (not NaN), or `None` when the grid is uncertain of it.
+    #[cfg(test)]
+    fn code(&self, x: f32) -> Option<u8> {
+        let (u, on_cut) = self.fixed(x.abs());
+        let uncertain = (u.wrapping_add(Self::BAND) & 0x7fff) < 2 * Self::BAND || (self.signed && on_cut);
+        let c = (u >> 15) & 0xff;
+        let code = if self.signed {
+            if x == 0.0 {
+                127
+            } else if x < 0.0 {
+                254 - c.min(254)
+            } else {
+                c
+            }
+        } else if x < self.above_zero {
+            0
+        } else {
+            c
+        };
+        (!uncertain).then_some(code as u8)
     }
 }
 
@@ -314,6 +512,17 @@ pub fn quantize_with(q: &Quantizer, values: &[f32], scale: f32, codes: &mut [u8]
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if let (Some(grid), Normalize::Times(inv), true) = (&q.grid, norm, x86::has_vbmi()) {
+        // SAFETY: the CPU has the features, checked just above.
+        return unsafe {
+            if grid.signed {
+                x86::quantize_grid::<true>(q, grid, values, inv, codes)
+            } else {
+                x86::quantize_grid::<false>(q, grid, values, inv, codes)
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
     if x86::has_avx512() {
         // SAFETY: the CPU has the features, checked just above.
         return unsafe { x86::quantize_with(q, values, norm, codes) };
@@ -369,7 +578,7 @@ fn dequantize_portable(map: &[f32; CODES], codes: &[u8], scale: f32, out: &mut [
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Normalize, Quantizer, CODES};
+    use super::{DecadeGrid, Normalize, Quantizer, CODES};
 
     pub(crate) use crate::simd::{has_avx512, has_vbmi};
 
@@ -549,6 +758,98 @@ pub(crate) mod x86 {
         None
     }
 
+    /// [`super::quantize_with`] by the [`DecadeGrid`] (`SIGNED`: its map's), for a block
+    /// normalized by `inv`, the scale's reciprocal; 64 values a step: per 16 lanes the
+    /// decade from two permutes and a compare, `u` from three more and a fused
+    /// multiply-add, the code from `u`'s bits; the four vectors' low bytes packed by two
+    /// byte permutes. A value the grid is uncertain of takes its code from the table.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VL, DQ and VBMI ([`has_vbmi`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")]
+    pub(crate) unsafe fn quantize_grid<const SIGNED: bool>(q: &Quantizer, g: &DecadeGrid, values: &[f32], inv: f32, codes: &mut [u8]) {
+        let n = values.len().min(codes.len());
+        // SAFETY: each table is 32 or 16 elements: two or one 16-lane loads.
+        let (foot, cut, slope, offset, ceiling) = unsafe {
+            (
+                [_mm512_loadu_si512(g.foot.as_ptr().cast()), _mm512_loadu_si512(g.foot[16..].as_ptr().cast())],
+                [_mm512_loadu_ps(g.cut.as_ptr()), _mm512_loadu_ps(g.cut[16..].as_ptr())],
+                _mm512_loadu_ps(g.slope.as_ptr()),
+                _mm512_loadu_ps(g.offset.as_ptr()),
+                _mm512_loadu_ps(g.ceiling.as_ptr()),
+            )
+        };
+        let (floor, top) = (_mm512_set1_ps(DecadeGrid::FLOOR), _mm512_set1_ps(DecadeGrid::TOP));
+        let (one, band, fraction) = (_mm512_set1_epi32(1), _mm512_set1_epi32(DecadeGrid::BAND as i32), _mm512_set1_epi32(0x7fff));
+        // The mirror of a negative value's code, 254 - c, on c still carrying 256's bits.
+        let mirror = _mm512_set1_epi32((254 + (DecadeGrid::BASE >> 15)) as i32);
+        let (zero_code, above_zero) = (_mm512_set1_epi32(127), _mm512_set1_ps(g.above_zero));
+        let inv_lanes = _mm512_set1_ps(inv);
+        let normalize = |x: __m512| _mm512_mul_ps(x, inv_lanes);
+        // Codes (low bytes) and uncertain lanes of 16 normalized values.
+        let sixteen = |x: __m512| -> (__m512i, __mmask16) {
+            // min(|x|, TOP) then max with FLOOR, which also turns a NaN into FLOOR.
+            let y = _mm512_max_ps(_mm512_range_ps::<0b1010>(x, top), floor);
+            let k = _mm512_srli_epi32::<23>(_mm512_castps_si512(y));
+            let cut = _mm512_permutex2var_ps(cut[0], k, cut[1]);
+            let foot = _mm512_permutex2var_epi32(foot[0], k, foot[1]);
+            let decade = _mm512_mask_add_epi32(foot, _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, cut), foot, one);
+            let u = _mm512_fmsub_ps(y, _mm512_permutexvar_ps(decade, slope), _mm512_permutexvar_ps(decade, offset));
+            let u = _mm512_castps_si512(_mm512_min_ps(u, _mm512_permutexvar_ps(decade, ceiling)));
+            let mut uncertain =
+                _mm512_cmplt_epu32_mask(_mm512_and_si512(_mm512_add_epi32(u, band), fraction), _mm512_add_epi32(band, band));
+            let c = _mm512_srli_epi32::<15>(u);
+            let c = if SIGNED {
+                uncertain |= _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(y, cut);
+                let negative = _mm512_movepi32_mask(_mm512_castps_si512(x));
+                let c = _mm512_mask_sub_epi32(c, negative, mirror, _mm512_min_epi32(c, mirror));
+                _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask::<_CMP_EQ_UQ>(x, _mm512_setzero_ps()), zero_code)
+            } else {
+                // Below the first threshold, NaN included: 0.0's code.
+                _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, above_zero), c)
+            };
+            (c, uncertain)
+        };
+        let exact = |j: usize, mut lanes: u64, codes: &mut [u8]| {
+            while lanes != 0 {
+                let l = j + lanes.trailing_zeros() as usize;
+                lanes &= lanes - 1;
+                let x = values[l] * inv;
+                codes[l] = q.lookup(if x.is_nan() { 0.0 } else { x });
+            }
+        };
+        let mut order = [0u8; 64];
+        for (p, o) in order.iter_mut().enumerate() {
+            *o = (4 * (p % 32)) as u8;
+        }
+        // SAFETY: 64 bytes.
+        let order = unsafe { _mm512_loadu_si512(order.as_ptr().cast()) };
+        let whole = n / 64 * 64;
+        for j in (0..whole).step_by(64) {
+            // SAFETY: j + 64 <= n: the loads and the store stay within both slices.
+            unsafe {
+                let at = |r: usize| sixteen(normalize(_mm512_loadu_ps(values.as_ptr().add(j + 16 * r))));
+                let ((c0, u0), (c1, u1), (c2, u2), (c3, u3)) = (at(0), at(1), at(2), at(3));
+                let low = _mm512_permutex2var_epi8(c0, order, c1);
+                let high = _mm512_permutex2var_epi8(c2, order, c3);
+                _mm512_storeu_si512(codes.as_mut_ptr().add(j).cast(), _mm512_mask_blend_epi8(!0u64 << 32, low, high));
+                let uncertain = u64::from(u0) | u64::from(u1) << 16 | u64::from(u2) << 32 | u64::from(u3) << 48;
+                if uncertain != 0 {
+                    exact(j, uncertain, codes);
+                }
+            }
+        }
+        for j in (whole..n).step_by(16) {
+            let k = lanes(n - j);
+            // SAFETY: the masked loads and stores stay below n, within both slices.
+            unsafe {
+                let (c, uncertain) = sixteen(normalize(load(values.as_ptr().add(j), n - j)));
+                _mm512_mask_cvtepi32_storeu_epi8(codes.as_mut_ptr().add(j).cast(), k, c);
+                exact(j, u64::from(uncertain & k), codes);
+            }
+        }
+    }
+
     /// [`super::quantize_with`] for a tabulated quantizer and a nonzero scale:
     /// normalize, NaN to +0.0, then each code from one gathered cell.
     ///
@@ -629,6 +930,7 @@ mod tests {
         for signed in [true, false] {
             let (map, q) = (dynamic_map(signed), Quantizer::get(signed));
             assert!(q.tabulated, "every bucket fits the table");
+            assert!(q.has_grid(), "the grid's proof holds");
             let mut xs: Vec<f32> = Vec::new();
             for w in map.windows(2) {
                 for x in [w[0], w[1], (w[0] + w[1]) / 2.0] {
@@ -640,6 +942,76 @@ mod tests {
             for x in xs.into_iter().filter(|x| !x.is_nan()) {
                 assert_eq!(q.code(x), nearest(map, x, signed), "signed={signed} x={x:e} ({:#x})", x.to_bits());
             }
+        }
+    }
+
+    /// Where the grid is certain it gives [`nearest`]'s code: at every entry, midpoint and
+    /// threshold and a few thousand ulps around them, on every bucket edge and on a sweep
+    /// of bit patterns; and it is uncertain of few values.
+    #[test]
+    fn the_grid_is_exact_where_it_is_certain() {
+        for signed in [true, false] {
+            let (map, q) = (dynamic_map(signed), Quantizer::get(signed));
+            let grid = q.grid.as_ref().expect("the grid's proof holds");
+            let mut xs: Vec<f32> = Vec::new();
+            for w in map.windows(2) {
+                for c in [w[0], w[1], (w[0] + w[1]) / 2.0] {
+                    xs.extend((-2000i32..=2000).map(|d| f32::from_bits(c.to_bits().wrapping_add(d as u32))));
+                }
+            }
+            xs.extend((0..1u32 << 16).flat_map(|b| [f32::from_bits(b << 16), f32::from_bits((b << 16) | 0xffff)]));
+            xs.extend((0..1u32 << 22).map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b9) | 1)));
+            xs.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1.0, -1.0, 1.5, -1.5, DecadeGrid::FLOOR, f32::MIN_POSITIVE]);
+            let (mut uncertain, mut total) = (0usize, 0usize);
+            for x in xs.into_iter().filter(|x| !x.is_nan()) {
+                total += 1;
+                match grid.code(x) {
+                    Some(c) => assert_eq!(c, nearest(map, x, signed), "signed={signed} x={x:e} ({:#x})", x.to_bits()),
+                    None => uncertain += 1,
+                }
+            }
+            // Uniform values in [-1, 1]: the band is 2^-13 of a cell.
+            let mut seed = 0x2545_f491_4f6c_dd1du64;
+            let sample: Vec<f32> = (0..1 << 20)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect();
+            let unsure = sample.iter().filter(|&&x| grid.code(if signed { x } else { x.abs() }).is_none()).count();
+            assert!(unsure * 2000 < sample.len(), "signed={signed}: {unsure} of {} uniform values uncertain", sample.len());
+            assert!(uncertain < total, "signed={signed}");
+            // And the vector loop, uncertain values included, gives nearest's codes.
+            #[cfg(target_arch = "x86_64")]
+            if x86::has_vbmi() {
+                let mut xs: Vec<f32> = (0..1u32 << 23).map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b9) >> (i % 3))).collect();
+                xs.extend(sample.iter().map(|x| if signed { *x } else { x.abs() }));
+                let mut codes = vec![0u8; xs.len()];
+                // SAFETY: the CPU has the features, checked just above.
+                unsafe {
+                    if signed {
+                        x86::quantize_grid::<true>(q, grid, &xs, 1.0, &mut codes)
+                    } else {
+                        x86::quantize_grid::<false>(q, grid, &xs, 1.0, &mut codes)
+                    }
+                };
+                for (x, c) in xs.iter().zip(&codes) {
+                    assert_eq!(*c, nearest(map, if x.is_nan() { 0.0 } else { *x }, signed), "signed={signed} x={x:e}");
+                }
+            }
+        }
+    }
+
+    /// The proof rejects a map the grid does not fit: one entry moved by a percent.
+    #[test]
+    fn the_grid_proof_can_fail() {
+        for signed in [true, false] {
+            let mut moved = *dynamic_map(signed);
+            moved[200] *= 1.01;
+            assert!(DecadeGrid::build(&moved, signed).is_none(), "signed={signed}");
+            assert!(DecadeGrid::build(dynamic_map(signed), signed).is_some(), "signed={signed}");
         }
     }
 
@@ -737,6 +1109,24 @@ mod tests {
                     unsafe { x86::quantize_with(q, &values, Normalize::new(s), &mut a) };
                     quantize_portable(q, &values, Normalize::new(s), &mut b);
                     assert_eq!(a, b, "signed={signed} trial {trial} scale {s}");
+                    if let (true, Some(grid)) = (x86::has_vbmi(), &q.grid) {
+                        // The grid loop, whole 64-value steps and 16-lane tails, with a
+                        // block long enough for both: the values repeated with their
+                        // neighbours one ulp off.
+                        let long: Vec<f32> = values.iter().flat_map(|v| [*v, f32::from_bits(v.to_bits() + 1), -*v]).collect();
+                        let (mut c, mut d) = (vec![7u8; long.len()], vec![7u8; long.len()]);
+                        let Normalize::Times(inv) = Normalize::new(s) else { continue };
+                        // SAFETY: the CPU has VBMI, checked just above.
+                        unsafe {
+                            if signed {
+                                x86::quantize_grid::<true>(q, grid, &long, inv, &mut c)
+                            } else {
+                                x86::quantize_grid::<false>(q, grid, &long, inv, &mut c)
+                            }
+                        };
+                        quantize_portable(q, &long, Normalize::new(s), &mut d);
+                        assert_eq!(c, d, "grid signed={signed} trial {trial} scale {s}");
+                    }
                     let (mut x, mut y) = (vec![0f32; n], vec![0f32; n]);
                     // SAFETY: as above.
                     unsafe { x86::dequantize(map, &a, s, &mut x) };

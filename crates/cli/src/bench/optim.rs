@@ -8,7 +8,7 @@
 //! before it may apply U, so it cannot be one pass: RMS(p), v and RMS(U) (read p, g, v,
 //! write v: 16 B), then the update (read g, v, p, write p: 16 B), 32 B in all. 8-bit AdamW
 //! reads p, g and two code bytes and writes p and two code bytes (16 B, plus 1/64 of that
-//! in scales); under it the table prints the floor of its table work alone (both moments
+//! in scales); under it the table prints the floor of its code work alone (both moments
 //! dequantized and re-quantized from data in L1), which no step can beat. On a matrix
 //! (`--adafactor-shapes`) Adafactor keeps factored statistics: its row and column sums in
 //! one pass (read g), RMS(p) (read p), RMS(U) (read g), the update (read g, p, write p):
@@ -203,7 +203,7 @@ fn bench_optim(sizes: &[usize], tensors: usize, matrices: &[(usize, usize)], thr
                 if *name == "adamw8bit" {
                     let codes_s = pool.install(|| time_codes(n, iters));
                     println!(
-                        "#   adamw8bit's table work alone (both moments dequantized and re-quantized, in L1): {:.3} ms = {:.0}% of its step; a step at 70% of copy would take {:.3} ms",
+                        "#   adamw8bit's code work alone (both moments dequantized and re-quantized, in L1): {:.3} ms = {:.0}% of its step; a step at 70% of copy would take {:.3} ms",
                         codes_s * 1e3,
                         100.0 * codes_s / step_s,
                         copy_s / 0.7 * 1e3
@@ -215,7 +215,7 @@ fn bench_optim(sizes: &[usize], tensors: usize, matrices: &[(usize, usize)], thr
     Ok(())
 }
 
-/// Seconds for the 8-bit step's table work alone over `n` parameters, 256-element block
+/// Seconds for the 8-bit step's code work alone over `n` parameters, 256-element block
 /// by block on the pool: both moments dequantized and re-quantized from one block that
 /// stays in L1, so no parameter, gradient or code traffic: a floor under the step.
 fn time_codes(n: usize, iters: usize) -> f64 {

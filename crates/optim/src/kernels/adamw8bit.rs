@@ -119,8 +119,7 @@ impl Step {
         // Dequantize (table lookups), the arithmetic, the new scales, the codes.
         dequantize(codes1, scale1, true, s1);
         dequantize(codes2, scale2, false, s2);
-        let [largest1, largest2] = self.moments(params, grads, s1, s2);
-        let (new1, new2) = (scale_from_largest(s1, largest1, true), scale_from_largest(s2, largest2, false));
+        let [new1, new2] = self.moments(params, grads, s1, s2);
         quantize_with(q1, s1, new1, codes1);
         quantize_with(q2, s2, new2, codes2);
         (new1, new2)
@@ -129,7 +128,7 @@ impl Step {
 
 impl Step {
     /// The arithmetic of one block: `s1`, `s2` hold the dequantized moments on entry and
-    /// the fresh ones on exit; returns the fresh moments' [`largest_magnitude`]s, which
+    /// the fresh ones on exit; returns their new scales ([`scale_from_largest`]), which
     /// the AVX-512 loop tracks on the way. With AVX-512 sixteen lanes at a time, else
     /// four with SSE2 (part of the x86-64 baseline; the compiler does not vectorize the
     /// masked loop itself); the same IEEE operations in the same order as the scalar
@@ -146,7 +145,7 @@ impl Step {
         #[cfg(not(target_arch = "x86_64"))]
         let done = 0;
         self.moments_scalar(&mut params[done..n], &grads[done..n], &mut s1[done..n], &mut s2[done..n]);
-        [largest_magnitude(&s1[..n]), largest_magnitude(&s2[..n])]
+        scales(&s1[..n], &s2[..n])
     }
 
     /// The scalar loop (a decay of 1 when there is none: multiplying by 1 is exact).
@@ -211,9 +210,12 @@ impl Step {
         let (b1, b2, ob1, ob2) = (set(self.beta1), set(self.beta2), set(self.one_minus_beta1), set(self.one_minus_beta2));
         let (step, eps, dec, sign, inf) =
             (set(self.step_size), set(self.eps), set(self.decay.unwrap_or(1.0)), set(self.sign), set(f32::INFINITY));
-        // The largest magnitudes so far, and the lanes that met a NaN (a dequantized
-        // NaN, or inf·0 from an infinite scale); lanes past n load zeros and stay 0.
-        let (mut largest1, mut largest2, mut nan) = (_mm512_setzero_ps(), _mm512_setzero_ps(), 0u16);
+        // The first moment's largest and smallest values so far (its scale is the one of
+        // larger magnitude, with its sign: no second pass to find which came first unless
+        // they tie), the second's largest magnitude, and the lanes that met a NaN (a
+        // dequantized NaN, or inf·0 from an infinite scale); lanes past n load zeros and
+        // stay 0.
+        let (mut high1, mut low1, mut largest2, mut nan) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), 0u16);
         for j in (0..n).step_by(16) {
             let left = n - j;
             // SAFETY: `load`/`store` touch lanes below n only, within every slice.
@@ -229,18 +231,26 @@ impl Step {
                 let (m, v) = (_mm512_maskz_mov_ps(finite, m), _mm512_maskz_mov_ps(finite, v));
                 store(s1.as_mut_ptr().add(j), left, m);
                 store(s2.as_mut_ptr().add(j), left, v);
-                let (a, b) = (_mm512_abs_ps(m), _mm512_abs_ps(v));
-                nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(b, b);
-                largest1 = _mm512_max_ps(largest1, a);
+                let b = _mm512_abs_ps(v);
+                nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(m, m) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(b, b);
+                high1 = _mm512_max_ps(high1, m);
+                low1 = _mm512_min_ps(low1, m);
                 largest2 = _mm512_max_ps(largest2, b);
             }
         }
-        if nan == 0 {
-            return [_mm512_reduce_max_ps(largest1), _mm512_reduce_max_ps(largest2)];
+        let (high, low) = (_mm512_reduce_max_ps(high1), _mm512_reduce_min_ps(low1));
+        match nan {
+            0 if high > -low => [high, _mm512_reduce_max_ps(largest2)],
+            0 if -low > high => [low, _mm512_reduce_max_ps(largest2)],
+            // Rare: a tie in magnitude (or an all-zero moment), or a NaN.
+            _ => scales(&s1[..n], &s2[..n]),
         }
-        // Rare: which moment held the NaN.
-        [largest_magnitude(&s1[..n]), largest_magnitude(&s2[..n])]
     }
+}
+
+/// The new scales of a block's fresh moments: the first's signed, the second's not.
+fn scales(s1: &[f32], s2: &[f32]) -> [f32; 2] {
+    [scale_from_largest(s1, largest_magnitude(s1), true), largest_magnitude(s2)]
 }
 
 /// The buffers of a run of whole blocks.

@@ -284,6 +284,48 @@ impl Communicator {
         self.blocking(|engine| dispatch!(engine, e => e.all_gather(buf)))
     }
 
+    /// Personalized exchange (MPI's `Alltoallv`): this rank's `send` holds one piece per
+    /// rank in rank order, `send_counts[q]` elements for rank `q`; afterwards `recv` holds
+    /// the pieces addressed to this rank in sender order, `recv_counts[r]` from rank `r`.
+    /// Each rank moves only its own pieces, where an all-gather would hand every rank
+    /// everything. Rank `r`'s `send_counts[q]` must equal rank `q`'s `recv_counts[r]`:
+    /// every rank checks every pair before data moves, and a disagreement is
+    /// [`CommError::CountMismatch`] on every rank (the group stays usable).
+    ///
+    /// ```
+    /// use distoptim_collective::{CommConfig, Communicator};
+    ///
+    /// // Rank r sends r+1 copies of 10·r + q to each rank q.
+    /// let got = Communicator::run_threads(3, &CommConfig::default(), |comm| {
+    ///     let (r, n) = (comm.rank(), comm.size());
+    ///     let send: Vec<i32> = (0..n).flat_map(|q| vec![10 * r as i32 + q as i32; r + 1]).collect();
+    ///     let mut recv = vec![0i32; (1..=n).sum()];
+    ///     comm.all_to_all(&send, &vec![r + 1; n], &mut recv, &(1..=n).collect::<Vec<_>>()).unwrap();
+    ///     recv
+    /// })
+    /// .unwrap();
+    /// assert_eq!(got[1], [1, 11, 11, 21, 21, 21]);
+    /// ```
+    pub fn all_to_all<T: Element>(&self, send: &[T], send_counts: &[usize], recv: &mut [T], recv_counts: &[usize]) -> Result<()> {
+        let n = self.size();
+        for (what, counts, len) in [("send", send_counts, send.len()), ("recv", recv_counts, recv.len())] {
+            if counts.len() != n {
+                return Err(CommError::invalid("all_to_all", format!("{} {what} counts for a group of {n}", counts.len())));
+            }
+            let total = counts.iter().try_fold(0usize, |a, &c| a.checked_add(c));
+            if total != Some(len) {
+                return Err(CommError::invalid(
+                    "all_to_all",
+                    format!("the {what} counts {counts:?} do not add up to the buffer's {len} elements"),
+                ));
+            }
+        }
+        if n == 1 && send_counts[0] != recv_counts[0] {
+            return Err(CommError::CountMismatch { sender: 0, receiver: 0, sends: send_counts[0], expects: recv_counts[0] });
+        }
+        self.blocking(|engine| dispatch!(engine, e => e.all_to_all(send, send_counts, recv, recv_counts)))
+    }
+
     /// Copies `root`'s `buf` to every rank.
     pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
         self.blocking(|engine| dispatch!(engine, e => e.broadcast(buf, root)))

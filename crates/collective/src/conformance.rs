@@ -132,8 +132,18 @@ fn exercise<T: Sample>(comm: &Communicator, registered: bool, exact: bool) -> Re
         let b = storage.fill(&inputs[me]);
         comm.broadcast(b, root).map_err(err)?;
         check(&tag("broadcast".into()), b, &inputs[root], true)?;
+
+        // all_to_all: uneven pieces (some empty) from every rank to every rank.
+        let count = |from: usize, to: usize| (len + 3 * from + 5 * to) % (len + 1);
+        let piece = |from: usize, to: usize| -> Vec<T> { (0..count(from, to)).map(|i| T::sample(from, 7 * i + to)).collect() };
+        let send: Vec<T> = (0..n).flat_map(|q| piece(me, q)).collect();
+        let want: Vec<T> = (0..n).flat_map(|r| piece(r, me)).collect();
+        let mut recv = vec![T::sample(me, 1); want.len()];
+        let (sends, recvs): (Vec<usize>, Vec<usize>) = (0..n).map(|q| (count(me, q), count(q, me))).unzip();
+        comm.all_to_all(&send, &sends, &mut recv, &recvs).map_err(err)?;
+        check(&tag("all_to_all".into()), &recv, &want, true)?;
         comm.barrier().map_err(err)?;
-        checks += 3;
+        checks += 4;
     }
     Ok(checks)
 }

@@ -55,6 +55,19 @@ pub enum CommError {
         /// What is wrong.
         reason: String,
     },
+    #[error("all_to_all counts disagree: rank {sender} sends {sends} elements to rank {receiver}, which expects {expects}")]
+    /// The ranks' `all_to_all` counts do not pair up (every rank reports the same pair;
+    /// nothing was exchanged and the group stays usable).
+    CountMismatch {
+        /// The sending rank.
+        sender: usize,
+        /// The receiving rank.
+        receiver: usize,
+        /// Elements the sender sends it.
+        sends: usize,
+        /// Elements the receiver expects from the sender.
+        expects: usize,
+    },
     #[error("cannot join the group: {0}")]
     /// Joining the group failed (another job, a stale segment, a rank claimed twice).
     Join(String),
@@ -80,6 +93,21 @@ pub enum CommError {
 }
 
 impl CommError {
+    /// The first pair of ranks whose counts disagree in a group's `all_to_all`: `sends[r]`
+    /// and `recvs[r]` are rank `r`'s send and receive counts (the same matrix on every rank,
+    /// so every rank names the same pair).
+    pub(crate) fn check_counts(sends: &[Vec<usize>], recvs: &[Vec<usize>]) -> Result<()> {
+        for (sender, counts) in sends.iter().enumerate() {
+            for (receiver, &n) in counts.iter().enumerate() {
+                let expects = recvs[receiver][sender];
+                if n != expects {
+                    return Err(CommError::CountMismatch { sender, receiver, sends: n, expects });
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
         CommError::InvalidArgument { op, reason: reason.into() }
     }
@@ -90,7 +118,7 @@ impl CommError {
 
     /// Whether the group can no longer be trusted to be in step (so later calls must fail).
     pub(crate) fn poisons(&self) -> bool {
-        !matches!(self, CommError::InvalidArgument { .. })
+        !matches!(self, CommError::InvalidArgument { .. } | CommError::CountMismatch { .. })
     }
 }
 

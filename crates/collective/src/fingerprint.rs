@@ -24,6 +24,8 @@ pub enum OpKind {
     Alloc,
     /// `split(color, key)`.
     Split,
+    /// `all_to_all(send, send_counts, recv, recv_counts)`.
+    AllToAll,
 }
 
 impl OpKind {
@@ -38,6 +40,7 @@ impl OpKind {
             OpKind::Reduce(_) => "reduce",
             OpKind::Alloc => "alloc",
             OpKind::Split => "split",
+            OpKind::AllToAll => "all_to_all",
         }
     }
 
@@ -62,6 +65,7 @@ impl OpKind {
             OpKind::Reduce(_) => 5,
             OpKind::Alloc => 6,
             OpKind::Split => 7,
+            OpKind::AllToAll => 8,
         };
         base | self.reduce_op().map_or(0, |op| (op.code() + 1) << 8)
     }
@@ -80,6 +84,7 @@ impl OpKind {
             (5, Some(op)) => OpKind::Reduce(op),
             (6, None) => OpKind::Alloc,
             (7, None) => OpKind::Split,
+            (8, None) => OpKind::AllToAll,
             _ => return None,
         })
     }

@@ -585,6 +585,62 @@ impl MpiEngine {
         check(rc, "MPI_Allgatherv")
     }
 
+    /// `MPI_Alltoallv` in bytes, after an `MPI_Allgather` of every rank's counts so that
+    /// every rank checks the same matrix (MPI itself does not check that they pair up).
+    pub(crate) fn all_to_all<T: Element>(
+        &mut self,
+        send: &[T],
+        send_counts: &[usize],
+        recv: &mut [T],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let n = self.size;
+        let _call = self.begin(OpKind::AllToAll, Some(T::DTYPE), n, 0)?;
+        let mine: Vec<u64> = send_counts.iter().chain(recv_counts).map(|&c| c as u64).collect();
+        let mut all = vec![0u64; 2 * n * n];
+        let (dt, _) = raw_bytes::<u8>(0);
+        let row = count(2 * n * 8, "all_to_all")?;
+        // SAFETY: `mine` holds 2n u64 (row bytes), `all` n rows of them.
+        let rc =
+            unsafe { ffi::MPI_Allgather(mine.as_ptr() as *const c_void, row, dt, all.as_mut_ptr() as *mut c_void, row, dt, self.comm) };
+        check(rc, "MPI_Allgather (all_to_all counts)")?;
+        let rows: Vec<&[u64]> = all.chunks_exact(2 * n).collect();
+        let sends: Vec<Vec<usize>> = rows.iter().map(|r| r[..n].iter().map(|&c| c as usize).collect()).collect();
+        let recvs: Vec<Vec<usize>> = rows.iter().map(|r| r[n..].iter().map(|&c| c as usize).collect()).collect();
+        CommError::check_counts(&sends, &recvs)?;
+        let size = std::mem::size_of::<T>();
+        let bytes = |counts: &[usize]| -> Result<(Vec<c_int>, Vec<c_int>)> {
+            let (mut lens, mut starts, mut at) = (Vec::with_capacity(n), Vec::with_capacity(n), 0usize);
+            for &c in counts {
+                lens.push(count(c * size, "all_to_all")?);
+                starts.push(count(at * size, "all_to_all")?);
+                at += c;
+            }
+            Ok((lens, starts))
+        };
+        let ((send_lens, send_starts), (recv_lens, recv_starts)) = (bytes(send_counts)?, bytes(recv_counts)?);
+        // Never an empty slice's dangling pointer: it could read as MPI_IN_PLACE.
+        let (spare_send, mut spare_recv) = ([0u8; 1], [0u8; 1]);
+        let send_ptr = if send.is_empty() { spare_send.as_ptr() } else { send.as_ptr() as *const u8 };
+        let recv_ptr = if recv.is_empty() { spare_recv.as_mut_ptr() } else { recv.as_mut_ptr() as *mut u8 };
+        // SAFETY: the counts and displacements lie within `send` and `recv` (their sums
+        // are the buffers' lengths, checked by the communicator), or are zero.
+        let rc = unsafe {
+            ffi::MPI_Alltoallv(
+                send_ptr as *const c_void,
+                send_lens.as_ptr(),
+                send_starts.as_ptr(),
+                dt,
+                recv_ptr as *mut c_void,
+                recv_lens.as_ptr(),
+                recv_starts.as_ptr(),
+                dt,
+                self.comm,
+            )
+        };
+        check(rc, "MPI_Alltoallv")
+    }
+
     pub(crate) fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
         self.check_root("broadcast", root)?;
         if !buf.is_empty() && std::mem::size_of_val(buf) <= INLINE {

@@ -201,6 +201,19 @@ impl NcclEngine {
         self.run(OpKind::AllGather, buf, 0, Call::AllGather)
     }
 
+    /// The pieces are host slices and the ranks share a host (they rendezvous over shm),
+    /// so they go straight through the rendezvous group's shared memory rather than to
+    /// the device and back.
+    pub(crate) fn all_to_all<T: Element>(
+        &mut self,
+        send: &[T],
+        send_counts: &[usize],
+        recv: &mut [T],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        self.boot.all_to_all(send, send_counts, recv, recv_counts)
+    }
+
     pub(crate) fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
         self.check_root("broadcast", root)?;
         self.run(OpKind::Broadcast, buf, root, Call::Broadcast(root))

@@ -137,3 +137,25 @@ fn observed_collectives_hand_over_exactly_this_ranks_part_of_the_result_in_order
         .unwrap();
     }
 }
+
+/// `all_to_all` counts that do not pair up fail on every rank with the same pair named,
+/// before any data moves, and the group goes on; wrong lengths fail on the caller alone.
+#[test]
+fn all_to_all_counts_that_do_not_pair_up_fail_everywhere_and_the_group_goes_on() {
+    let results = run_shm(3, &config(), |comm| {
+        let me = comm.rank();
+        // Rank 2 expects 2 elements from rank 1, which sends it 1.
+        let recvs = if me == 2 { vec![1, 2, 1] } else { vec![1, 1, 1] };
+        let mut recv = vec![0f32; recvs.iter().sum()];
+        let first = comm.all_to_all(&[me as f32; 3], &[1, 1, 1], &mut recv, &recvs).unwrap_err().to_string();
+        let local = comm.all_to_all(&[0f32; 2], &[1, 1, 1], &mut [0f32; 3], &[1, 1, 1]).unwrap_err().to_string();
+        let mut recv = vec![0f32; 3];
+        comm.all_to_all(&[me as f32; 3], &[1, 1, 1], &mut recv, &[1, 1, 1]).unwrap();
+        (first, local, recv)
+    });
+    for (first, local, recv) in results {
+        assert_eq!(first, "all_to_all counts disagree: rank 1 sends 1 elements to rank 2, which expects 2");
+        assert!(local.contains("do not add up to the buffer's 2 elements"), "{local}");
+        assert_eq!(recv, [0.0, 1.0, 2.0]);
+    }
+}

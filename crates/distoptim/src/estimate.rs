@@ -134,7 +134,7 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Result<Estimate> {
         grads: n as u64 * psize,
         master: if p.has_master() { owned as u64 * 4 } else { 0 },
         optimizer_state: state_bytes,
-        comm_buffers: transient + transforms.exchange_bytes(),
+        comm_buffers: transient + transforms.exchange_bytes(0),
     };
     let grad_bytes = (n as u64 * rsize) as f64;
     let param_bytes = (n as u64 * psize) as f64;
@@ -147,10 +147,11 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Result<Estimate> {
             _ => vec![ring(w, grad_bytes, false), ring(w, param_bytes, false)],
         }
     };
-    // The whole-matrix transforms' two all-gathers (Muon's inputs and outputs, in bf16).
-    let exchange = transforms.gather_bytes() as f64;
+    // The whole-matrix transforms' two all-to-alls (Muon's inputs and outputs, in bf16):
+    // one message to each other rank, carrying rank 0's pieces.
+    let exchange = transforms.sent_bytes(0).map(|b| ((w - 1) as f64, b as f64));
     let collectives: Vec<(f64, f64)> =
-        collectives.into_iter().chain(transforms.exchanges().then(|| [ring(w, exchange, false); 2]).into_iter().flatten()).collect();
+        collectives.into_iter().chain(transforms.exchanges().then_some(exchange).into_iter().flatten()).collect();
     let comm_seconds = collectives.iter().fold(0.0, |t, (steps, bytes)| t + steps * machine.alpha + bytes / machine.beta);
     let sent_bytes = collectives.iter().fold(0.0, |t, (_, b)| t + b);
     // The kernel reads g and p, writes p, and reads and writes its state. A

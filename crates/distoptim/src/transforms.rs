@@ -7,26 +7,28 @@
 //! longest-processing-time bin-packing on [`Kernel::transform_cost`] (largest first,
 //! each to the least-loaded rank: Megatron's layer-wise Muon balances its owners the
 //! same way), independent of where the ranges fall. One step then exchanges twice, for
-//! all matrices at once (Moonlight's distributed Muon gathers the inputs the same way,
-//! then has every rank run every matrix):
+//! all matrices at once, each time one all-to-all (`Communicator::all_to_all`):
 //!
-//! 1. the inputs U: every rank contributes the pieces its range holds to one all-gather
-//!    over the concatenation of the transformed parameters in layout order (a
-//!    contiguous range of it per rank), in bf16 for Muon (whose Newton–Schulz rounds U
-//!    to bf16 first and ends on bf16 values, so nothing changes a bit), else in f32;
-//! 2. each worker transforms its matrices;
-//! 3. the outputs: one all-gather over the same parameters ordered by worker (again a
-//!    contiguous range per rank), from which every rank takes its pieces.
+//! 1. the inputs U: every rank sends each worker the pieces of that worker's matrices
+//!    its range holds, in bf16 for Muon (whose Newton–Schulz rounds U to bf16 first and
+//!    ends on bf16 values, so nothing changes a bit), else in f32;
+//! 2. each worker assembles its matrices from the pieces (sender order is layout order)
+//!    and transforms them;
+//! 3. the outputs: the same all-to-all reversed, each piece back to the rank it came
+//!    from.
 //!
-//! The transform sees the same whole input as one process would, so the step's bits do
-//! not depend on the world size or on who ran it.
+//! A rank sends and receives only its own pieces and matrices, about `2/W` of the
+//! transformed elements, where gathering everything would move all of them to every
+//! rank. The transform sees the same whole input as one process would, so the step's
+//! bits do not depend on the world size or on who ran it.
 //!
-//! The exchange is not free (two all-gathers and four copies of every transformed
-//! element: in f32 about one elementwise update's memory traffic, [`ELEMENT_COST`]; half
-//! that in bf16), and a contiguous partition that keeps every matrix whole on its range's
-//! owner, balanced by cost, often comes close to LPT (a stack of identical layers packs
-//! evenly). So [`shard`] weighs both and exchanges only when LPT's busiest rank plus the
-//! exchange costs less than the contiguous partition's busiest rank.
+//! The exchange is not free (two all-to-alls and two copies each way of every piece and
+//! matrix element a rank holds: about one elementwise update's memory traffic over them,
+//! [`ELEMENT_COST`]; half that in bf16), and a contiguous partition that keeps every
+//! matrix whole on its range's owner, balanced by cost, often comes close to LPT (a stack
+//! of identical layers packs evenly). So [`shard`] weighs both and exchanges only when
+//! LPT's busiest rank, with its exchange, costs less than the contiguous partition's
+//! busiest rank.
 //!
 //! [`ELEMENT_COST`]: distoptim_optim::kernels::ELEMENT_COST
 //! [`Kernel::transforms_whole`]: distoptim_optim::kernels::Kernel::transforms_whole
@@ -43,21 +45,21 @@ use crate::error::{DistError, Result};
 use crate::grad_sync;
 use crate::precision::{round_into, widen_into, Working};
 
-/// Where each transformed parameter lives in the two exchanges, and who transforms it.
+/// Who transforms each transformed parameter, and which pieces of it each rank holds.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct TransformPlan {
     /// Per parameter of the layout: its position among the transformed ones.
     slot: Vec<Option<usize>>,
-    /// Per transformed parameter (layout order): its index, worker, offset in the
-    /// input exchange and in the output exchange.
+    /// Per transformed parameter (layout order): its index, elements, worker, and offset
+    /// in the concatenation of the transformed parameters (the *input space*).
     params: Vec<usize>,
+    numel: Vec<usize>,
     worker: Vec<usize>,
     input_at: Vec<usize>,
-    output_at: Vec<usize>,
-    /// Per rank: its range of the input exchange (what its state range holds) and of the
-    /// output exchange (the matrices it transforms).
+    /// Per rank: the transformed parameters it works on, in layout order.
+    by_worker: Vec<Vec<usize>>,
+    /// Per rank: the range of the input space its state range holds.
     input_ranges: Vec<Range<usize>>,
-    output_ranges: Vec<Range<usize>>,
     /// Per rank: the cost of the transforms it runs.
     loads: Vec<f64>,
     /// Whether the exchange carries bf16 (every transforming rule reads and writes bf16
@@ -65,8 +67,9 @@ pub(crate) struct TransformPlan {
     ///
     /// [`Kernel::transform_in_bf16`]: distoptim_optim::kernels::Kernel::transform_in_bf16
     bf16: bool,
-    /// The exchange's two buffers, kept between steps (faulting fresh pages in each
-    /// step costs more than the copies): f32 or bf16.
+    /// The exchange's two buffers, kept between steps (faulting fresh pages in each step
+    /// costs more than the copies): this rank's pieces by worker, and its matrices'
+    /// pieces by sender; f32 or bf16.
     buffers: (Vec<f32>, Vec<f32>),
     buffers16: (Vec<bf16>, Vec<bf16>),
 }
@@ -85,8 +88,7 @@ pub(crate) fn shard(layout: &Layout, groups: &[ParamGroup], size: usize) -> (Vec
     let whole = grad_sync::partition(layout, groups, size, true);
     let local = TransformPlan::local(layout, groups, &whole);
     let exchanged = TransformPlan::new(layout, groups, &balanced);
-    let exchange_cost = exchanged.elements() as f64 * ELEMENT_COST * exchanged.element_bytes() as f64 / 4.0;
-    if exchanged.busiest() + exchange_cost < local.busiest() {
+    if exchanged.busiest_with_exchange() < local.busiest() {
         (balanced, exchanged)
     } else {
         (whole, local)
@@ -136,6 +138,7 @@ impl TransformPlan {
         for (k, &(i, _)) in costs.iter().enumerate() {
             plan.slot[i] = Some(k);
             plan.params.push(i);
+            plan.numel.push(layout.param(i).numel());
             plan.input_at.push(total);
             total += layout.param(i).numel();
         }
@@ -149,17 +152,7 @@ impl TransformPlan {
             plan.worker[k] = least;
             plan.loads[least] += costs[k].1;
         }
-        // The output exchange: by worker, then layout order.
-        plan.output_at = vec![0; costs.len()];
-        let mut at = 0;
-        for r in 0..size {
-            let start = at;
-            for k in (0..costs.len()).filter(|&k| plan.worker[k] == r) {
-                plan.output_at[k] = at;
-                at += layout.param(plan.params[k]).numel();
-            }
-            plan.output_ranges.push(start..at);
-        }
+        plan.by_worker = (0..size).map(|r| (0..costs.len()).filter(|&k| plan.worker[k] == r).collect()).collect();
         // The input exchange: each rank's range of the layout, restricted to the
         // transformed parameters (contiguous, since both run in layout order).
         for range in ranges {
@@ -188,9 +181,21 @@ impl TransformPlan {
         self.loads.iter().cloned().fold(0.0, f64::max)
     }
 
-    /// Elements of each exchange buffer (every transformed parameter once).
-    pub(crate) fn elements(&self) -> usize {
-        self.output_ranges.last().map_or(0, |r| r.end)
+    /// The transform work of the busiest rank, with its exchange: [`ELEMENT_COST`] per
+    /// element of its pieces and of its matrices (two copies of each way, half the bytes
+    /// in bf16).
+    fn busiest_with_exchange(&self) -> f64 {
+        let per_element = ELEMENT_COST * self.element_bytes() as f64 / 4.0;
+        (0..self.loads.len()).map(|r| self.loads[r] + self.exchanged(r) as f64 * per_element).fold(0.0, f64::max)
+    }
+
+    /// Elements rank `r` exchanges: the pieces its range holds and those of the matrices
+    /// it transforms (the lengths of its two buffers).
+    fn exchanged(&self, r: usize) -> usize {
+        if !self.exchanges() {
+            return 0;
+        }
+        self.input_ranges[r].len() + self.by_worker[r].iter().map(|&k| self.numel[k]).sum::<usize>()
     }
 
     /// Bytes of one exchanged element: 2 in bf16, else 4.
@@ -202,15 +207,29 @@ impl TransformPlan {
         }
     }
 
-    /// The bytes of the exchange's buffers, the gathered inputs and outputs (part of the
-    /// memory ledger's communication buffers).
-    pub(crate) fn exchange_bytes(&self) -> u64 {
-        2 * (self.elements() * self.element_bytes()) as u64
+    /// The bytes of rank `r`'s exchange buffers (part of the memory ledger's
+    /// communication buffers).
+    pub(crate) fn exchange_bytes(&self, r: usize) -> u64 {
+        (self.exchanged(r) * self.element_bytes()) as u64
     }
 
-    /// The bytes of one of the exchange's all-gathers.
-    pub(crate) fn gather_bytes(&self) -> u64 {
-        (self.elements() * self.element_bytes()) as u64
+    /// The bytes rank `r` sends in the two all-to-alls: its pieces of other ranks'
+    /// matrices, then the pieces of its matrices that other ranks hold.
+    pub(crate) fn sent_bytes(&self, r: usize) -> [u64; 2] {
+        if !self.exchanges() {
+            return [0, 0];
+        }
+        let own: usize = self.by_worker[r].iter().map(|&k| self.held(r, k).len()).sum();
+        let theirs: usize = self.by_worker[r].iter().map(|&k| self.numel[k]).sum();
+        let bytes = |n: usize| (n * self.element_bytes()) as u64;
+        [bytes(self.input_ranges[r].len() - own), bytes(theirs - own)]
+    }
+
+    /// The part of transformed parameter `k`'s input-space range that rank `r` holds.
+    fn held(&self, r: usize, k: usize) -> Range<usize> {
+        let (range, at) = (&self.input_ranges[r], self.input_at[k]);
+        let start = range.start.max(at);
+        start..range.end.min(at + self.numel[k]).max(start)
     }
 
     /// The exchange of one step (collective): gathers the inputs, runs this rank's
@@ -230,31 +249,60 @@ impl TransformPlan {
 
     /// [`exchange`](Self::exchange) carrying the values as `T` (exact: f32, or bf16 for
     /// rules that read and write bf16 values).
-    fn exchange_as<T: Working>(&self, comm: &Communicator, t: &mut Transforms<'_>, (input, output): &mut (Vec<T>, Vec<T>)) -> Result<()> {
-        let me = comm.rank();
-        let n = self.elements();
-        input.resize(n, T::default());
-        output.resize(n, T::default());
+    fn exchange_as<T: Working>(&self, comm: &Communicator, t: &mut Transforms<'_>, (mine, theirs): &mut (Vec<T>, Vec<T>)) -> Result<()> {
+        let (me, size) = (comm.rank(), comm.size());
+        // Mine: this rank's pieces, grouped by worker (each group in layout order).
+        let mut at_mine = vec![0; self.params.len()];
+        let mut to_worker = vec![0; size];
+        let mut at = 0;
+        for (w, ks) in self.by_worker.iter().enumerate() {
+            for &k in ks {
+                at_mine[k] = at;
+                at += self.held(me, k).len();
+            }
+            to_worker[w] = at - to_worker[..w].iter().sum::<usize>();
+        }
+        mine.resize(at, T::default());
+        // Where a piece starting `within` its parameter lies in `mine`.
+        let place = |k: usize, within: usize| at_mine[k] + self.input_at[k] + within - self.held(me, k).start;
         for p in &t.pieces {
             let k = self.slot(t.layout(), p.param)?;
-            let at = self.input_at[k] + p.range.start - t.layout().param(p.param).offset;
-            round_into(&t.values[p.at..p.at + p.range.len()], &mut input[at..at + p.range.len()]);
+            let at = place(k, p.range.start - t.layout().param(p.param).offset);
+            round_into(&t.values[p.at..p.at + p.range.len()], &mut mine[at..at + p.range.len()]);
         }
-        grad_sync::all_gather_ranges(comm, input, &self.input_ranges)?;
+        // Theirs: the pieces of this rank's matrices, by sender (each in layout order).
+        let ks = &self.by_worker[me];
+        let mut at_theirs = vec![vec![0; ks.len()]; size];
+        let mut from_sender = vec![0; size];
+        let mut at = 0;
+        for (r, starts) in at_theirs.iter_mut().enumerate() {
+            for (j, &k) in ks.iter().enumerate() {
+                starts[j] = at;
+                at += self.held(r, k).len();
+            }
+            from_sender[r] = at - from_sender[..r].iter().sum::<usize>();
+        }
+        theirs.resize(at, T::default());
+        comm.all_to_all(mine, &to_worker, theirs, &from_sender)?;
         let mut matrix = Vec::new();
-        for k in (0..self.params.len()).filter(|&k| self.worker[k] == me) {
-            let numel = t.layout().param(self.params[k]).numel();
-            let (from, to) = (self.input_at[k], self.output_at[k]);
-            matrix.resize(numel, 0f32);
-            widen_into(&input[from..from + numel], &mut matrix);
+        for (j, &k) in ks.iter().enumerate() {
+            matrix.resize(self.numel[k], 0f32);
+            let pieces = (0..size).map(|r| (self.held(r, k), at_theirs[r][j])).filter(|(held, _)| !held.is_empty());
+            for (held, at) in pieces.clone() {
+                let into = held.start - self.input_at[k];
+                widen_into(&theirs[at..at + held.len()], &mut matrix[into..into + held.len()]);
+            }
             t.transform(self.params[k], &mut matrix)?;
-            round_into(&matrix, &mut output[to..to + numel]);
+            for (held, at) in pieces {
+                let from = held.start - self.input_at[k];
+                round_into(&matrix[from..from + held.len()], &mut theirs[at..at + held.len()]);
+            }
         }
-        grad_sync::all_gather_ranges(comm, output, &self.output_ranges)?;
+        comm.all_to_all(theirs, &from_sender, mine, &to_worker)?;
         for p in &t.pieces {
             let k = self.slot(t.layout(), p.param)?;
-            let at = self.output_at[k] + p.range.start - t.layout().param(p.param).offset;
-            widen_into(&output[at..at + p.range.len()], &mut t.values[p.at..p.at + p.range.len()]);
+            let at = place(k, p.range.start - t.layout().param(p.param).offset);
+            widen_into(&mine[at..at + p.range.len()], &mut t.values[p.at..p.at + p.range.len()]);
         }
         Ok(())
     }
@@ -306,12 +354,12 @@ mod tests {
         let (l0, l1) = (plan.loads[0], plan.loads[1]);
         assert!((l0 - l1).abs() <= plan.loads.iter().sum::<f64>() * 0.2, "{l0} vs {l1}");
         let transformed = 64 + 1024 + 256 + 1024;
-        assert_eq!(plan.elements(), transformed);
-        for rs in [&plan.input_ranges, &plan.output_ranges] {
-            assert_eq!(rs[0].start, 0);
-            assert_eq!(rs[1].end, transformed);
-            assert_eq!(rs[0].end, rs[1].start);
-        }
+        let rs = &plan.input_ranges;
+        assert_eq!((rs[0].start, rs[0].end, rs[1].end), (0, rs[1].start, transformed));
+        // Each rank's buffers: its range's pieces and its matrices.
+        assert_eq!(plan.exchanged(0), rs[0].len() + 1024 + 256);
+        assert_eq!(plan.exchanged(1), rs[1].len() + 64 + 1024);
+        assert_eq!(plan.exchange_bytes(0), 2 * plan.exchanged(0) as u64, "bf16");
         assert!(!TransformPlan::new(&layout, &groups[1..], &ranges).exchanges());
     }
 
@@ -346,7 +394,7 @@ mod tests {
             if exchanges {
                 // Balanced ranges, and LPT's busiest rank well under the contiguous one's.
                 assert!(ranges.iter().enumerate().all(|(r, range)| *range == distoptim_collective::shard_range(n, size, r)));
-                assert!(plan.busiest() + plan.elements() as f64 * ELEMENT_COST / 2.0 < local.busiest(), "{size}");
+                assert!(plan.busiest_with_exchange() < local.busiest(), "{size}");
             } else {
                 // Every matrix whole on the rank that runs it.
                 for i in (0..layout.len()).step_by(2) {

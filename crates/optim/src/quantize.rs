@@ -570,10 +570,11 @@ fn dequantize_portable(map: &[f32; CODES], codes: &[u8], scale: f32, out: &mut [
     }
 }
 
-/// The block loops in AVX-512, 16 lanes with masked tails: the same IEEE operations and
-/// the same tables as the portable loops, so the same bits (tested against them). A code
-/// is one gathered cell; a dequantized value comes from byte permutes in registers where
-/// the CPU has VBMI, else from a gather (lookups the compiler cannot vectorize itself).
+/// The block loops in AVX-512, 16 lanes with masked tails, with the portable loops' bits
+/// (tested against them). Where the CPU has VBMI a code is computed on the
+/// [`DecadeGrid`] and a dequantized value comes from byte permutes in registers; else a
+/// code is one gathered cell and a value one gathered entry (lookups the compiler cannot
+/// vectorize itself).
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;

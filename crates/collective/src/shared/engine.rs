@@ -478,6 +478,74 @@ impl SharedEngine {
         })
     }
 
+    /// [`Communicator::all_to_all`](crate::Communicator::all_to_all): first every rank's
+    /// counts through the slots (so every rank checks the same matrix), then the data in
+    /// slot-sized windows of the senders' buffers, each rank copying out only the pieces
+    /// addressed to it.
+    pub(crate) fn all_to_all<T: Element>(
+        &mut self,
+        send: &[T],
+        send_counts: &[usize],
+        recv: &mut [T],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        self.guard(|e| {
+            let (me, n) = (e.spec.rank, e.spec.size);
+            let Some(fp) = e.open_call(OpKind::AllToAll, Some(T::DTYPE), n, 0)? else {
+                recv.copy_from_slice(send);
+                return Ok(());
+            };
+            if 2 * n * 8 > e.spec.slot_bytes {
+                return Err(CommError::invalid("all_to_all", format!("{n} ranks' counts do not fit a {}-byte slot", e.spec.slot_bytes)));
+            }
+            let p = e.next_parity();
+            let counts: Vec<u64> = send_counts.iter().chain(recv_counts).map(|&c| c as u64).collect();
+            // SAFETY: 2n u64 fit the slot (checked above); slots of this parity are free.
+            unsafe { std::ptr::copy_nonoverlapping(counts.as_ptr(), e.slot::<u64>(me, p), 2 * n) };
+            e.announce_and_check(fp, None)?;
+            let (mut sends, mut recvs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for r in 0..n {
+                // SAFETY: rank r wrote 2n u64 into its slot of this round before the barrier.
+                let theirs = unsafe { std::slice::from_raw_parts(e.slot::<u64>(r, p) as *const u64, 2 * n) };
+                sends.push(theirs[..n].iter().map(|&c| c as usize).collect::<Vec<_>>());
+                recvs.push(theirs[n..].iter().map(|&c| c as usize).collect::<Vec<_>>());
+            }
+            CommError::check_counts(&sends, &recvs)?;
+            // Where each sender's piece for this rank starts in its buffer, and in ours.
+            let from: Vec<usize> = sends.iter().map(|c| c[..me].iter().sum()).collect();
+            let to: Vec<usize> = (0..n).map(|r| recv_counts[..r].iter().sum()).collect();
+            let chunk = e.chunk_elems::<T>();
+            let rounds = sends.iter().map(|c| c.iter().sum::<usize>().div_ceil(chunk)).max().unwrap_or(0);
+            for k in 0..rounds {
+                let window = k * chunk..(k + 1) * chunk;
+                let p = e.next_parity();
+                let part = intersect(&(0..send.len()), &window);
+                // SAFETY: the part lies inside the window, which fits a slot; slots of this
+                // parity are free (round invariant).
+                unsafe { std::ptr::copy_nonoverlapping(send.as_ptr().add(part.start), e.slot::<T>(me, p), part.len()) };
+                e.arrive_and_wait(&fp)?;
+                for r in 0..n {
+                    let piece = from[r]..from[r] + sends[r][me];
+                    let part = intersect(&piece, &window);
+                    if part.is_empty() {
+                        continue;
+                    }
+                    // SAFETY: rank r's slot holds its buffer's window this round and the
+                    // part lies in it; in our buffer the piece starts at to[r], and the
+                    // checked counts make it fit.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            e.slot::<T>(r, p).add(part.start - window.start) as *const T,
+                            recv.as_mut_ptr().add(to[r] + part.start - piece.start),
+                            part.len(),
+                        )
+                    };
+                }
+            }
+            Ok(())
+        })
+    }
+
     pub(crate) fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
         self.check_root("broadcast", root)?;
         self.guard(|e| {

@@ -134,7 +134,7 @@ pub fn estimate(plan: &Plan, machine: &Machine) -> Result<Estimate> {
         grads: n as u64 * psize,
         master: if p.has_master() { owned as u64 * 4 } else { 0 },
         optimizer_state: state_bytes,
-        comm_buffers: transient + transforms.exchange_bytes(0),
+        comm_buffers: transient + transforms.exchange_bytes(),
     };
     let grad_bytes = (n as u64 * rsize) as f64;
     let param_bytes = (n as u64 * psize) as f64;

@@ -275,7 +275,7 @@ impl ShardedOptimizer {
             0
         };
         let kept = self.param_shard().map_or(numel, |r| r.len() as u64);
-        let comm_buffers = transient + self.transforms.exchange_bytes(self.comm.rank());
+        let comm_buffers = transient + self.transforms.exchange_bytes();
         MemoryLedger { working_params: kept * working, grads: numel * working, master, optimizer_state: state, comm_buffers }
     }
 

@@ -36,7 +36,7 @@
 
 use std::ops::Range;
 
-use distoptim_collective::{bf16, Communicator};
+use distoptim_collective::{bf16, Communicator, SharedBuf};
 use distoptim_optim::kernels::ELEMENT_COST;
 use distoptim_optim::{Layout, ParamGroup, Transforms};
 
@@ -67,11 +67,41 @@ pub(crate) struct TransformPlan {
     ///
     /// [`Kernel::transform_in_bf16`]: distoptim_optim::kernels::Kernel::transform_in_bf16
     bf16: bool,
-    /// The exchange's two buffers, kept between steps (faulting fresh pages in each step
-    /// costs more than the copies): this rank's pieces by worker, and its matrices'
-    /// pieces by sender; f32 or bf16.
-    buffers: (Vec<f32>, Vec<f32>),
-    buffers16: (Vec<bf16>, Vec<bf16>),
+    /// The most elements any rank holds of the transformed parameters, and the most it
+    /// transforms: every rank's two exchange buffers have these lengths (one collective
+    /// allocation for all).
+    longest: (usize, usize),
+    /// The exchange's two buffers.
+    buffers: Buffers,
+}
+
+/// The exchange's two buffers: this rank's pieces by worker, and its matrices' pieces by
+/// sender, in f32 or bf16. Allocated from the communicator at the first exchange, so the
+/// all-to-alls read them in place on shm, and kept between steps (faulting fresh pages
+/// in each step costs more than the copies). Scratch: not part of the plan's identity,
+/// and a clone starts without them.
+#[derive(Default)]
+struct Buffers {
+    f32: Option<(SharedBuf<f32>, SharedBuf<f32>)>,
+    bf16: Option<(SharedBuf<bf16>, SharedBuf<bf16>)>,
+}
+
+impl Clone for Buffers {
+    fn clone(&self) -> Self {
+        Buffers::default()
+    }
+}
+
+impl PartialEq for Buffers {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Buffers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffers").field("f32", &self.f32.is_some()).field("bf16", &self.bf16.is_some()).finish()
+    }
 }
 
 /// The ranges of a layout sharded over `size` ranks (ZeRO) and how its whole-matrix
@@ -168,6 +198,9 @@ impl TransformPlan {
             let lo = lo.unwrap_or_else(|| plan.input_ranges.last().map_or(0, |r: &Range<usize>| r.end));
             plan.input_ranges.push(lo..hi.max(lo));
         }
+        let held = plan.input_ranges.iter().map(|r| r.len()).max().unwrap_or(0);
+        let worked = plan.by_worker.iter().map(|ks| ks.iter().map(|&k| plan.numel[k]).sum()).max().unwrap_or(0);
+        plan.longest = (held, worked);
         plan
     }
 
@@ -207,10 +240,13 @@ impl TransformPlan {
         }
     }
 
-    /// The bytes of rank `r`'s exchange buffers (part of the memory ledger's
-    /// communication buffers).
-    pub(crate) fn exchange_bytes(&self, r: usize) -> u64 {
-        (self.exchanged(r) * self.element_bytes()) as u64
+    /// The bytes of a rank's exchange buffers (part of the memory ledger's communication
+    /// buffers): every rank's are as long as the longest.
+    pub(crate) fn exchange_bytes(&self) -> u64 {
+        if !self.exchanges() {
+            return 0;
+        }
+        ((self.longest.0.max(1) + self.longest.1.max(1)) * self.element_bytes()) as u64
     }
 
     /// The bytes rank `r` sends in the two all-to-alls: its pieces of other ranks'
@@ -236,21 +272,31 @@ impl TransformPlan {
     /// transforms, gathers the outputs and writes this rank's pieces of them into `t`.
     pub(crate) fn exchange(&mut self, comm: &Communicator, t: &mut Transforms<'_>) -> Result<()> {
         if self.bf16 {
-            let mut buffers = std::mem::take(&mut self.buffers16);
-            self.exchange_as(comm, t, &mut buffers)?;
-            self.buffers16 = buffers;
+            let mut buffers = self.buffers.bf16.take();
+            let done = self.exchange_as(comm, t, &mut buffers);
+            self.buffers.bf16 = buffers;
+            done
         } else {
-            let mut buffers = std::mem::take(&mut self.buffers);
-            self.exchange_as(comm, t, &mut buffers)?;
-            self.buffers = buffers;
+            let mut buffers = self.buffers.f32.take();
+            let done = self.exchange_as(comm, t, &mut buffers);
+            self.buffers.f32 = buffers;
+            done
         }
-        Ok(())
     }
 
     /// [`exchange`](Self::exchange) carrying the values as `T` (exact: f32, or bf16 for
     /// rules that read and write bf16 values).
-    fn exchange_as<T: Working>(&self, comm: &Communicator, t: &mut Transforms<'_>, (mine, theirs): &mut (Vec<T>, Vec<T>)) -> Result<()> {
+    fn exchange_as<T: Working>(
+        &self,
+        comm: &Communicator,
+        t: &mut Transforms<'_>,
+        buffers: &mut Option<(SharedBuf<T>, SharedBuf<T>)>,
+    ) -> Result<()> {
         let (me, size) = (comm.rank(), comm.size());
+        let (mine, theirs) = match buffers {
+            Some(b) => b,
+            None => buffers.insert((comm.alloc::<T>(self.longest.0.max(1))?, comm.alloc::<T>(self.longest.1.max(1))?)),
+        };
         // Mine: this rank's pieces, grouped by worker (each group in layout order).
         let mut at_mine = vec![0; self.params.len()];
         let mut to_worker = vec![0; size];
@@ -262,7 +308,7 @@ impl TransformPlan {
             }
             to_worker[w] = at - to_worker[..w].iter().sum::<usize>();
         }
-        mine.resize(at, T::default());
+        let mine = &mut mine[..at];
         // Where a piece starting `within` its parameter lies in `mine`.
         let place = |k: usize, within: usize| at_mine[k] + self.input_at[k] + within - self.held(me, k).start;
         for p in &t.pieces {
@@ -282,7 +328,7 @@ impl TransformPlan {
             }
             from_sender[r] = at - from_sender[..r].iter().sum::<usize>();
         }
-        theirs.resize(at, T::default());
+        let theirs = &mut theirs[..at];
         comm.all_to_all(mine, &to_worker, theirs, &from_sender)?;
         let mut matrix = Vec::new();
         for (j, &k) in ks.iter().enumerate() {
@@ -359,7 +405,8 @@ mod tests {
         // Each rank's buffers: its range's pieces and its matrices.
         assert_eq!(plan.exchanged(0), rs[0].len() + 1024 + 256);
         assert_eq!(plan.exchanged(1), rs[1].len() + 64 + 1024);
-        assert_eq!(plan.exchange_bytes(0), 2 * plan.exchanged(0) as u64, "bf16");
+        assert_eq!(plan.longest, (rs[0].len().max(rs[1].len()), 1024 + 256));
+        assert_eq!(plan.exchange_bytes(), 2 * (plan.longest.0 + plan.longest.1) as u64, "bf16");
         assert!(!TransformPlan::new(&layout, &groups[1..], &ranges).exchanges());
     }
 

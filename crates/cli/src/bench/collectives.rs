@@ -1,9 +1,10 @@
 //! `bench collectives`, in the style of nccl-tests: for each size and op, the median time
 //! of several iterations after warm-up (each iteration timed from a barrier; the slowest
 //! rank counts), algbw = bytes / time, busbw = algbw × the op's factor (all-reduce
-//! 2(n−1)/n; reduce-scatter and all-gather (n−1)/n; broadcast and reduce 1), and the
+//! 2(n−1)/n; reduce-scatter, all-gather and all-to-all (n−1)/n; broadcast and reduce 1), and the
 //! memcpy bandwidth of the same size measured by every rank at once in the same run.
-//! Each row ends with a check of the op's result against the expected values.
+//! Each row ends with a check of the op's result against the expected values. The
+//! all-to-all sends `bytes / n` to every rank (into a second buffer of the same kind).
 //!
 //! The backend comes from the environment, as for `train`: under `mpirun` the MPI job,
 //! under `distoptim launch` that job, and otherwise the command launches itself on
@@ -36,7 +37,7 @@ pub struct CollectivesArgs {
     #[arg(long, default_value_t = 4)]
     factor: usize,
     /// Ops to run.
-    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["all_reduce".to_string(), "reduce_scatter".into(), "all_gather".into(), "broadcast".into(), "reduce".into()])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["all_reduce".to_string(), "reduce_scatter".into(), "all_gather".into(), "broadcast".into(), "reduce".into(), "all_to_all".into()])]
     ops: Vec<String>,
     /// Timed iterations per size and op (the median is reported).
     #[arg(long, default_value_t = 20)]
@@ -50,7 +51,7 @@ pub struct CollectivesArgs {
     buffers: String,
 }
 
-const OPS: [&str; 5] = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce"];
+const OPS: [&str; 6] = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all"];
 
 pub fn run(args: CollectivesArgs) -> Result<()> {
     for op in &args.ops {
@@ -88,16 +89,20 @@ fn body(comm: &Communicator, args: &CollectivesArgs) -> Result<()> {
     while bytes <= args.max_bytes {
         let len = bytes / 4;
         let copy = time_memcpy(comm, bytes, args.iters)?;
-        let mut storage: Box<dyn AsMutSlice> =
-            if args.buffers == "shared" { Box::new(comm.alloc::<f32>(len)?) } else { Box::new(vec![0f32; len]) };
+        let buffer = || -> Result<Box<dyn AsMutSlice>> {
+            Ok(if args.buffers == "shared" { Box::new(comm.alloc::<f32>(len)?) } else { Box::new(vec![0f32; len]) })
+        };
+        let mut storage = buffer()?;
+        // The all-to-all's receiving buffer.
+        let mut second = if args.ops.iter().any(|op| op == "all_to_all") { buffer()? } else { Box::new(Vec::new()) };
         for op in &args.ops {
-            let buf = storage.slice();
+            let (buf, recv) = (storage.slice(), second.slice());
             fill(buf, me);
             let mut times = Vec::with_capacity(args.iters);
             for i in 0..args.warmup + args.iters {
                 comm.barrier()?;
                 let t0 = Instant::now();
-                run_op(comm, op, buf)?;
+                run_op(comm, op, buf, recv)?;
                 if i >= args.warmup {
                     times.push(t0.elapsed().as_secs_f64());
                 }
@@ -106,8 +111,8 @@ fn body(comm: &Communicator, args: &CollectivesArgs) -> Result<()> {
             comm.all_reduce(&mut times, ReduceOp::Max)?;
             let time = median(times);
             fill(buf, me);
-            run_op(comm, op, buf)?;
-            let bad = check(op, buf, me, n);
+            run_op(comm, op, buf, recv)?;
+            let bad = if op == "all_to_all" { check_all_to_all(recv, me, n) } else { check(op, buf, me, n) };
             let mut failures = [i32::from(bad.is_some())];
             comm.all_reduce(&mut failures, ReduceOp::Sum)?;
             let algbw = (len * 4) as f64 / time / 1e9;
@@ -150,8 +155,13 @@ impl<T: AsMut<[f32]>> AsMutSlice for T {
     }
 }
 
-fn run_op(comm: &Communicator, op: &str, buf: &mut [f32]) -> Result<()> {
+fn run_op(comm: &Communicator, op: &str, buf: &mut [f32], recv: &mut [f32]) -> Result<()> {
     match op {
+        "all_to_all" => {
+            let counts = vec![buf.len() / comm.size(); comm.size()];
+            let used = counts[0] * comm.size();
+            comm.all_to_all(&buf[..used], &counts, &mut recv[..used], &counts)?
+        }
         "all_reduce" => comm.all_reduce(buf, ReduceOp::Sum)?,
         "reduce_scatter" => comm.reduce_scatter(buf, ReduceOp::Sum)?,
         "all_gather" => comm.all_gather(buf)?,
@@ -165,7 +175,7 @@ fn bus_factor(op: &str, n: usize) -> f64 {
     let n = n as f64;
     match op {
         "all_reduce" => 2.0 * (n - 1.0) / n,
-        "reduce_scatter" | "all_gather" => (n - 1.0) / n,
+        "reduce_scatter" | "all_gather" | "all_to_all" => (n - 1.0) / n,
         _ => 1.0,
     }
 }
@@ -200,6 +210,17 @@ fn check(op: &str, buf: &[f32], me: usize, n: usize) -> Option<String> {
     (0..len).step_by(stride).find_map(|i| match expect(i) {
         Some(want) if buf[i] != want => Some(format!("element {i} is {} instead of {want}", buf[i])),
         _ => None,
+    })
+}
+
+/// What is wrong with `recv` after an all-to-all of `len / n` elements per rank, if
+/// anything: piece r holds rank r's piece for this rank.
+fn check_all_to_all(recv: &[f32], me: usize, n: usize) -> Option<String> {
+    let piece = recv.len() / n;
+    let stride = if recv.len() > 1 << 22 { 61 } else { 1 };
+    (0..piece * n).step_by(stride).find_map(|i| {
+        let want = value(i / piece, me * piece + i % piece);
+        (recv[i] != want).then(|| format!("element {i} is {} instead of {want}", recv[i]))
     })
 }
 

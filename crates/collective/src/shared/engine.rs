@@ -296,6 +296,28 @@ impl SharedEngine {
         true
     }
 
+    /// After the announcement: every rank's send buffer of an `all_to_all`, `lens[r]`
+    /// elements, when every rank passed one from the same registered allocation (read
+    /// in place, no slot copies); this rank's entry is `mine`.
+    fn send_views<T>(&self, mine: *const T, lens: &[usize]) -> Option<[*const T; MAX_RANKS]> {
+        let my = self.announced.get(self.spec.rank).copied().flatten()?;
+        if my.buffer == 0 || self.spec.size == 1 {
+            return None;
+        }
+        let alloc = self.buffers.iter().filter_map(Weak::upgrade).find(|a| a.id == my.buffer)?;
+        let mut ptrs = [std::ptr::null(); MAX_RANKS];
+        for (r, ptr) in ptrs.iter_mut().enumerate().take(self.spec.size) {
+            let a = self.announced[r]?;
+            let bytes = lens[r].checked_mul(std::mem::size_of::<T>())? as u64;
+            if a.buffer != my.buffer || a.offset.checked_add(bytes)? > alloc.regions[r].len() as u64 {
+                return None;
+            }
+            // SAFETY: in bounds of the peer's region, checked just above.
+            *ptr = if r == self.spec.rank { mine } else { unsafe { alloc.regions[r].ptr().add(a.offset as usize) as *const T } };
+        }
+        Some(ptrs)
+    }
+
     /// Checks that every rank is making the same call, moving no data (for engines that
     /// use this group only to rendezvous, like NCCL's).
     #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
@@ -502,7 +524,8 @@ impl SharedEngine {
             let counts: Vec<u64> = send_counts.iter().chain(recv_counts).map(|&c| c as u64).collect();
             // SAFETY: 2n u64 fit the slot (checked above); slots of this parity are free.
             unsafe { std::ptr::copy_nonoverlapping(counts.as_ptr(), e.slot::<u64>(me, p), 2 * n) };
-            e.announce_and_check(fp, None)?;
+            let reg = e.lookup(send);
+            e.announce_and_check(fp, reg)?;
             let (mut sends, mut recvs) = (Vec::with_capacity(n), Vec::with_capacity(n));
             for r in 0..n {
                 // SAFETY: rank r wrote 2n u64 into its slot of this round before the barrier.
@@ -514,8 +537,19 @@ impl SharedEngine {
             // Where each sender's piece for this rank starts in its buffer, and in ours.
             let from: Vec<usize> = sends.iter().map(|c| c[..me].iter().sum()).collect();
             let to: Vec<usize> = (0..n).map(|r| recv_counts[..r].iter().sum()).collect();
+            let totals: Vec<usize> = sends.iter().map(|c| c.iter().sum()).collect();
+            if let Some(views) = e.send_views(send.as_ptr(), &totals) {
+                for (r, view) in views.iter().enumerate().take(n) {
+                    // SAFETY: rank r's send buffer holds its totals[r] elements at `view`
+                    // (checked against its region), its piece for us at from[r]; it does
+                    // not change before the barrier below. Our piece goes to to[r].
+                    unsafe { std::ptr::copy_nonoverlapping(view.add(from[r]), recv.as_mut_ptr().add(to[r]), sends[r][me]) };
+                }
+                // No rank may write its send buffer before every peer has read it.
+                return e.arrive_and_wait(&fp);
+            }
             let chunk = e.chunk_elems::<T>();
-            let rounds = sends.iter().map(|c| c.iter().sum::<usize>().div_ceil(chunk)).max().unwrap_or(0);
+            let rounds = totals.iter().map(|t| t.div_ceil(chunk)).max().unwrap_or(0);
             for k in 0..rounds {
                 let window = k * chunk..(k + 1) * chunk;
                 let p = e.next_parity();

@@ -143,10 +143,12 @@ fn bench_collectives_prints_checked_rows_with_the_memcpy_reference() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let rows: Vec<&str> = stdout.lines().filter(|l| !l.starts_with('#') && !l.contains("algbw")).collect();
-    assert_eq!(rows.len(), 5 * 5, "{stdout}");
+    // Six ops (all-to-all included) at five sizes.
+    assert_eq!(rows.len(), 6 * 5, "{stdout}");
     assert!(rows.iter().all(|r| r.ends_with(" ok")), "{stdout}");
-    let out = distoptim(&["bench", "collectives", "--ops", "all_to_all"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown op \"all_to_all\""));
+    assert_eq!(rows.iter().filter(|r| r.contains(" all_to_all ")).count(), 5, "{stdout}");
+    let out = distoptim(&["bench", "collectives", "--ops", "alltoall"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown op \"alltoall\""));
 }
 
 #[test]

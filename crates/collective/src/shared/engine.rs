@@ -550,15 +550,27 @@ impl SharedEngine {
             }
             let chunk = e.chunk_elems::<T>();
             let rounds = totals.iter().map(|t| t.div_ceil(chunk)).max().unwrap_or(0);
+            // Our own piece goes straight across; the slots carry only the others'.
+            let own = from[me]..from[me] + sends[me][me];
+            recv[to[me]..to[me] + own.len()].copy_from_slice(&send[own.clone()]);
             for k in 0..rounds {
                 let window = k * chunk..(k + 1) * chunk;
                 let p = e.next_parity();
-                let part = intersect(&(0..send.len()), &window);
-                // SAFETY: the part lies inside the window, which fits a slot; slots of this
-                // parity are free (round invariant).
-                unsafe { std::ptr::copy_nonoverlapping(send.as_ptr().add(part.start), e.slot::<T>(me, p), part.len()) };
+                let whole = intersect(&(0..send.len()), &window);
+                let parts = [whole.start..own.start.clamp(whole.start, whole.end), own.end.clamp(whole.start, whole.end)..whole.end];
+                for part in parts.into_iter().filter(|part| !part.is_empty()) {
+                    // SAFETY: the part lies inside the window, which fits a slot (at the
+                    // part's place in it); slots of this parity are free (round invariant).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            send.as_ptr().add(part.start),
+                            e.slot::<T>(me, p).add(part.start - window.start),
+                            part.len(),
+                        )
+                    };
+                }
                 e.arrive_and_wait(&fp)?;
-                for r in 0..n {
+                for r in (0..n).filter(|&r| r != me) {
                     let piece = from[r]..from[r] + sends[r][me];
                     let part = intersect(&piece, &window);
                     if part.is_empty() {

@@ -256,6 +256,24 @@ impl SharedEngine {
         self.seg.slot(rank, parity) as *mut T
     }
 
+    /// Copies `src[part]` into this rank's slot of `parity`, which holds the round's
+    /// `window` of the buffer (so at `part.start - window.start`). Slots of a parity are
+    /// free when the round begins (round invariant).
+    fn stage<T: Element>(&self, src: &[T], part: Range<usize>, window: &Range<usize>, parity: usize) {
+        if part.is_empty() {
+            return;
+        }
+        assert!(window.start <= part.start && part.end <= window.end.min(src.len()) && window.len() <= self.chunk_elems::<T>());
+        // SAFETY: the part lies in `src` and in the window, which fits a slot (asserted).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr().add(part.start),
+                self.slot::<T>(self.spec.rank, parity).add(part.start - window.start),
+                part.len(),
+            )
+        };
+    }
+
     fn chunk_elems<T>(&self) -> usize {
         (self.spec.slot_bytes / std::mem::size_of::<T>()).max(1)
     }
@@ -482,16 +500,7 @@ impl SharedEngine {
             }
             for window in windows(len, e.chunk_elems::<T>()) {
                 let p = e.next_parity();
-                let part = intersect(&mine, &window);
-                // SAFETY: the part lies inside the window, which fits a slot; slots of this
-                // parity are free (round invariant).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        buf.as_ptr().add(part.start),
-                        e.slot::<T>(me, p).add(part.start - window.start),
-                        part.len(),
-                    )
-                };
+                e.stage(buf, intersect(&mine, &window), &window, p);
                 e.arrive_and_wait(&fp)?;
                 let slots = e.slot_ptrs_mut::<T>(p);
                 e.copy_shards(&slots, window.start, buf, true, |r| intersect(&shard_range(len, n, r), &window));
@@ -558,16 +567,8 @@ impl SharedEngine {
                 let p = e.next_parity();
                 let whole = intersect(&(0..send.len()), &window);
                 let parts = [whole.start..own.start.clamp(whole.start, whole.end), own.end.clamp(whole.start, whole.end)..whole.end];
-                for part in parts.into_iter().filter(|part| !part.is_empty()) {
-                    // SAFETY: the part lies inside the window, which fits a slot (at the
-                    // part's place in it); slots of this parity are free (round invariant).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            send.as_ptr().add(part.start),
-                            e.slot::<T>(me, p).add(part.start - window.start),
-                            part.len(),
-                        )
-                    };
+                for part in parts {
+                    e.stage(send, part, &window, p);
                 }
                 e.arrive_and_wait(&fp)?;
                 for r in (0..n).filter(|&r| r != me) {
